@@ -1,0 +1,3 @@
+from mocha_edge.cli import main
+
+main()

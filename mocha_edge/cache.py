@@ -1,0 +1,160 @@
+"""The teacher cache: one safetensors file of per-box teacher targets, PCA and provenance.
+
+Rows are keyed by *image content hash + box*, so a cache survives moved or renamed files and is
+refused when the data, teacher or ``d_t`` it was built for differ from what a caller expects.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from mocha_edge.errors import CacheError
+
+CACHE_FORMAT = "mocha-edge-teacher-cache/1"
+BOX_QUANT = 10_000  # boxes are keyed to 1e-4 of the image size
+
+
+def box_key(image_hash: str, box: np.ndarray) -> tuple[str, int, int, int, int]:
+    """Lookup key of one ground-truth box: image content hash + normalised xyxy quantised to 1e-4."""
+    q = np.rint(np.asarray(box, np.float64) * BOX_QUANT).astype(np.int64)
+    return (image_hash, int(q[0]), int(q[1]), int(q[2]), int(q[3]))
+
+
+def hash_to_bytes(h: str) -> np.ndarray:
+    return np.frombuffer(bytes.fromhex(h), dtype=np.uint8)
+
+
+def bytes_to_hash(b: np.ndarray) -> str:
+    return bytes(np.asarray(b, np.uint8)).hex()
+
+
+@dataclass
+class PCA:
+    """``y = ((x - mean) @ components.T) * scale``; ``scale`` is 1 unless the decay option was used."""
+
+    mean: np.ndarray  # (D,)
+    components: np.ndarray  # (d, D)
+    scale: np.ndarray  # (d,)
+    explained_variance: np.ndarray  # (d,)
+
+    def transform(self, x: np.ndarray) -> np.ndarray:
+        return (((np.asarray(x, np.float32) - self.mean) @ self.components.T) * self.scale).astype(np.float32)
+
+    @property
+    def dim(self) -> int:
+        return int(self.components.shape[0])
+
+
+def fit_pca(x: np.ndarray, d: int, decay: bool = False) -> PCA:
+    """PCA by SVD of the centred rows of ``x`` (float64 for stability), keeping ``d`` components.
+
+    Component signs are fixed (largest-|loading| entry positive) so refits give identical targets.
+    ``decay`` rescales component k by ``18 / (k + 1) ** 0.47 - 0.26`` (MOCHA's public code; optional).
+    """
+    x = np.asarray(x, np.float64)
+    mean = x.mean(0)
+    _, s, vt = np.linalg.svd(x - mean, full_matrices=False)
+    vt = vt[:d]
+    signs = np.sign(vt[np.arange(len(vt)), np.abs(vt).argmax(1)])
+    vt *= np.where(signs == 0, 1, signs)[:, None]
+    var = (s[:d] ** 2) / max(len(x) - 1, 1)
+    k = np.arange(len(vt))
+    scale = (18.0 / (k + 1) ** 0.47 - 0.26) if decay else np.ones(len(vt))
+    return PCA(
+        mean.astype(np.float32), vt.astype(np.float32), scale.astype(np.float32), var.astype(np.float32)
+    )
+
+
+@dataclass
+class TeacherCache:
+    """A loaded cache. ``targets[i]`` is the PCA-reduced teacher vector of box ``i``."""
+
+    path: Path
+    meta: dict[str, str]
+    targets: np.ndarray  # (N, d_t) float32
+    raw: np.ndarray | None  # (N, D) float16, the teacher's own vectors
+    image_hash: list[str]
+    boxes: np.ndarray  # (N, 4) normalised xyxy
+    cls: np.ndarray  # (N,)
+    instance: np.ndarray  # (N,)
+    split: list[str]
+    pca: PCA
+    extras: dict[str, np.ndarray] = field(default_factory=dict)
+    _index: dict[tuple, int] | None = field(default=None, repr=False)
+
+    # ----------------------------------------------------------------------------------- read
+    @classmethod
+    def load(cls, path: str | Path) -> TeacherCache:
+        """Read a cache file; a truncated, foreign or older-format file raises :class:`CacheError`."""
+        from safetensors import SafetensorError
+        from safetensors.numpy import load_file
+
+        path = Path(path)
+        if not path.is_file():
+            raise CacheError(f"{path}: no teacher cache here (build one with `mocha-edge teach`)")
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="numpy") as f:
+                meta = dict(f.metadata() or {})
+            t = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CacheError(f"{path}: unreadable teacher cache ({str(e).splitlines()[0]})") from None
+        if meta.get("format") != CACHE_FORMAT:
+            raise CacheError(f"{path}: not a mocha-edge teacher cache (format {meta.get('format')!r})")
+        splits = json.loads(meta["split_names"])
+        extras = {k[len("extra.") :]: v for k, v in t.items() if k.startswith("extra.")}
+        return cls(
+            path=path,
+            meta=meta,
+            targets=t["targets"],
+            raw=t.get("raw"),
+            image_hash=[bytes_to_hash(r) for r in t["image_hash"]],
+            boxes=t["boxes"],
+            cls=t["cls"],
+            instance=t["instance"],
+            split=[splits[i] for i in t["split"].tolist()],
+            pca=PCA(t["pca_mean"], t["pca_components"], t["pca_scale"], t["pca_explained_variance"]),
+            extras=extras,
+        )
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    @property
+    def d_t(self) -> int:
+        return int(self.targets.shape[1])
+
+    def index_of(self, image_hash: str, box: np.ndarray) -> int | None:
+        """Row of a ground-truth box, or ``None`` when the cache has no target for it."""
+        if self._index is None:
+            self._index = {box_key(h, b): i for i, (h, b) in enumerate(zip(self.image_hash, self.boxes))}
+        return self._index.get(box_key(image_hash, box))
+
+    def check(
+        self,
+        *,
+        dataset_fingerprint: str | None = None,
+        teacher: str | None = None,
+        teacher_fingerprint: str | None = None,
+        d_t: int | None = None,
+    ) -> None:
+        """Refuse (one-line :class:`CacheError`) a cache built for another dataset, teacher or ``d_t``."""
+        m = self.meta
+        if dataset_fingerprint is not None and m["dataset_fingerprint"] != dataset_fingerprint:
+            raise CacheError(
+                f"{self.path}: built for another dataset ({m['dataset_source']}, fingerprint "
+                f"{m['dataset_fingerprint'][:12]} != {dataset_fingerprint[:12]}); rebuild it with `mocha-edge teach`"
+            )
+        if teacher is not None and m["teacher"] != teacher:
+            raise CacheError(f"{self.path}: built with teacher {m['teacher']!r}, not {teacher!r}")
+        if teacher_fingerprint is not None and m["teacher_fingerprint"] != teacher_fingerprint:
+            raise CacheError(
+                f"{self.path}: built by another {m['teacher']} teacher (weights/prompt changed); rebuild it"
+            )
+        if d_t is not None and self.d_t != d_t:
+            raise CacheError(f"{self.path}: d_t is {self.d_t}, expected {d_t}; rebuild with --dim {d_t}")

@@ -1,0 +1,66 @@
+"""``mocha-edge info``: versions and capabilities of this machine, as the toolkit sees them."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import platform
+import sys
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _try_import(module: str) -> tuple[object | None, str | None]:
+    try:
+        return importlib.import_module(module), None
+    except Exception as e:  # an installed-but-broken library is reported, not raised
+        return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+def gather() -> dict[str, str]:
+    """Collect versions and capabilities as ``{label: value}`` (strings, ready to print or dump as JSON)."""
+    from mocha_edge import __version__
+
+    out: dict[str, str] = {
+        "mocha-edge": __version__,
+        "python": f"{platform.python_version()} ({sys.executable})",
+        "platform": f"{platform.system()} {platform.machine()}",
+    }
+    torch, err = _try_import("torch")
+    if torch is None:
+        out["torch"] = f"absent ({err})"
+        out["cuda device"] = "none"
+    else:
+        cuda_build = getattr(torch.version, "cuda", None)
+        out["torch"] = f"{torch.__version__} (CUDA build {cuda_build})" if cuda_build else torch.__version__
+        if torch.cuda.is_available():
+            i = torch.cuda.current_device()
+            cap = torch.cuda.get_device_capability(i)
+            out["cuda device"] = f"{torch.cuda.get_device_name(i)} (sm_{cap[0]}{cap[1]})"
+        else:
+            out["cuda device"] = "none"
+    for dist in ("torchvision", "ultralytics", "transformers", "onnx", "onnxslim"):
+        out[dist] = _version(dist) or "absent"
+    ort, err = _try_import("onnxruntime")
+    if ort is None:
+        out["onnxruntime"] = "absent" if err and "No module" in err else f"broken ({err})"
+    else:
+        out["onnxruntime"] = f"{ort.__version__} (providers: {', '.join(ort.get_available_providers())})"
+    trt, err = _try_import("tensorrt")
+    out["tensorrt"] = trt.__version__ if trt is not None else "absent"
+    cv2, _ = _try_import("cv2")
+    if cv2 is None:
+        out["opencv"] = "absent"
+    else:
+        gst = "unknown"
+        for line in cv2.getBuildInformation().splitlines():
+            if line.strip().startswith("GStreamer:"):
+                gst = "yes" if "YES" in line.upper() else "no"
+        out["opencv"] = f"{cv2.__version__} (GStreamer: {gst})"
+    out["native runtime"] = "not built (C/CUDA runtime not part of this install yet)"
+    return out

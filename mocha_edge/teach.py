@@ -1,0 +1,290 @@
+"""``mocha-edge teach``: run a frozen teacher on every ground-truth box, once, and cache the targets.
+
+Work is split into chunks of images; each finished chunk is written atomically as a shard in
+``<cache>.partial/``, so a killed run resumes where it stopped. When every chunk is done, PCA is fitted
+on the *training* split's base-instance rows only and the cache is written atomically in one file.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mocha_edge.cache import CACHE_FORMAT, TeacherCache, fit_pca, hash_to_bytes
+from mocha_edge.data.dataset import Dataset, ImageItem, Problem
+from mocha_edge.data.images import ImageReadError, read_rgb
+from mocha_edge.errors import CacheError, DataError
+from mocha_edge.teachers.base import Teacher
+from mocha_edge.utils import atomic_path, text_hash, write_json_atomic
+
+PCA_SPLITS = ("train",)
+
+
+@dataclass
+class TeachResult:
+    cache: TeacherCache
+    computed_chunks: int
+    resumed_chunks: int
+    skipped_images: list[Problem]
+    seconds: float
+    up_to_date: bool = False
+
+
+def crop_box(image: np.ndarray, box: np.ndarray) -> np.ndarray:
+    """Cut a normalised ``xyxy`` box out of an HWC image (at least 1×1 pixel, never empty)."""
+    h, w = image.shape[:2]
+    x1 = int(np.floor(box[0] * w))
+    y1 = int(np.floor(box[1] * h))
+    x2 = int(np.ceil(box[2] * w))
+    y2 = int(np.ceil(box[3] * h))
+    x1, y1 = min(max(x1, 0), w - 1), min(max(y1, 0), h - 1)
+    x2, y2 = max(min(x2, w), x1 + 1), max(min(y2, h), y1 + 1)
+    return image[y1:y2, x1:x2]
+
+
+def pca_rows(ds: Dataset, splits: list[str], instances: np.ndarray) -> np.ndarray:
+    """Mask of cache rows the PCA may be fitted on: training split, never a novel instance."""
+    fit = np.isin(np.asarray(splits), PCA_SPLITS)
+    if ds.novel_instances:
+        fit &= ~np.isin(instances, list(ds.novel_instances))
+    return fit
+
+
+def teach(
+    ds: Dataset,
+    teacher: Teacher,
+    out: str | Path,
+    *,
+    d_t: int = 512,
+    batch: int = 32,
+    chunk_images: int = 64,
+    pca_decay: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> TeachResult:
+    """Compute (or resume, or reuse) the teacher cache for every box of every split of ``ds``."""
+    t0 = time.perf_counter()
+    out = Path(out)
+    partial = out.with_name(out.name + ".partial")
+    teacher.prepare(ds, out.with_name(out.stem + ".teacher"))
+    items = [it for it in ds.items() if len(it.boxes)]
+    if not items:
+        raise DataError(f"{ds.source}: no labelled box to compute teacher targets for")
+    ds_fp = ds.fingerprint()
+
+    if out.is_file():
+        try:
+            old = TeacherCache.load(out)
+            old.check(dataset_fingerprint=ds_fp, teacher_fingerprint=teacher.fingerprint)
+            if old.meta.get("d_t_requested") == str(d_t) and old.meta.get("pca_decay") == str(pca_decay):
+                log(f"cache up to date: {out} ({len(old)} boxes, d_t={old.d_t})")
+                return TeachResult(old, 0, 0, [], time.perf_counter() - t0, up_to_date=True)
+        except CacheError as e:
+            log(f"rebuilding {out}: {e}")
+
+    chunks = [items[i : i + chunk_images] for i in range(0, len(items), chunk_images)]
+    state = {
+        "format": CACHE_FORMAT,
+        "teacher_fingerprint": teacher.fingerprint,
+        "dataset_fingerprint": ds_fp,
+        "chunk_images": chunk_images,
+        "chunks": len(chunks),
+    }
+    state_file = partial / "state.json"
+    if partial.is_dir():
+        try:
+            prev = json.loads(state_file.read_text())
+        except (OSError, json.JSONDecodeError):
+            prev = None
+        if prev != state:
+            log(f"discarding {partial}: it was made for another teacher, dataset or chunking")
+            shutil.rmtree(partial)
+    partial.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(state_file, state)
+
+    def shard_path(i: int) -> Path:
+        return partial / f"chunk_{i:06d}.safetensors"
+
+    done = [i for i in range(len(chunks)) if shard_path(i).is_file()]
+    todo = [i for i in range(len(chunks)) if not shard_path(i).is_file()]
+    if done:
+        log(f"resuming: {len(done)} of {len(chunks)} chunks already computed in {partial}")
+
+    n_todo_boxes = sum(len(it.boxes) for i in todo for it in chunks[i])
+    bar = _progress(n_todo_boxes, progress, f"teach[{teacher.name}]")
+    pool = ThreadPoolExecutor(4)
+    try:
+        for i in todo:
+            _compute_chunk(chunks[i], ds, teacher, batch, pool, shard_path(i), bar)
+    finally:
+        pool.shutdown()
+        bar.close()
+
+    cache = _merge(ds, teacher, chunks, shard_path, out, d_t=d_t, pca_decay=pca_decay, ds_fp=ds_fp, log=log)
+    skipped = _skipped(chunks, shard_path)
+    shutil.rmtree(partial, ignore_errors=True)
+    return TeachResult(cache, len(todo), len(done), skipped, time.perf_counter() - t0)
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, disable=not enabled, desc=desc, unit="box", dynamic_ncols=True)
+
+
+def _compute_chunk(
+    items: list[ImageItem],
+    ds: Dataset,
+    teacher: Teacher,
+    batch: int,
+    pool: ThreadPoolExecutor,
+    dest: Path,
+    bar,
+) -> None:
+    from safetensors.numpy import save_file
+
+    def load(it: ImageItem):
+        try:
+            return read_rgb(it.path), None
+        except ImageReadError as e:
+            return None, str(e)
+
+    crops, names, rows, skipped = [], [], [], []
+    for it, (img, err) in zip(items, pool.map(load, items)):
+        if img is None:
+            skipped.append([str(it.path), err])
+            bar.write(f"warning: {it.path}: {err}; skipped")
+            bar.update(len(it.boxes))
+            continue
+        for j, box in enumerate(it.boxes):
+            crops.append(crop_box(img, box))
+            names.append(ds.names[int(it.cls[j])])
+            rows.append((it, j))
+    vecs = []
+    for s in range(0, len(crops), batch):
+        v = np.asarray(teacher.encode(crops[s : s + batch], names[s : s + batch]), np.float32)
+        if v.shape != (len(crops[s : s + batch]), teacher.dim):
+            raise RuntimeError(
+                f"teacher {teacher.name} returned shape {v.shape}, expected (n, {teacher.dim})"
+            )
+        if not np.isfinite(v).all():
+            raise CacheError(
+                f"teacher {teacher.name} produced NaN/inf vectors; nothing was cached for this chunk"
+            )
+        vecs.append(v)
+        bar.update(len(v))
+    n = len(rows)
+    tensors = {
+        "raw": np.concatenate(vecs) if vecs else np.zeros((0, teacher.dim), np.float32),
+        "image_hash": np.stack([hash_to_bytes(it.content_hash) for it, _ in rows])
+        if n
+        else np.zeros((0, 16), np.uint8),
+        "boxes": np.stack([it.boxes[j] for it, j in rows]).astype(np.float32)
+        if n
+        else np.zeros((0, 4), np.float32),
+        "cls": np.asarray([it.cls[j] for it, j in rows], np.int64),
+        "instance": np.asarray([it.instance[j] for it, j in rows], np.int64),
+        "box_index": np.asarray([j for _, j in rows], np.int64),
+    }
+    meta = {
+        "splits": json.dumps([it.split for it, _ in rows]),
+        "images": text_hash(*[str(it.path) for it in items]),
+        "skipped": json.dumps(skipped),
+    }
+    with atomic_path(dest) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+
+
+def _read_shard(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    from safetensors import safe_open
+    from safetensors.numpy import load_file
+
+    with safe_open(str(path), framework="numpy") as f:
+        meta = dict(f.metadata() or {})
+    return load_file(str(path)), meta
+
+
+def _skipped(chunks, shard_path) -> list[Problem]:
+    out = []
+    for i in range(len(chunks)):
+        if shard_path(i).is_file():
+            _, meta = _read_shard(shard_path(i))
+            out += [Problem(p, m, fatal=True) for p, m in json.loads(meta["skipped"])]
+    return out
+
+
+def _merge(ds, teacher, chunks, shard_path, out: Path, *, d_t, pca_decay, ds_fp, log) -> TeacherCache:
+    from safetensors.numpy import save_file
+
+    parts, splits = [], []
+    for i in range(len(chunks)):
+        t, meta = _read_shard(shard_path(i))
+        if meta["images"] != text_hash(*[str(it.path) for it in chunks[i]]):
+            raise CacheError(
+                f"{shard_path(i)}: shard does not match the dataset's images; delete it and rerun"
+            )
+        parts.append(t)
+        splits += json.loads(meta["splits"])
+    cat = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    raw = cat["raw"]
+    if len(raw) == 0:
+        raise DataError(f"{ds.source}: no image could be read; nothing to cache")
+    fit = pca_rows(ds, splits, cat["instance"])
+    if not fit.any():
+        log("warning: no training-split rows; fitting PCA on all rows")
+        fit = np.ones(len(raw), bool)
+    n_fit = int(fit.sum())
+    d_eff = min(d_t, n_fit, raw.shape[1])
+    if d_eff < d_t:
+        caps = []
+        if n_fit <= d_eff:
+            caps.append(f"{n_fit} training boxes")
+        if raw.shape[1] <= d_eff:
+            caps.append(f"teacher dim {raw.shape[1]}")
+        log(f"PCA: d_t={d_t} requested, {d_eff} used (capped by {' and '.join(caps)})")
+    else:
+        log(f"PCA: d_t={d_eff}, fitted on {n_fit} training boxes")
+    pca = fit_pca(raw[fit], d_eff, decay=pca_decay)
+    targets = pca.transform(raw)
+    split_names = sorted(set(splits))
+    tensors = {
+        "targets": targets,
+        "raw": raw.astype(np.float16),
+        "image_hash": cat["image_hash"],
+        "boxes": cat["boxes"],
+        "cls": cat["cls"],
+        "instance": cat["instance"],
+        "box_index": cat["box_index"],
+        "split": np.asarray([split_names.index(s) for s in splits], np.int8),
+        "pca_fit": fit.astype(np.uint8),
+        "pca_mean": pca.mean,
+        "pca_components": pca.components,
+        "pca_scale": pca.scale,
+        "pca_explained_variance": pca.explained_variance,
+    }
+    meta = {
+        "format": CACHE_FORMAT,
+        **{k: str(v) for k, v in teacher.describe().items()},
+        "d_t": str(d_eff),
+        "d_t_requested": str(d_t),
+        "pca_decay": str(pca_decay),
+        "pca_fit_rows": str(n_fit),
+        "dataset_fingerprint": ds_fp,
+        "dataset_source": str(ds.source),
+        "dataset_format": ds.format,
+        "names": json.dumps(ds.names),
+        "fine_names": json.dumps(ds.fine_names),
+        "split_names": json.dumps(split_names),
+        "boxes": str(len(raw)),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    with atomic_path(out) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+    return TeacherCache.load(out)

@@ -1,0 +1,43 @@
+"""Teacher registry: ``list_teachers()`` / ``get_teacher(name, **options)``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from mocha_edge.errors import TeacherError
+from mocha_edge.teachers.base import Teacher
+
+_REGISTRY: dict[str, Callable[..., Teacher]] = {}
+
+
+def register(name: str) -> Callable[[Callable[..., Teacher]], Callable[..., Teacher]]:
+    """Class decorator adding a teacher factory under ``name``."""
+
+    def deco(factory: Callable[..., Teacher]) -> Callable[..., Teacher]:
+        _REGISTRY[name] = factory
+        return factory
+
+    return deco
+
+
+def _load_builtins() -> None:
+    # Importing the modules registers them; heavy libraries (transformers) are imported lazily inside.
+    from mocha_edge.teachers import builtin, hf  # noqa: F401
+
+
+def list_teachers() -> list[str]:
+    """Names accepted by :func:`get_teacher` and ``mocha-edge teach --teacher``."""
+    _load_builtins()
+    return sorted(_REGISTRY)
+
+
+def get_teacher(name: str, **options: Any) -> Teacher:
+    """Build the teacher registered as ``name``; unknown names list the valid ones."""
+    _load_builtins()
+    if name not in _REGISTRY:
+        raise TeacherError(f"unknown teacher {name!r}; choose one of: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name](**options)
+
+
+__all__ = ["Teacher", "get_teacher", "list_teachers", "register"]

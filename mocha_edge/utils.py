@@ -1,0 +1,60 @@
+"""Small shared helpers: atomic writes, content hashing, environment set-up."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+@contextlib.contextmanager
+def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path in ``dest``'s folder; rename it onto ``dest`` only if the block succeeds.
+
+    A crash or kill inside the block never leaves a partial ``dest`` behind.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp_path, dest)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_json_atomic(dest: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as indented JSON to ``dest`` atomically."""
+    with atomic_path(dest) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def file_hash(path: str | os.PathLike, digest_size: int = 16) -> str:
+    """BLAKE2b hex digest of a file's bytes (the content key of images in every cache)."""
+    h = hashlib.blake2b(digest_size=digest_size)
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def text_hash(*parts: str, digest_size: int = 16) -> str:
+    """BLAKE2b hex digest of strings joined by NUL."""
+    return hashlib.blake2b("\0".join(parts).encode(), digest_size=digest_size).hexdigest()
+
+
+def offline_env() -> None:
+    """Keep Hugging Face and ultralytics from reaching the network (no downloads at run time)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("YOLO_OFFLINE", "1")

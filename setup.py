@@ -1,0 +1,5 @@
+"""Build shim: metadata lives in setup.cfg (the native runtime's build hooks in here later)."""
+
+from setuptools import setup
+
+setup()
