@@ -57,4 +57,5 @@ def offline_env() -> None:
     """Keep Hugging Face and ultralytics from reaching the network (no downloads at run time)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.environ.setdefault("YOLO_OFFLINE", "1")
+    os.environ.setdefault("YOLO_OFFLINE", "1")  # ultralytics: no connectivity probe, no downloads
+    os.environ.setdefault("YOLO_AUTOINSTALL", "false")  # ultralytics: never pip-install at run time

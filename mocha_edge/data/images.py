@@ -33,7 +33,7 @@ def read_rgb(path: str | Path) -> np.ndarray:
                 im.load()  # full decode: raises on truncated data
                 im = ImageOps.exif_transpose(im)
                 arr = np.asarray(im.convert("RGB"))
-    except UnidentifiedImageError:
+    except (UnidentifiedImageError, ImportError):  # ImportError: ultralytics' HEIF hook without pi-heif
         raise ImageReadError("not a readable image (unknown or corrupt format)") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__

@@ -1,0 +1,68 @@
+"""Shared fixtures. Tests never touch the network: HF and ultralytics are forced offline here."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["YOLO_OFFLINE"] = "1"
+os.environ["YOLO_AUTOINSTALL"] = "false"
+
+from tiny_models import tiny_clip_dir, tiny_llava_dir  # noqa: F401  (session fixtures)
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("MOCHA_EDGE_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def coco_names() -> list[str]:
+    import ultralytics
+
+    cfg = Path(ultralytics.__file__).parent / "cfg" / "datasets" / "coco8.yaml"
+    names = yaml.safe_load(cfg.read_text())["names"]
+    return [names[i] for i in range(len(names))]
+
+
+@pytest.fixture(scope="session")
+def coco8_dir() -> Path:
+    """The real photographs in ../shared/data/coco8 (read in place, never copied into the repo)."""
+    d = SHARED_DATA / "coco8"
+    if not (d / "images").is_dir():
+        pytest.fail(
+            f"{d} not found: tests need ../shared/data beside the checkout (or MOCHA_EDGE_SHARED_DATA)"
+        )
+    return d
+
+
+@pytest.fixture(scope="session")
+def coco8_yaml(coco8_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data YAML pointing at the shared coco8 folder, with COCO's 80 class names."""
+    p = tmp_path_factory.mktemp("coco8") / "coco8.yaml"
+    p.write_text(
+        yaml.safe_dump(
+            {"path": str(coco8_dir), "train": "images/train", "val": "images/val", "names": coco_names()}
+        )
+    )
+    return p
+
+
+@pytest.fixture(scope="session")
+def synth_small(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small built-in benchmark (shared by the session; tests must not modify it)."""
+    from mocha_edge.data.synth import synthesize
+
+    out = tmp_path_factory.mktemp("synth") / "bench"
+    return synthesize(out, seed=3, n_train=48, n_val=12, n_query=10, support_per_instance=5, progress=False)
+
+
+@pytest.fixture
+def synth_copy(synth_small: Path, tmp_path: Path) -> Path:
+    """A private copy of the small benchmark a test may modify."""
+    dst = tmp_path / "bench"
+    shutil.copytree(synth_small.parent, dst)
+    return dst / synth_small.name
