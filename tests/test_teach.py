@@ -1,0 +1,235 @@
+"""`mocha-edge teach`: targets for every box, PCA on base instances only, resumable after a kill."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from mocha_edge.cache import TeacherCache
+from mocha_edge.cli import cli
+from mocha_edge.data import load_dataset
+from mocha_edge.errors import CacheError, TeacherError
+from mocha_edge.teach import teach
+from mocha_edge.teachers import get_teacher, list_teachers
+from mocha_edge.teachers.builtin import BuiltinTeacher
+
+
+def _assert_every_box_cached(ds, cache: TeacherCache) -> None:
+    n = 0
+    for it in ds.items():
+        for j, box in enumerate(it.boxes):
+            row = cache.index_of(it.content_hash, box)
+            assert row is not None, f"no target for {it.path} box {j}"
+            assert cache.cls[row] == it.cls[j] and cache.instance[row] == it.instance[j]
+            n += 1
+    assert n == len(cache)
+    assert np.isfinite(cache.targets).all()
+
+
+def test_registry_lists_all_teachers() -> None:
+    assert {"builtin", "clip", "llava", "llava+clip"} <= set(list_teachers())
+    with pytest.raises(TeacherError, match="choose one of"):
+        get_teacher("gpt-9")
+
+
+def test_teach_builtin_on_synth(synth_small: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ds = load_dataset(synth_small)
+    assert ds.novel_instances
+    seen_ids: list[np.ndarray] = []
+    fit = BuiltinTeacher._fit
+
+    def spy(self, crops, ids):  # record every instance id that reaches the teacher's training
+        seen_ids.append(ids.copy())
+        return fit(self, crops, ids)
+
+    monkeypatch.setattr(BuiltinTeacher, "_fit", spy)
+    teacher = get_teacher("builtin", epochs=2, progress=False)
+    out = tmp_path / "t.safetensors"
+    logs: list[str] = []
+    res = teach(ds, teacher, out, d_t=512, progress=False, log=logs.append)
+    cache = res.cache
+
+    # the teacher trained on base instances of the train split, and nothing else
+    trained = set(np.concatenate(seen_ids).tolist())
+    base_train = {int(i) for it in ds.items("train") for i in it.instance.tolist()}
+    assert trained == base_train and not trained & ds.novel_instances
+    # the PCA was fitted on train-split base-instance rows only
+    from safetensors.numpy import load_file
+
+    mask = load_file(str(out))["pca_fit"].astype(bool)
+    assert mask.sum() == int(cache.meta["pca_fit_rows"]) > 0
+    assert not set(cache.instance[mask].tolist()) & ds.novel_instances
+    assert set(np.asarray(cache.split)[mask]) == {"train"}
+    # novel boxes still get targets (the eval's teacher row uses them)
+    assert set(cache.instance.tolist()) & ds.novel_instances
+    _assert_every_box_cached(ds, cache)
+    assert cache.d_t == min(512, 256, int(mask.sum()))
+    assert any("PCA: d_t=512 requested" in line for line in logs)
+    assert cache.meta["teacher"] == "builtin" and cache.meta["dataset_fingerprint"] == ds.fingerprint()
+
+    # rerun: up to date, nothing recomputed, nothing retrained
+    seen_ids.clear()
+    res2 = teach(ds, get_teacher("builtin", epochs=2, progress=False), out, progress=False, log=logs.append)
+    assert res2.up_to_date and not seen_ids
+    np.testing.assert_array_equal(res2.cache.targets, cache.targets)
+
+
+def test_builtin_teacher_refuses_data_without_instances(coco8_yaml: Path, tmp_path: Path) -> None:
+    r = CliRunner().invoke(
+        cli, ["teach", "--data", str(coco8_yaml), "--out", str(tmp_path / "c.safetensors")]
+    )
+    assert r.exit_code != 0
+    assert "builtin teacher needs instance labels" in r.output and "Traceback" not in r.output
+
+
+def test_cache_refuses_other_dataset_and_dim(synth_small: Path, tmp_path: Path, coco8_yaml: Path) -> None:
+    ds = load_dataset(synth_small)
+    out = tmp_path / "t.safetensors"
+    cache = teach(ds, get_teacher("builtin", epochs=1, progress=False), out, d_t=16, progress=False).cache
+    cache.check(dataset_fingerprint=ds.fingerprint(), teacher="builtin", d_t=16)
+    other = load_dataset(coco8_yaml)
+    with pytest.raises(CacheError, match="built for another dataset"):
+        cache.check(dataset_fingerprint=other.fingerprint())
+    with pytest.raises(CacheError, match="d_t is 16, expected 512"):
+        cache.check(d_t=512)
+    with pytest.raises(CacheError, match="teacher 'builtin', not 'clip'"):
+        cache.check(teacher="clip")
+
+
+def test_teach_skips_broken_image(synth_copy: Path, tmp_path: Path) -> None:
+    ds = load_dataset(synth_copy)
+    victim = ds.items("val")[0].path
+    victim.write_bytes(victim.read_bytes()[:200])  # truncated JPEG
+    ds = load_dataset(synth_copy)
+    r = CliRunner().invoke(
+        cli,
+        [
+            "teach",
+            "--data",
+            str(synth_copy),
+            "--out",
+            str(tmp_path / "c.safetensors"),
+            "--dim",
+            "8",
+            "--quiet",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    assert f"{victim}: corrupt image" in r.output or f"{victim}: truncated" in r.output.replace(
+        "corrupt image (", ""
+    )
+    cache = TeacherCache.load(tmp_path / "c.safetensors")
+    expected = sum(len(it.boxes) for it in ds.items() if it.path != victim)
+    assert len(cache) == expected
+
+
+_SLOW_TEACH = textwrap.dedent(
+    """
+    import sys, time
+    from mocha_edge.teachers import register
+    from mocha_edge.teachers.builtin import BuiltinTeacher
+
+    @register("slow-builtin")
+    class Slow(BuiltinTeacher):
+        def encode(self, crops, names):
+            time.sleep(0.15)
+            return super().encode(crops, names)
+
+    from mocha_edge.cli import main
+    main(sys.argv[1:])
+    """
+)
+
+
+def test_teach_resumes_after_kill(synth_small: Path, tmp_path: Path) -> None:
+    """SIGKILL `teach` after two shards; the rerun reuses them, and the cache equals an uninterrupted run."""
+    script = tmp_path / "slow_teach.py"
+    script.write_text(_SLOW_TEACH)
+    out = tmp_path / "c.safetensors"
+    partial = out.with_name(out.name + ".partial")
+    args = [sys.executable, str(script), "teach", "--teacher", "slow-builtin", "--data", str(synth_small),
+            "--out", str(out), "--chunk", "4", "--batch", "4", "--dim", "32", "--quiet"]  # fmt: skip
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and len(list(partial.glob("chunk_*.safetensors"))) < 2:
+        if proc.poll() is not None:
+            pytest.fail(f"teach ended before it could be killed:\n{proc.stdout.read()}")
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    shards = sorted(partial.glob("chunk_*.safetensors"))
+    assert len(shards) >= 2 and not out.exists()
+    n_chunks = -(-len([it for it in load_dataset(synth_small).items() if len(it.boxes)]) // 4)
+    assert len(shards) < n_chunks, "the run finished before the kill; the test proves nothing"
+    before = {p.name: p.stat().st_mtime_ns for p in shards}
+
+    # a partial shard write never survives: only complete, loadable shards are in the folder
+    from safetensors.numpy import load_file
+
+    for p in shards:
+        load_file(str(p))
+    assert not list(partial.glob(".*.tmp"))
+
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"resuming: {len(shards)} of {n_chunks} chunks already computed" in done.stdout
+    assert f"{n_chunks - len(shards)} chunks computed, {len(shards)} resumed" in done.stdout
+    assert not partial.exists()
+    resumed = TeacherCache.load(out)
+
+    # same result as an uninterrupted run with the same (already trained, frozen) teacher
+    ref = tmp_path / "ref.safetensors"
+    ds = load_dataset(synth_small)
+    weights = out.with_name(out.stem + ".teacher") / "builtin_teacher.pt"
+    full = teach(
+        ds, get_teacher("builtin", weights=weights, progress=False), ref, d_t=32, progress=False
+    ).cache
+    np.testing.assert_allclose(resumed.targets, full.targets, atol=1e-4)
+    assert resumed.image_hash == full.image_hash
+    assert before  # shards of the first run were reused, not recomputed (checked via the log above)
+
+
+@pytest.mark.parametrize("teacher_name", ["clip", "llava", "llava+clip"])
+def test_teach_hf_teachers_on_synth_and_coco8(
+    teacher_name: str,
+    tiny_clip_dir: Path,
+    tiny_llava_dir: Path,
+    synth_small: Path,
+    coco8_yaml: Path,
+    tmp_path: Path,
+) -> None:
+    """The tiny random CLIP / LLaVA teachers go through the real CLI on both datasets."""
+    opts = {
+        "clip": ["--model", str(tiny_clip_dir)],
+        "llava": ["--model", str(tiny_llava_dir), "--max-new-tokens", "4"],
+        "llava+clip": [
+            "--model",
+            str(tiny_llava_dir),
+            "--clip-model",
+            str(tiny_clip_dir),
+            "--max-new-tokens",
+            "4",
+        ],
+    }[teacher_name]
+    for data in (synth_small, coco8_yaml):
+        out = tmp_path / f"{data.stem}.safetensors"
+        r = CliRunner().invoke(
+            cli,
+            ["teach", "--teacher", teacher_name, *opts, "--data", str(data), "--out", str(out), "--quiet"],
+        )
+        assert r.exit_code == 0, r.output
+        ds = load_dataset(data)
+        cache = TeacherCache.load(out)
+        _assert_every_box_cached(ds, cache)
+        assert cache.meta["teacher"] == teacher_name
+        assert cache.d_t == min(512, int(cache.meta["pca_fit_rows"]), int(cache.meta["teacher_dim"]))
