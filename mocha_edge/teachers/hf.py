@@ -1,0 +1,502 @@
+"""Hugging Face teachers: ``llava`` (generated-token hidden states), ``clip`` (image embedding), ``llava+clip``.
+
+Every crop is resized to a ``crop_size`` square (PIL bicubic, aspect ratio not kept, as the MOCHA public code
+does) and then handed to the model's own processor. ``transformers`` is imported lazily; models load through
+``from_pretrained`` from a local folder or a hub id already in the Hugging Face cache.
+
+LLaVA vector ``h``: greedy decoding (``do_sample=False, num_beams=1``) of up to ``max_new_tokens`` tokens, then
+``h = mean_t H_t`` where ``H_t`` is the last-layer (post final norm) hidden state at the position that predicted
+generated token ``t`` -- step 0 is the last prompt position, step ``t > 0`` the position of generated token
+``t - 1``. Steps after a sample's first EOS are masked; the step that emitted EOS is kept, so a sample that stops
+at once still averages one step. Prompts are left-padded so one batch gives the same vectors as single crops.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+from PIL import Image
+
+from mocha_edge.errors import MissingDependencyError, TeacherError
+from mocha_edge.teachers import register
+from mocha_edge.teachers.base import Teacher
+from mocha_edge.utils import file_hash, text_hash
+
+DEFAULT_LLAVA = "llava-hf/llava-1.5-7b-hf"
+DEFAULT_CLIP = "openai/clip-vit-base-patch32"
+DEFAULT_PROMPT = (
+    "Describe the visual appearance of the {cls} in this picture with as many adjectives as you can: "
+    "its materials, colours, textures, patterns and shapes."
+)
+#: How crops are brought to ``crop_size`` before the model's processor sees them.
+CROP_RESAMPLE = "PIL bicubic, square (aspect ratio not kept)"
+#: Bump when the pooling / prompt assembly changes, so old caches become stale.
+_LLAVA_RECIPE = "llava-v1:greedy:mean-last-layer-per-generated-step:mask-after-first-eos:left-pad"
+_CLIP_RECIPE = "clip-v1:get_image_features:l2-normalised"
+
+_WEIGHT_SUFFIXES = (
+    ".safetensors",
+    ".bin",
+    ".pt",
+    ".pth",
+    ".ckpt",
+    ".h5",
+    ".msgpack",
+    ".gguf",
+    ".onnx",
+    ".ot",
+)
+_HASHED_FILE_MAX = 8 << 20  # smaller non-weight files (configs, tokenizer, templates) are content-hashed
+
+_T = TypeVar("_T")
+
+
+# --------------------------------------------------------------------------------------------- loading helpers
+def _import_transformers() -> Any:
+    try:
+        import transformers
+    except ImportError as exc:
+        raise MissingDependencyError(
+            "the llava / clip teachers need Hugging Face transformers: pip install 'mocha-edge[teachers]'"
+        ) from exc
+    return transformers
+
+
+def _offline() -> bool:
+    flags = (os.environ.get(k, "").strip().lower() for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    if any(f in ("1", "true", "yes", "on") for f in flags):
+        return True
+    try:
+        from huggingface_hub import constants
+
+        return bool(constants.HF_HUB_OFFLINE)
+    except (ImportError, AttributeError):
+        return False
+
+
+def _hub_snapshot(repo_id: str) -> Path | None:
+    """The cached snapshot folder of ``repo_id`` (``refs/main``), without touching the network."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(repo_id, "config.json")
+    except Exception:  # invalid repo id, old huggingface_hub...
+        return None
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def _looks_like_path(spec: str) -> bool:
+    return (
+        Path(spec).expanduser().exists()
+        or spec.startswith(("/", ".", "~"))
+        or "\\" in spec
+        or spec.count("/") > 1
+        or (len(spec) > 1 and spec[1] == ":")
+    )
+
+
+def _fix_hint(spec: str) -> str:
+    return (
+        f"where there is network run `hf download {spec}` and pass the downloaded folder instead, "
+        "or copy the Hugging Face cache (~/.cache/huggingface/hub) to this machine"
+    )
+
+
+def _resolve(spec: str, what: str) -> tuple[str, bool]:
+    """Return ``(argument for from_pretrained, is_hub_id)``; fail early with a one-line fix."""
+    spec = str(spec)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise TeacherError(
+                f"{what} model folder {spec} has no config.json; pass a folder written by save_pretrained "
+                "or `hf download ID --local-dir DIR`"
+            )
+        return str(path.resolve()), False
+    if _looks_like_path(spec):
+        raise TeacherError(
+            f"{what} model folder {spec} not found; pass an existing model folder or a Hugging Face hub id"
+        )
+    if _offline() and _hub_snapshot(spec) is None:
+        raise TeacherError(
+            f"{what} model {spec!r} is neither a local folder nor in the Hugging Face cache (offline mode); "
+            + _fix_hint(spec)
+        )
+    return spec, True
+
+
+def _load(fn: Callable[[], _T], spec: str, what: str) -> _T:
+    try:
+        return fn()
+    except (OSError, ValueError, KeyError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise TeacherError(f"cannot load {what} model {spec!r} ({first}); {_fix_hint(spec)}") from exc
+
+
+def _dtype_kwargs(dtype: torch.dtype) -> dict[str, Any]:
+    import transformers
+
+    try:
+        major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    except ValueError:
+        major, minor = 5, 0
+    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
+
+
+def _pick_device_dtype(device: str, fp16: bool | None) -> tuple[torch.device, torch.dtype]:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise TeacherError(f"invalid device {device!r}; use 'cpu', 'cuda' or 'cuda:N'") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise TeacherError(f"device {device!r} requested but CUDA is not available; use device 'cpu'")
+    if fp16 is None:
+        fp16 = dev.type == "cuda"
+    return dev, (torch.float16 if fp16 else torch.float32)
+
+
+def _folder_identity(folder: Path) -> list[str]:
+    """Relative names + content hashes of small files and names + sizes of weight files (weights are not read)."""
+    parts = []
+    for f in sorted(folder.rglob("*")):
+        rel = f.relative_to(folder)
+        if any(p.startswith(".") for p in rel.parts) or f.suffix.lower() == ".md" or not f.is_file():
+            continue
+        size = f.stat().st_size
+        if f.suffix.lower() in _WEIGHT_SUFFIXES or size > _HASHED_FILE_MAX:
+            parts.append(f"{rel.as_posix()}:size={size}")
+        else:
+            parts.append(f"{rel.as_posix()}:{file_hash(f)}")
+    return parts
+
+
+def _model_identity(source: str, is_hub: bool, config_json: str) -> tuple[str, str]:
+    """``(identity hash, revision)``: folder contents, plus the snapshot commit for hub ids (never the path)."""
+    if not is_hub:
+        return text_hash("local", *_folder_identity(Path(source))), ""
+    snapshot = _hub_snapshot(source)
+    if snapshot is None:  # e.g. a custom cache_dir: fall back to the id + loaded config
+        return text_hash("hub", source, config_json), ""
+    return text_hash("hub", source, snapshot.name, *_folder_identity(snapshot)), snapshot.name
+
+
+# ------------------------------------------------------------------------------------------------ crop helpers
+def _check_batch(crops: Sequence[np.ndarray], class_names: Sequence[str]) -> None:
+    if len(crops) == 0:
+        raise TeacherError("encode() needs at least one crop")
+    if len(crops) != len(class_names):
+        raise TeacherError(f"encode() got {len(crops)} crops but {len(class_names)} class names")
+
+
+def crop_to_pil(crop: np.ndarray, size: int) -> Image.Image:
+    """RGB uint8 HWC array (gray / RGBA tolerated) -> RGB PIL image resized bicubically to ``size``² (0 = keep)."""
+    arr = np.asarray(crop)
+    if arr.dtype != np.uint8 or arr.ndim not in (2, 3) or arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise TeacherError(
+            f"crops must be non-empty uint8 HxWx3 arrays, got dtype {arr.dtype} shape {arr.shape}"
+        )
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    if arr.ndim == 3 and arr.shape[2] not in (3, 4):
+        raise TeacherError(f"crops must be HxWx3 RGB arrays, got shape {arr.shape}")
+    img = Image.fromarray(np.ascontiguousarray(arr)).convert("RGB")
+    if size > 0 and img.size != (size, size):
+        img = img.resize((size, size), getattr(Image, "Resampling", Image).BICUBIC)
+    return img
+
+
+# ------------------------------------------------------------------------------------------------ LLaVA pooling
+def pool_generated_hidden_states(
+    step_hidden_states: Sequence[Sequence[torch.Tensor]],
+    generated: torch.Tensor,
+    eos_ids: Sequence[int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean last-layer hidden state over each sample's generated steps.
+
+    ``step_hidden_states[t][-1]`` is the last layer of decoding step ``t`` (``(B, L_t, H)``; its last position
+    predicted ``generated[:, t]``). Steps after the first EOS of a sample are dropped (the EOS step is kept).
+    Returns ``(B, H)`` float32 means and ``(B,)`` step counts (always >= 1).
+    """
+    last = torch.stack([step[-1][:, -1, :].float() for step in step_hidden_states], dim=1)  # (B, T, H)
+    gen = generated[:, : last.shape[1]]
+    if eos_ids:
+        is_eos = torch.isin(gen, torch.tensor(list(eos_ids), device=gen.device)).long()
+    else:
+        is_eos = torch.zeros_like(gen)
+    eos_before = is_eos.cumsum(dim=1) - is_eos  # number of EOS strictly before step t
+    keep = (eos_before == 0).to(last.dtype)
+    counts = keep.sum(dim=1)
+    mean = (last * keep.unsqueeze(-1)).sum(dim=1) / counts.unsqueeze(-1)
+    return mean, counts.long()
+
+
+def _as_id_list(value: Any) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, torch.Tensor):
+        return [int(v) for v in value.flatten().tolist()]
+    if isinstance(value, (list, tuple, set)):
+        return [int(v) for v in value]
+    return [int(value)]
+
+
+# ------------------------------------------------------------------------------------------------ teachers
+@register("llava")
+class LlavaTeacher(Teacher):
+    """LLaVA-1.5 teacher: mean last-layer hidden state over greedily generated tokens (``dim`` = text width).
+
+    ``model``: local folder or hub id already cached (default :data:`DEFAULT_LLAVA`); ``fp16``: ``None`` =
+    fp16 on CUDA, fp32 on CPU; ``prompt``: question template with ``{cls}`` (default :data:`DEFAULT_PROMPT`).
+    """
+
+    name = "llava"
+
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        device: str = "cpu",
+        fp16: bool | None = None,
+        max_new_tokens: int = 300,
+        prompt: str | None = None,
+    ) -> None:
+        tf = _import_transformers()
+        if int(max_new_tokens) < 1:
+            raise TeacherError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        self.prompt = DEFAULT_PROMPT if prompt is None else str(prompt)
+        if "{cls}" not in self.prompt:
+            raise TeacherError(
+                f"the llava prompt must contain '{{cls}}' (the class name), got {self.prompt!r}"
+            )
+        self.max_new_tokens = int(max_new_tokens)
+        self.model_spec = str(model or DEFAULT_LLAVA)
+        self.device, self.dtype = _pick_device_dtype(device, fp16)
+        source, is_hub = _resolve(self.model_spec, "LLaVA")
+        self._processor = _load(lambda: tf.AutoProcessor.from_pretrained(source), self.model_spec, "LLaVA")
+        self._model = _load(
+            lambda: tf.LlavaForConditionalGeneration.from_pretrained(source, **_dtype_kwargs(self.dtype)),
+            self.model_spec,
+            "LLaVA",
+        )
+        self._model.to(self.device).eval()
+        tokenizer = self._processor.tokenizer
+        tokenizer.padding_side = "left"
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self._pad_id = tokenizer.pad_token_id
+        self._use_chat_template = bool(getattr(self._processor, "chat_template", None))
+        self._identity, self.revision = _model_identity(source, is_hub, self._model.config.to_json_string())
+        self._dim = int(self._model.config.text_config.hidden_size)
+        #: generated steps averaged per crop in the last :meth:`encode` call (diagnostics / tests).
+        self.last_token_counts: np.ndarray | None = None
+        #: token ids generated per crop in the last :meth:`encode` call, up to and including EOS.
+        self.last_generated_ids: list[list[int]] = []
+
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    @property
+    def fingerprint(self) -> str:
+        return text_hash(
+            self.name,
+            _LLAVA_RECIPE,
+            self._identity,
+            f"prompt={self.prompt}",
+            f"chat_template={self._use_chat_template}",
+            f"max_new_tokens={self.max_new_tokens}",
+            f"crop_size={self.crop_size}:{CROP_RESAMPLE}",
+            f"dtype={self.dtype}",
+        )
+
+    def describe(self) -> dict[str, str]:
+        out = super().describe()
+        out.update(
+            teacher_model=self.model_spec,
+            teacher_model_revision=self.revision,
+            teacher_prompt=self.prompt,
+            teacher_max_new_tokens=str(self.max_new_tokens),
+            teacher_decoding="greedy (do_sample=False, num_beams=1)",
+            teacher_dtype=str(self.dtype).replace("torch.", ""),
+            teacher_crop_size=f"{self.crop_size} ({CROP_RESAMPLE})",
+        )
+        return out
+
+    def prompt_text(self, class_name: str) -> str:
+        """The full LLaVA-1.5 conversation for one crop ("USER: <image>\\n... ASSISTANT:")."""
+        question = self.prompt.replace("{cls}", str(class_name))
+        if self._use_chat_template:
+            conversation = [
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}
+            ]
+            return self._processor.apply_chat_template(
+                conversation, add_generation_prompt=True, tokenize=False
+            )
+        image_token = getattr(self._processor, "image_token", None) or "<image>"
+        return f"USER: {image_token}\n{question} ASSISTANT:"
+
+    def decode_last(self) -> list[str]:
+        """The descriptions generated in the last :meth:`encode` call (for inspection)."""
+        return self._processor.tokenizer.batch_decode(self.last_generated_ids, skip_special_tokens=True)
+
+    def _eos_ids(self) -> list[int]:
+        ids = _as_id_list(getattr(self._model.generation_config, "eos_token_id", None))
+        return ids or _as_id_list(self._processor.tokenizer.eos_token_id)
+
+    def encode(self, crops: list[np.ndarray], class_names: list[str]) -> np.ndarray:
+        _check_batch(crops, class_names)
+        images = [crop_to_pil(c, self.crop_size) for c in crops]
+        texts = [self.prompt_text(n) for n in class_names]
+        inputs = self._processor(images=images, text=texts, return_tensors="pt", padding=True)
+        inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        eos_ids = self._eos_ids()
+        with torch.inference_mode():
+            out = self._model.generate(
+                **inputs,
+                do_sample=False,
+                num_beams=1,
+                max_new_tokens=self.max_new_tokens,
+                eos_token_id=eos_ids or None,
+                pad_token_id=self._pad_id,
+                output_hidden_states=True,
+                return_dict_in_generate=True,
+            )
+            generated = out.sequences[:, -len(out.hidden_states) :]  # one hidden-state entry per new token
+            vectors, counts = pool_generated_hidden_states(out.hidden_states, generated, eos_ids)
+        self.last_token_counts = counts.cpu().numpy()
+        self.last_generated_ids = [
+            row[:n].tolist() for row, n in zip(generated.cpu(), self.last_token_counts)
+        ]
+        return vectors.cpu().numpy().astype(np.float32)
+
+
+@register("clip")
+class ClipTeacher(Teacher):
+    """CLIP teacher: L2-normalised image embedding of the crop (``dim`` = projection size).
+
+    ``model``: local folder or cached hub id (default :data:`DEFAULT_CLIP`); the class name is not used.
+    """
+
+    name = "clip"
+
+    def __init__(self, model: str | None = None, *, device: str = "cpu", fp16: bool | None = None) -> None:
+        tf = _import_transformers()
+        self.model_spec = str(model or DEFAULT_CLIP)
+        self.device, self.dtype = _pick_device_dtype(device, fp16)
+        source, is_hub = _resolve(self.model_spec, "CLIP")
+        self._processor = _load(
+            lambda: tf.AutoImageProcessor.from_pretrained(source), self.model_spec, "CLIP"
+        )
+        self._model = _load(
+            lambda: tf.CLIPModel.from_pretrained(source, **_dtype_kwargs(self.dtype)), self.model_spec, "CLIP"
+        )
+        self._model.to(self.device).eval()
+        self._identity, self.revision = _model_identity(source, is_hub, self._model.config.to_json_string())
+        self._dim = int(self._model.config.projection_dim)
+
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    @property
+    def fingerprint(self) -> str:
+        return text_hash(
+            self.name,
+            _CLIP_RECIPE,
+            self._identity,
+            f"crop_size={self.crop_size}:{CROP_RESAMPLE}",
+            f"dtype={self.dtype}",
+        )
+
+    def describe(self) -> dict[str, str]:
+        out = super().describe()
+        out.update(
+            teacher_model=self.model_spec,
+            teacher_model_revision=self.revision,
+            teacher_dtype=str(self.dtype).replace("torch.", ""),
+            teacher_crop_size=f"{self.crop_size} ({CROP_RESAMPLE})",
+        )
+        return out
+
+    def encode(self, crops: list[np.ndarray], class_names: list[str]) -> np.ndarray:
+        _check_batch(crops, class_names)
+        images = [crop_to_pil(c, self.crop_size) for c in crops]
+        pixels = self._processor(images=images, return_tensors="pt")["pixel_values"]
+        with torch.inference_mode():
+            feats = self._model.get_image_features(pixel_values=pixels.to(self.device, self.dtype))
+            if not isinstance(feats, torch.Tensor):  # transformers >= 5 returns a model output
+                embeds = getattr(feats, "image_embeds", None)
+                feats = embeds if embeds is not None else feats.pooler_output
+            feats = torch.nn.functional.normalize(feats.float(), dim=-1)
+        return feats.cpu().numpy().astype(np.float32)
+
+
+@register("llava+clip")
+class LlavaClipTeacher(Teacher):
+    """MOCHA's fused target ``u = [h ; ||h|| · z]``: LLaVA vector ``h`` and unit CLIP vector ``z``, equal norms.
+
+    ``model`` is the LLaVA model, ``clip_model`` the CLIP one; other options as in :class:`LlavaTeacher`.
+    """
+
+    name = "llava+clip"
+
+    def __init__(
+        self,
+        model: str | None = None,
+        clip_model: str | None = None,
+        *,
+        device: str = "cpu",
+        fp16: bool | None = None,
+        max_new_tokens: int = 300,
+        prompt: str | None = None,
+    ) -> None:
+        self.llava = LlavaTeacher(
+            model, device=device, fp16=fp16, max_new_tokens=max_new_tokens, prompt=prompt
+        )
+        self.clip = ClipTeacher(clip_model, device=device, fp16=fp16)
+
+    @property
+    def dim(self) -> int:
+        return self.llava.dim + self.clip.dim
+
+    @property
+    def fingerprint(self) -> str:
+        return text_hash(self.name, "fusion=[h;|h|z]", self.llava.fingerprint, self.clip.fingerprint)
+
+    def describe(self) -> dict[str, str]:
+        out = super().describe()
+        for key, value in self.llava.describe().items():
+            if key not in ("teacher", "teacher_fingerprint", "teacher_dim"):
+                out[key] = value
+        out.update(
+            teacher_clip_model=self.clip.model_spec,
+            teacher_clip_model_revision=self.clip.revision,
+            teacher_fusion="[h ; ||h|| * z]",
+        )
+        return out
+
+    def encode(self, crops: list[np.ndarray], class_names: list[str]) -> np.ndarray:
+        h = self.llava.encode(crops, class_names)
+        z = self.clip.encode(crops, class_names)
+        norms = np.linalg.norm(h, axis=1, keepdims=True)
+        return np.concatenate([h, norms * z], axis=1).astype(np.float32)
+
+
+__all__ = [
+    "CROP_RESAMPLE",
+    "DEFAULT_CLIP",
+    "DEFAULT_LLAVA",
+    "DEFAULT_PROMPT",
+    "ClipTeacher",
+    "LlavaClipTeacher",
+    "LlavaTeacher",
+    "crop_to_pil",
+    "pool_generated_hidden_states",
+]
