@@ -157,11 +157,13 @@ def data_synth(
 @click.option(
     "--fp16/--fp32", "fp16", default=None, help="Teacher precision (default: fp16 on CUDA, fp32 on CPU)."
 )
-@click.option("--max-new-tokens", default=300, show_default=True, help="LLaVA: tokens generated per crop.")
+@click.option(
+    "--max-new-tokens", type=int, default=None, help="LLaVA: tokens generated per crop [default: 300]."
+)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def teach(
     teacher_name: str, dataset: Path, out: Path, model: str | None, clip_model: str | None, d_t: int,
-    pca_decay: bool, batch: int, chunk: int, device: str, fp16: bool | None, max_new_tokens: int, quiet: bool,
+    pca_decay: bool, batch: int, chunk: int, device: str, fp16: bool | None, max_new_tokens: int | None, quiet: bool,
 ) -> None:  # fmt: skip
     """Compute a frozen teacher's target for every ground-truth box of --data and cache it in --out.
 
@@ -176,20 +178,13 @@ def teach(
     """
     from mocha_edge.data import load_dataset
     from mocha_edge.teach import teach as run_teach
-    from mocha_edge.teachers import get_teacher
+    from mocha_edge.teachers import get_teacher, teacher_options
 
     ds = load_dataset(dataset)
-    opts: dict = {"device": device}
-    if teacher_name == "builtin":
-        opts.update(weights=model, progress=not quiet)
-    else:
-        opts.update(fp16=fp16)
-        if model:
-            opts["model"] = model
-        if teacher_name in ("llava", "llava+clip"):
-            opts["max_new_tokens"] = max_new_tokens
-        if teacher_name == "llava+clip" and clip_model:
-            opts["clip_model"] = clip_model
+    given = {"model": model, "clip_model": clip_model, "fp16": fp16, "max_new_tokens": max_new_tokens}
+    opts = {"device": device, **{k: v for k, v in given.items() if v is not None}}
+    if "progress" in teacher_options(teacher_name):
+        opts["progress"] = not quiet
     teacher = get_teacher(teacher_name, **opts)
     res = run_teach(ds, teacher, out, d_t=d_t, batch=batch, chunk_images=chunk, pca_decay=pca_decay,
                     progress=not quiet, log=click.echo)  # fmt: skip

@@ -191,9 +191,7 @@ def test_teach_resumes_after_kill(synth_small: Path, tmp_path: Path) -> None:
     ref = tmp_path / "ref.safetensors"
     ds = load_dataset(synth_small)
     weights = out.with_name(out.stem + ".teacher") / "builtin_teacher.pt"
-    full = teach(
-        ds, get_teacher("builtin", weights=weights, progress=False), ref, d_t=32, progress=False
-    ).cache
+    full = teach(ds, get_teacher("builtin", model=weights, progress=False), ref, d_t=32, progress=False).cache
     np.testing.assert_allclose(resumed.targets, full.targets, atol=1e-4)
     assert resumed.image_hash == full.image_hash
     assert before  # shards of the first run were reused, not recomputed (checked via the log above)
@@ -233,3 +231,21 @@ def test_teach_hf_teachers_on_synth_and_coco8(
         _assert_every_box_cached(ds, cache)
         assert cache.meta["teacher"] == teacher_name
         assert cache.d_t == min(512, int(cache.meta["pca_fit_rows"]), int(cache.meta["teacher_dim"]))
+
+
+def test_option_that_does_not_apply_is_refused(synth_small: Path, tmp_path: Path) -> None:
+    r = CliRunner().invoke(
+        cli,
+        [
+            "teach",
+            "--teacher",
+            "clip",
+            "--clip-model",
+            "x",
+            "--data",
+            str(synth_small),
+            "--out",
+            str(tmp_path / "c"),
+        ],
+    )
+    assert r.exit_code != 0 and "does not take clip_model" in r.output

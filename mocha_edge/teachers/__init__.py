@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -32,12 +33,28 @@ def list_teachers() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def teacher_options(name: str) -> set[str]:
+    """Keyword options the teacher registered as ``name`` accepts."""
+    _load_builtins()
+    if name not in _REGISTRY:
+        raise TeacherError(f"unknown teacher {name!r}; choose one of: {', '.join(sorted(_REGISTRY))}")
+    return set(inspect.signature(_REGISTRY[name]).parameters)
+
+
 def get_teacher(name: str, **options: Any) -> Teacher:
     """Build the teacher registered as ``name``; unknown names list the valid ones."""
     _load_builtins()
     if name not in _REGISTRY:
         raise TeacherError(f"unknown teacher {name!r}; choose one of: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name](**options)
+    factory = _REGISTRY[name]
+    params = inspect.signature(factory).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        extra = sorted(set(options) - set(params))
+        if extra:
+            raise TeacherError(
+                f"teacher {name!r} does not take {', '.join(extra)}; it takes: {', '.join(params) or 'nothing'}"
+            )
+    return factory(**options)
 
 
-__all__ = ["Teacher", "get_teacher", "list_teachers", "register"]
+__all__ = ["Teacher", "get_teacher", "list_teachers", "register", "teacher_options"]

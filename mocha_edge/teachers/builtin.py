@@ -60,7 +60,7 @@ class BuiltinTeacher(Teacher):
 
     def __init__(
         self,
-        weights: str | Path | None = None,
+        model: str | Path | None = None,
         device: str = "cpu",
         epochs: int = 12,
         seed: int = 0,
@@ -70,7 +70,7 @@ class BuiltinTeacher(Teacher):
         batch: int = 128,
         progress: bool = True,
     ) -> None:
-        self.weights = Path(weights) if weights else None
+        self.weights = Path(model) if model else None  # trained builtin_teacher.pt to load frozen
         self.device = device
         self.cfg = {"epochs": epochs, "seed": seed, "dim": dim, "input_size": input_size, "width": width}
         self.batch = batch
