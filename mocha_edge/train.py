@@ -1,0 +1,637 @@
+"""``mocha-edge train``: the coarse base detector, the MOCHA-distilled student, and its plain baseline.
+
+One loop serves all three (``stage="base"``; ``stage="distill"`` with ``distill=True`` or ``False``) so the
+baseline differs from the distilled student only by the teacher terms: same data order, augmentations and
+seeds (every epoch reseeds from ``(seed, epoch)``), same student optimiser steps at the same epochs and
+learning rates. Built from ultralytics parts: dataset + augmentations, detection loss, EMA, validator.
+
+Published schedule (default): the translator trains every epoch; the student joins every
+``student_every``-th epoch with ``L_det``. ``schedule="joint"``: the student trains every epoch.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import random
+import time
+from collections.abc import Callable
+from copy import deepcopy
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mocha_edge.errors import MochaError
+from mocha_edge.utils import atomic_path, write_json_atomic
+
+CKPT_FORMAT = "mocha-edge-student/1"
+POOLING = "box-mean-cells/v1"
+
+
+class TrainError(MochaError):
+    """Training cannot start or had to stop (diverged, out of memory, incompatible inputs)."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines a training run; stored in every checkpoint."""
+
+    data: str
+    out: str
+    model: str = "yolov8n.yaml"
+    stage: str = "distill"  # base | distill
+    distill: bool = True  # False: the baseline (same run without the teacher terms)
+    teacher_cache: str | None = None
+    epochs: int = 20
+    imgsz: int = 640
+    batch: int = 16
+    workers: int = 2
+    device: str = "cpu"
+    seed: int = 0
+    schedule: str = "published"  # published | joint
+    student_every: int = 4
+    lr_student: float | None = None  # default: 1e-3 for stage base, 1e-4 for distill (MOCHA)
+    lr_translator: float = 1e-3
+    lrf: float = 0.01  # final lr fraction of the cosine
+    warmup_epochs: float = 1.0
+    weight_decay: float = 5e-4
+    lambda_dist: float = 1.0
+    lambda_emb: float = 1.0
+    tau: float = 1.0
+    emb_on: str = "translated"  # translated | student: which vectors L_emb compares with the teacher's
+    focus_weighting: bool = False
+    close_mosaic: int = 0
+    hyp: dict[str, Any] = field(default_factory=dict)  # ultralytics augmentation overrides (mosaic=..., fliplr=...)
+    val_every: int = 1
+
+    def __post_init__(self) -> None:
+        if self.stage not in ("base", "distill"):
+            raise TrainError(f"stage must be 'base' or 'distill', not {self.stage!r}")
+        if self.schedule not in ("published", "joint"):
+            raise TrainError(f"schedule must be 'published' or 'joint', not {self.schedule!r}")
+        if self.emb_on not in ("translated", "student"):
+            raise TrainError(f"emb_on must be 'translated' or 'student', not {self.emb_on!r}")
+        if self.lr_student is None:
+            self.lr_student = 1e-3 if self.stage == "base" else 1e-4
+        if self.epochs < 1 or self.batch < 1 or self.student_every < 1:
+            raise TrainError("epochs, batch and student_every must be >= 1")
+
+    @property
+    def uses_teacher(self) -> bool:
+        return self.stage == "distill" and self.distill
+
+    def student_trains(self, epoch: int) -> bool:
+        """Whether the student's weights update in ``epoch`` (0-based)."""
+        if self.stage == "base" or self.schedule == "joint":
+            return True
+        return epoch % self.student_every == self.student_every - 1
+
+    def student_epochs(self) -> list[int]:
+        return [e for e in range(self.epochs) if self.student_trains(e)]
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    checkpoint: Path
+    student: Path
+    history: list[dict[str, Any]]
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _head_preds(preds: Any) -> dict[str, Any]:
+    """The raw head-output dict (training mode), for plain and end-to-end heads alike."""
+    if isinstance(preds, tuple):
+        preds = preds[1]
+    return preds.get("one2many", preds)
+
+
+def _param_groups(model: torch.nn.Module, lr: float, wd: float) -> list[dict[str, Any]]:
+    """ultralytics' convention: weight decay on conv/linear weights only, not on norms or biases."""
+    decay, no_decay = [], []
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if name == "bias" or isinstance(module, torch.nn.modules.batchnorm._NormBase | torch.nn.LayerNorm):
+                no_decay.append(p)
+            else:
+                decay.append(p)
+    return [
+        {"params": decay, "lr": lr, "weight_decay": wd, "initial_lr": lr},
+        {"params": no_decay, "lr": lr, "weight_decay": 0.0, "initial_lr": lr},
+    ]
+
+
+def _memory_check(model: torch.nn.Module, cfg: TrainConfig, log: Callable[[str], None]) -> None:
+    """On CPU, estimate peak RAM from one small forward/backward and warn before an OOM kill can happen."""
+    if not cfg.device.startswith("cpu"):
+        return
+    import psutil
+
+    proc = psutil.Process()
+    before = proc.memory_info().rss
+    x = torch.zeros(2, 3, cfg.imgsz, cfg.imgsz)
+    model.train()
+    out = _head_preds(model(x))
+    sum(f.float().mean() for f in out["feats"]).backward()
+    model.zero_grad(set_to_none=True)
+    per_image = max(proc.memory_info().rss - before, 0) / 2
+    need = before + per_image * cfg.batch * 1.5
+    avail = psutil.virtual_memory().available + before
+    if need > 0.8 * avail:
+        log(
+            f"warning: --batch {cfg.batch} at --imgsz {cfg.imgsz} needs about {need / 2**30:.1f} GiB of RAM, "
+            f"{avail / 2**30:.1f} GiB available; lower --batch if the process gets killed"
+        )
+
+
+# --------------------------------------------------------------------------------------------- trainer
+class Trainer:
+    """One training run. ``run()`` trains (or resumes) and returns a :class:`TrainResult`."""
+
+    def __init__(self, cfg: TrainConfig, progress: bool = True, log: Callable[[str], None] = print) -> None:
+        self.cfg = cfg
+        self.progress = progress
+        self.log = log
+        self.out = Path(cfg.out)
+        self.ckpt_path = self.out / "last.ckpt"
+        self.student_path = self.out / "student.pt"
+
+    # ----------------------------------------------------------------------------- set-up
+    def _setup(self, resume_state: dict | None) -> None:
+        from mocha_edge.data import load_dataset
+        from mocha_edge.data.check import check_dataset
+        from mocha_edge.models.pooling import head_channels
+        from mocha_edge.models.translator import Translator
+        from mocha_edge.student import build_student, set_loss_args, write_yolo_view
+
+        cfg = self.cfg
+        self.device = torch.device(cfg.device)
+        ds = load_dataset(cfg.data)
+        self.ds_fingerprint = ds.fingerprint()
+        report = check_dataset(ds)
+        for p in ds.problems:
+            if p.fatal:
+                self.log(f"warning: {p} (skipped)")
+        if not report.ok or not ds.items("train"):
+            raise TrainError(f"{cfg.data}: no usable training image")
+        self.ds = ds
+        self.names = ds.names
+        self.k = len(ds.names)
+
+        # teacher cache -> a target row per training box
+        self.cache = None
+        self.pca = None
+        if cfg.uses_teacher:
+            from mocha_edge.cache import TeacherCache
+
+            if not cfg.teacher_cache:
+                raise TrainError("distillation needs --teacher-cache (from `mocha-edge teach`), or pass --no-distill")
+            self.cache = TeacherCache.load(cfg.teacher_cache)
+            self.cache.check(dataset_fingerprint=self.ds_fingerprint)
+            if resume_state and resume_state.get("teacher"):
+                want = resume_state["teacher"]
+                self.cache.check(teacher_fingerprint=want["teacher_fingerprint"], d_t=int(want["d_t"]))
+            if cfg.focus_weighting and "focus" not in self.cache.extras:
+                raise TrainError(
+                    f"{cfg.teacher_cache}: no focus map in this cache; build it with a LLaVA teacher and "
+                    "`mocha-edge teach --focus`, or drop --focus-weighting"
+                )
+            self.targets = torch.from_numpy(self.cache.targets).float()
+            self.focus = torch.from_numpy(self.cache.extras["focus"]).float() if cfg.focus_weighting else None
+        novel = self.ds.novel_instances
+        self.train_items = [it for it in ds.items("train")]
+        self.train_rows = []
+        missing = 0
+        for it in self.train_items:
+            rows = np.full(len(it.boxes), -1, np.int64)
+            if self.cache is not None:
+                for j, box in enumerate(it.boxes):
+                    if int(it.instance[j]) in novel:
+                        continue  # novel instances never contribute teacher knowledge
+                    r = self.cache.index_of(it.content_hash, box)
+                    if r is None:
+                        missing += 1
+                    else:
+                        rows[j] = r
+            self.train_rows.append(rows)
+        if missing:
+            raise TrainError(f"{cfg.teacher_cache}: no target for {missing} training boxes; rebuild it with `mocha-edge teach`")
+        self.val_items = ds.items("val")
+
+        # student (+ translator)
+        if resume_state is not None:
+            from ultralytics.nn.tasks import DetectionModel
+
+            model = DetectionModel(resume_state["student_yaml"], nc=self.k, verbose=False)
+            model.load_state_dict(resume_state["student"])
+            model.names = dict(enumerate(self.names))
+        else:
+            model = self._initial_student(build_student)
+        self.hyp = set_loss_args(model, {"imgsz": cfg.imgsz, **cfg.hyp})
+        self.model = model.to(self.device)
+        self.strides = [float(s) for s in model.stride]
+        self.channels = head_channels(model)
+        self.dim = sum(self.channels)
+        self.criterion = model.init_criterion()
+        self.translator = None
+        if self.cache is not None:
+            self.translator = Translator(self.dim, self.cache.d_t).to(self.device)
+        from ultralytics.utils.torch_utils import ModelEMA
+
+        self.ema = ModelEMA(self.model)
+        groups = _param_groups(self.model, cfg.lr_student, cfg.weight_decay)
+        for g in groups:
+            g["name"] = "student"
+        if self.translator is not None:
+            for g in _param_groups(self.translator, cfg.lr_translator, cfg.weight_decay):
+                g["name"] = "translator"
+                groups.append(g)
+        self.optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999))
+        self.steps = {"student": 0, "translator": 0}
+        self.history: list[dict[str, Any]] = []
+        self.start_epoch = 0
+        if resume_state is not None:
+            self.ema.ema.load_state_dict(resume_state["ema"])
+            self.ema.updates = resume_state["ema_updates"]
+            if self.translator is not None:
+                self.translator.load_state_dict(resume_state["translator"])
+            self.optimizer.load_state_dict(resume_state["optimizer"])
+            self.steps = dict(resume_state["steps"])
+            self.history = list(resume_state["history"])
+            self.start_epoch = int(resume_state["epoch"]) + 1
+        self.view_yaml = write_yolo_view(ds, self.out / "yolo_view") if self.val_items else None
+        self.n_batches = math.ceil(len(self.train_items) / cfg.batch)
+        self.warmup_steps = max(int(cfg.warmup_epochs * self.n_batches), 1)
+
+    def _initial_student(self, build_student):
+        cfg = self.cfg
+        spec = cfg.model
+        if spec.endswith(".ckpt"):  # a previous mocha-edge run (e.g. the base stage)
+            state = load_checkpoint(spec)
+            if [state["names"][i] for i in range(len(state["names"]))] != self.names:
+                raise TrainError(f"{spec}: trained for classes {state['names']}, this dataset has {self.names}")
+            from ultralytics.nn.tasks import DetectionModel
+
+            model = DetectionModel(state["student_yaml"], nc=self.k, verbose=False)
+            model.load_state_dict(state["ema"])
+            model.names = dict(enumerate(self.names))
+            return model
+        if cfg.stage == "distill" and spec.endswith((".yaml", ".yml")):
+            self.log(f"note: distilling into an untrained {spec}; usually --model is a trained base detector")
+        return build_student(spec, self.names)
+
+    # ----------------------------------------------------------------------------- data
+    def _loader(self, epoch: int, items, rows, augment: bool, shuffle: bool):
+        from ultralytics.data.build import seed_worker
+
+        from mocha_edge.student import make_yolo_dataset
+
+        dataset = make_yolo_dataset(
+            items, rows, self.names, self.cfg.imgsz, self.hyp, augment=augment, batch=self.cfg.batch,
+            stride=int(max(self.strides)),
+        )  # fmt: skip
+        if augment and self.cfg.close_mosaic and epoch >= self.cfg.epochs - self.cfg.close_mosaic:
+            dataset.close_mosaic(hyp=self.hyp)
+        g = torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch)
+        return torch.utils.data.DataLoader(
+            dataset, batch_size=self.cfg.batch, shuffle=shuffle, num_workers=self.cfg.workers,
+            collate_fn=dataset.collate_fn, worker_init_fn=seed_worker, generator=g, drop_last=False,
+            pin_memory=self.device.type == "cuda", persistent_workers=False,
+        )  # fmt: skip
+
+    # ----------------------------------------------------------------------------- one step
+    def _object_vectors(self, feats, batch, valid: torch.Tensor) -> torch.Tensor:
+        from mocha_edge.models.pooling import box_mean_pool
+
+        h, w = batch["img"].shape[2:]
+        xywh = batch["bboxes"][valid].to(self.device).float()
+        scale = torch.tensor([w, h, w, h], device=self.device, dtype=torch.float32)
+        xyxy = torch.cat([xywh[:, :2] - xywh[:, 2:] / 2, xywh[:, :2] + xywh[:, 2:] / 2], 1) * scale
+        return box_mean_pool(feats, xyxy, batch["batch_idx"][valid].to(self.device), self.strides)
+
+    def _distill_losses(self, feats, batch, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        from mocha_edge.losses import local_alignment_loss, relational_loss
+
+        valid = rows >= 0
+        zero = torch.zeros((), device=self.device)
+        if int(valid.sum()) == 0:
+            return {"dist": zero, "emb": zero, "cos": zero}
+        v = self._object_vectors(feats, batch, valid)
+        t = self.targets[rows[valid].cpu()].to(self.device)
+        s = self.translator(v)
+        w = None
+        if self.focus is not None:
+            m = self.focus[rows[valid].cpu()].to(self.device)
+            w = 0.5 + 0.5 * m / m.mean().clamp(min=1e-12)
+        emb_src = s if self.cfg.emb_on == "translated" else v
+        return {
+            "dist": local_alignment_loss(s, t, w),
+            "emb": relational_loss(emb_src, t, self.cfg.tau),
+            "cos": torch.nn.functional.cosine_similarity(s.detach(), t, dim=1).mean(),
+        }
+
+    def _set_lr(self, epoch: int, i: int) -> dict[str, float]:
+        cfg = self.cfg
+        progress = (epoch + i / self.n_batches) / cfg.epochs
+        f = cfg.lrf + (1 - cfg.lrf) * 0.5 * (1 + math.cos(math.pi * progress))
+        out = {}
+        for g in self.optimizer.param_groups:
+            warm = min(1.0, (self.steps[g["name"]] + 1) / self.warmup_steps)
+            g["lr"] = g["initial_lr"] * f * warm
+            out[g["name"]] = g["lr"]
+        return out
+
+    def _epoch(self, epoch: int) -> dict[str, Any]:
+        from tqdm import tqdm
+
+        from mocha_edge.student import decode_cls
+
+        cfg = self.cfg
+        student_on = cfg.student_trains(epoch)
+        distill_on = self.translator is not None
+        _seed_all(cfg.seed * 100_003 + epoch)
+        loader = self._loader(epoch, self.train_items, self.train_rows, augment=True, shuffle=True)
+        self.model.train() if student_on else self.model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(student_on)
+        if self.translator is not None:
+            self.translator.train()
+        sums: dict[str, float] = {}
+        n = 0
+        lrs: dict[str, float] = {}
+        what = ("student+translator" if distill_on else "student") if student_on else "translator"
+        bar = tqdm(loader, disable=not self.progress, desc=f"epoch {epoch + 1}/{cfg.epochs} [{what}]", unit="batch")
+        for i, batch in enumerate(bar):
+            lrs = self._set_lr(epoch, i)
+            coarse, rows = decode_cls(batch["cls"], self.k)
+            img = batch["img"].to(self.device, non_blocking=True).float() / 255.0
+            loss = torch.zeros((), device=self.device)
+            parts: dict[str, float] = {}
+            try:
+                if student_on:
+                    preds = _head_preds(self.model(img))
+                    det_batch = {
+                        "batch_idx": batch["batch_idx"].to(self.device),
+                        "cls": coarse.float().view(-1, 1).to(self.device),
+                        "bboxes": batch["bboxes"].to(self.device).float(),
+                    }
+                    det, det_items = self.criterion(preds, det_batch)
+                    loss = loss + det.sum()
+                    items = list(det_items.values()) if isinstance(det_items, dict) else list(det_items)
+                    for name, v in zip(("box", "cls", "dfl"), items):
+                        parts[f"loss_{name}"] = float(v)
+                    parts["loss_det"] = float(det.detach().sum()) / img.shape[0]
+                else:
+                    with torch.no_grad():
+                        preds = _head_preds(self.model(img))
+                if distill_on:
+                    d = self._distill_losses(preds["feats"], batch, rows)
+                    bs = img.shape[0]  # same per-batch scaling as ultralytics' detection loss
+                    loss = loss + bs * (cfg.lambda_dist * d["dist"] + cfg.lambda_emb * d["emb"])
+                    parts.update(loss_dist=float(d["dist"].detach()), loss_emb=float(d["emb"].detach()), train_cos=float(d["cos"]))
+                if not torch.isfinite(loss):
+                    raise TrainError(
+                        f"loss became {float(loss)} at epoch {epoch + 1}, batch {i + 1} "
+                        f"({', '.join(f'{k}={v:.4g}' for k, v in parts.items())}); stopped. "
+                        f"Last good checkpoint kept: {self.ckpt_path if self.ckpt_path.exists() else 'none yet'}"
+                    )
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+                torch.nn.utils.clip_grad_norm_(params, max_norm=10.0)
+                self.optimizer.step()
+            except torch.cuda.OutOfMemoryError:
+                raise TrainError(
+                    f"CUDA out of memory at --batch {cfg.batch}, --imgsz {cfg.imgsz}; retry with --batch {max(cfg.batch // 2, 1)}"
+                ) from None
+            if student_on:
+                self.ema.update(self.model)
+                self.steps["student"] += 1
+            if distill_on:
+                self.steps["translator"] += 1
+            n += 1
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v
+            bar.set_postfix({k: f"{sums[k] / n:.3f}" for k in ("loss_det", "loss_dist", "loss_emb") if k in sums})
+        bar.close()
+        for p in self.model.parameters():
+            p.requires_grad_(True)
+        row = {"epoch": epoch + 1, "student_trained": int(student_on), "distill": int(distill_on)}
+        row.update({k: v / max(n, 1) for k, v in sums.items()})
+        row.update({f"lr_{k}": v for k, v in lrs.items()})
+        return row
+
+    # ----------------------------------------------------------------------------- evaluation
+    def evaluate(self) -> dict[str, float]:
+        """Val detection mAP50/mAP50-95 of the EMA student; mean cosine translator(student) vs teacher."""
+        out: dict[str, float] = {}
+        if self.view_yaml is None:
+            return out
+        import logging
+
+        from ultralytics.models.yolo.detect import DetectionValidator
+        from ultralytics.utils import LOGGER
+
+        model = deepcopy(self.ema.ema).float().eval()
+        args = {
+            "data": str(self.view_yaml), "imgsz": self.cfg.imgsz, "batch": self.cfg.batch, "device": self.cfg.device,
+            "plots": False, "verbose": False, "save_json": False, "split": "val", "workers": 0,
+        }  # fmt: skip
+        level = LOGGER.level
+        LOGGER.setLevel(logging.WARNING)
+        try:
+            stats = DetectionValidator(args=args, save_dir=self.out / "val")(model=model)
+        finally:
+            LOGGER.setLevel(level)
+        out["val_map50"] = 100.0 * float(stats.get("metrics/mAP50(B)", 0.0))
+        out["val_map50_95"] = 100.0 * float(stats.get("metrics/mAP50-95(B)", 0.0))
+        if self.translator is not None:
+            out["val_align_cos"] = self.alignment_cosine()
+        return out
+
+    @torch.no_grad()
+    def alignment_cosine(self) -> float:
+        """Mean cosine between translated EMA-student vectors and teacher targets over val boxes (no augmentation)."""
+        rows = []
+        for it in self.val_items:
+            r = np.full(len(it.boxes), -1, np.int64)
+            for j, box in enumerate(it.boxes):
+                if int(it.instance[j]) not in self.ds.novel_instances:
+                    found = self.cache.index_of(it.content_hash, box)
+                    r[j] = -1 if found is None else found
+            rows.append(r)
+        loader = self._loader(0, self.val_items, rows, augment=False, shuffle=False)
+        from mocha_edge.student import decode_cls
+
+        model = self.ema.ema.eval()
+        self.translator.eval()
+        cos = []
+        for batch in loader:
+            _, r = decode_cls(batch["cls"], self.k)
+            valid = r >= 0
+            if not valid.any():
+                continue
+            img = batch["img"].to(self.device).float() / 255.0
+            feats = _head_preds(model(img))["feats"]
+            s = self.translator(self._object_vectors(feats, batch, valid))
+            t = self.targets[r[valid]].to(self.device)
+            cos.append(torch.nn.functional.cosine_similarity(s, t, dim=1).cpu())
+        self.translator.train()
+        return float(torch.cat(cos).mean()) if cos else float("nan")
+
+    # ----------------------------------------------------------------------------- outputs
+    def _state(self, epoch: int) -> dict[str, Any]:
+        cfg = self.cfg
+        teacher = None
+        if self.cache is not None:
+            m = self.cache.meta
+            teacher = {k: m[k] for k in ("teacher", "teacher_fingerprint", "dataset_fingerprint", "d_t")}
+            teacher["cache"] = str(Path(cfg.teacher_cache).resolve())
+        return {
+            "format": CKPT_FORMAT,
+            "epoch": epoch,
+            "config": asdict(cfg),
+            "names": dict(enumerate(self.names)),
+            "student_yaml": self.model.yaml,
+            "student": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "ema": {k: v.detach().cpu() for k, v in self.ema.ema.state_dict().items()},
+            "ema_updates": int(self.ema.updates),
+            "translator": None if self.translator is None else self.translator.state_dict(),
+            "translator_cfg": None if self.translator is None else self.translator.config(),
+            "optimizer": self.optimizer.state_dict(),
+            "steps": dict(self.steps),
+            "history": self.history,
+            "pca": None
+            if self.cache is None
+            else {
+                "mean": torch.from_numpy(self.cache.pca.mean),
+                "components": torch.from_numpy(self.cache.pca.components),
+                "scale": torch.from_numpy(self.cache.pca.scale),
+            },
+            "teacher": teacher,
+            "vector": {"dim": self.dim, "channels": self.channels, "strides": self.strides, "pooling": POOLING},
+            "preprocess": {"imgsz": cfg.imgsz, "letterbox": True, "pad_value": 114, "scale": 1 / 255, "channels": "RGB"},
+            "dataset_fingerprint": self.ds_fingerprint,
+        }
+
+    def _save(self, epoch: int) -> None:
+        from mocha_edge.student import save_ultralytics_checkpoint
+
+        with atomic_path(self.ckpt_path) as tmp:
+            torch.save(self._state(epoch), tmp)
+        save_ultralytics_checkpoint(self.ema.ema, self.student_path, {"imgsz": self.cfg.imgsz, "data": self.cfg.data})
+        self._write_metrics()
+
+    def _write_metrics(self) -> None:
+        keys: list[str] = []
+        for r in self.history:
+            keys += [k for k in r if k not in keys]
+        with atomic_path(self.out / "metrics.csv") as tmp, open(tmp, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=keys)
+            w.writeheader()
+            w.writerows(self.history)
+        plot_metrics(self.history, self.out / "metrics.png")
+
+    # ----------------------------------------------------------------------------- run
+    def run(self, resume: bool = False) -> TrainResult:
+        cfg = self.cfg
+        state = None
+        if resume:
+            if not self.ckpt_path.is_file():
+                raise TrainError(f"{self.ckpt_path}: nothing to resume (no checkpoint in {self.out})")
+            state = load_checkpoint(self.ckpt_path)
+            saved = TrainConfig(**state["config"])
+            if saved.epochs != cfg.epochs:
+                saved.epochs = cfg.epochs  # allow extending a finished run
+            self.cfg = cfg = saved
+        elif self.ckpt_path.exists():
+            raise TrainError(f"{self.out} already holds a run; pass --resume to continue it or choose another --out")
+        self.out.mkdir(parents=True, exist_ok=True)
+        _seed_all(cfg.seed)
+        self._setup(state)
+        if state is None:
+            write_json_atomic(self.out / "config.json", asdict(cfg))
+            _memory_check(self.model, cfg, self.log)
+            first = {"epoch": 0, **self.evaluate()}  # before any training: the reference point
+            self.history.append(first)
+            self.log(_fmt_row(first))
+        else:
+            self.log(f"resuming {self.out} after epoch {self.start_epoch} of {cfg.epochs}")
+        for epoch in range(self.start_epoch, cfg.epochs):
+            t0 = time.perf_counter()
+            if not cfg.student_trains(epoch) and self.translator is None:
+                continue  # baseline: the distilled run's translator-only epochs are no-ops here
+            row = self._epoch(epoch)
+            if (epoch + 1) % cfg.val_every == 0 or epoch == cfg.epochs - 1:
+                row.update(self.evaluate())
+            row["seconds"] = time.perf_counter() - t0
+            self.history.append(row)
+            self.log(_fmt_row(row))
+            self._save(epoch)
+        if not self.student_path.exists():
+            self._save(cfg.epochs - 1)
+        return TrainResult(self.out, self.ckpt_path, self.student_path, self.history)
+
+
+def _fmt_row(row: dict[str, Any]) -> str:
+    keys = ("loss_det", "loss_dist", "loss_emb", "val_map50", "val_map50_95", "val_align_cos", "seconds")
+    return f"epoch {row['epoch']}: " + ", ".join(f"{k}={row[k]:.4g}" for k in keys if k in row)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a mocha-edge training checkpoint (tensors and plain types only: ``weights_only=True``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise TrainError(f"{path}: checkpoint not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise TrainError(f"{path}: unreadable checkpoint ({str(e).splitlines()[0]})") from None
+    if not isinstance(state, dict) or state.get("format") != CKPT_FORMAT:
+        raise TrainError(f"{path}: not a mocha-edge training checkpoint")
+    return state
+
+
+def plot_metrics(history: list[dict[str, Any]], dest: Path) -> None:
+    """Losses and val metrics per epoch as a PNG (matplotlib, Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [
+        ("losses", ["loss_det", "loss_dist", "loss_emb"]),
+        ("val detection mAP (points)", ["val_map50", "val_map50_95"]),
+        ("val alignment cosine", ["val_align_cos"]),
+    ]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6))
+    for ax, (title, keys) in zip(axes, panels):
+        for k in keys:
+            pts = [(r["epoch"], r[k]) for r in history if k in r and r[k] == r[k]]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=k)
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        if ax.lines:
+            ax.legend()
+    fig.tight_layout()
+    with atomic_path(dest) as tmp:
+        fig.savefig(tmp, format="png", dpi=90)
+    plt.close(fig)
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log: Callable[[str], None] = print) -> TrainResult:
+    """Train (or resume) according to ``cfg``; see :class:`Trainer`."""
+    return Trainer(cfg, progress=progress, log=log).run(resume=resume)
+
+
+__all__ = ["TrainConfig", "TrainError", "TrainResult", "Trainer", "load_checkpoint", "train"]
