@@ -197,6 +197,117 @@ def teach(
     )
 
 
+# ------------------------------------------------------------------------------------------------ train
+def _parse_hyp(values: tuple[str, ...]) -> dict:
+    import yaml
+
+    out = {}
+    for v in values:
+        if "=" not in v:
+            raise click.BadParameter(
+                f"{v!r}: expected key=value (an ultralytics hyperparameter, e.g. mosaic=0.5)"
+            )
+        k, val = v.split("=", 1)
+        out[k.strip()] = yaml.safe_load(val)
+    return out
+
+
+@cli.command()
+@click.option("--data", "dataset", type=click.Path(path_type=Path), help="Dataset (YAML/JSON/folder).")
+@click.option(
+    "--out", required=True, type=click.Path(path_type=Path), help="Run folder (checkpoints, metrics)."
+)
+@click.option(
+    "--model",
+    default="yolov8n.yaml",
+    show_default=True,
+    help="Student: ultralytics .yaml or .pt, or a mocha-edge .ckpt (e.g. the base stage's last.ckpt).",
+)
+@click.option(
+    "--stage",
+    type=click.Choice(["base", "distill"]),
+    default="distill",
+    show_default=True,
+    help="base: coarse detector; distill: MOCHA distillation (default).",
+)
+@click.option(
+    "--teacher-cache", type=click.Path(path_type=Path), help="Targets from `mocha-edge teach` (distill)."
+)
+@click.option(
+    "--distill/--no-distill",
+    default=True,
+    show_default=True,
+    help="--no-distill trains the baseline: same run without the teacher terms.",
+)
+@click.option("--epochs", type=int, default=None, help="[default: 20; with --resume: the saved run's]")
+@click.option("--imgsz", default=640, show_default=True)
+@click.option("--batch", default=16, show_default=True)
+@click.option("--workers", default=2, show_default=True, help="Data-loading processes.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option(
+    "--schedule",
+    type=click.Choice(["published", "joint"]),
+    default="published",
+    show_default=True,
+    help="published: translator every epoch, student every --student-every-th; joint: both every epoch.",
+)
+@click.option("--student-every", default=4, show_default=True)
+@click.option("--lr-student", type=float, default=None, help="[default: 1e-3 base, 1e-4 distill]")
+@click.option("--lr-translator", default=1e-3, show_default=True)
+@click.option("--lambda-dist", default=1.0, show_default=True, help="Weight of L_dist (local alignment).")
+@click.option("--lambda-emb", default=1.0, show_default=True, help="Weight of L_emb (relational).")
+@click.option("--tau", default=1.0, show_default=True, help="Temperature of L_emb.")
+@click.option(
+    "--emb-on",
+    type=click.Choice(["translated", "student"]),
+    default="translated",
+    show_default=True,
+    help="Which student vectors L_emb compares with the teacher's.",
+)
+@click.option("--focus-weighting", is_flag=True, help="Align-KD: weight L_dist by each box's LLaVA focus.")
+@click.option("--close-mosaic", default=0, show_default=True, help="Turn mosaic off for the last N epochs.")
+@click.option("--hyp", multiple=True, help="ultralytics augmentation override, key=value (repeatable).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def train(dataset: Path | None, out: Path, model: str, stage: str, teacher_cache: Path | None, distill: bool,
+          epochs: int | None, imgsz: int, batch: int, workers: int, device: str, seed: int, schedule: str,
+          student_every: int, lr_student: float | None, lr_translator: float, lambda_dist: float,
+          lambda_emb: float, tau: float, emb_on: str, focus_weighting: bool, close_mosaic: int,
+          hyp: tuple[str, ...], resume: bool, quiet: bool) -> None:  # fmt: skip
+    """Train the coarse base detector, the MOCHA-distilled student, or its plain baseline.
+
+    Writes DIR/last.ckpt (student + translator + PCA + config, every epoch, atomically), DIR/student.pt
+    (a plain ultralytics checkpoint), DIR/metrics.csv and DIR/metrics.png.
+
+    \b
+    Examples:
+      mocha-edge train --stage base --data data/synth --out runs/base --epochs 30 --imgsz 256
+      mocha-edge train --data data/synth --model runs/base/last.ckpt \\
+          --teacher-cache data/synth/teacher.safetensors --out runs/distill --imgsz 256
+      mocha-edge train --data data/synth --model runs/base/last.ckpt --no-distill --out runs/baseline --imgsz 256
+      mocha-edge train --out runs/distill --resume
+    """
+    from mocha_edge.train import TrainConfig
+    from mocha_edge.train import train as run_train
+
+    if dataset is None and not resume:
+        raise click.UsageError("--data is required (except with --resume)")
+    cfg = TrainConfig(
+        data=str(dataset) if dataset else "", out=str(out), model=model, stage=stage,
+        distill=distill, teacher_cache=str(teacher_cache) if teacher_cache else None, epochs=epochs or 20,
+        imgsz=imgsz, batch=batch, workers=workers, device=device, seed=seed, schedule=schedule,
+        student_every=student_every, lr_student=lr_student, lr_translator=lr_translator,
+        lambda_dist=lambda_dist, lambda_emb=lambda_emb, tau=tau, emb_on=emb_on,
+        focus_weighting=focus_weighting, close_mosaic=close_mosaic, hyp=_parse_hyp(hyp),
+    )  # fmt: skip
+    res = run_train(cfg, resume=resume, progress=not quiet, log=click.echo, epochs=epochs)
+    last = res.history[-1] if res.history else {}
+    click.echo(f"checkpoint: {res.checkpoint}\nultralytics student: {res.student}")
+    if "val_map50" in last:
+        click.echo(f"val mAP50 {last['val_map50']:.1f}, mAP50-95 {last.get('val_map50_95', 0):.1f}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
     cli.main(args=argv, prog_name="mocha-edge")

@@ -48,7 +48,9 @@ def build_student(spec: str | Path, names: list[str], verbose: bool = False) -> 
         try:
             model = DetectionModel(spec, nc=nc, verbose=verbose)
         except FileNotFoundError:
-            raise StudentError(f"{spec}: no such model config (ultralytics names like yolov8n.yaml also work)") from None
+            raise StudentError(
+                f"{spec}: no such model config (ultralytics names like yolov8n.yaml also work)"
+            ) from None
     elif spec.endswith(".pt"):
         if not Path(spec).is_file():
             raise StudentError(f"{spec}: checkpoint not found (no download at run time: pass a local .pt)")
@@ -77,7 +79,9 @@ def set_loss_args(model: torch.nn.Module, overrides: dict[str, Any] | None = Non
     return cfg
 
 
-def save_ultralytics_checkpoint(model: torch.nn.Module, path: str | Path, train_args: dict | None = None) -> None:
+def save_ultralytics_checkpoint(
+    model: torch.nn.Module, path: str | Path, train_args: dict | None = None
+) -> None:
     """Write ``model`` as a plain ultralytics checkpoint (``YOLO(path)`` and every ``yolo`` tool load it)."""
     from copy import deepcopy
     from datetime import datetime
@@ -135,7 +139,10 @@ def _yolo_dataset_class():
             for it, rows in zip(self._items, self._rows):
                 w, h = image_size(it.path)
                 b = it.boxes.astype(np.float32)
-                xywh = np.stack([(b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2, b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]], 1)
+                xywh = np.stack(
+                    [(b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2, b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]],
+                    1,
+                )
                 labels.append(
                     {
                         "im_file": str(it.path),
@@ -211,7 +218,9 @@ def write_yolo_view(ds: Dataset, out: str | Path, splits: tuple[str, ...] = ("tr
                 f"{c} {(x1 + x2) / 2:.6f} {(y1 + y2) / 2:.6f} {x2 - x1:.6f} {y2 - y1:.6f}"
                 for c, (x1, y1, x2, y2) in zip(it.cls.tolist(), b.tolist())
             ]
-            (out / split / "labels" / (Path(name).stem + ".txt")).write_text("\n".join(lines) + ("\n" if lines else ""))
+            (out / split / "labels" / (Path(name).stem + ".txt")).write_text(
+                "\n".join(lines) + ("\n" if lines else "")
+            )
         entries[split] = f"{split}/images"
     cfg = {"path": str(out.resolve()), **entries, "names": dict(enumerate(ds.names))}
     if "val" not in cfg:

@@ -64,7 +64,9 @@ class TrainConfig:
     emb_on: str = "translated"  # translated | student: which vectors L_emb compares with the teacher's
     focus_weighting: bool = False
     close_mosaic: int = 0
-    hyp: dict[str, Any] = field(default_factory=dict)  # ultralytics augmentation overrides (mosaic=..., fliplr=...)
+    hyp: dict[str, Any] = field(
+        default_factory=dict
+    )  # ultralytics augmentation overrides (mosaic=..., fliplr=...)
     val_every: int = 1
 
     def __post_init__(self) -> None:
@@ -120,7 +122,9 @@ def _param_groups(model: torch.nn.Module, lr: float, wd: float) -> list[dict[str
     decay, no_decay = [], []
     for module in model.modules():
         for name, p in module.named_parameters(recurse=False):
-            if name == "bias" or isinstance(module, torch.nn.modules.batchnorm._NormBase | torch.nn.LayerNorm):
+            if name == "bias" or isinstance(
+                module, torch.nn.modules.batchnorm._NormBase | torch.nn.LayerNorm
+            ):
                 no_decay.append(p)
             else:
                 decay.append(p)
@@ -194,7 +198,9 @@ class Trainer:
             from mocha_edge.cache import TeacherCache
 
             if not cfg.teacher_cache:
-                raise TrainError("distillation needs --teacher-cache (from `mocha-edge teach`), or pass --no-distill")
+                raise TrainError(
+                    "distillation needs --teacher-cache (from `mocha-edge teach`), or pass --no-distill"
+                )
             self.cache = TeacherCache.load(cfg.teacher_cache)
             self.cache.check(dataset_fingerprint=self.ds_fingerprint)
             if resume_state and resume_state.get("teacher"):
@@ -224,7 +230,9 @@ class Trainer:
                         rows[j] = r
             self.train_rows.append(rows)
         if missing:
-            raise TrainError(f"{cfg.teacher_cache}: no target for {missing} training boxes; rebuild it with `mocha-edge teach`")
+            raise TrainError(
+                f"{cfg.teacher_cache}: no target for {missing} training boxes; rebuild it with `mocha-edge teach`"
+            )
         self.val_items = ds.items("val")
 
         # student (+ translator)
@@ -278,7 +286,9 @@ class Trainer:
         if spec.endswith(".ckpt"):  # a previous mocha-edge run (e.g. the base stage)
             state = load_checkpoint(spec)
             if [state["names"][i] for i in range(len(state["names"]))] != self.names:
-                raise TrainError(f"{spec}: trained for classes {state['names']}, this dataset has {self.names}")
+                raise TrainError(
+                    f"{spec}: trained for classes {state['names']}, this dataset has {self.names}"
+                )
             from ultralytics.nn.tasks import DetectionModel
 
             model = DetectionModel(state["student_yaml"], nc=self.k, verbose=False)
@@ -369,7 +379,9 @@ class Trainer:
         n = 0
         lrs: dict[str, float] = {}
         what = ("student+translator" if distill_on else "student") if student_on else "translator"
-        bar = tqdm(loader, disable=not self.progress, desc=f"epoch {epoch + 1}/{cfg.epochs} [{what}]", unit="batch")
+        bar = tqdm(
+            loader, disable=not self.progress, desc=f"epoch {epoch + 1}/{cfg.epochs} [{what}]", unit="batch"
+        )
         for i, batch in enumerate(bar):
             lrs = self._set_lr(epoch, i)
             coarse, rows = decode_cls(batch["cls"], self.k)
@@ -397,10 +409,14 @@ class Trainer:
                     d = self._distill_losses(preds["feats"], batch, rows)
                     bs = img.shape[0]  # same per-batch scaling as ultralytics' detection loss
                     loss = loss + bs * (cfg.lambda_dist * d["dist"] + cfg.lambda_emb * d["emb"])
-                    parts.update(loss_dist=float(d["dist"].detach()), loss_emb=float(d["emb"].detach()), train_cos=float(d["cos"]))
+                    parts.update(
+                        loss_dist=float(d["dist"].detach()),
+                        loss_emb=float(d["emb"].detach()),
+                        train_cos=float(d["cos"]),
+                    )
                 if not torch.isfinite(loss):
                     raise TrainError(
-                        f"loss became {float(loss)} at epoch {epoch + 1}, batch {i + 1} "
+                        f"loss became {float(loss.detach())} at epoch {epoch + 1}, batch {i + 1} "
                         f"({', '.join(f'{k}={v:.4g}' for k, v in parts.items())}); stopped. "
                         f"Last good checkpoint kept: {self.ckpt_path if self.ckpt_path.exists() else 'none yet'}"
                     )
@@ -421,7 +437,9 @@ class Trainer:
             n += 1
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v
-            bar.set_postfix({k: f"{sums[k] / n:.3f}" for k in ("loss_det", "loss_dist", "loss_emb") if k in sums})
+            bar.set_postfix(
+                {k: f"{sums[k] / n:.3f}" for k in ("loss_det", "loss_dist", "loss_emb") if k in sums}
+            )
         bar.close()
         for p in self.model.parameters():
             p.requires_grad_(True)
@@ -518,8 +536,19 @@ class Trainer:
                 "scale": torch.from_numpy(self.cache.pca.scale),
             },
             "teacher": teacher,
-            "vector": {"dim": self.dim, "channels": self.channels, "strides": self.strides, "pooling": POOLING},
-            "preprocess": {"imgsz": cfg.imgsz, "letterbox": True, "pad_value": 114, "scale": 1 / 255, "channels": "RGB"},
+            "vector": {
+                "dim": self.dim,
+                "channels": self.channels,
+                "strides": self.strides,
+                "pooling": POOLING,
+            },
+            "preprocess": {
+                "imgsz": cfg.imgsz,
+                "letterbox": True,
+                "pad_value": 114,
+                "scale": 1 / 255,
+                "channels": "RGB",
+            },
             "dataset_fingerprint": self.ds_fingerprint,
         }
 
@@ -528,7 +557,9 @@ class Trainer:
 
         with atomic_path(self.ckpt_path) as tmp:
             torch.save(self._state(epoch), tmp)
-        save_ultralytics_checkpoint(self.ema.ema, self.student_path, {"imgsz": self.cfg.imgsz, "data": self.cfg.data})
+        save_ultralytics_checkpoint(
+            self.ema.ema, self.student_path, {"imgsz": self.cfg.imgsz, "data": self.cfg.data}
+        )
         self._write_metrics()
 
     def _write_metrics(self) -> None:
@@ -542,7 +573,9 @@ class Trainer:
         plot_metrics(self.history, self.out / "metrics.png")
 
     # ----------------------------------------------------------------------------- run
-    def run(self, resume: bool = False) -> TrainResult:
+    def run(self, resume: bool = False, epochs: int | None = None) -> TrainResult:
+        """Train from scratch, or (``resume``) continue the run in ``out`` with its saved config;
+        ``epochs`` may extend a resumed run."""
         cfg = self.cfg
         state = None
         if resume:
@@ -550,11 +583,13 @@ class Trainer:
                 raise TrainError(f"{self.ckpt_path}: nothing to resume (no checkpoint in {self.out})")
             state = load_checkpoint(self.ckpt_path)
             saved = TrainConfig(**state["config"])
-            if saved.epochs != cfg.epochs:
-                saved.epochs = cfg.epochs  # allow extending a finished run
+            if epochs:
+                saved.epochs = epochs  # extend (or shorten) the resumed run
             self.cfg = cfg = saved
         elif self.ckpt_path.exists():
-            raise TrainError(f"{self.out} already holds a run; pass --resume to continue it or choose another --out")
+            raise TrainError(
+                f"{self.out} already holds a run; pass --resume to continue it or choose another --out"
+            )
         self.out.mkdir(parents=True, exist_ok=True)
         _seed_all(cfg.seed)
         self._setup(state)
@@ -629,9 +664,15 @@ def plot_metrics(history: list[dict[str, Any]], dest: Path) -> None:
     plt.close(fig)
 
 
-def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log: Callable[[str], None] = print) -> TrainResult:
+def train(
+    cfg: TrainConfig,
+    resume: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    epochs: int | None = None,
+) -> TrainResult:
     """Train (or resume) according to ``cfg``; see :class:`Trainer`."""
-    return Trainer(cfg, progress=progress, log=log).run(resume=resume)
+    return Trainer(cfg, progress=progress, log=log).run(resume=resume, epochs=epochs)
 
 
 __all__ = ["TrainConfig", "TrainError", "TrainResult", "Trainer", "load_checkpoint", "train"]

@@ -66,3 +66,21 @@ def synth_copy(synth_small: Path, tmp_path: Path) -> Path:
     dst = tmp_path / "bench"
     shutil.copytree(synth_small.parent, dst)
     return dst / synth_small.name
+
+
+@pytest.fixture(scope="session")
+def synth_cache(synth_small: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Builtin-teacher targets for the small benchmark (teacher trained briefly; d_t = 32)."""
+    from mocha_edge.data import load_dataset
+    from mocha_edge.teach import teach
+    from mocha_edge.teachers import get_teacher
+
+    out = tmp_path_factory.mktemp("cache") / "teacher.safetensors"
+    teach(
+        load_dataset(synth_small),
+        get_teacher("builtin", epochs=2, progress=False),
+        out,
+        d_t=32,
+        progress=False,
+    )
+    return out
