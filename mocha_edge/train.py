@@ -67,7 +67,7 @@ class TrainConfig:
     hyp: dict[str, Any] = field(
         default_factory=dict
     )  # ultralytics augmentation overrides (mosaic=..., fliplr=...)
-    val_every: int = 1
+    val_every: int = 1  # validate every N epochs (and after the last); 0 = never
 
     def __post_init__(self) -> None:
         if self.stage not in ("base", "distill"):
@@ -596,7 +596,10 @@ class Trainer:
         if state is None:
             write_json_atomic(self.out / "config.json", asdict(cfg))
             _memory_check(self.model, cfg, self.log)
-            first = {"epoch": 0, **self.evaluate()}  # before any training: the reference point
+            first = {
+                "epoch": 0,
+                **(self.evaluate() if cfg.val_every > 0 else {}),
+            }  # before training: reference
             self.history.append(first)
             self.log(_fmt_row(first))
         else:
@@ -606,7 +609,7 @@ class Trainer:
             if not cfg.student_trains(epoch) and self.translator is None:
                 continue  # baseline: the distilled run's translator-only epochs are no-ops here
             row = self._epoch(epoch)
-            if (epoch + 1) % cfg.val_every == 0 or epoch == cfg.epochs - 1:
+            if cfg.val_every > 0 and ((epoch + 1) % cfg.val_every == 0 or epoch == cfg.epochs - 1):
                 row.update(self.evaluate())
             row["seconds"] = time.perf_counter() - t0
             self.history.append(row)
