@@ -160,10 +160,13 @@ def data_synth(
 @click.option(
     "--max-new-tokens", type=int, default=None, help="LLaVA: tokens generated per crop [default: 300]."
 )
+@click.option("--focus", is_flag=True, help="Align-KD: also store each box's share of LLaVA's text-to-image "
+              "attention focus (for train --focus-weighting).")  # fmt: skip
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def teach(
     teacher_name: str, dataset: Path, out: Path, model: str | None, clip_model: str | None, d_t: int,
-    pca_decay: bool, batch: int, chunk: int, device: str, fp16: bool | None, max_new_tokens: int | None, quiet: bool,
+    pca_decay: bool, batch: int, chunk: int, device: str, fp16: bool | None, max_new_tokens: int | None,
+    focus: bool, quiet: bool,
 ) -> None:  # fmt: skip
     """Compute a frozen teacher's target for every ground-truth box of --data and cache it in --out.
 
@@ -175,6 +178,7 @@ def teach(
       mocha-edge teach --teacher builtin --data data/synth/dataset.yaml --out data/synth/teacher.safetensors
       mocha-edge teach --teacher llava+clip --model llava-hf/llava-1.5-7b-hf \\
           --clip-model openai/clip-vit-base-patch32 --data my.yaml --out cache.safetensors --device cuda
+      mocha-edge teach --teacher llava --focus --data my.yaml --out cache.safetensors --device cuda
     """
     from mocha_edge.data import load_dataset
     from mocha_edge.teach import teach as run_teach
@@ -187,13 +191,14 @@ def teach(
         opts["progress"] = not quiet
     teacher = get_teacher(teacher_name, **opts)
     res = run_teach(ds, teacher, out, d_t=d_t, batch=batch, chunk_images=chunk, pca_decay=pca_decay,
-                    progress=not quiet, log=click.echo)  # fmt: skip
+                    focus=focus, progress=not quiet, log=click.echo)  # fmt: skip
     for p in res.skipped_images:
         click.echo(f"warning: {p} (skipped)")
     c = res.cache
     click.echo(
         f"cache: {out} — {len(c)} boxes, teacher={c.meta['teacher']} (dim {c.meta['teacher_dim']}), "
         f"d_t={c.d_t}, {res.computed_chunks} chunks computed, {res.resumed_chunks} resumed, {res.seconds:.1f} s"
+        + (", with focus masses" if "focus" in c.extras else "")
     )
 
 
@@ -306,6 +311,66 @@ def train(dataset: Path | None, out: Path, model: str, stage: str, teacher_cache
     click.echo(f"checkpoint: {res.checkpoint}\nultralytics student: {res.student}")
     if "val_map50" in last:
         click.echo(f"val mAP50 {last['val_map50']:.1f}, mAP50-95 {last.get('val_map50_95', 0):.1f}")
+
+
+# ------------------------------------------------------------------------------------------------ enroll
+@cli.command()
+@click.argument("model", required=False, type=click.Path(path_type=Path))
+@click.option("--bank", required=True, type=click.Path(path_type=Path),
+              help="Prototype bank file (.safetensors); created when missing.")  # fmt: skip
+@click.option("--name", help="Identity to enrol (not with --episode: names come from the dataset).")
+@click.option("--image", "images", multiple=True, type=click.Path(path_type=Path),
+              help="Support image (repeatable); its box from --box, else from its YOLO label file.")  # fmt: skip
+@click.option("--box", "boxes", multiple=True, help="x1,y1,x2,y2 in pixels, one per --image, in order.")
+@click.option("--label-index", type=int, help="Row (0-based) of a label file with several boxes.")
+@click.option("--boxes-json", type=click.Path(path_type=Path),
+              help='JSON list of {"image": path, "box": [x1,y1,x2,y2], "class": name}.')  # fmt: skip
+@click.option("--episode", type=click.Path(path_type=Path),
+              help="MOCHA-layout dataset: enrol every identity of one episode's support images.")  # fmt: skip
+@click.option("--episode-index", default=0, show_default=True, help="Which episode of --episode.")
+@click.option("--shots", default=1, show_default=True, help="Episode file to use with --episode (K-shot).")
+@click.option("--class", "coarse", default=None,
+              help="Coarse class name (default: from the label, else the student's detection).")  # fmt: skip
+@click.option("--add-shots", is_flag=True, help="Append shots to an already enrolled identity.")
+@click.option("--replace", is_flag=True, help="Overwrite an already enrolled identity.")
+@click.option("--remove", metavar="NAME", help="Delete identity NAME (no images; MODEL optional).")
+@click.option("--list", "list_", is_flag=True, help="Print the bank (after any edit); MODEL optional.")
+@click.option("--keep-translator", is_flag=True, help="Enrol in the translator's (teacher) space.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1 ...")
+def enroll(model: Path | None, bank: Path, name: str | None, images: tuple[Path, ...], boxes: tuple[str, ...],
+           label_index: int | None, boxes_json: Path | None, episode: Path | None, episode_index: int,
+           shots: int, coarse: str | None, add_shots: bool, replace: bool, remove: str | None, list_: bool,
+           keep_translator: bool, device: str) -> None:  # fmt: skip
+    """Enrol personal objects into the prototype bank --bank, with vectors of the student MODEL (.ckpt/.pt).
+
+    Support boxes come from --box, YOLO label files, --boxes-json or a MOCHA --episode. A name already in
+    the bank needs --add-shots or --replace. A bank made by another model or vector size is refused. The
+    bank is written atomically, only after every support image was read.
+
+    \b
+    Examples:
+      mocha-edge enroll runs/distill/last.ckpt --bank my.bank --name my_mug --class mug \\
+          --image mug1.jpg --box 40,30,180,200 --image mug2.jpg --box 12,8,150,170
+      mocha-edge enroll runs/distill/last.ckpt --bank my.bank --name my_mug --add-shots --image photos/images/m3.jpg
+      mocha-edge enroll runs/distill/last.ckpt --bank ep0.bank --episode data/synth --shots 5 --episode-index 0
+      mocha-edge enroll --bank my.bank --remove my_mug --list
+    """
+    from mocha_edge.enroll import enroll as run_enroll
+    from mocha_edge.enroll import list_bank
+
+    if remove is not None or name or images or boxes or boxes_json or episode:
+        summary = run_enroll(
+            model, bank, name=name, images=images, boxes=boxes, label_index=label_index, boxes_json=boxes_json,
+            episode=episode, episode_index=episode_index, shots=shots, cls=coarse, add_shots=add_shots,
+            replace=replace, remove=remove, keep_translator=keep_translator, device=device,
+        )  # fmt: skip
+        for line in summary.lines():
+            click.echo(line)
+    elif not list_:
+        raise click.UsageError("nothing to do: give --image, --boxes-json, --episode, --remove or --list")
+    if list_:
+        for line in list_bank(bank):
+            click.echo(line)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,6 +3,9 @@
 Work is split into chunks of images; each finished chunk is written atomically as a shard in
 ``<cache>.partial/``, so a killed run resumes where it stopped. When every chunk is done, PCA is fitted
 on the *training* split's base-instance rows only and the cache is written atomically in one file.
+
+``focus=True`` (LLaVA teachers) also stores each box's Align-KD focus mass (``teacher.box_focus``) as the
+cache extra ``focus``; an otherwise up-to-date cache without it gets it added without recomputing targets.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import numpy as np
 from mocha_edge.cache import CACHE_FORMAT, TeacherCache, fit_pca, hash_to_bytes
 from mocha_edge.data.dataset import Dataset, ImageItem, Problem
 from mocha_edge.data.images import ImageReadError, read_rgb
-from mocha_edge.errors import CacheError, DataError
+from mocha_edge.errors import CacheError, DataError, TeacherError
 from mocha_edge.teachers.base import Teacher
 from mocha_edge.utils import atomic_path, text_hash, write_json_atomic
 
@@ -66,11 +69,19 @@ def teach(
     batch: int = 32,
     chunk_images: int = 64,
     pca_decay: bool = False,
+    focus: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> TeachResult:
-    """Compute (or resume, or reuse) the teacher cache for every box of every split of ``ds``."""
+    """Compute (or resume, or reuse) the teacher cache for every box of every split of ``ds``.
+
+    ``focus``: also store each box's Align-KD focus mass (needs a teacher with ``box_focus``: llava,
+    llava+clip). A cache with focus is reused when focus is not asked for.
+    """
     t0 = time.perf_counter()
+    if focus and not callable(getattr(teacher, "box_focus", None)):
+        raise TeacherError(f"--focus needs a LLaVA teacher (llava or llava+clip), not {teacher.name}")
+    focus_recipe = str(getattr(teacher, "focus_recipe", "")) if focus else ""
     out = Path(out)
     partial = out.with_name(out.name + ".partial")
     teacher.prepare(ds, out.with_name(out.stem + ".teacher"))
@@ -84,8 +95,12 @@ def teach(
             old = TeacherCache.load(out)
             old.check(dataset_fingerprint=ds_fp, teacher_fingerprint=teacher.fingerprint)
             if old.meta.get("d_t_requested") == str(d_t) and old.meta.get("pca_decay") == str(pca_decay):
-                log(f"cache up to date: {out} ({len(old)} boxes, d_t={old.d_t})")
-                return TeachResult(old, 0, 0, [], time.perf_counter() - t0, up_to_date=True)
+                if not focus or _has_focus(old, focus_recipe):
+                    log(f"cache up to date: {out} ({len(old)} boxes, d_t={old.d_t})")
+                    return TeachResult(old, 0, 0, [], time.perf_counter() - t0, up_to_date=True)
+                log(f"adding focus masses to {out} (its teacher targets are up to date)")
+                cache = _add_focus(ds, teacher, old, items, out, progress=progress)
+                return TeachResult(cache, 0, 0, [], time.perf_counter() - t0)
         except CacheError as e:
             log(f"rebuilding {out}: {e}")
 
@@ -97,6 +112,8 @@ def teach(
         "chunk_images": chunk_images,
         "chunks": len(chunks),
     }
+    if focus:
+        state["focus"] = focus_recipe
     state_file = partial / "state.json"
     if partial.is_dir():
         try:
@@ -104,7 +121,7 @@ def teach(
         except (OSError, json.JSONDecodeError):
             prev = None
         if prev != state:
-            log(f"discarding {partial}: it was made for another teacher, dataset or chunking")
+            log(f"discarding {partial}: it was made for another teacher, dataset, chunking or focus setting")
             shutil.rmtree(partial)
     partial.mkdir(parents=True, exist_ok=True)
     write_json_atomic(state_file, state)
@@ -122,12 +139,14 @@ def teach(
     pool = ThreadPoolExecutor(4)
     try:
         for i in todo:
-            _compute_chunk(chunks[i], ds, teacher, batch, pool, shard_path(i), bar)
+            _compute_chunk(chunks[i], ds, teacher, batch, pool, shard_path(i), bar, focus=focus)
     finally:
         pool.shutdown()
         bar.close()
 
-    cache = _merge(ds, teacher, chunks, shard_path, out, d_t=d_t, pca_decay=pca_decay, ds_fp=ds_fp, log=log)
+    cache = _merge(
+        ds, teacher, chunks, shard_path, out, d_t=d_t, pca_decay=pca_decay, ds_fp=ds_fp, focus=focus, log=log
+    )
     skipped = _skipped(chunks, shard_path)
     shutil.rmtree(partial, ignore_errors=True)
     return TeachResult(cache, len(todo), len(done), skipped, time.perf_counter() - t0)
@@ -147,6 +166,8 @@ def _compute_chunk(
     pool: ThreadPoolExecutor,
     dest: Path,
     bar,
+    *,
+    focus: bool = False,
 ) -> None:
     from safetensors.numpy import save_file
 
@@ -156,13 +177,15 @@ def _compute_chunk(
         except ImageReadError as e:
             return None, str(e)
 
-    crops, names, rows, skipped = [], [], [], []
+    crops, names, rows, skipped, focus_parts = [], [], [], [], []
     for it, (img, err) in zip(items, pool.map(load, items)):
         if img is None:
             skipped.append([str(it.path), err])
             bar.write(f"warning: {it.path}: {err}; skipped")
             bar.update(len(it.boxes))
             continue
+        if focus:
+            focus_parts.append(_image_focus(teacher, ds, it, img))
         for j, box in enumerate(it.boxes):
             crops.append(crop_box(img, box))
             names.append(ds.names[int(it.cls[j])])
@@ -193,6 +216,8 @@ def _compute_chunk(
         "instance": np.asarray([it.instance[j] for it, j in rows], np.int64),
         "box_index": np.asarray([j for _, j in rows], np.int64),
     }
+    if focus:
+        tensors["focus"] = np.concatenate(focus_parts) if focus_parts else np.zeros(0, np.float32)
     meta = {
         "splits": json.dumps([it.split for it, _ in rows]),
         "images": text_hash(*[str(it.path) for it in items]),
@@ -200,6 +225,59 @@ def _compute_chunk(
     }
     with atomic_path(dest) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
+
+
+def _image_focus(teacher: Teacher, ds: Dataset, it: ImageItem, img: np.ndarray) -> np.ndarray:
+    """``teacher.box_focus`` for every box of one image, checked: ``(n,)`` finite float32 in [0, 1]."""
+    names = [ds.names[int(c)] for c in it.cls]
+    m = np.asarray(teacher.box_focus(img, it.boxes, names), np.float32)  # type: ignore[attr-defined]
+    if m.shape != (len(it.boxes),) or not np.isfinite(m).all():
+        raise CacheError(
+            f"teacher {teacher.name} gave focus masses of shape {m.shape} (or NaN/inf) for {it.path}, "
+            f"expected ({len(it.boxes)},) finite values"
+        )
+    return m
+
+
+def _has_focus(cache: TeacherCache, recipe: str) -> bool:
+    return "focus" in cache.extras and cache.meta.get("teacher_focus_recipe") == recipe
+
+
+def _add_focus(
+    ds: Dataset, teacher: Teacher, old: TeacherCache, items: list[ImageItem], out: Path, *, progress: bool
+) -> TeacherCache:
+    """Rewrite an up-to-date cache with (new) focus masses; every row must be found, else :class:`CacheError`."""
+    from safetensors.numpy import load_file, save_file
+
+    focus = np.full(len(old), np.nan, np.float32)
+    bar = _progress(sum(len(it.boxes) for it in items), progress, f"focus[{teacher.name}]")
+    try:
+        for it in items:
+            rows = [old.index_of(it.content_hash, box) for box in it.boxes]
+            if any(r is not None for r in rows):
+                try:
+                    img = read_rgb(it.path)
+                except ImageReadError as e:
+                    raise CacheError(f"{it.path}: {e}") from None
+                for r, m in zip(rows, _image_focus(teacher, ds, it, img)):
+                    if r is not None:
+                        focus[r] = m
+            bar.update(len(it.boxes))
+    finally:
+        bar.close()
+    if np.isnan(focus).any():
+        raise CacheError(f"{int(np.isnan(focus).sum())} cached boxes were not found in the dataset")
+    tensors = load_file(str(old.path))
+    tensors["extra.focus"] = focus
+    meta = {**old.meta, **_focus_meta(teacher)}
+    with atomic_path(out) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+    return TeacherCache.load(out)
+
+
+def _focus_meta(teacher: Teacher) -> dict[str, str]:
+    desc = teacher.describe(focus=True)  # type: ignore[call-arg]
+    return {"focus": "True", **{k: str(v) for k, v in desc.items() if k.startswith("teacher_focus")}}
 
 
 def _read_shard(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -220,7 +298,9 @@ def _skipped(chunks, shard_path) -> list[Problem]:
     return out
 
 
-def _merge(ds, teacher, chunks, shard_path, out: Path, *, d_t, pca_decay, ds_fp, log) -> TeacherCache:
+def _merge(
+    ds, teacher, chunks, shard_path, out: Path, *, d_t, pca_decay, ds_fp, focus: bool = False, log
+) -> TeacherCache:
     from safetensors.numpy import save_file
 
     parts, splits = [], []
@@ -230,6 +310,10 @@ def _merge(ds, teacher, chunks, shard_path, out: Path, *, d_t, pca_decay, ds_fp,
             raise CacheError(
                 f"{shard_path(i)}: shard does not match the dataset's images; delete it and rerun"
             )
+        if focus and "focus" not in t:
+            raise CacheError(f"{shard_path(i)}: shard has no focus masses; delete it and rerun")
+        if not focus:
+            t.pop("focus", None)
         parts.append(t)
         splits += json.loads(meta["splits"])
     cat = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
@@ -269,6 +353,8 @@ def _merge(ds, teacher, chunks, shard_path, out: Path, *, d_t, pca_decay, ds_fp,
         "pca_scale": pca.scale,
         "pca_explained_variance": pca.explained_variance,
     }
+    if focus:
+        tensors["extra.focus"] = cat["focus"].astype(np.float32)
     meta = {
         "format": CACHE_FORMAT,
         **{k: str(v) for k, v in teacher.describe().items()},
@@ -285,6 +371,8 @@ def _merge(ds, teacher, chunks, shard_path, out: Path, *, d_t, pca_decay, ds_fp,
         "boxes": str(len(raw)),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    if focus:
+        meta.update(_focus_meta(teacher))
     with atomic_path(out) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
     return TeacherCache.load(out)

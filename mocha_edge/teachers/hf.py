@@ -9,12 +9,17 @@ LLaVA vector ``h``: greedy decoding (``do_sample=False, num_beams=1``) of up to 
 generated token ``t`` -- step 0 is the last prompt position, step ``t > 0`` the position of generated token
 ``t - 1``. Steps after a sample's first EOS are masked; the step that emitted EOS is kept, so a sample that stops
 at once still averages one step. Prompts are left-padded so one batch gives the same vectors as single crops.
+
+Align-KD focus (optional, :meth:`LlavaTeacher.box_focus`): each box's share of LLaVA's first-layer attention
+from a "Where is the {cls}?" query to the image tokens of the whole (square-padded) image.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -38,6 +43,13 @@ CROP_RESAMPLE = "PIL bicubic, square (aspect ratio not kept)"
 #: Bump when the pooling / prompt assembly changes, so old caches become stale.
 _LLAVA_RECIPE = "llava-v1:greedy:mean-last-layer-per-generated-step:mask-after-first-eos:left-pad"
 _CLIP_RECIPE = "clip-v1:get_image_features:l2-normalised"
+#: Align-KD focus query, asked in the same chat format as the teacher prompt; ``{cls}`` = coarse class name.
+FOCUS_QUERY = "Where is the {cls}?"
+#: Bump when the focus computation changes, so caches with an old focus map get it recomputed.
+_FOCUS_RECIPE = (
+    "focus-v1:pad-square-mean-colour:one-forward-per-class:layer0-eager-attention:"
+    "text-after-image->image-tokens:mean-heads-and-rows:sum-1:box-cell-overlap-fraction"
+)
 
 _WEIGHT_SUFFIXES = (
     ".safetensors",
@@ -235,6 +247,44 @@ def pool_generated_hidden_states(
     return mean, counts.long()
 
 
+# ------------------------------------------------------------------------------------------------ Align-KD focus
+class _StopForward(Exception):
+    """Raised by the first-layer attention hook: nothing after that layer is needed for the focus map."""
+
+
+def pad_to_square(image: np.ndarray) -> tuple[np.ndarray, int, int]:
+    """Centre an HWC image on a square canvas filled with its mean colour: ``(canvas, x offset, y offset)``."""
+    h, w = image.shape[:2]
+    side = max(h, w)
+    if h == w:
+        return image, 0, 0
+    x0, y0 = (side - w) // 2, (side - h) // 2
+    fill = np.rint(image.reshape(-1, image.shape[2]).mean(axis=0)).astype(image.dtype)
+    canvas = np.empty((side, side, image.shape[2]), image.dtype)
+    canvas[...] = fill
+    canvas[y0 : y0 + h, x0 : x0 + w] = image
+    return canvas, x0, y0
+
+
+def box_mass(grid: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """Mass of a ``(gh, gw)`` map inside each normalised ``xyxy`` box (rows of ``grid`` = y).
+
+    Every cell counts with the fraction of its area the box covers, so a box over the whole map gets
+    ``grid.sum()``. Returns ``(n,)`` float64.
+    """
+    grid = np.asarray(grid, np.float64)
+    b = np.clip(np.asarray(boxes, np.float64).reshape(-1, 4), 0.0, 1.0)
+
+    def cover(lo: np.ndarray, hi: np.ndarray, cells: int) -> np.ndarray:  # (n, cells) covered cell fractions
+        edges = np.arange(cells + 1) / cells
+        return (
+            np.clip(np.minimum(hi[:, None], edges[1:]) - np.maximum(lo[:, None], edges[:-1]), 0, None) * cells
+        )
+
+    gh, gw = grid.shape
+    return np.einsum("ny,yx,nx->n", cover(b[:, 1], b[:, 3], gh), grid, cover(b[:, 0], b[:, 2], gw))
+
+
 def _as_id_list(value: Any) -> list[int]:
     if value is None:
         return []
@@ -314,7 +364,8 @@ class LlavaTeacher(Teacher):
             f"dtype={self.dtype}",
         )
 
-    def describe(self) -> dict[str, str]:
+    def describe(self, *, focus: bool = False) -> dict[str, str]:
+        """Cache-header facts; ``focus=True`` adds the recipe of :meth:`box_focus` (when the cache stores it)."""
         out = super().describe()
         out.update(
             teacher_model=self.model_spec,
@@ -325,11 +376,20 @@ class LlavaTeacher(Teacher):
             teacher_dtype=str(self.dtype).replace("torch.", ""),
             teacher_crop_size=f"{self.crop_size} ({CROP_RESAMPLE})",
         )
+        if focus:
+            out["teacher_focus_recipe"] = self.focus_recipe
         return out
+
+    @property
+    def focus_recipe(self) -> str:
+        """Identity of the :meth:`box_focus` computation (stored in caches that hold focus masses)."""
+        return f"{_FOCUS_RECIPE}:query={FOCUS_QUERY}"
 
     def prompt_text(self, class_name: str) -> str:
         """The full LLaVA-1.5 conversation for one crop ("USER: <image>\\n... ASSISTANT:")."""
-        question = self.prompt.replace("{cls}", str(class_name))
+        return self._conversation(self.prompt.replace("{cls}", str(class_name)))
+
+    def _conversation(self, question: str) -> str:
         if self._use_chat_template:
             conversation = [
                 {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}
@@ -375,6 +435,122 @@ class LlavaTeacher(Teacher):
             row[:n].tolist() for row, n in zip(generated.cpu(), self.last_token_counts)
         ]
         return vectors.cpu().numpy().astype(np.float32)
+
+    # -------------------------------------------------------------------------------------- Align-KD focus
+    def box_focus(self, image: np.ndarray, boxes: np.ndarray, class_names: list[str]) -> np.ndarray:
+        """Each box's share of LLaVA's text-to-image attention focus: ``(n,)`` float32 masses in [0, 1].
+
+        ``image`` is the full RGB uint8 HWC image, ``boxes`` ``(n, 4)`` normalised xyxy, ``class_names`` one
+        coarse class name per box. The image is padded to a square (centred, filled with its mean colour), so
+        the processor's resize / centre crop is a plain resize and boxes map linearly onto the vision grid.
+        For each distinct class name, :meth:`focus_map` gives a ``g x g`` map (sums to 1) from ONE forward pass
+        with the query :data:`FOCUS_QUERY`; the box's mass ``m_i`` is the sum of the cells its padded-image box
+        overlaps, each weighted by the fraction of the cell it covers (so a box over the whole padded image
+        gets 1). Deterministic: no sampling, no generation.
+        """
+        boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+        if len(boxes) != len(class_names):
+            raise TeacherError(f"box_focus() got {len(boxes)} boxes but {len(class_names)} class names")
+        arr = np.asarray(crop_to_pil(image, 0))  # validates, converts gray / RGBA to RGB
+        if len(boxes) == 0:
+            return np.zeros(0, np.float32)
+        square, x0, y0 = pad_to_square(arr)
+        h, w = arr.shape[:2]
+        side = square.shape[0]
+        scale = np.array([w, h, w, h], np.float64) / side
+        padded = boxes * scale + np.array([x0, y0, x0, y0], np.float64) / side
+        pil = Image.fromarray(square)
+        out = np.zeros(len(boxes), np.float64)
+        names = [str(n) for n in class_names]
+        for name in sorted(set(names)):
+            sel = np.array([n == name for n in names])
+            out[sel] = box_mass(self._square_focus_map(pil, name), padded[sel])
+        return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+    def focus_map(self, image: np.ndarray, class_name: str) -> np.ndarray:
+        """The ``(g, g)`` float32 focus map (sums to 1) of ``image`` padded to a square, for one class query.
+
+        One forward pass of LLaVA with the padded image and :data:`FOCUS_QUERY` in the teacher's chat format;
+        the first language-model layer's (eager) attention from the text tokens after the image tokens to the
+        image tokens, averaged over heads and those text rows, reshaped to the vision grid (``g² =`` number of
+        image tokens, 24 x 24 for LLaVA-1.5), normalised to sum 1. The pass stops after that layer.
+        """
+        square, _, _ = pad_to_square(np.asarray(crop_to_pil(image, 0)))
+        return self._square_focus_map(Image.fromarray(square), str(class_name))
+
+    def _square_focus_map(self, image: Image.Image, class_name: str) -> np.ndarray:
+        text = self._conversation(FOCUS_QUERY.replace("{cls}", class_name))
+        inputs = self._processor(images=[image], text=[text], return_tensors="pt")
+        ids = inputs["input_ids"][0]
+        cfg = self._model.config
+        image_id = getattr(cfg, "image_token_id", None)
+        image_id = getattr(cfg, "image_token_index", None) if image_id is None else image_id
+        pos = (ids == int(image_id)).nonzero().flatten().tolist()
+        n_img = len(pos)
+        g = math.isqrt(n_img)
+        if n_img == 0 or g * g != n_img or pos[-1] - pos[0] + 1 != n_img:
+            raise TeacherError(
+                f"focus needs one square block of image tokens; the prompt has {n_img} (not a g x g grid "
+                "in one block: LLaVA-1.5 style models only)"
+            )
+        first, last = pos[0], pos[-1]
+        if last + 1 >= len(ids):
+            raise TeacherError("focus needs text tokens after the image tokens in the prompt")
+        inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        captured: list[torch.Tensor | None] = []
+
+        def grab(module: torch.nn.Module, args: Any, output: Any) -> None:
+            captured.append(output[1] if isinstance(output, tuple) and len(output) > 1 else None)
+            raise _StopForward
+
+        hook = self._first_attention().register_forward_hook(grab)
+        try:
+            with self._eager_text_attention(), torch.inference_mode():
+                self._model(**inputs, use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            hook.remove()
+        weights = captured[0] if captured else None
+        if weights is None:
+            raise TeacherError("the first LLaVA language-model layer returned no attention weights")
+        rows = weights[0, :, last + 1 :, first : last + 1].float().mean(dim=(0, 1))  # (n_img,)
+        total = float(rows.sum())
+        if not math.isfinite(total) or total <= 0:
+            raise TeacherError(f"LLaVA gave no attention mass to the image tokens (sum {total})")
+        return (rows / total).reshape(g, g).cpu().numpy().astype(np.float32)
+
+    def _first_attention(self) -> torch.nn.Module:
+        decoder = self._model.get_decoder() if hasattr(self._model, "get_decoder") else None
+        layers = getattr(decoder, "layers", None)
+        attn = getattr(layers[0], "self_attn", None) if layers else None
+        if attn is None:
+            raise TeacherError(
+                "focus: cannot find the first language-model attention layer of this LLaVA model"
+            )
+        return attn
+
+    @contextlib.contextmanager
+    def _eager_text_attention(self) -> Iterator[None]:
+        """Switch the language model to eager attention (the only one that returns weights), then back."""
+        text_cfg = self._model.config.text_config
+        previous = text_cfg._attn_implementation
+        if previous == "eager":
+            yield
+            return
+        self._set_text_attention("eager")
+        try:
+            yield
+        finally:
+            self._set_text_attention(previous)
+
+    def _set_text_attention(self, implementation: str | None) -> None:
+        setter = getattr(self._model, "set_attn_implementation", None)
+        if setter is not None:
+            setter({"text_config": implementation})
+        else:  # older transformers: the attention modules read the (shared) text config at call time
+            self._model.config.text_config._attn_implementation = implementation
 
 
 @register("clip")
@@ -470,9 +646,9 @@ class LlavaClipTeacher(Teacher):
     def fingerprint(self) -> str:
         return text_hash(self.name, "fusion=[h;|h|z]", self.llava.fingerprint, self.clip.fingerprint)
 
-    def describe(self) -> dict[str, str]:
+    def describe(self, *, focus: bool = False) -> dict[str, str]:
         out = super().describe()
-        for key, value in self.llava.describe().items():
+        for key, value in self.llava.describe(focus=focus).items():
             if key not in ("teacher", "teacher_fingerprint", "teacher_dim"):
                 out[key] = value
         out.update(
@@ -488,15 +664,30 @@ class LlavaClipTeacher(Teacher):
         norms = np.linalg.norm(h, axis=1, keepdims=True)
         return np.concatenate([h, norms * z], axis=1).astype(np.float32)
 
+    @property
+    def focus_recipe(self) -> str:
+        return self.llava.focus_recipe
+
+    def box_focus(self, image: np.ndarray, boxes: np.ndarray, class_names: list[str]) -> np.ndarray:
+        """The LLaVA part's :meth:`LlavaTeacher.box_focus`."""
+        return self.llava.box_focus(image, boxes, class_names)
+
+    def focus_map(self, image: np.ndarray, class_name: str) -> np.ndarray:
+        """The LLaVA part's :meth:`LlavaTeacher.focus_map`."""
+        return self.llava.focus_map(image, class_name)
+
 
 __all__ = [
     "CROP_RESAMPLE",
     "DEFAULT_CLIP",
     "DEFAULT_LLAVA",
     "DEFAULT_PROMPT",
+    "FOCUS_QUERY",
     "ClipTeacher",
     "LlavaClipTeacher",
     "LlavaTeacher",
+    "box_mass",
     "crop_to_pil",
+    "pad_to_square",
     "pool_generated_hidden_states",
 ]
