@@ -23,7 +23,9 @@ class Translator(nn.Module):
         self.norm_in = nn.BatchNorm1d(d_in)  # learnable per-channel normalisation
         self.attn = nn.MultiheadAttention(d_in, heads, batch_first=True)
         self.ln1 = nn.LayerNorm(d_in)
-        self.ffn = nn.Sequential(nn.Linear(d_in, expansion * d_in), nn.GELU(), nn.Linear(expansion * d_in, d_in))
+        self.ffn = nn.Sequential(
+            nn.Linear(d_in, expansion * d_in), nn.GELU(), nn.Linear(expansion * d_in, d_in)
+        )
         self.ln2 = nn.LayerNorm(d_in)
         self.proj = nn.Linear(d_in, d_out)
 
