@@ -72,13 +72,17 @@ def _student_views(
 
     items = {it.path: it for it in ds.items()}
     sup: dict[tuple[Path, int], np.ndarray] = {}
-    for p in sorted(support):
-        it = items[p]
-        img = read_bgr(p)
-        h, w = img.shape[:2]
-        boxes = it.boxes * np.array([w, h, w, h], np.float32)
-        for j, v in enumerate(student.embed(img, boxes)):
-            sup[(p, j)] = v
+    sup_paths = sorted(support)
+    for s in range(0, len(sup_paths), 16):
+        chunk = sup_paths[s : s + 16]
+        imgs = [read_bgr(p) for p in chunk]
+        boxes = [
+            items[p].boxes * np.array([im.shape[1], im.shape[0]] * 2, np.float32)
+            for p, im in zip(chunk, imgs)
+        ]
+        for p, vecs in zip(chunk, student.embed_batch(imgs, boxes)):
+            for j, v in enumerate(vecs):
+                sup[(p, j)] = v
     qry = {}
     paths = sorted(query)
     for s in range(0, len(paths), 16):
@@ -117,18 +121,29 @@ def _teacher_views(cache, ds: Dataset, support: set[Path], query: set[Path]) -> 
         for j, r in enumerate(rows(items[p])):
             sup[(p, j)] = vecs[r]
     qry = {}
-    from PIL import Image
-
+    gt_px = _gt_pixels(ds, query)
     for p in sorted(query):
         it = items[p]
-        w, h = Image.open(p).size
         r = rows(it)
-        qry[p] = (it.boxes * np.array([w, h, w, h], np.float32), np.ones(len(r), np.float32), it.cls.copy(),
+        qry[p] = (gt_px[p], np.ones(len(r), np.float32), it.cls.copy(),
                   vecs[r] if r else np.zeros((0, vecs.shape[1]), np.float32))  # fmt: skip
     return Views(sup, qry)
 
 
-def _episode_map(ds: Dataset, ep: Episode, views: Views, mode: str) -> tuple[float, float]:
+def _gt_pixels(ds: Dataset, paths: set[Path]) -> dict[Path, np.ndarray]:
+    from mocha_edge.data.images import image_size
+
+    items = {it.path: it for it in ds.items()}
+    out = {}
+    for p in paths:
+        w, h = image_size(p)
+        out[p] = items[p].boxes * np.array([w, h, w, h], np.float32)
+    return out
+
+
+def _episode_map(
+    ds: Dataset, ep: Episode, views: Views, mode: str, gt_px: dict[Path, np.ndarray]
+) -> tuple[float, float]:
     from ultralytics.engine.validator import BaseValidator
     from ultralytics.utils.metrics import ap_per_class, box_iou
 
@@ -146,10 +161,7 @@ def _episode_map(ds: Dataset, ep: Episode, views: Views, mode: str) -> tuple[flo
     for p in ep.query:
         it = items[p]
         boxes, scores, cls, vecs = views.query[p]
-        from PIL import Image
-
-        w, h = Image.open(p).size
-        gt = torch.from_numpy(it.boxes * np.array([w, h, w, h], np.float32))
+        gt = torch.from_numpy(gt_px[p])
         gt_ids = torch.from_numpy(it.instance.astype(np.int64))
         tcls.append(it.instance.astype(np.int64))
         if len(scores) == 0:
@@ -226,11 +238,12 @@ def evaluate(
     if teacher_cache is not None:
         views["teacher"] = _teacher_views(teacher_cache, ds, support, query)
 
+    gt_px = _gt_pixels(ds, query)
     results = []
     for name, v in views.items():
         for mode in matches:
             for k, eps in episodes.items():
-                m = np.asarray([_episode_map(ds, ep, v, mode) for ep in eps])
+                m = np.asarray([_episode_map(ds, ep, v, mode, gt_px) for ep in eps])
                 results.append(
                     {
                         "model": name, "match": mode, "shots": k, "episodes": len(eps),

@@ -198,14 +198,22 @@ class Student:
     @torch.no_grad()
     def embed(self, image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
         """Object vectors of given boxes (xyxy in the BGR image's pixels), e.g. enrolment support boxes."""
-        rgb, r, (left, top) = self.letterbox(image)
-        _, feats = self._forward(self._tensor([rgb]))
-        b = torch.as_tensor(np.asarray(boxes, np.float32).reshape(-1, 4), device=self.device).clone()
-        b[:, [0, 2]] = b[:, [0, 2]] * r + left
-        b[:, [1, 3]] = b[:, [1, 3]] * r + top
-        return (
-            self._vectors(feats, b, torch.zeros(len(b), dtype=torch.long, device=self.device)).cpu().numpy()
-        )
+        return self.embed_batch([image], [boxes])[0]
+
+    @torch.no_grad()
+    def embed_batch(self, images: list[np.ndarray], boxes: list[np.ndarray]) -> list[np.ndarray]:
+        """:meth:`embed` for several images in one forward pass."""
+        lbs = [self.letterbox(im) for im in images]
+        _, feats = self._forward(self._tensor([lb[0] for lb in lbs]))
+        all_b, all_i = [], []
+        for i, ((_, r, (left, top)), bx) in enumerate(zip(lbs, boxes)):
+            b = torch.as_tensor(np.asarray(bx, np.float32).reshape(-1, 4), device=self.device).clone()
+            b[:, [0, 2]] = b[:, [0, 2]] * r + left
+            b[:, [1, 3]] = b[:, [1, 3]] * r + top
+            all_b.append(b)
+            all_i.append(torch.full((len(b),), i, dtype=torch.long, device=self.device))
+        v = self._vectors(feats, torch.cat(all_b), torch.cat(all_i)).cpu().numpy()
+        return list(np.split(v, np.cumsum([len(b) for b in all_b])[:-1]))
 
     def describe(self) -> dict[str, Any]:
         return {"source": self.source, "fingerprint": self.fingerprint, "dim": self.dim, "imgsz": self.imgsz,

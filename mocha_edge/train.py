@@ -211,7 +211,14 @@ class Trainer:
                     f"{cfg.teacher_cache}: no focus map in this cache; build it with a LLaVA teacher and "
                     "`mocha-edge teach --focus`, or drop --focus-weighting"
                 )
-            self.targets = torch.from_numpy(self.cache.targets).float()
+            # Targets are standardised to unit RMS per dimension (one scalar, fitted on the rows the PCA
+            # was fitted on): PCA outputs of unit-norm teacher vectors are ~1/sqrt(d_t) per dimension, which
+            # would leave MSE+L1 satisfied by predicting zeros. The scalar is stored in the checkpoint.
+            tgt = self.cache.targets
+            fit_rows = [r for rows in self._cache_rows(ds) for r in rows if r >= 0]
+            rms = float(np.sqrt(np.mean(tgt[fit_rows] ** 2))) if fit_rows else 1.0
+            self.target_scale = 1.0 / max(rms, 1e-12)
+            self.targets = torch.from_numpy(tgt).float() * self.target_scale
             self.focus = torch.from_numpy(self.cache.extras["focus"]).float() if cfg.focus_weighting else None
         novel = self.ds.novel_instances
         self.train_items = [it for it in ds.items("train")]
@@ -279,6 +286,26 @@ class Trainer:
         self.view_yaml = write_yolo_view(ds, self.out / "yolo_view") if self.val_items else None
         self.n_batches = math.ceil(len(self.train_items) / cfg.batch)
         self.warmup_steps = max(int(cfg.warmup_epochs * self.n_batches), 1)
+
+    def _cache_rows(self, ds) -> list[np.ndarray]:
+        """Cache row of every training box (-1 for novel instances, which never contribute teacher knowledge)."""
+        out, missing = [], 0
+        for it in ds.items("train"):
+            rows = np.full(len(it.boxes), -1, np.int64)
+            for j, box in enumerate(it.boxes):
+                if int(it.instance[j]) in ds.novel_instances:
+                    continue
+                r = self.cache.index_of(it.content_hash, box)
+                if r is None:
+                    missing += 1
+                else:
+                    rows[j] = r
+            out.append(rows)
+        if missing:
+            raise TrainError(
+                f"{self.cfg.teacher_cache}: no target for {missing} training boxes; rebuild it with `mocha-edge teach`"
+            )
+        return out
 
     def _initial_student(self, build_student):
         cfg = self.cfg
@@ -536,6 +563,7 @@ class Trainer:
                 "scale": torch.from_numpy(self.cache.pca.scale),
             },
             "teacher": teacher,
+            "target_scale": getattr(self, "target_scale", 1.0),
             "vector": {
                 "dim": self.dim,
                 "channels": self.channels,
