@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from mocha_edge.data.readers import label_path
 from mocha_edge.prototypes import BankError, PrototypeBank
 
 if TYPE_CHECKING:
@@ -102,16 +103,6 @@ def supports_from_boxes(
         Support(Path(im), parse_box(b, str(im)), cls, where=str(im))
         for im, b in zip(images, boxes, strict=True)
     ]
-
-
-def label_path(image: Path) -> Path:
-    """ultralytics' convention: the last ``images`` folder of the path becomes ``labels``, suffix ``.txt``."""
-    parts = list(image.parts)
-    for i in range(len(parts) - 2, -1, -1):
-        if parts[i] == "images":
-            parts[i] = "labels"
-            return Path(*parts).with_suffix(".txt")
-    return image.with_suffix(".txt")
 
 
 def support_from_label(image: Path, index: int | None = None) -> Support:

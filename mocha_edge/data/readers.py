@@ -112,7 +112,7 @@ def _root(yaml_path: Path, cfg: dict[str, Any]) -> Path:
 
 
 # --------------------------------------------------------------------------------------------- images
-def _label_path(img: Path) -> Path:
+def label_path(img: Path) -> Path:
     """ultralytics' convention: the last ``/images/`` in the path becomes ``/labels/``, suffix ``.txt``."""
     parts = list(img.parts)
     for i in range(len(parts) - 2, -1, -1):
@@ -203,7 +203,7 @@ def _read_split(
 ) -> list[ImageItem]:
     items = []
     for img in images:
-        lbl = _label_path(img)
+        lbl = label_path(img)
         if not lbl.is_file():
             problems.append(Problem(str(img), f"no label file ({lbl.name} expected in {lbl.parent})"))
             items.append(ImageItem.empty(img, split))
@@ -251,7 +251,7 @@ def _load_yolo_bare(root: Path) -> Dataset:
     max_id = -1
     for imgs in raw.values():
         for img in imgs:
-            lbl = _label_path(img)
+            lbl = label_path(img)
             if lbl.is_file():
                 for line in lbl.read_text().splitlines():
                     v = line.split()
