@@ -271,3 +271,18 @@ def test_existing_run_needs_resume(base_run: Path, synth_small: Path) -> None:
         cli, ["train", "--stage", "base", "--data", str(synth_small), "--out", str(base_run)]
     )
     assert r.exit_code != 0 and "pass --resume" in r.output
+
+
+def test_cpu_memory_estimate_warns(base_run: Path, monkeypatch) -> None:
+    import psutil
+
+    from mocha_edge.train import _memory_check
+
+    class VM:
+        available = 1  # nothing free: any batch is too big
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: VM())
+    msgs: list[str] = []
+    model = build_student("yolov8n.yaml", ["a"])
+    _memory_check(model, TrainConfig(data="x", out="y", imgsz=64, batch=512), msgs.append)
+    assert msgs and "lower --batch" in msgs[0]
