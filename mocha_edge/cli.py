@@ -262,7 +262,7 @@ def _parse_hyp(values: tuple[str, ...]) -> dict:
 @click.option("--lr-translator", default=1e-3, show_default=True)
 @click.option("--lambda-dist", default=1.0, show_default=True, help="Weight of L_dist (local alignment).")
 @click.option("--lambda-emb", default=1.0, show_default=True, help="Weight of L_emb (relational).")
-@click.option("--tau", default=1.0, show_default=True, help="Temperature of L_emb.")
+@click.option("--tau", default=0.01, show_default=True, help="Temperature of L_emb (on distances / dim).")
 @click.option(
     "--emb-on",
     type=click.Choice(["translated", "student"]),
