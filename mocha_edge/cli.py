@@ -265,8 +265,8 @@ def _parse_hyp(values: tuple[str, ...]) -> dict:
 @click.option("--tau", default=0.01, show_default=True, help="Temperature of L_emb (on distances / dim).")
 @click.option(
     "--emb-on",
-    type=click.Choice(["translated", "student"]),
-    default="translated",
+    type=click.Choice(["student", "translated"]),
+    default="student",
     show_default=True,
     help="Which student vectors L_emb compares with the teacher's.",
 )
