@@ -79,7 +79,7 @@ def test_eval_cli_schema(synth_small: Path, synth_cache: Path, tiny_student: Pat
     r = CliRunner().invoke(
         cli,
         ["eval", "--data", str(synth_small), "--model", f"baseline={tiny_student}", "--teacher-cache", str(synth_cache),
-         "--random-init", "--shots", "1,5", "--episodes", "3", "--json", str(out)],
+         "--random-init", "--shots", "1,5", "--episodes", "3", "--conf", "0.01", "--json", str(out)],
     )  # fmt: skip
     assert r.exit_code == 0, r.output
     rep = json.loads(out.read_text())
