@@ -103,3 +103,45 @@ def test_eval_refuses_data_without_instances(coco8_yaml: Path, tiny_student: Pat
         cli, ["eval", "--data", str(coco8_yaml), "--model", f"b={tiny_student}", "--episodes", "1"]
     )
     assert r.exit_code != 0 and "needs instance labels" in r.output
+
+
+def test_eval_and_enroll_on_public_mocha_layout(coco8_dir: Path, tiny_student: Path, tmp_path: Path) -> None:
+    """A PerSeg-style copy (YAML with coarse/fine names + idmap, fine-id labels, episodes.json with support
+    'train' and query 'val' basenames, no split folders) goes through `eval` and `enroll --episode`."""
+    import shutil
+
+    root = tmp_path / "PerSegLike"
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    imgs = sorted((coco8_dir / "images" / "train").glob("*.jpg")) + sorted(
+        (coco8_dir / "images" / "val").glob("*.jpg")
+    )
+    for i, img in enumerate(
+        imgs
+    ):  # 8 photos, instances 0..3 twice each; coarse = the synth model's classes 0/1
+        shutil.copy(img, root / "images" / img.name)
+        (root / "labels" / (img.stem + ".txt")).write_text(f"{i % 4} 0.5 0.5 0.5 0.5\n")
+    (root / "perseg.yaml").write_text(
+        "coarse_names:\n  0: 'mug'\n  1: 'bottle'\n  2: 'ball'\n  3: 'lamp'\n  4: 'hat'\n  5: 'kite'\n"
+        "fine_names:\n  0: 'mug_a'\n  1: 'mug_b'\n  2: 'bottle_a'\n  3: 'bottle_b'\n"
+        "idmap:\n  0: 0\n  1: 0\n  2: 1\n  3: 1\n"
+    )
+    eps = [{"train": [p.name for p in imgs[:4]], "val": [p.name for p in imgs[4:]]},
+           {"train": [p.name for p in imgs[4:]], "val": [p.name for p in imgs[:4]]}]  # fmt: skip
+    (root / "episodes.json").write_text(json.dumps(eps))
+    out = tmp_path / "e.json"
+    r = CliRunner().invoke(
+        cli, ["eval", "--data", str(root / "perseg.yaml"), "--model", f"b={tiny_student}", "--shots", "1",
+              "--episodes", "5", "--conf", "0.01", "--json", str(out)],
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    rows = json.loads(out.read_text())["results"]
+    assert {(x["match"], x["episodes"]) for x in rows} == {("conditional", 2), ("global", 2)}
+    bank = tmp_path / "b.bank"
+    r = CliRunner().invoke(
+        cli, ["enroll", str(tiny_student), "--bank", str(bank), "--episode", str(root / "perseg.yaml")]
+    )
+    assert r.exit_code == 0, r.output
+    from mocha_edge.prototypes import PrototypeBank
+
+    assert sorted(PrototypeBank.load(bank).identities) == ["bottle_a", "bottle_b", "mug_a", "mug_b"]
