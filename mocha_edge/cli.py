@@ -445,6 +445,66 @@ def eval_cmd(dataset: Path, models: tuple[str, ...], shots: str, episodes: int, 
         click.echo(f"wrote {json_out}")
 
 
+# ------------------------------------------------------------------------------------------------ export
+@cli.command("export")
+@click.argument("ckpt", type=click.Path(path_type=Path))
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["onnx"]),
+    default="onnx",
+    show_default=True,
+    help="onnx (TensorRT engines: next step of the export work).",
+)
+@click.option("--out", type=click.Path(path_type=Path), help="Output .onnx [default: beside CKPT].")
+@click.option("--batch", default=1, show_default=True)
+@click.option("--dynamic", is_flag=True, help="Dynamic batch axis.")
+@click.option(
+    "--keep-translator", is_flag=True, help="Also write translator.onnx (vectors -> teacher space)."
+)
+@click.option(
+    "--data",
+    "dataset",
+    type=click.Path(path_type=Path),
+    help="Images for the parity report (val split, or all): PyTorch vs ONNX Runtime.",
+)
+@click.option("--parity-images", default=20, show_default=True)
+def export_cmd(ckpt: Path, fmt: str, out: Path | None, batch: int, dynamic: bool, keep_translator: bool,
+               dataset: Path | None, parity_images: int) -> None:  # fmt: skip
+    """Export a trained student (translator stripped) to ONNX: raw head outputs + the three head-input
+    maps (names in mocha_edge.export.contract), simplified with onnxslim, onnx.checker-clean, opset 17,
+    with a JSON of deployment facts beside it.
+
+    \b
+    Example:
+      mocha-edge export runs/distill/last.ckpt --format onnx --data data/synth
+    """
+    from mocha_edge.export.onnx import export_onnx, export_translator, parity
+    from mocha_edge.infer import Student, read_bgr
+    from mocha_edge.utils import write_json_atomic
+
+    student = Student.load(ckpt, translator=keep_translator)
+    dest = out or ckpt.with_name(ckpt.stem + ".onnx")
+    export_onnx(student, dest, batch=batch, dynamic=dynamic)
+    click.echo(f"wrote {dest} and {dest.with_suffix('.json')}")
+    if keep_translator:
+        t = export_translator(student, dest.with_name("translator.onnx"))
+        click.echo(f"wrote {t}")
+    if dataset is not None:
+        from mocha_edge.data import load_dataset
+
+        ds = load_dataset(dataset)
+        items = ds.items("val") or ds.items()
+        imgs = [read_bgr(it.path) for it in items[:parity_images]]
+        rep = parity(Student.load(ckpt), dest, imgs)
+        write_json_atomic(dest.with_suffix(".parity.json"), rep)
+        click.echo(
+            f"parity on {rep['images']} images: max |diff| {rep['max_abs_diff']:.2e}, "
+            f"{rep['detections_equal']}/{rep['detections']} detections equal, min IoU {rep['min_box_iou']:.4f}, "
+            f"min vector cosine {rep['min_vector_cosine']:.6f}"
+        )
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
     cli.main(args=argv, prog_name="mocha-edge")

@@ -47,6 +47,18 @@ def read_bgr(path: str | Path) -> np.ndarray:
     return img
 
 
+def letterbox(bgr: np.ndarray, imgsz: int) -> tuple[np.ndarray, float, tuple[float, float]]:
+    """Square letterbox (ultralytics' ``LetterBox``, ``auto=False``, pad 114): padded RGB, scale, (left, top)."""
+    from ultralytics.data.augment import LetterBox
+
+    h, w = bgr.shape[:2]
+    out = LetterBox((imgsz, imgsz), auto=False, stride=32)(image=bgr)
+    r = min(imgsz / h, imgsz / w)
+    nw, nh = round(w * r), round(h * r)
+    left, top = round((imgsz - nw) / 2 - 0.1), round((imgsz - nh) / 2 - 0.1)
+    return np.ascontiguousarray(out[..., ::-1]), r, (float(left), float(top))
+
+
 class Student:
     """A frozen student (EMA weights) plus, optionally, its translator."""
 
@@ -133,16 +145,8 @@ class Student:
 
     # ----------------------------------------------------------------------------------- pre
     def letterbox(self, bgr: np.ndarray) -> tuple[np.ndarray, float, tuple[float, float]]:
-        """Square letterbox: returns the padded RGB image, the scale and the (left, top) padding."""
-        from ultralytics.data.augment import LetterBox
-
-        h, w = bgr.shape[:2]
-        out = LetterBox((self.imgsz, self.imgsz), auto=False, stride=32)(image=bgr)
-        r = min(self.imgsz / h, self.imgsz / w)
-        nw, nh = round(w * r), round(h * r)
-        pad = ((self.imgsz - nw) / 2, (self.imgsz - nh) / 2)
-        left, top = round(pad[0] - 0.1), round(pad[1] - 0.1)
-        return np.ascontiguousarray(out[..., ::-1]), r, (float(left), float(top))
+        """Square letterbox at the model's size (see :func:`letterbox`)."""
+        return letterbox(bgr, self.imgsz)
 
     def _tensor(self, rgb: list[np.ndarray]) -> torch.Tensor:
         x = torch.from_numpy(np.stack(rgb)).to(self.device).permute(0, 3, 1, 2).float() / 255.0

@@ -1,0 +1,120 @@
+"""ONNX export: contract names, checker, sidecar facts, parity with the PyTorch path (synth + coco8)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from click.testing import CliRunner
+from mocha_edge.export import contract
+from mocha_edge.export.onnx import OnnxStudent, RawHead, export_onnx, parity
+from mocha_edge.export.reference import decode, nms, pool
+
+from mocha_edge.cli import cli
+from mocha_edge.infer import Student, read_bgr
+
+
+@pytest.fixture(scope="module")
+def student_ckpt(synth_small: Path, synth_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from mocha_edge.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("exportstudent")
+    base = train(TrainConfig(data=str(synth_small), out=str(out / "b"), stage="base", epochs=3, imgsz=128, batch=8,
+                             workers=0, val_every=0), progress=False)  # fmt: skip
+    cfg = TrainConfig(data=str(synth_small), out=str(out / "d"), model=str(base.checkpoint), teacher_cache=str(synth_cache),
+                      epochs=1, schedule="joint", imgsz=128, batch=8, workers=0, val_every=0)  # fmt: skip
+    return train(cfg, progress=False).checkpoint
+
+
+def test_onnx_graph_contract(student_ckpt: Path, tmp_path: Path) -> None:
+    st = Student.load(student_ckpt)
+    p = export_onnx(st, tmp_path / "m.onnx")
+    m = onnx.load(str(p))
+    onnx.checker.check_model(m)
+    assert [i.name for i in m.graph.input] == [contract.INPUT]
+    assert [o.name for o in m.graph.output] == list(contract.OUTPUTS)
+    assert max(op.version for op in m.opset_import if op.domain in ("", "ai.onnx")) == contract.OPSET
+    assert not any(n.op_type == "Sigmoid" and "cls" in n.output[0] for n in m.graph.node)
+    facts = json.loads((tmp_path / "m.json").read_text())
+    assert facts["vector_dim"] == 448 and facts["strides"] == [8.0, 16.0, 32.0] and facts["imgsz"] == 128
+    assert facts["model_fingerprint"] == st.fingerprint
+    x = torch.rand(1, 3, 128, 128)
+    ref = [t.detach().numpy() for t in RawHead(st.model).eval()(x)]
+    got = ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(
+        None, {contract.INPUT: x.numpy()}
+    )
+    for a, b in zip(ref, got):
+        assert a.shape == b.shape and np.abs(a - b).max() < 1e-4
+
+
+@pytest.mark.parametrize("source", ["synth", "coco8"])
+def test_parity_with_pytorch_path(
+    student_ckpt: Path, synth_small: Path, coco8_dir: Path, tmp_path: Path, source: str
+) -> None:
+    st = Student.load(student_ckpt)
+    p = export_onnx(st, tmp_path / "m.onnx")
+    paths = (
+        sorted((synth_small.parent / "novel" / "images").glob("*.jpg"))[:10]
+        if source == "synth"
+        else sorted(coco8_dir.glob("images/*/*.jpg"))
+    )
+    rep = parity(st, p, [read_bgr(q) for q in paths], conf=0.001)  # low floor: many detections, heavy NMS
+    assert rep["max_abs_diff"] < 1e-3
+    assert rep["detections_equal"] == rep["detections"]
+    assert rep["detections"] >= 20  # zero detections would prove nothing
+    assert rep["min_box_iou"] >= 0.99 and rep["min_vector_cosine"] >= 0.999
+
+
+def test_reference_nms_matches_ultralytics() -> None:
+    from ultralytics.utils.nms import non_max_suppression
+
+    g = np.random.default_rng(0)
+    n, nc = 400, 3
+    xy = g.uniform(0, 200, (n, 2)).astype(np.float32)
+    wh = g.uniform(5, 60, (n, 2)).astype(np.float32)
+    boxes = np.concatenate([xy, xy + wh], 1)
+    scores = g.uniform(0, 1, (n, nc)).astype(np.float32)
+    b, _, c = nms(boxes, scores, conf=0.3, iou=0.5)
+    pred = torch.from_numpy(
+        np.concatenate([(boxes[:, :2] + boxes[:, 2:]) / 2, boxes[:, 2:] - boxes[:, :2], scores], 1).T[None]
+    )
+    ul = non_max_suppression(pred, conf_thres=0.3, iou_thres=0.5)[0].numpy()
+    assert len(ul) == len(b)
+    np.testing.assert_allclose(ul[:, :4], b, atol=1e-3)
+    np.testing.assert_array_equal(ul[:, 5].astype(int), c)
+
+
+def test_reference_decode_and_pool_shapes() -> None:
+    shapes, strides = [(4, 4), (2, 2), (1, 1)], [8.0, 16.0, 32.0]
+    a = sum(h * w for h, w in shapes)
+    boxes, scores = decode(np.zeros((64, a), np.float32), np.zeros((2, a), np.float32), shapes, strides)
+    np.testing.assert_allclose(scores, 0.5)
+    np.testing.assert_allclose(
+        boxes[0], [4 - 7.5 * 8, 4 - 7.5 * 8, 4 + 7.5 * 8, 4 + 7.5 * 8]
+    )  # uniform DFL = 7.5 bins
+    maps = [np.ones((2, h, w), np.float32) * i for i, (h, w) in enumerate(shapes)]
+    v = pool(maps, np.array([[0, 0, 32, 32]], np.float32), strides)
+    np.testing.assert_allclose(v, [[0, 0, 1, 1, 2, 2]])
+
+
+def test_export_cli_with_translator_and_parity(student_ckpt: Path, synth_small: Path, tmp_path: Path) -> None:
+    dest = tmp_path / "s.onnx"
+    r = CliRunner().invoke(cli, ["export", str(student_ckpt), "--out", str(dest), "--keep-translator",
+                                 "--data", str(synth_small), "--parity-images", "4"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert (
+        dest.is_file() and dest.with_suffix(".json").is_file() and dest.with_suffix(".parity.json").is_file()
+    )
+    st = Student.load(student_ckpt, translator=True)
+    sess = ort.InferenceSession(str(tmp_path / "translator.onnx"), providers=["CPUExecutionProvider"])
+    v = np.random.default_rng(0).normal(size=(5, 448)).astype(np.float32)
+    with torch.no_grad():
+        ref = st.translator(torch.from_numpy(v)).numpy()
+    np.testing.assert_allclose(sess.run(None, {contract.TRANSLATOR_INPUT: v})[0], ref, atol=1e-4)
+    assert not list(tmp_path.glob(".*.tmp"))
+    assert OnnxStudent(dest).facts["names"][0] == "mug"
