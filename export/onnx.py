@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from mocha_edge.export import contract
+from mocha_edge.models.pooling import POOLING
 from torch import nn
 
 from mocha_edge.utils import atomic_path, write_json_atomic
@@ -75,7 +76,7 @@ def deployment_facts(student, batch: int, dynamic: bool) -> dict[str, Any]:
         "channels": student.channels,
         "reg_max": int(head.reg_max),
         "pad_value": contract.PAD_VALUE,
-        "pooling": "box-mean-cells/v1",
+        "pooling": POOLING,
         "vector_dim": sum(student.channels),
         "model_fingerprint": student.fingerprint,
         "source": student.source,

@@ -72,17 +72,32 @@ def nms(boxes: np.ndarray, scores: np.ndarray, conf: float = 0.25, iou: float = 
     return boxes[idx], best[idx], cls[idx].astype(np.int64)
 
 
+def _cell_box(b: np.ndarray, s: float, h: int, w: int, min_extent: float = 0.25) -> list[float]:
+    out = []
+    for lo, hi, size in ((b[0] / s, b[2] / s, w), (b[1] / s, b[3] / s, h)):
+        lo, hi = min(max(lo, 0.0), size), min(max(hi, 0.0), size)
+        ext = max(hi - lo, min_extent)
+        c = min(max((lo + hi) / 2, ext / 2), size - ext / 2)
+        out += [c - ext / 2, c + ext / 2]
+    return out  # x0, x1, y0, y1
+
+
+def _coverage(lo: float, hi: float, n: int) -> np.ndarray:
+    """How much of each of ``n`` unit cells the interval ``[lo, hi)`` covers."""
+    edges = np.arange(n + 1, dtype=np.float64)
+    return np.clip(np.minimum(edges[1:], hi) - np.maximum(edges[:-1], lo), 0, None)
+
+
 def pool(maps: list[np.ndarray], boxes: np.ndarray, strides: list[float]) -> np.ndarray:
-    """Mean of each box (letterbox pixels, xyxy) over the cells it overlaps on each ``(C, H, W)`` map."""
+    """Area-mean of each box (letterbox pixels, xyxy) over each ``(C, H, W)`` map, cells seen as constant
+    patches (``models.pooling`` rule ``box-area-mean/v2``), written as explicit per-cell coverage weights."""
     out = np.zeros((len(boxes), sum(m.shape[0] for m in maps)), np.float32)
-    for n, b in enumerate(boxes):
+    for n, b in enumerate(np.asarray(boxes, np.float64)):
         parts = []
         for m, s in zip(maps, strides):
             _, h, w = m.shape
-            x0 = min(max(int(np.floor(b[0] / s)), 0), w - 1)
-            y0 = min(max(int(np.floor(b[1] / s)), 0), h - 1)
-            x1 = min(max(int(np.ceil(b[2] / s)), x0 + 1), w)
-            y1 = min(max(int(np.ceil(b[3] / s)), y0 + 1), h)
-            parts.append(m[:, y0:y1, x0:x1].astype(np.float64).mean((1, 2)))
+            x0, x1, y0, y1 = _cell_box(b, s, h, w)
+            wx, wy = _coverage(x0, x1, w), _coverage(y0, y1, h)
+            parts.append(np.einsum("chw,h,w->c", m.astype(np.float64), wy, wx) / ((x1 - x0) * (y1 - y0)))
         out[n] = np.concatenate(parts)
     return out

@@ -71,7 +71,7 @@ class Student:
         device: str = "cpu",
         source: str = "",
     ) -> None:
-        from mocha_edge.models.pooling import head_channels
+        from mocha_edge.models.pooling import POOLING, head_channels
 
         self.device = torch.device(device)
         self.model = model.float().eval().to(self.device)
@@ -85,7 +85,7 @@ class Student:
         for k, v in sorted(self.model.state_dict().items()):
             h.update(k.encode())
             h.update(v.detach().float().cpu().numpy().tobytes())
-        h.update(f"pool=box-mean-cells/v1;imgsz={imgsz}".encode())
+        h.update(f"pool={POOLING};imgsz={imgsz}".encode())
         self.fingerprint = h.hexdigest()  # weights + pooling config; precision is recorded separately
 
     @property

@@ -25,10 +25,10 @@ import numpy as np
 import torch
 
 from mocha_edge.errors import MochaError
+from mocha_edge.models.pooling import POOLING
 from mocha_edge.utils import atomic_path, write_json_atomic
 
 CKPT_FORMAT = "mocha-edge-student/1"
-POOLING = "box-mean-cells/v1"
 
 
 class TrainError(MochaError):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from mocha_edge.models.pooling import box_mean_pool, cell_ranges, head_channels
+from mocha_edge.models.pooling import box_mean_pool, head_channels
 from mocha_edge.models.translator import Translator
 
 from mocha_edge.cli import cli
@@ -22,33 +22,38 @@ TINY = {"imgsz": 64, "batch": 8, "workers": 0}
 
 
 # ------------------------------------------------------------------------------------------- pieces
-def _naive_pool(feats, boxes, bidx, strides):
-    out = []
-    for b, i in zip(boxes.tolist(), bidx.tolist()):
-        parts = []
-        for f, s in zip(feats, strides):
-            _, _, h, w = f.shape
-            x0 = min(max(math.floor(b[0] / s), 0), w - 1)
-            y0 = min(max(math.floor(b[1] / s), 0), h - 1)
-            x1 = min(max(math.ceil(b[2] / s), x0 + 1), w)
-            y1 = min(max(math.ceil(b[3] / s), y0 + 1), h)
-            parts.append(f[i, :, y0:y1, x0:x1].mean((1, 2)))
-        out.append(torch.cat(parts))
-    return torch.stack(out)
+def test_box_mean_pool_matches_the_coverage_weighted_reference() -> None:
+    from mocha_edge.export.reference import pool as reference_pool
 
-
-def test_box_mean_pool_matches_naive_loops() -> None:
     g = torch.Generator().manual_seed(0)
     strides = [8.0, 16.0, 32.0]
     feats = [torch.randn(2, c, 64 // int(s), 64 // int(s), generator=g) for c, s in zip((4, 6, 8), strides)]
     boxes = torch.tensor(
-        [[0, 0, 64, 64], [3.5, 7.2, 20.1, 9.0], [60, 60, 64, 64], [10, 10, 10.5, 10.5], [-5, 2, 30, 70]]
-    )
-    bidx = torch.tensor([0, 1, 1, 0, 1])
-    got = box_mean_pool(feats, boxes.float(), bidx, strides)
-    assert got.shape == (5, 18)
-    torch.testing.assert_close(got, _naive_pool(feats, boxes, bidx, strides), atol=1e-5, rtol=1e-5)
-    assert cell_ranges(torch.tensor([[10.0, 10.0, 10.5, 10.5]]), 8, 8, 8).tolist() == [[1, 1, 2, 2]]
+        [
+            [0, 0, 64, 64],
+            [3.5, 7.2, 20.1, 9.0],
+            [60, 60, 64, 64],
+            [10, 10, 10.5, 10.5],
+            [-5, 2, 30, 70],
+            [8, 8, 16, 16],
+        ]
+    ).float()
+    bidx = torch.tensor([0, 1, 1, 0, 1, 0])
+    got = box_mean_pool(feats, boxes, bidx, strides)
+    assert got.shape == (6, 18)
+    for n in range(len(boxes)):
+        ref = reference_pool([f[bidx[n]].numpy() for f in feats], boxes[n : n + 1].numpy(), strides)
+        np.testing.assert_allclose(got[n].numpy(), ref[0], atol=1e-4, rtol=1e-4)
+    # a box exactly on cells is their plain mean; the whole image is the global mean
+    torch.testing.assert_close(got[5, :4], feats[0][0, :, 1, 1])
+    torch.testing.assert_close(got[0, :4], feats[0][0].mean((1, 2)), atol=1e-5, rtol=1e-5)
+
+
+def test_pool_is_continuous_in_the_box() -> None:
+    f = [torch.randn(1, 3, 8, 8)]
+    a = box_mean_pool(f, torch.tensor([[15.999, 16.0, 40.0, 40.0]]), torch.tensor([0]), [8.0])
+    b = box_mean_pool(f, torch.tensor([[16.001, 16.0, 40.0, 40.0]]), torch.tensor([0]), [8.0])
+    assert (a - b).abs().max() < 1e-3  # crossing a cell border moves the vector a little, not by a cell
 
 
 def test_pool_is_differentiable() -> None:
