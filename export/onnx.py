@@ -102,6 +102,32 @@ class OnnxStudent:
     def raw(self, x) -> list:
         return self.session.run(list(contract.OUTPUTS), {contract.INPUT: x})
 
+    @property
+    def names(self) -> list[str]:
+        return list(self.facts["names"])
+
+    @property
+    def dim(self) -> int:
+        return int(self.facts["vector_dim"])
+
+    def embed_batch(self, images: list, boxes: list) -> list:
+        """Vectors of given boxes (pixels of each BGR image), pooled from the graph's maps."""
+        import numpy as np
+        from mocha_edge.export import reference as ref
+
+        from mocha_edge.infer import letterbox
+
+        out = []
+        for img, bx in zip(images, boxes):
+            rgb, r, (left, top) = letterbox(img, self.imgsz)
+            x = (rgb.transpose(2, 0, 1)[None].astype(np.float32) / 255.0).copy()
+            maps = self.raw(x)[2:]
+            b = np.asarray(bx, np.float32).reshape(-1, 4).copy()
+            b[:, [0, 2]] = b[:, [0, 2]] * r + left
+            b[:, [1, 3]] = b[:, [1, 3]] * r + top
+            out.append(ref.pool([m[0] for m in maps], b, self.strides))
+        return out
+
     def detect(self, images: list, conf: float = 0.25, iou: float = 0.7, max_det: int = 300) -> list:
         """Same contract as :meth:`mocha_edge.infer.Student.detect`, one image at a time."""
         import numpy as np

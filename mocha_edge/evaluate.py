@@ -262,6 +262,39 @@ def evaluate(
     }
 
 
+def detection_map(model: Any, ds: Dataset, split: str = "val", conf: float = 0.001) -> tuple[float, float]:
+    """Coarse-class detection mAP50 / mAP50-95 (points) of any model with ``detect(images)`` on a split."""
+    from ultralytics.engine.validator import BaseValidator
+    from ultralytics.utils.metrics import ap_per_class, box_iou
+
+    from mocha_edge.infer import read_bgr
+
+    items = ds.items(split)
+    gt_px = _gt_pixels(ds, {it.path for it in items})
+    matcher = SimpleNamespace(iouv=IOUV)
+    tps, confs, pcls, tcls = [], [], [], []
+    for it in items:
+        d = model.detect([read_bgr(it.path)], conf=conf)[0]
+        tcls.append(it.cls)
+        if len(d) == 0:
+            continue
+        order = np.argsort(-d.scores, kind="stable")
+        iou = box_iou(torch.from_numpy(gt_px[it.path]), torch.from_numpy(d.boxes[order]))
+        tps.append(
+            BaseValidator.match_predictions(
+                matcher, torch.from_numpy(d.cls[order]), torch.from_numpy(it.cls), iou
+            ).numpy()
+        )
+        confs.append(d.scores[order])
+        pcls.append(d.cls[order])
+    if not tps:
+        return 0.0, 0.0
+    ap = ap_per_class(np.concatenate(tps), np.concatenate(confs), np.concatenate(pcls), np.concatenate(tcls))[
+        5
+    ]
+    return 100.0 * float(ap[:, 0].mean()), 100.0 * float(ap.mean())
+
+
 def format_table(report: dict[str, Any]) -> str:
     """Markdown table of a report's rows."""
     lines = [

@@ -118,3 +118,39 @@ def test_export_cli_with_translator_and_parity(student_ckpt: Path, synth_small: 
     np.testing.assert_allclose(sess.run(None, {contract.TRANSLATOR_INPUT: v})[0], ref, atol=1e-4)
     assert not list(tmp_path.glob(".*.tmp"))
     assert OnnxStudent(dest).facts["names"][0] == "mug"
+
+
+def test_int8_qdq_is_symmetric_and_keeps_the_head_float(
+    student_ckpt: Path, synth_small: Path, tmp_path: Path
+) -> None:
+    import onnx
+    from mocha_edge.export.quantize import head_output_convs, quantize_int8, zero_points
+
+    from mocha_edge.infer import letterbox
+
+    st = Student.load(student_ckpt)
+    fp32 = export_onnx(st, tmp_path / "m.onnx")
+    imgs = sorted((synth_small.parent / "train" / "images").glob("*.jpg"))[:8]
+    calib = [
+        (letterbox(read_bgr(p), 128)[0].transpose(2, 0, 1)[None].astype(np.float32) / 255.0).copy()
+        for p in imgs
+    ]
+    q = quantize_int8(fp32, tmp_path / "m_int8.onnx", calib)
+    zps = zero_points(q)
+    assert zps and set(zps) == {0}  # symmetric INT8, zero-point 0 everywhere (TensorRT's requirement)
+    m = onnx.load(str(q))
+    assert sum(n.op_type == "QuantizeLinear" for n in m.graph.node) > 10
+    head = set(head_output_convs(fp32))
+    assert len(head) == 6
+    producers = {o: n for n in m.graph.node for o in n.output}
+    for n in m.graph.node:  # the head's last convs read float weights, not dequantised INT8 ones
+        if n.name in head:
+            w = producers.get(n.input[1])
+            assert w is None or w.op_type != "DequantizeLinear"
+    x = calib[0]
+    ref = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"]).run(None, {contract.INPUT: x})
+    got = ort.InferenceSession(str(q), providers=["CPUExecutionProvider"]).run(None, {contract.INPUT: x})
+    for a, b in zip(ref, got):
+        assert a.shape == b.shape
+        assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.95
+    assert not list(tmp_path.glob("*.pre.onnx")) and not list(tmp_path.glob(".*.tmp"))
