@@ -218,31 +218,18 @@ class Trainer:
             # was fitted on): PCA outputs of unit-norm teacher vectors are ~1/sqrt(d_t) per dimension, which
             # would leave MSE+L1 satisfied by predicting zeros. The scalar is stored in the checkpoint.
             tgt = self.cache.targets
-            fit_rows = [r for rows in self._cache_rows(ds) for r in rows if r >= 0]
+            cache_rows = self._cache_rows(ds)
+            fit_rows = [r for rows in cache_rows for r in rows.tolist() if r >= 0]
             rms = float(np.sqrt(np.mean(tgt[fit_rows] ** 2))) if fit_rows else 1.0
             self.target_scale = 1.0 / max(rms, 1e-12)
             self.targets = torch.from_numpy(tgt).float() * self.target_scale
             self.focus = torch.from_numpy(self.cache.extras["focus"]).float() if cfg.focus_weighting else None
-        novel = self.ds.novel_instances
-        self.train_items = [it for it in ds.items("train")]
-        self.train_rows = []
-        missing = 0
-        for it in self.train_items:
-            rows = np.full(len(it.boxes), -1, np.int64)
-            if self.cache is not None:
-                for j, box in enumerate(it.boxes):
-                    if int(it.instance[j]) in novel:
-                        continue  # novel instances never contribute teacher knowledge
-                    r = self.cache.index_of(it.content_hash, box)
-                    if r is None:
-                        missing += 1
-                    else:
-                        rows[j] = r
-            self.train_rows.append(rows)
-        if missing:
-            raise TrainError(
-                f"{cfg.teacher_cache}: no target for {missing} training boxes; rebuild it with `mocha-edge teach`"
-            )
+        self.train_items = list(ds.items("train"))
+        self.train_rows = (
+            cache_rows
+            if self.cache is not None
+            else [np.full(len(it.boxes), -1, np.int64) for it in self.train_items]
+        )
         self.val_items = ds.items("val")
 
         # student (+ translator)
