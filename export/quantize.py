@@ -84,3 +84,35 @@ def zero_points(model_path: str | Path) -> list[int]:
         if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 2 and n.input[2] in inits:
             out += inits[n.input[2]].astype(np.int64).ravel().tolist()
     return out
+
+
+def activations_to_uint8(qdq_s8: str | Path, dest: str | Path) -> Path:
+    """CPU twin of a symmetric S8S8 Q/DQ model: every *activation* Q/DQ pair moves from int8 with
+    zero-point 0 to uint8 with zero-point 128 (same scale, the same quantisation grid shifted by 128;
+    outputs differ only by the fused kernels' requantisation rounding); weights stay int8. ONNX Runtime's x86 kernels fuse U8S8 Q/DQ into QLinearConv but run S8S8 as
+    dequantise -> float conv -> quantise, so the S8S8 graph (the one TensorRT wants) is slower than FP32
+    there while this twin is not. Activation zero-points are shared tensors, so each is rewritten once."""
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.load(str(qdq_s8))
+    inits = {i.name: i for i in m.graph.initializer}
+    weights = {n.input[0] for n in m.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits}
+    done: set[str] = set()
+    for n in m.graph.node:
+        if n.op_type not in ("QuantizeLinear", "DequantizeLinear") or len(n.input) < 3:
+            continue
+        if n.op_type == "DequantizeLinear" and n.input[0] in weights:
+            continue
+        zp = n.input[2]
+        if zp in done or zp not in inits:
+            continue
+        arr = numpy_helper.to_array(inits[zp])
+        if arr.dtype != np.int8 or np.any(arr != 0):
+            raise ValueError(f"{qdq_s8}: activation zero-point {zp} is not symmetric int8")
+        inits[zp].CopyFrom(numpy_helper.from_array(np.full(arr.shape, 128, np.uint8), zp))
+        done.add(zp)
+    dest = Path(dest)
+    with atomic_path(dest) as tmp:
+        onnx.save(m, str(tmp))
+    return dest

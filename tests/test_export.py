@@ -154,3 +154,23 @@ def test_int8_qdq_is_symmetric_and_keeps_the_head_float(
         assert a.shape == b.shape
         assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.95
     assert not list(tmp_path.glob("*.pre.onnx")) and not list(tmp_path.glob(".*.tmp"))
+
+    from mocha_edge.export.quantize import activations_to_uint8
+    from onnx import numpy_helper
+
+    twin = activations_to_uint8(q, tmp_path / "m_int8_u8.onnx")
+    tm = onnx.load(str(twin))
+    inits = {i.name: numpy_helper.to_array(i) for i in tm.graph.initializer}
+    kinds = {inits[n.input[2]].dtype for n in tm.graph.node if n.op_type == "QuantizeLinear"}
+    assert kinds == {np.dtype(np.uint8)}  # activations: uint8, zero-point 128
+    assert all(inits[n.input[2]].tolist() == 128 for n in tm.graph.node if n.op_type == "QuantizeLinear")
+    w_dq = [n for n in tm.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
+    assert {inits[n.input[0]].dtype for n in w_dq} == {
+        np.dtype(np.int8),
+        np.dtype(np.int32),
+    }  # weights int8, biases int32
+    got_u8 = ort.InferenceSession(str(twin), providers=["CPUExecutionProvider"]).run(
+        None, {contract.INPUT: x}
+    )
+    for a, b in zip(ref, got_u8):
+        assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.95
