@@ -110,22 +110,25 @@ class OnnxStudent:
     def dim(self) -> int:
         return int(self.facts["vector_dim"])
 
-    def embed_batch(self, images: list, boxes: list) -> list:
-        """Vectors of given boxes (pixels of each BGR image), pooled from the graph's maps."""
+    def _run(self, bgr) -> tuple[list, float, tuple[float, float]]:
+        """Letterbox one BGR image, run the graph: ``(raw outputs, scale, pad)``."""
         import numpy as np
-        from mocha_edge.export import reference as ref
 
         from mocha_edge.infer import letterbox
 
+        rgb, r, pad = letterbox(bgr, self.imgsz)
+        return self.raw(np.ascontiguousarray(rgb.transpose(2, 0, 1)[None], np.float32) / 255.0), r, pad
+
+    def embed_batch(self, images: list, boxes: list) -> list:
+        """Vectors of given boxes (pixels of each BGR image), pooled from the graph's maps."""
+        from mocha_edge.export import reference as ref
+
+        from mocha_edge.infer import to_letterbox
+
         out = []
         for img, bx in zip(images, boxes):
-            rgb, r, (left, top) = letterbox(img, self.imgsz)
-            x = (rgb.transpose(2, 0, 1)[None].astype(np.float32) / 255.0).copy()
-            maps = self.raw(x)[2:]
-            b = np.asarray(bx, np.float32).reshape(-1, 4).copy()
-            b[:, [0, 2]] = b[:, [0, 2]] * r + left
-            b[:, [1, 3]] = b[:, [1, 3]] * r + top
-            out.append(ref.pool([m[0] for m in maps], b, self.strides))
+            outputs, r, pad = self._run(img)
+            out.append(ref.pool([m[0] for m in outputs[2:]], to_letterbox(bx, r, pad), self.strides))
         return out
 
     def detect(self, images: list, conf: float = 0.25, iou: float = 0.7, max_det: int = 300) -> list:
@@ -133,21 +136,16 @@ class OnnxStudent:
         import numpy as np
         from mocha_edge.export import reference as ref
 
-        from mocha_edge.infer import Detections, letterbox
+        from mocha_edge.infer import Detections, from_letterbox
 
         out = []
         for img in images:
-            rgb, r, (left, top) = letterbox(img, self.imgsz)
-            x = (rgb.transpose(2, 0, 1)[None].astype(np.float32) / 255.0).copy()
-            box_dist, cls_logits, *maps = self.raw(x)
+            (box_dist, cls_logits, *maps), r, pad = self._run(img)
             shapes = [m.shape[2:] for m in maps]
             boxes, scores = ref.decode(box_dist[0], cls_logits[0], shapes, self.strides)
             b, s, c = ref.nms(boxes, scores, conf, iou, max_det)
             vec = ref.pool([m[0] for m in maps], b, self.strides)
-            h, w = img.shape[:2]
-            bb = b.copy()
-            bb[:, [0, 2]] = np.clip((bb[:, [0, 2]] - left) / r, 0, w)
-            bb[:, [1, 3]] = np.clip((bb[:, [1, 3]] - top) / r, 0, h)
+            bb = from_letterbox(b, r, pad, img.shape)
             out.append(Detections(bb.astype(np.float32), s.astype(np.float32), c, vec))
         return out
 
@@ -190,9 +188,10 @@ def parity(student, onnx_path: str | Path, images: list, conf: float = 0.25) -> 
         if len(a) == len(b) and (a.cls == b.cls).all():
             n_equal += len(a)
             if len(a):
-                from mocha_edge.export.reference import _iou_one
+                from ultralytics.utils.metrics import box_iou
 
-                min_iou = min(min_iou, min(float(_iou_one(p, q[None])[0]) for p, q in zip(a.boxes, b.boxes)))
+                pair_iou = box_iou(torch.from_numpy(a.boxes), torch.from_numpy(b.boxes)).diagonal()
+                min_iou = min(min_iou, float(pair_iou.min()))
                 cos = (a.vectors * b.vectors).sum(1) / (
                     np.linalg.norm(a.vectors, axis=1) * np.linalg.norm(b.vectors, axis=1) + 1e-12
                 )

@@ -231,14 +231,6 @@ def collect_supports(
 
 
 # ------------------------------------------------------------------------------------------ vectors
-def _iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    lt = np.maximum(box[:2], boxes[:, :2])
-    rb = np.minimum(box[2:], boxes[:, 2:])
-    inter = np.prod(np.clip(rb - lt, 0, None), axis=1)
-    area = lambda b: np.prod(b[..., 2:] - b[..., :2], axis=-1)  # noqa: E731
-    return inter / np.maximum(area(box) + area(boxes) - inter, 1e-9)
-
-
 def _class_id(cls: str | int, names: list[str], where: str) -> int:
     if isinstance(cls, int):
         if not 0 <= cls < len(names):
@@ -300,7 +292,7 @@ def embed_supports(
             else:
                 if dets is None:
                     dets = student.detect([bgr])[0]
-                iou = _iou(box, dets.boxes) if len(dets) else np.zeros(0)
+                iou = _box_iou(box, dets.boxes) if len(dets) else np.zeros(0)
                 if not len(iou) or iou.max() < CLASS_IOU:
                     raise BankError(
                         f"{s.where}: no detection overlaps the box (IoU >= {CLASS_IOU}) to tell its class; "
@@ -469,3 +461,13 @@ __all__ = [
     "list_bank",
     "parse_box",
 ]
+
+
+def _box_iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """IoU of one box with many (ultralytics' ``box_iou``)."""
+    import torch
+    from ultralytics.utils.metrics import box_iou
+
+    return box_iou(torch.as_tensor(box, dtype=torch.float32).view(1, 4), torch.from_numpy(boxes).float())[
+        0
+    ].numpy()

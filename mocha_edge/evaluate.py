@@ -142,12 +142,19 @@ def _gt_pixels(ds: Dataset, paths: set[Path]) -> dict[Path, np.ndarray]:
 
 
 def _episode_map(
-    ds: Dataset, ep: Episode, views: Views, mode: str, gt_px: dict[Path, np.ndarray]
+    ds: Dataset,
+    ep: Episode,
+    views: Views,
+    mode: str,
+    gt_px: dict[Path, np.ndarray],
+    items: dict[Path, Any] | None = None,
 ) -> tuple[float, float]:
+    """mAP50 / mAP50-95 of one episode; ``items`` (path -> ImageItem) may be passed to avoid rebuilding it."""
     from ultralytics.engine.validator import BaseValidator
     from ultralytics.utils.metrics import ap_per_class, box_iou
 
-    items = {it.path: it for it in ds.items()}
+    if items is None:
+        items = {it.path: it for it in ds.items()}
     shots: dict[int, list[np.ndarray]] = {}
     for p in ep.support:
         it = items[p]
@@ -239,11 +246,12 @@ def evaluate(
         views["teacher"] = _teacher_views(teacher_cache, ds, support, query)
 
     gt_px = _gt_pixels(ds, query)
+    items = {it.path: it for it in ds.items()}
     results = []
     for name, v in views.items():
         for mode in matches:
             for k, eps in episodes.items():
-                m = np.asarray([_episode_map(ds, ep, v, mode, gt_px) for ep in eps])
+                m = np.asarray([_episode_map(ds, ep, v, mode, gt_px, items) for ep in eps])
                 results.append(
                     {
                         "model": name, "match": mode, "shots": k, "episodes": len(eps),

@@ -59,6 +59,23 @@ def letterbox(bgr: np.ndarray, imgsz: int) -> tuple[np.ndarray, float, tuple[flo
     return np.ascontiguousarray(out[..., ::-1]), r, (float(left), float(top))
 
 
+def to_letterbox(boxes, r: float, pad: tuple[float, float]):
+    """Image-pixel xyxy boxes -> letterbox pixels (NumPy array or torch tensor; returns a new one)."""
+    b = boxes.clone() if isinstance(boxes, torch.Tensor) else np.array(boxes, np.float32).reshape(-1, 4)
+    b[:, [0, 2]] = b[:, [0, 2]] * r + pad[0]
+    b[:, [1, 3]] = b[:, [1, 3]] * r + pad[1]
+    return b
+
+
+def from_letterbox(boxes, r: float, pad: tuple[float, float], shape: tuple[int, ...]):
+    """Letterbox-pixel xyxy boxes -> pixels of an image of ``shape`` (h, w, ...), clipped to it."""
+    b = boxes.clone() if isinstance(boxes, torch.Tensor) else np.array(boxes, np.float32).reshape(-1, 4)
+    h, w = shape[:2]
+    b[:, [0, 2]] = ((b[:, [0, 2]] - pad[0]) / r).clip(0, w)
+    b[:, [1, 3]] = ((b[:, [1, 3]] - pad[1]) / r).clip(0, h)
+    return b
+
+
 class Student:
     """A frozen student (EMA weights) plus, optionally, its translator."""
 
@@ -181,14 +198,9 @@ class Student:
         y, feats = self._forward(self._tensor([lb[0] for lb in lbs]))
         dets = non_max_suppression(y, conf_thres=conf, iou_thres=iou, max_det=max_det)
         out = []
-        for i, (d, (_, r, (left, top))) in enumerate(zip(dets, lbs)):
+        for i, (d, (_, r, pad)) in enumerate(zip(dets, lbs)):
             vec = self._vectors(feats, d[:, :4], torch.full((len(d),), i, device=self.device))
-            boxes = d[:, :4].clone()
-            boxes[:, [0, 2]] = (boxes[:, [0, 2]] - left) / r
-            boxes[:, [1, 3]] = (boxes[:, [1, 3]] - top) / r
-            h, w = images[i].shape[:2]
-            boxes[:, [0, 2]] = boxes[:, [0, 2]].clamp(0, w)
-            boxes[:, [1, 3]] = boxes[:, [1, 3]].clamp(0, h)
+            boxes = from_letterbox(d[:, :4], r, pad, images[i].shape)
             out.append(
                 Detections(
                     boxes.cpu().numpy().astype(np.float32),
@@ -210,10 +222,8 @@ class Student:
         lbs = [self.letterbox(im) for im in images]
         _, feats = self._forward(self._tensor([lb[0] for lb in lbs]))
         all_b, all_i = [], []
-        for i, ((_, r, (left, top)), bx) in enumerate(zip(lbs, boxes)):
-            b = torch.as_tensor(np.asarray(bx, np.float32).reshape(-1, 4), device=self.device).clone()
-            b[:, [0, 2]] = b[:, [0, 2]] * r + left
-            b[:, [1, 3]] = b[:, [1, 3]] * r + top
+        for i, ((_, r, pad), bx) in enumerate(zip(lbs, boxes)):
+            b = torch.as_tensor(to_letterbox(bx, r, pad), device=self.device)
             all_b.append(b)
             all_i.append(torch.full((len(b),), i, dtype=torch.long, device=self.device))
         v = self._vectors(feats, torch.cat(all_b), torch.cat(all_i)).cpu().numpy()

@@ -218,7 +218,7 @@ class Trainer:
             # was fitted on): PCA outputs of unit-norm teacher vectors are ~1/sqrt(d_t) per dimension, which
             # would leave MSE+L1 satisfied by predicting zeros. The scalar is stored in the checkpoint.
             tgt = self.cache.targets
-            cache_rows = self._cache_rows(ds)
+            cache_rows = self._cache_rows(ds.items("train"))
             fit_rows = [r for rows in cache_rows for r in rows.tolist() if r >= 0]
             rms = float(np.sqrt(np.mean(tgt[fit_rows] ** 2))) if fit_rows else 1.0
             self.target_scale = 1.0 / max(rms, 1e-12)
@@ -231,6 +231,7 @@ class Trainer:
             else [np.full(len(it.boxes), -1, np.int64) for it in self.train_items]
         )
         self.val_items = ds.items("val")
+        self._val_rows: list[np.ndarray] | None = None
 
         # student (+ translator)
         if resume_state is not None:
@@ -277,13 +278,14 @@ class Trainer:
         self.n_batches = math.ceil(len(self.train_items) / cfg.batch)
         self.warmup_steps = max(int(cfg.warmup_epochs * self.n_batches), 1)
 
-    def _cache_rows(self, ds) -> list[np.ndarray]:
-        """Cache row of every training box (-1 for novel instances, which never contribute teacher knowledge)."""
+    def _cache_rows(self, items, strict: bool = True) -> list[np.ndarray]:
+        """Cache row of every box of ``items`` (-1 for novel instances, which never contribute teacher
+        knowledge). ``strict``: a box without a target is an error (training); else it gets -1 (val)."""
         out, missing = [], 0
-        for it in ds.items("train"):
+        for it in items:
             rows = np.full(len(it.boxes), -1, np.int64)
             for j, box in enumerate(it.boxes):
-                if int(it.instance[j]) in ds.novel_instances:
+                if int(it.instance[j]) in self.ds.novel_instances:
                     continue
                 r = self.cache.index_of(it.content_hash, box)
                 if r is None:
@@ -291,7 +293,7 @@ class Trainer:
                 else:
                     rows[j] = r
             out.append(rows)
-        if missing:
+        if missing and strict:
             raise TrainError(
                 f"{self.cfg.teacher_cache}: no target for {missing} training boxes; rebuild it with `mocha-edge teach`"
             )
@@ -496,15 +498,9 @@ class Trainer:
     @torch.no_grad()
     def alignment_cosine(self) -> float:
         """Mean cosine between translated EMA-student vectors and teacher targets over val boxes (no augmentation)."""
-        rows = []
-        for it in self.val_items:
-            r = np.full(len(it.boxes), -1, np.int64)
-            for j, box in enumerate(it.boxes):
-                if int(it.instance[j]) not in self.ds.novel_instances:
-                    found = self.cache.index_of(it.content_hash, box)
-                    r[j] = -1 if found is None else found
-            rows.append(r)
-        loader = self._loader(0, self.val_items, rows, augment=False, shuffle=False)
+        if self._val_rows is None:
+            self._val_rows = self._cache_rows(self.val_items, strict=False)
+        loader = self._loader(0, self.val_items, self._val_rows, augment=False, shuffle=False)
         from mocha_edge.student import decode_cls
 
         model = self.ema.ema.eval()
