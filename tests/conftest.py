@@ -84,3 +84,16 @@ def synth_cache(synth_small: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         progress=False,
     )
     return out
+
+
+@pytest.fixture(scope="session")
+def student_ckpt(synth_small: Path, synth_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small trained distilled student (3 base epochs + 1 joint distill epoch at 128 px), shared."""
+    from mocha_edge.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("exportstudent")
+    base = train(TrainConfig(data=str(synth_small), out=str(out / "b"), stage="base", epochs=3, imgsz=128, batch=8,
+                             workers=0, val_every=0), progress=False)  # fmt: skip
+    cfg = TrainConfig(data=str(synth_small), out=str(out / "d"), model=str(base.checkpoint), teacher_cache=str(synth_cache),
+                      epochs=1, schedule="joint", imgsz=128, batch=8, workers=0, val_every=0)  # fmt: skip
+    return train(cfg, progress=False).checkpoint

@@ -19,18 +19,6 @@ from mocha_edge.cli import cli
 from mocha_edge.infer import Student, read_bgr
 
 
-@pytest.fixture(scope="module")
-def student_ckpt(synth_small: Path, synth_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from mocha_edge.train import TrainConfig, train
-
-    out = tmp_path_factory.mktemp("exportstudent")
-    base = train(TrainConfig(data=str(synth_small), out=str(out / "b"), stage="base", epochs=3, imgsz=128, batch=8,
-                             workers=0, val_every=0), progress=False)  # fmt: skip
-    cfg = TrainConfig(data=str(synth_small), out=str(out / "d"), model=str(base.checkpoint), teacher_cache=str(synth_cache),
-                      epochs=1, schedule="joint", imgsz=128, batch=8, workers=0, val_every=0)  # fmt: skip
-    return train(cfg, progress=False).checkpoint
-
-
 def test_onnx_graph_contract(student_ckpt: Path, tmp_path: Path) -> None:
     st = Student.load(student_ckpt)
     p = export_onnx(st, tmp_path / "m.onnx")
