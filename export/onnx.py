@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from mocha_edge.export import contract
 from mocha_edge.models.pooling import POOLING
@@ -59,7 +61,9 @@ def export_onnx(
             model = onnxslim.slim(model)
         onnx.checker.check_model(model)
         onnx.save(model, str(tmp))
-    write_json_atomic(dest.with_suffix(".json"), deployment_facts(student, batch, dynamic))
+    write_json_atomic(
+        dest.with_suffix(".json"), {**deployment_facts(student, batch, dynamic), "precision": "fp32"}
+    )
     return dest
 
 
@@ -83,24 +87,62 @@ def deployment_facts(student, batch: int, dynamic: bool) -> dict[str, Any]:
     }
 
 
+def export_fp16(fp32_onnx: str | Path, dest: str | Path) -> Path:
+    """FP16 weights and activations, float32 input/outputs (so every runner feeds the same tensors);
+    ONNX Runtime's own converter (``onnxruntime.transformers.float16``); facts copied with ``precision``."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    dest = Path(dest)
+    import onnxslim
+
+    # the converter appends its input/output Casts at the end of the node list; onnxslim re-sorts
+    model = onnxslim.slim(convert_float_to_float16(onnx.load(str(fp32_onnx)), keep_io_types=True))
+    with atomic_path(dest) as tmp:
+        onnx.checker.check_model(model)
+        onnx.save(model, str(tmp))
+    write_facts_for(dest, fp32_onnx, precision="fp16")
+    return dest
+
+
+def write_facts_for(dest: str | Path, source_onnx: str | Path, **extra: Any) -> Path:
+    """Copy the deployment facts of ``source_onnx`` beside ``dest`` (``dest.json``), with ``extra`` keys."""
+    facts = {**read_facts(source_onnx), **extra}
+    out = Path(dest).with_suffix(".json")
+    write_json_atomic(out, facts)
+    return out
+
+
 def read_facts(path: str | Path) -> dict[str, Any]:
-    return json.loads(Path(path).with_suffix(".json").read_text())
+    """The deployment facts written beside an export (``NAME.json`` for ``NAME.onnx`` / ``NAME.engine``)."""
+    from mocha_edge.errors import ExportError
+
+    side = Path(path).with_suffix(".json")
+    try:
+        return json.loads(side.read_text())
+    except FileNotFoundError:
+        raise ExportError(f"{side}: missing (the deployment facts written by `mocha-edge export`)") from None
+    except json.JSONDecodeError as e:
+        raise ExportError(f"{side}: not valid JSON ({e.msg}, line {e.lineno})") from None
 
 
-class OnnxStudent:
-    """An exported student run by ONNX Runtime + the NumPy reference post-processing (parity checks)."""
+class RawStudent:
+    """Any runner of the exported graph (ONNX Runtime session, TensorRT engine) + the NumPy reference
+    post-processing: the same ``detect`` / ``embed`` / ``embed_batch`` contract as
+    :class:`mocha_edge.infer.Student`, so evaluation and reports treat every artefact alike."""
 
-    def __init__(self, path: str | Path, providers: list[str] | None = None) -> None:
-        import onnxruntime as ort
+    def __init__(
+        self, run: Callable[[np.ndarray], list[np.ndarray]], facts: dict[str, Any], name: str = ""
+    ) -> None:
+        self.run = run
+        self.facts = facts
+        self.name = name
+        self.imgsz = int(facts["imgsz"])
+        self.strides = [float(s) for s in facts["strides"]]
 
-        self.path = Path(path)
-        self.facts = read_facts(self.path)
-        self.session = ort.InferenceSession(str(self.path), providers=providers or ["CPUExecutionProvider"])
-        self.imgsz = int(self.facts["imgsz"])
-        self.strides = [float(s) for s in self.facts["strides"]]
-
-    def raw(self, x) -> list:
-        return self.session.run(list(contract.OUTPUTS), {contract.INPUT: x})
+    def raw(self, x: np.ndarray) -> list[np.ndarray]:
+        """Outputs in contract order (float32) for a preprocessed ``(B, 3, S, S)`` float32 input."""
+        return [np.asarray(o, np.float32) for o in self.run(x)]
 
     @property
     def names(self) -> list[str]:
@@ -110,14 +152,23 @@ class OnnxStudent:
     def dim(self) -> int:
         return int(self.facts["vector_dim"])
 
-    def _run(self, bgr) -> tuple[list, float, tuple[float, float]]:
-        """Letterbox one BGR image, run the graph: ``(raw outputs, scale, pad)``."""
-        import numpy as np
+    @property
+    def fingerprint(self) -> str:
+        return str(self.facts["model_fingerprint"])
 
+    def preprocess(self, bgr: np.ndarray) -> tuple[np.ndarray, float, tuple[float, float]]:
+        """Letterbox one BGR image to the graph input ``(1, 3, S, S)`` float32: ``(x, scale, pad)``."""
         from mocha_edge.infer import letterbox
 
         rgb, r, pad = letterbox(bgr, self.imgsz)
-        return self.raw(np.ascontiguousarray(rgb.transpose(2, 0, 1)[None], np.float32) / 255.0), r, pad
+        return np.ascontiguousarray(rgb.transpose(2, 0, 1)[None], np.float32) / 255.0, r, pad
+
+    def _run(self, bgr: np.ndarray) -> tuple[list[np.ndarray], float, tuple[float, float]]:
+        x, r, pad = self.preprocess(bgr)
+        return self.raw(x), r, pad
+
+    def embed(self, image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+        return self.embed_batch([image], [boxes])[0]
 
     def embed_batch(self, images: list, boxes: list) -> list:
         """Vectors of given boxes (pixels of each BGR image), pooled from the graph's maps."""
@@ -133,7 +184,6 @@ class OnnxStudent:
 
     def detect(self, images: list, conf: float = 0.25, iou: float = 0.7, max_det: int = 300) -> list:
         """Same contract as :meth:`mocha_edge.infer.Student.detect`, one image at a time."""
-        import numpy as np
         from mocha_edge.export import reference as ref
 
         from mocha_edge.infer import Detections, from_letterbox
@@ -148,6 +198,32 @@ class OnnxStudent:
             bb = from_letterbox(b, r, pad, img.shape)
             out.append(Detections(bb.astype(np.float32), s.astype(np.float32), c, vec))
         return out
+
+
+def ort_session(path: str | Path, providers: list[str] | None = None, threads: int | None = None):
+    """An ONNX Runtime session with our settings (all graph optimisations; ``threads`` intra-op threads,
+    default: ORT's choice = physical cores)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        so.intra_op_num_threads = int(threads)
+    return ort.InferenceSession(str(path), so, providers=providers or ["CPUExecutionProvider"])
+
+
+class OnnxStudent(RawStudent):
+    """An exported student run by ONNX Runtime + the NumPy reference post-processing (parity, reports)."""
+
+    def __init__(
+        self, path: str | Path, providers: list[str] | None = None, threads: int | None = None
+    ) -> None:
+        self.path = Path(path)
+        self.session = ort_session(self.path, providers, threads)
+        names = list(contract.OUTPUTS)
+        super().__init__(
+            lambda x: self.session.run(names, {contract.INPUT: x}), read_facts(self.path), self.path.name
+        )
 
 
 def export_translator(student, dest: str | Path) -> Path:

@@ -451,58 +451,56 @@ def eval_cmd(dataset: Path, models: tuple[str, ...], shots: str, episodes: int, 
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["onnx"]),
+    type=click.Choice(["onnx", "engine"]),
     default="onnx",
     show_default=True,
-    help="onnx (TensorRT engines: next step of the export work).",
+    help="onnx: ONNX Runtime / any runtime; engine: TensorRT engines (needs TensorRT + a GPU).",
 )
+@click.option("--fp16", is_flag=True, help="Also an FP16 artefact (engine: the default precision).")
+@click.option("--int8", is_flag=True, help="Also an INT8 artefact (symmetric Q/DQ; needs --calib or --data).")
+@click.option(
+    "--calib", type=click.Path(path_type=Path), help="Dataset whose images calibrate INT8 [default: --data]."
+)
+@click.option("--calib-images", default=500, show_default=True, help="Calibration images (fewer: warning).")
+@click.option("--imgsz", type=int, default=None, help="Input side [default: the training size].")
 @click.option("--out", type=click.Path(path_type=Path), help="Output .onnx [default: beside CKPT].")
 @click.option("--batch", default=1, show_default=True)
 @click.option("--dynamic", is_flag=True, help="Dynamic batch axis.")
 @click.option(
     "--keep-translator", is_flag=True, help="Also write translator.onnx (vectors -> teacher space)."
 )
+@click.option("--workspace", default=4.0, show_default=True, help="TensorRT builder workspace limit (GiB).")
 @click.option(
     "--data",
     "dataset",
     type=click.Path(path_type=Path),
-    help="Images for the parity report (val split, or all): PyTorch vs ONNX Runtime.",
+    help="Dataset for the accuracy report (val mAP50, 1-shot episodes, vector cosine, parity).",
 )
-@click.option("--parity-images", default=20, show_default=True)
-def export_cmd(ckpt: Path, fmt: str, out: Path | None, batch: int, dynamic: bool, keep_translator: bool,
-               dataset: Path | None, parity_images: int) -> None:  # fmt: skip
-    """Export a trained student (translator stripped) to ONNX: raw head outputs + the three head-input
-    maps (names in mocha_edge.export.contract), simplified with onnxslim, onnx.checker-clean, opset 17,
-    with a JSON of deployment facts beside it.
+@click.option("--episodes", default=50, show_default=True, help="1-shot episodes in the report.")
+@click.option("--parity-images", default=20, show_default=True, help="Images for the PyTorch-vs-ONNX parity.")
+@click.option("--no-report", is_flag=True, help="Skip the accuracy/speed report.")
+def export_cmd(ckpt: Path, fmt: str, fp16: bool, int8: bool, calib: Path | None, calib_images: int,
+               imgsz: int | None, out: Path | None, batch: int, dynamic: bool, keep_translator: bool,
+               workspace: float, dataset: Path | None, episodes: int, parity_images: int,
+               no_report: bool) -> None:  # fmt: skip
+    """Export a trained student (translator stripped) to ONNX (raw head outputs + the three head-input
+    maps, names in mocha_edge.export.contract; opset 17, onnxslim, checker-clean) with a JSON of deployment
+    facts beside it; optionally FP16 and symmetric INT8 Q/DQ ONNX, or TensorRT FP16/INT8 engines, and an
+    accuracy report (NAME.report.json: mAP50, 1-shot mAP50, vector cosine vs FP32, ms per precision).
 
     \b
     Example:
-      mocha-edge export runs/distill/last.ckpt --format onnx --data data/synth
+      mocha-edge export runs/distill/last.ckpt --fp16 --int8 --data data/synth
+      mocha-edge export runs/distill/last.ckpt --format engine --int8 --calib data/synth
     """
-    from mocha_edge.export.onnx import export_onnx, export_translator, parity
-    from mocha_edge.infer import Student, read_bgr
-    from mocha_edge.utils import write_json_atomic
+    from mocha_edge.export.exporter import ExportOptions, run_export
 
-    student = Student.load(ckpt, translator=keep_translator)
-    dest = out or ckpt.with_name(ckpt.stem + ".onnx")
-    export_onnx(student, dest, batch=batch, dynamic=dynamic)
-    click.echo(f"wrote {dest} and {dest.with_suffix('.json')}")
-    if keep_translator:
-        t = export_translator(student, dest.with_name("translator.onnx"))
-        click.echo(f"wrote {t}")
-    if dataset is not None:
-        from mocha_edge.data import load_dataset
-
-        ds = load_dataset(dataset)
-        items = ds.items("val") or ds.items()
-        imgs = [read_bgr(it.path) for it in items[:parity_images]]
-        rep = parity(Student.load(ckpt), dest, imgs)
-        write_json_atomic(dest.with_suffix(".parity.json"), rep)
-        click.echo(
-            f"parity on {rep['images']} images: max |diff| {rep['max_abs_diff']:.2e}, "
-            f"{rep['detections_equal']}/{rep['detections']} detections equal, min IoU {rep['min_box_iou']:.4f}, "
-            f"min vector cosine {rep['min_vector_cosine']:.6f}"
-        )
+    opts = ExportOptions(
+        fmt=fmt, fp16=fp16, int8=int8, calib=calib, calib_images=calib_images, imgsz=imgsz, batch=batch,
+        dynamic=dynamic, keep_translator=keep_translator, workspace_gb=workspace, data=dataset,
+        episodes=episodes, parity_images=parity_images, report=not no_report, out=out,
+    )  # fmt: skip
+    run_export(ckpt, opts, log=click.echo)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -512,3 +510,8 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+from mocha_edge.live import run_cmd  # noqa: E402 - registered last: `mocha-edge run`, the live loop
+
+cli.add_command(run_cmd, "run")

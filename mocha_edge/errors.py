@@ -21,3 +21,7 @@ class TeacherError(MochaError):
 
 class MissingDependencyError(MochaError):
     """An optional dependency is not installed; the message names the pip extra to install."""
+
+
+class ExportError(MochaError):
+    """An export cannot be made or an exported artefact cannot be used (missing sidecar, bad calibration set)."""

@@ -93,11 +93,33 @@ def test_reference_decode_and_pool_shapes() -> None:
 def test_export_cli_with_translator_and_parity(student_ckpt: Path, synth_small: Path, tmp_path: Path) -> None:
     dest = tmp_path / "s.onnx"
     r = CliRunner().invoke(cli, ["export", str(student_ckpt), "--out", str(dest), "--keep-translator",
-                                 "--data", str(synth_small), "--parity-images", "4"])  # fmt: skip
+                                 "--fp16", "--int8", "--calib-images", "16", "--data", str(synth_small),
+                                 "--parity-images", "4", "--episodes", "3"])  # fmt: skip
     assert r.exit_code == 0, r.output
-    assert (
-        dest.is_file() and dest.with_suffix(".json").is_file() and dest.with_suffix(".parity.json").is_file()
-    )
+    assert "advised" in r.output or "500" in r.output  # fewer calibration images than advised: warned
+    for f in (
+        "s.onnx",
+        "s.json",
+        "s.fp16.onnx",
+        "s.fp16.json",
+        "s.int8.onnx",
+        "s.int8.json",
+        "s.report.json",
+    ):
+        assert (tmp_path / f).is_file(), f
+    rep = json.loads((tmp_path / "s.report.json").read_text())
+    for prec in ("fp32", "fp16", "int8"):
+        p = rep["precisions"][prec]
+        for key in ("map50", "fewshot_map50", "cosine_vs_fp32", "ms_p50"):
+            assert isinstance(p[key], float) and np.isfinite(p[key]), (prec, key)
+        assert 0 <= p["map50"] <= 100 and 0 <= p["fewshot_map50"] <= 100
+    assert rep["precisions"]["fp32"]["cosine_vs_fp32"] == pytest.approx(1.0, abs=1e-6)
+    assert rep["precisions"]["fp16"]["cosine_vs_fp32"] > 0.999
+    assert rep["precisions"]["int8"]["cosine_vs_fp32"] > 0.9
+    assert abs(rep["precisions"]["fp16"]["map50"] - rep["precisions"]["fp32"]["map50"]) < 1.0
+    assert rep["parity_fp32_vs_pytorch"]["detections_equal"] == rep["parity_fp32_vs_pytorch"]["detections"]
+    facts = json.loads((tmp_path / "s.int8.json").read_text())
+    assert facts["precision"] == "int8" and facts["calibration"]["images"] == 16
     st = Student.load(student_ckpt, translator=True)
     sess = ort.InferenceSession(str(tmp_path / "translator.onnx"), providers=["CPUExecutionProvider"])
     v = np.random.default_rng(0).normal(size=(5, 448)).astype(np.float32)
@@ -162,3 +184,48 @@ def test_int8_qdq_is_symmetric_and_keeps_the_head_float(
     )
     for a, b in zip(ref, got_u8):
         assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.95
+
+
+def test_export_plan_and_names() -> None:
+    from mocha_edge.export.exporter import ExportOptions, artefact_path, cpu_int8_twin_needed, precisions_for
+
+    assert precisions_for(ExportOptions()) == ["fp32"]
+    assert precisions_for(ExportOptions(fp16=True, int8=True)) == ["fp32", "fp16", "int8"]
+    assert precisions_for(ExportOptions(fmt="engine")) == ["fp16"]
+    assert precisions_for(ExportOptions(fmt="engine", int8=True)) == ["int8"]
+    d = Path("/x/m.onnx")
+    assert artefact_path(d, "fp32") == d
+    assert artefact_path(d, "int8") == Path("/x/m.int8.onnx")
+    assert artefact_path(d, "fp16", "engine") == Path("/x/m.fp16.engine")
+    assert cpu_int8_twin_needed("x86_64") and not cpu_int8_twin_needed("aarch64")
+
+
+def test_int8_without_calibration_data_and_engine_without_tensorrt(
+    student_ckpt: Path, tmp_path: Path
+) -> None:
+    r = CliRunner().invoke(cli, ["export", str(student_ckpt), "--out", str(tmp_path / "m.onnx"), "--int8"])
+    assert r.exit_code == 1 and "--calib" in r.output and not list(tmp_path.iterdir())
+    r = CliRunner().invoke(
+        cli, ["export", str(student_ckpt), "--out", str(tmp_path / "m.onnx"), "--format", "engine"]
+    )
+    assert r.exit_code == 1 and "TensorRT" in r.output and len(r.output.strip().splitlines()) == 1
+    assert not list(tmp_path.iterdir())  # refused before any work: nothing written
+
+
+def test_interrupted_export_leaves_no_partial_file(
+    student_ckpt: Path, synth_small: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import onnxruntime.quantization as q
+
+    def boom(*a, **k):
+        Path(a[1]).write_bytes(b"half a model")  # quantize_static got as far as writing its output
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(q, "quantize_static", boom)
+    with pytest.raises(KeyboardInterrupt):
+        from mocha_edge.export.exporter import ExportOptions, run_export
+
+        run_export(student_ckpt, ExportOptions(int8=True, calib=synth_small, calib_images=4, report=False,
+                                               out=tmp_path / "m.onnx"), log=lambda s: None)  # fmt: skip
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["m.json", "m.onnx"], names  # the finished FP32 export stays; no half INT8 file

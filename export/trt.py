@@ -1,0 +1,1227 @@
+"""TensorRT engines from the exported ONNX graph: build (FP16 / INT8), calibrate, check build facts, run.
+
+Supported: TensorRT 8.5 – 10.x (JetPack 5 = 8.5, JetPack 6.0 = 8.6, JetPack 6.1/6.2 = 10.3, Thor = 10.x).
+TensorRT 11 removed weak typing (``BuilderFlag.FP16`` / ``INT8``, calibrators) and is refused with a message.
+
+Every decision is a plain function tested on CPU (flags, precisions kept high, shapes, cache keys, sidecar
+rules, which I/O API). The code that touches ``tensorrt`` and CUDA is kept thin: :func:`build_engine`,
+:func:`make_calibrator` and :class:`TrtEngine`. Importing this module never needs TensorRT.
+
+Engine files: ``NAME.engine`` (the serialized plan) and ``NAME.json`` beside it: the ONNX export's
+deployment facts (what :func:`mocha_edge.export.onnx.read_facts` reads) plus an ``"engine"`` section of
+build facts (TensorRT version, GPU, compute capability, precision, shapes, model / calibration hashes, the
+command that rebuilds it). :class:`TrtEngine` refuses an engine whose facts do not match this machine.
+
+INT8: an ONNX with Q/DQ nodes (``export/quantize.py``) is built explicitly; a float ONNX is calibrated
+implicitly (TensorRT < 11) with MinMax by default (entropy calibration lost 10-20 % mAP for YOLO users,
+DEPLOY.md), and the calibration cache ``NAME.calib`` carries a key of model, images, imgsz, batch,
+TensorRT version and algorithm: a stale cache is refused, never reused. The head's output convolutions,
+the path from them to the raw outputs and any score op (sigmoid, DFL softmax) stay in higher precision.
+
+CUDA from Python: cuda-python (``cuda.bindings.runtime``, or ``cuda.cudart`` before 12.6) when installed,
+else pycuda. CUDA graphs need cuda-python.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import shlex
+import warnings
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from mocha_edge.export import contract
+
+from mocha_edge.errors import MissingDependencyError, MochaError
+from mocha_edge.utils import atomic_path
+
+if TYPE_CHECKING:
+    import onnx
+    import tensorrt
+    from mocha_edge.export.calib import CalibrationSet
+
+log = logging.getLogger(__name__)
+
+MIN_TRT = (8, 5)
+NO_TRT = (11, 0)  # TensorRT 11 removed weak typing (FP16/INT8 builder flags, calibrators)
+PRECISIONS = ("fp16", "int8")
+DEFAULT_WORKSPACE_GB = 1.0  # plenty for nano/small detectors; safe on 4 GB Jetsons (DEPLOY.md: OOM at build)
+CALIB_MAGIC = b"MOCHA-EDGE-CALIB/1\n"
+ENGINE_FORMAT = "mocha-edge-engine/1"
+TENSORRT_MISSING = (
+    "TensorRT is not installed: on a Jetson it comes with JetPack (python3-libnvinfer); "
+    "elsewhere pip install 'mocha-edge[trt]' with NVIDIA's index"
+)
+
+
+class EngineBuildError(MochaError):
+    """A TensorRT engine cannot be built from this ONNX with these options."""
+
+
+class EngineMismatch(MochaError):
+    """An engine cannot be used on this machine (other TensorRT / GPU, missing build facts)."""
+
+
+class StaleCalibrationCache(MochaError):
+    """A calibration cache was made for another model, image set, input size, batch or TensorRT."""
+
+
+class NoCudaDevice(MochaError):
+    """No CUDA GPU is visible (TensorRT needs one)."""
+
+
+# ------------------------------------------------------------------------------------------- versions
+def parse_version(version: str) -> tuple[int, ...]:
+    """``"8.6.1.6"`` -> ``(8, 6, 1, 6)`` (trailing non-numeric parts such as ``post1`` are dropped)."""
+    out: list[int] = []
+    for part in str(version).split("."):
+        digits = "".join(ch for ch in part if ch.isdigit()) if part[:1].isdigit() else ""
+        if not digits:
+            break
+        out.append(int(digits))
+    if len(out) < 2:
+        raise ValueError(f"not a TensorRT version: {version!r}")
+    return tuple(out)
+
+
+def _major_minor(version: str) -> str:
+    return ".".join(str(v) for v in parse_version(version)[:2])
+
+
+def check_trt_version(version: str) -> tuple[int, ...]:
+    """Refuse TensorRT versions this builder does not support (< 8.5, ≥ 11)."""
+    v = parse_version(version)
+    if v[:2] < MIN_TRT:
+        raise EngineBuildError(
+            f"TensorRT {version} is too old: mocha-edge needs 8.5 or newer (JetPack ≥ 5.1)"
+        )
+    if v[:2] >= NO_TRT:
+        raise EngineBuildError(
+            f"TensorRT {version} builds strongly typed networks only (no FP16/INT8 builder flags); "
+            "mocha-edge builds engines with TensorRT 8.5–10.x"
+        )
+    return v
+
+
+# ------------------------------------------------------------------------------------------ decisions
+def _check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+
+
+def network_flags(trt_version: str) -> list[str]:
+    """``NetworkDefinitionCreationFlag`` names: explicit batch is required before 10, deprecated in 10."""
+    return ["EXPLICIT_BATCH"] if check_trt_version(trt_version)[0] < 10 else []
+
+
+def builder_flags(precision: str, trt_version: str) -> list[str]:
+    """``BuilderFlag`` names for a precision. INT8 keeps FP16 on for the layers INT8 cannot or must not
+    take; OBEY makes the precisions set on kept layers binding (a build that cannot honour them fails)."""
+    _check_precision(precision)
+    check_trt_version(trt_version)
+    flags = ["FP16"] if precision == "fp16" else ["FP16", "INT8"]
+    return [*flags, "OBEY_PRECISION_CONSTRAINTS"]
+
+
+def int8_mode(trt_version: str, has_qdq: bool) -> str:
+    """``"explicit"`` for a Q/DQ ONNX (no calibrator), ``"implicit"`` (calibrator + cache) otherwise."""
+    check_trt_version(trt_version)
+    return "explicit" if has_qdq else "implicit"
+
+
+def io_api(trt_version: str) -> str:
+    """``"tensors"`` (name-based I/O, ``execute_async_v3``; TensorRT ≥ 8.6, where enqueueV3 can be captured
+    into a CUDA graph) or ``"bindings"`` (binding indices, ``execute_async_v2``; TensorRT 8.5, JetPack 5)."""
+    v = parse_version(trt_version)
+    if v[:2] < MIN_TRT:
+        raise EngineMismatch(f"TensorRT {trt_version} is too old: mocha-edge needs 8.5 or newer")
+    return "tensors" if v[:2] >= (8, 6) else "bindings"
+
+
+def cuda_graph_supported(trt_version: str) -> bool:
+    """Whether enqueue can be captured into a CUDA graph (the name-based ``execute_async_v3`` path)."""
+    return io_api(trt_version) == "tensors"
+
+
+def workspace_bytes(gb: float) -> int:
+    """Builder workspace limit in bytes (``set_memory_pool_limit(MemoryPoolType.WORKSPACE, ...)``)."""
+    if not gb > 0:
+        raise ValueError(f"workspace must be > 0 GB, got {gb}")
+    return int(gb * (1 << 30))
+
+
+def shape_profile(
+    onnx_shape: Sequence[int | str],
+    imgsz: int,
+    batch: int = 1,
+    dynamic: bool = False,
+    min_batch: int = 1,
+    opt_batch: int | None = None,
+) -> dict[str, list[int]] | None:
+    """The optimisation profile of the input, or ``None`` when the ONNX input is fully static.
+
+    ``onnx_shape`` is the ONNX input shape with symbolic dims as strings. With ``dynamic`` the engine
+    accepts batches ``min_batch .. batch`` (``batch`` is the largest), tuned for ``opt_batch`` (default:
+    half of ``batch``); a dynamic ONNX built without ``dynamic`` gets a fixed profile at ``batch``.
+    """
+    if len(onnx_shape) != 4 or onnx_shape[1] != 3:
+        raise EngineBuildError(f"ONNX input {list(onnx_shape)} is not (B, 3, S, S)")
+    for d in onnx_shape[2:]:
+        if isinstance(d, int) and d != imgsz:
+            raise EngineBuildError(
+                f"ONNX input is {onnx_shape[2]}x{onnx_shape[3]} but imgsz is {imgsz}: re-export at {imgsz}"
+            )
+    if batch < 1 or min_batch < 1:
+        raise EngineBuildError(f"batch sizes must be >= 1 (batch {batch}, min batch {min_batch})")
+    hw_static = all(isinstance(d, int) for d in onnx_shape[2:])
+    b0 = onnx_shape[0]
+    if isinstance(b0, int):
+        if dynamic:
+            raise EngineBuildError(
+                f"the ONNX has a fixed batch of {b0}: re-export it with --dynamic for a dynamic-batch engine"
+            )
+        if b0 != batch:
+            raise EngineBuildError(f"the ONNX has a fixed batch of {b0}, not {batch}: pass --batch {b0}")
+        if hw_static:
+            return None
+    if not dynamic:
+        fixed = [batch, 3, imgsz, imgsz]
+        return {"min": fixed, "opt": fixed, "max": fixed}
+    if batch <= min_batch:
+        raise EngineBuildError(
+            f"a dynamic engine for batches {min_batch}..{batch} is a fixed one: pass the largest batch "
+            "with --batch N (N > 1), or drop --dynamic"
+        )
+    opt = opt_batch if opt_batch is not None else max(min_batch, batch // 2)
+    if not min_batch <= opt <= batch:
+        raise EngineBuildError(f"batch profile must satisfy min {min_batch} <= opt {opt} <= max {batch}")
+    return {
+        "min": [min_batch, 3, imgsz, imgsz],
+        "opt": [opt, 3, imgsz, imgsz],
+        "max": [batch, 3, imgsz, imgsz],
+    }
+
+
+def _load_onnx(onnx_model: onnx.ModelProto | str | Path) -> onnx.ModelProto:
+    import onnx
+
+    if isinstance(onnx_model, onnx.ModelProto):
+        return onnx_model
+    p = Path(onnx_model)
+    if not p.is_file():
+        raise EngineBuildError(f"{p}: no such ONNX file")
+    try:
+        return onnx.load(str(p))
+    except Exception as e:  # onnx raises DecodeError / ValueError / OSError for broken files
+        raise EngineBuildError(f"{p}: not a readable ONNX model ({type(e).__name__})") from None
+
+
+def onnx_input_shape(onnx_model: onnx.ModelProto | str | Path, name: str = contract.INPUT) -> list[int | str]:
+    """The ONNX input's shape, symbolic dims as their names (``"batch"``)."""
+    m = _load_onnx(onnx_model)
+    for inp in m.graph.input:
+        if inp.name == name:
+            dims = inp.type.tensor_type.shape.dim
+            return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
+    names = [i.name for i in m.graph.input]
+    raise EngineBuildError(
+        f"ONNX has no input {name!r} (inputs: {', '.join(names)}): not a mocha-edge export"
+    )
+
+
+def has_qdq(onnx_model: onnx.ModelProto | str | Path) -> bool:
+    """Whether the graph is explicitly quantised (QuantizeLinear / DequantizeLinear nodes)."""
+    m = _load_onnx(onnx_model)
+    return any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in m.graph.node)
+
+
+_SCORE_OPS = ("Sigmoid", "Softmax", "LogSoftmax", "HardSigmoid")
+_ALL_DATA_INPUTS = ("Concat", "Add", "Sub", "Mul", "Div", "MatMul", "Gemm", "Max", "Min")  # others: input 0
+_NO_PRECISION = ("QuantizeLinear", "DequantizeLinear", "Constant", "Shape")
+
+
+def layers_kept_high_precision(onnx_model: onnx.ModelProto | str | Path, precision: str) -> dict[str, str]:
+    """ONNX node name -> ``"fp32"`` / ``"fp16"``: the nodes an engine of ``precision`` must not lower.
+
+    * Score ops (sigmoid that is not half of a SiLU, softmax such as DFL's) and everything after them:
+      ``"fp32"`` (DEPLOY.md: keep the head's sigmoid and anything mixing box pixels with 0-1 scores high).
+    * INT8 only: the head's output convolutions (first Conv on each path back from ``box_dist`` /
+      ``cls_logits`` or from a score op, as ``export/quantize.py::head_output_convs``) and the nodes from
+      them to those outputs: ``"fp16"`` (they carry the logits that the sigmoid / DFL softmax read).
+    """
+    _check_precision(precision)
+    m = _load_onnx(onnx_model)
+    nodes = list(m.graph.node)
+    producer = {o: n for n in nodes for o in n.output}
+    consumers: dict[str, list[Any]] = {}
+    for n in nodes:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+
+    def is_silu_sigmoid(n: Any) -> bool:  # x * sigmoid(x): an activation, not a score
+        if n.op_type != "Sigmoid":
+            return False
+        return any(
+            c.op_type == "Mul" and set(c.input) == {n.input[0], n.output[0]}
+            for c in consumers.get(n.output[0], [])
+        )
+
+    score = [n for n in nodes if n.op_type in _SCORE_OPS and not is_silu_sigmoid(n)]
+    kept: dict[str, str] = {}
+
+    # everything downstream of a score op (inclusive) -> fp32
+    stack = list(score)
+    while stack:
+        n = stack.pop()
+        if n.name in kept or n.op_type in _NO_PRECISION:
+            continue
+        kept[n.name] = "fp32"
+        for o in n.output:
+            stack.extend(consumers.get(o, []))
+
+    if precision == "int8":
+        graph_outputs = {o.name for o in m.graph.output}
+        anchors = [t for t in (contract.BOX_DIST, contract.CLS_LOGITS) if t in graph_outputs]
+        anchors += [n.input[0] for n in score]
+        seen: set[str] = set()
+        stack_t = list(anchors)
+        while stack_t:
+            n = producer.get(stack_t.pop())
+            if n is None or n.name in seen or n.op_type in _NO_PRECISION:
+                continue
+            seen.add(n.name)
+            kept.setdefault(n.name, "fp16")
+            if n.op_type == "Conv":
+                continue  # the first Conv on each path is the head's output conv: stop there
+            stack_t.extend(n.input if n.op_type in _ALL_DATA_INPUTS else n.input[:1])
+    return dict(sorted(kept.items()))
+
+
+def node_outputs(onnx_model: onnx.ModelProto | str | Path) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """ONNX node name -> its output tensor names, and -> its op type (TensorRT's parser keeps the names)."""
+    nodes = _load_onnx(onnx_model).graph.node
+    return {n.name: list(n.output) for n in nodes}, {n.name: n.op_type for n in nodes}
+
+
+def match_layers(
+    layers: Iterable[tuple[str, Sequence[str]]],
+    kept: dict[str, str],
+    outputs: dict[str, list[str]],
+    ops: dict[str, str] | None = None,
+) -> dict[str, str]:
+    """TensorRT layer name -> precision for the kept ONNX nodes.
+
+    ``layers`` are ``(layer name, output tensor names)`` from the parsed network; ``outputs`` / ``ops``
+    map ONNX node names to their output tensors / op types. A layer matches a node when it has the node's
+    name or produces one of the node's output tensors. A kept Conv or score op that matches no layer is an
+    error (its precision rule would silently not apply); other unmatched nodes warn.
+    """
+    by_tensor = {t: node for node in kept for t in outputs.get(node, [])}
+    out: dict[str, str] = {}
+    hit: set[str] = set()
+    for lname, louts in layers:
+        node = lname if lname in kept else next((by_tensor[t] for t in louts if t in by_tensor), None)
+        if node is not None:
+            out[lname] = kept[node]
+            hit.add(node)
+    missed = sorted(set(kept) - hit)
+    if missed:
+        msg = f"{len(missed)} kept ONNX nodes have no TensorRT layer: {', '.join(missed[:5])}"
+        important = [n for n in missed if (ops or {}).get(n) in ("Conv", *_SCORE_OPS)]
+        if important:
+            raise EngineBuildError(msg + " (precision constraints would not apply)")
+        warnings.warn(msg, stacklevel=2)
+    return out
+
+
+# ------------------------------------------------------------------------------------- files and keys
+def default_engine_path(onnx_path: str | Path, precision: str) -> Path:
+    """``NAME.onnx`` -> ``NAME.fp16.engine`` / ``NAME.int8.engine`` (its facts: ``NAME.fp16.json``)."""
+    _check_precision(precision)
+    p = Path(onnx_path)
+    return p.with_name(f"{p.stem}.{precision}.engine")
+
+
+def sidecar_path(engine_path: str | Path) -> Path:
+    """The engine's facts file ``NAME.json`` (the path ``export.onnx.read_facts`` reads)."""
+    return Path(engine_path).with_suffix(".json")
+
+
+def calibration_cache_path(engine_path: str | Path) -> Path:
+    """The implicit-INT8 calibration cache beside the engine: ``NAME.calib``."""
+    return Path(engine_path).with_suffix(".calib")
+
+
+def calibration_cache_key(
+    model_hash: str, calib_hash: str, imgsz: int, batch: int, trt_version: str, algorithm: str = "minmax"
+) -> dict[str, Any]:
+    """Everything a calibration cache depends on (TensorRT by major.minor: its cache format's scope)."""
+    return {
+        "model": model_hash,
+        "calibration": calib_hash,
+        "imgsz": int(imgsz),
+        "batch": int(batch),
+        "tensorrt": _major_minor(trt_version),
+        "algorithm": algorithm,
+    }
+
+
+def write_calibration_cache(path: str | Path, key: dict[str, Any], data: bytes) -> None:
+    """Write ``MAGIC``, the key as one JSON line, then TensorRT's cache bytes (atomically)."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(CALIB_MAGIC + json.dumps(key, sort_keys=True).encode() + b"\n" + bytes(data))
+
+
+def _short(v: Any) -> str:
+    s = str(v)
+    return s[:12] if len(s) > 16 and all(c in "0123456789abcdef" for c in s) else s
+
+
+def read_calibration_cache(path: str | Path, key: dict[str, Any]) -> bytes | None:
+    """TensorRT's cache bytes from ``path`` when its key equals ``key``; ``None`` when there is no file.
+
+    Raises :class:`StaleCalibrationCache` (naming the file and what changed) for any other file: a stale
+    cache is never reused silently; delete it to recalibrate.
+    """
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    hint = "delete it to recalibrate"
+    if not raw.startswith(CALIB_MAGIC):
+        raise StaleCalibrationCache(f"{path}: not a mocha-edge calibration cache (no key to check); {hint}")
+    head, sep, data = raw[len(CALIB_MAGIC) :].partition(b"\n")
+    try:
+        stored = json.loads(head) if sep else None
+    except ValueError:
+        stored = None
+    if not isinstance(stored, dict) or not data:
+        raise StaleCalibrationCache(f"{path}: corrupt calibration cache; {hint}")
+    changed = [k for k in sorted(set(stored) | set(key)) if stored.get(k) != key.get(k)]
+    if changed:
+        what = ", ".join(f"{k} {_short(stored.get(k))} -> {_short(key.get(k))}" for k in changed)
+        raise StaleCalibrationCache(f"{path}: stale calibration cache ({what}); {hint}")
+    return data
+
+
+def rebuild_command(
+    source: str | Path,
+    precision: str,
+    dest: str | Path | None = None,
+    data: str | None = None,
+    batch: int = 1,
+    dynamic: bool = False,
+    workspace_gb: float | None = None,
+) -> str:
+    """The ``mocha-edge export`` command line that rebuilds an engine (stored in its facts)."""
+    args = ["mocha-edge", "export", str(source), "--format", "engine", f"--{precision}"]
+    if data:
+        args += ["--data", str(data)]
+    if batch != 1:
+        args += ["--batch", str(batch)]
+    if dynamic:
+        args.append("--dynamic")
+    if workspace_gb is not None and workspace_gb != DEFAULT_WORKSPACE_GB:
+        args += ["--workspace", f"{workspace_gb:g}"]
+    if dest is not None:
+        args += ["--out", str(dest)]
+    return shlex.join(args)
+
+
+GENERIC_REBUILD = "mocha-edge export MODEL.onnx-or-ckpt --format engine --fp16|--int8 [--data DATA]"
+
+
+def sidecar(
+    *,
+    engine: str | Path,
+    trt_version: str,
+    gpu_name: str,
+    compute_capability: str,
+    precision: str,
+    input_shape: Sequence[int],
+    input_dtype: str,
+    dynamic_shapes: dict[str, list[int]] | None,
+    model_hash: str,
+    calib_hash: str | None,
+    command: str,
+    int8: str | None = None,
+    calib_images: int | None = None,
+    kept_precision: dict[str, str] | None = None,
+    workspace: int | None = None,
+    created: str | None = None,
+) -> dict[str, Any]:
+    """The build facts of one engine (the ``"engine"`` section of ``NAME.json``).
+
+    ``dynamic_shapes`` is the input's min/opt/max profile (``None`` for a static engine); ``int8`` is
+    ``"implicit"`` / ``"explicit"`` for INT8 engines; ``command`` rebuilds the engine.
+    """
+    from mocha_edge import __version__
+
+    return {
+        "format": ENGINE_FORMAT,
+        "engine": Path(engine).name,
+        "tensorrt": str(trt_version),
+        "gpu": gpu_name,
+        "compute_capability": str(compute_capability),
+        "precision": precision,
+        "int8": int8,
+        "input": {"name": contract.INPUT, "shape": [int(d) for d in input_shape], "dtype": input_dtype},
+        "dynamic_shapes": dynamic_shapes,
+        "model_hash": model_hash,
+        "calibration_hash": calib_hash,
+        "calibration_images": calib_images,
+        "kept_precision": kept_precision or {},
+        "workspace_bytes": workspace,
+        "mocha_edge": __version__,
+        "created": created or datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": command,
+    }
+
+
+def check_sidecar(
+    sidecar: dict[str, Any], running_trt_version: str, gpu_name: str, compute_capability: str
+) -> None:
+    """Refuse an engine this machine cannot run, with the reason and the command that rebuilds it.
+
+    TensorRT major.minor must match (a patch difference warns), the compute capability must match exactly;
+    another GPU name with the same compute capability only warns.
+    """
+    engine = sidecar.get("engine", "engine")
+    cmd = sidecar.get("command") or GENERIC_REBUILD
+    fix = f"rebuild it here: {cmd}"
+    missing = [k for k in ("tensorrt", "compute_capability", "gpu") if not sidecar.get(k)]
+    if missing:
+        raise EngineMismatch(f"{engine}: build facts lack {', '.join(missing)}; {fix}")
+    built = str(sidecar["tensorrt"])
+    try:
+        same_minor = parse_version(built)[:2] == parse_version(running_trt_version)[:2]
+    except ValueError:
+        raise EngineMismatch(f"{engine}: unreadable TensorRT version {built!r} in its facts; {fix}") from None
+    if not same_minor:
+        raise EngineMismatch(
+            f"{engine}: built with TensorRT {built}, this machine has {running_trt_version} "
+            f"(engines load only on the TensorRT major.minor they were built with); {fix}"
+        )
+    if str(sidecar["compute_capability"]) != str(compute_capability):
+        raise EngineMismatch(
+            f"{engine}: built for compute capability {sidecar['compute_capability']} ({sidecar['gpu']}), "
+            f"this GPU is {compute_capability} ({gpu_name}); {fix}"
+        )
+    if parse_version(built) != parse_version(running_trt_version):
+        warnings.warn(f"{engine}: built with TensorRT {built}, running {running_trt_version}", stacklevel=2)
+    if sidecar["gpu"] != gpu_name:
+        warnings.warn(
+            f"{engine}: built on {sidecar['gpu']}, running on {gpu_name} (same compute capability "
+            f"{compute_capability}; speed may differ, rebuild for best tactics)",
+            stacklevel=2,
+        )
+
+
+def load_sidecar(engine_path: str | Path) -> dict[str, Any]:
+    """The engine's ``NAME.json``; :class:`EngineMismatch` with the rebuild command when it is missing."""
+    engine_path = Path(engine_path)
+    side = sidecar_path(engine_path)
+    if not engine_path.is_file():
+        raise EngineMismatch(f"{engine_path}: no such engine file")
+    try:
+        doc = json.loads(side.read_text())
+    except FileNotFoundError:
+        raise EngineMismatch(
+            f"{engine_path}: its build facts {side.name} are missing, so it cannot be checked against this "
+            f"machine; rebuild it here: {GENERIC_REBUILD}"
+        ) from None
+    except ValueError as e:
+        raise EngineMismatch(f"{side}: not valid JSON ({e}); rebuild the engine: {GENERIC_REBUILD}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("engine"), dict):
+        raise EngineMismatch(
+            f"{side}: has no engine build facts (an ONNX export's facts?); rebuild the engine: {GENERIC_REBUILD}"
+        )
+    return doc
+
+
+# ----------------------------------------------------------------------------------- TensorRT + CUDA
+def require_tensorrt() -> ModuleType:
+    """Import TensorRT and check a CUDA GPU is visible; clear :class:`MochaError` s otherwise."""
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise MissingDependencyError(TENSORRT_MISSING) from None
+    if not hasattr(trt, "Builder"):  # e.g. only the `tensorrt-stubs` type stubs (a namespace package)
+        raise MissingDependencyError(TENSORRT_MISSING + " (only type stubs were found)")
+    cuda = cuda_backend()
+    if cuda.device_count() < 1:
+        raise NoCudaDevice(
+            "no CUDA GPU is visible: TensorRT engines are built and run on the GPU they target "
+            "(check the driver, `nvidia-smi` / `tegrastats`, and CUDA_VISIBLE_DEVICES)"
+        )
+    return trt
+
+
+class CudaBackend:
+    """The few CUDA runtime calls the engine and the calibrator need (pointers are ints)."""
+
+    name = "none"
+    graphs = False  # can capture a stream into a CUDA graph
+
+    def device_count(self) -> int:
+        raise NotImplementedError
+
+    def device_info(self) -> tuple[str, str, bool]:
+        """``(GPU name, "major.minor" compute capability, integrated)`` of the current device."""
+        raise NotImplementedError
+
+    def stream(self) -> int:
+        raise NotImplementedError
+
+    def malloc(self, nbytes: int) -> int:
+        raise NotImplementedError
+
+    def host(self, nbytes: int, mapped: bool) -> tuple[np.ndarray, int | None]:
+        """Pinned host bytes; with ``mapped`` also their device address (zero-copy, integrated GPUs)."""
+        raise NotImplementedError
+
+    def htod(self, dst: int, src: np.ndarray, stream: int | None = None) -> None:
+        raise NotImplementedError
+
+    def dtoh(self, dst: np.ndarray, src: int, stream: int | None = None) -> None:
+        raise NotImplementedError
+
+    def sync(self, stream: int) -> None:
+        raise NotImplementedError
+
+    def capture_begin(self, stream: int) -> None:
+        raise NotImplementedError(f"{self.name}: no CUDA graph capture")
+
+    def capture_end(self, stream: int) -> Any:
+        raise NotImplementedError(f"{self.name}: no CUDA graph capture")
+
+    def launch(self, graph: Any, stream: int) -> None:
+        raise NotImplementedError(f"{self.name}: no CUDA graph capture")
+
+    def close(self) -> None:
+        """Free everything this backend allocated."""
+
+
+class _CudaPython(CudaBackend):
+    """cuda-python's runtime API (``cuda.bindings.runtime``; ``cuda.cudart`` before 12.6)."""
+
+    name = "cuda-python"
+    graphs = True
+
+    def __init__(self, rt: Any) -> None:
+        self.rt = rt
+        self._free: list[tuple[Any, Any]] = []
+        self._keep: dict[int, Any] = {}
+
+    def _ok(self, res: Any) -> Any:
+        err, *rest = res if isinstance(res, tuple) else (res,)
+        if int(err) != 0:
+            msg = self.rt.cudaGetErrorString(err)[1]
+            raise MochaError(f"CUDA error {int(err)}: {msg.decode() if isinstance(msg, bytes) else msg}")
+        return rest[0] if len(rest) == 1 else rest
+
+    def device_count(self) -> int:
+        err, n = self.rt.cudaGetDeviceCount()
+        return int(n) if int(err) == 0 else 0
+
+    def device_info(self) -> tuple[str, str, bool]:
+        dev = self._ok(self.rt.cudaGetDevice())
+        p = self._ok(self.rt.cudaGetDeviceProperties(dev))
+        name = p.name.split(b"\0", 1)[0].decode() if isinstance(p.name, bytes) else str(p.name)
+        return name, f"{p.major}.{p.minor}", bool(p.integrated)
+
+    def stream(self) -> int:
+        s = self._ok(self.rt.cudaStreamCreateWithFlags(self.rt.cudaStreamNonBlocking))
+        self._keep[int(s)] = s
+        self._free.append((self.rt.cudaStreamDestroy, s))
+        return int(s)
+
+    def malloc(self, nbytes: int) -> int:
+        ptr = self._ok(self.rt.cudaMalloc(max(int(nbytes), 1)))
+        self._free.append((self.rt.cudaFree, ptr))
+        return int(ptr)
+
+    def host(self, nbytes: int, mapped: bool) -> tuple[np.ndarray, int | None]:
+        import ctypes
+
+        flags = self.rt.cudaHostAllocMapped if mapped else self.rt.cudaHostAllocDefault
+        ptr = int(self._ok(self.rt.cudaHostAlloc(max(int(nbytes), 1), flags)))
+        self._free.append((self.rt.cudaFreeHost, ptr))
+        arr = np.ctypeslib.as_array((ctypes.c_uint8 * max(int(nbytes), 1)).from_address(ptr))[:nbytes]
+        dev = int(self._ok(self.rt.cudaHostGetDevicePointer(ptr, 0))) if mapped else None
+        return arr, dev
+
+    def _s(self, stream: int | None) -> Any:
+        return self._keep.get(stream, 0) if stream is not None else 0
+
+    def htod(self, dst: int, src: np.ndarray, stream: int | None = None) -> None:
+        kind = self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice
+        if stream is None:
+            self._ok(self.rt.cudaMemcpy(dst, src.ctypes.data, src.nbytes, kind))
+        else:
+            self._ok(self.rt.cudaMemcpyAsync(dst, src.ctypes.data, src.nbytes, kind, self._s(stream)))
+
+    def dtoh(self, dst: np.ndarray, src: int, stream: int | None = None) -> None:
+        kind = self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        if stream is None:
+            self._ok(self.rt.cudaMemcpy(dst.ctypes.data, src, dst.nbytes, kind))
+        else:
+            self._ok(self.rt.cudaMemcpyAsync(dst.ctypes.data, src, dst.nbytes, kind, self._s(stream)))
+
+    def sync(self, stream: int) -> None:
+        self._ok(self.rt.cudaStreamSynchronize(self._s(stream)))
+
+    def capture_begin(self, stream: int) -> None:
+        mode = self.rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
+        self._ok(self.rt.cudaStreamBeginCapture(self._s(stream), mode))
+
+    def capture_end(self, stream: int) -> Any:
+        graph = self._ok(self.rt.cudaStreamEndCapture(self._s(stream)))
+        self._free.append((self.rt.cudaGraphDestroy, graph))
+        exe = self._ok(self.rt.cudaGraphInstantiateWithFlags(graph, 0))  # same call on CUDA 11.4+ and 12+
+        self._free.append((self.rt.cudaGraphExecDestroy, exe))
+        return exe
+
+    def launch(self, graph: Any, stream: int) -> None:
+        self._ok(self.rt.cudaGraphLaunch(graph, self._s(stream)))
+
+    def close(self) -> None:
+        while self._free:
+            fn, h = self._free.pop()
+            with contextlib.suppress(Exception):
+                fn(h)
+        self._keep.clear()
+
+
+class _PyCuda(CudaBackend):
+    """pycuda's driver API on the device's primary context (the one TensorRT's runtime calls use)."""
+
+    name = "pycuda"
+    graphs = False
+
+    def __init__(self, drv: Any) -> None:
+        self.drv = drv
+        drv.init()
+        self._ctx: Any = None
+        self._keep: list[Any] = []
+        self._streams: dict[int, Any] = {}
+
+    def device_count(self) -> int:
+        return int(self.drv.Device.count())
+
+    def _context(self) -> None:
+        if self._ctx is None:
+            self._ctx = self.drv.Device(0).retain_primary_context()
+            self._ctx.push()
+
+    def device_info(self) -> tuple[str, str, bool]:
+        d = self.drv.Device(0)
+        major, minor = d.compute_capability()
+        return str(d.name()), f"{major}.{minor}", bool(d.get_attribute(self.drv.device_attribute.INTEGRATED))
+
+    def stream(self) -> int:
+        self._context()
+        s = self.drv.Stream()
+        self._streams[int(s.handle)] = s
+        return int(s.handle)
+
+    def malloc(self, nbytes: int) -> int:
+        self._context()
+        buf = self.drv.mem_alloc(max(int(nbytes), 1))
+        self._keep.append(buf)
+        return int(buf)
+
+    def host(self, nbytes: int, mapped: bool) -> tuple[np.ndarray, int | None]:
+        self._context()
+        flags = self.drv.host_alloc_flags.DEVICEMAP if mapped else 0
+        arr = self.drv.pagelocked_empty(max(int(nbytes), 1), np.uint8, mem_flags=flags)
+        self._keep.append(arr)
+        return arr[:nbytes], (int(arr.base.get_device_pointer()) if mapped else None)
+
+    def htod(self, dst: int, src: np.ndarray, stream: int | None = None) -> None:
+        if stream is None:
+            self.drv.memcpy_htod(dst, src)
+        else:
+            self.drv.memcpy_htod_async(dst, src, self._streams[stream])
+
+    def dtoh(self, dst: np.ndarray, src: int, stream: int | None = None) -> None:
+        if stream is None:
+            self.drv.memcpy_dtoh(dst, src)
+        else:
+            self.drv.memcpy_dtoh_async(dst, src, self._streams[stream])
+
+    def sync(self, stream: int) -> None:
+        self._streams[stream].synchronize()
+
+    def close(self) -> None:
+        self._keep.clear()
+        self._streams.clear()
+        if self._ctx is not None:
+            with contextlib.suppress(Exception):
+                self._ctx.pop()
+            self._ctx = None
+
+
+def cuda_backend() -> CudaBackend:
+    """cuda-python when installed (CUDA graphs), else pycuda; a clear error when neither is."""
+    try:
+        from cuda.bindings import runtime as rt  # cuda-python >= 12.6
+    except ImportError:
+        try:
+            from cuda import cudart as rt  # older cuda-python (JetPack 5's CUDA 11.4: cuda-python 11.8)
+        except ImportError:
+            rt = None
+    if rt is not None:
+        return _CudaPython(rt)
+    try:
+        import pycuda.driver as drv
+    except ImportError:
+        raise MissingDependencyError(
+            "TensorRT from Python needs cuda-python or pycuda for GPU buffers: pip install cuda-python "
+            "(matching the CUDA major version) or pip install pycuda"
+        ) from None
+    return _PyCuda(drv)
+
+
+def _trt_dtype(trt: Any, name: str) -> Any:
+    return {"fp32": trt.float32, "fp16": trt.float16}[name]
+
+
+def make_calibrator(
+    calib: CalibrationSet,
+    imgsz: int,
+    batch: int,
+    cache_path: str | Path,
+    key: dict[str, Any],
+    cached: bytes | None,
+    cuda: CudaBackend,
+    algorithm: str = "minmax",
+) -> tensorrt.IInt8Calibrator:
+    """A TensorRT INT8 calibrator over ``calib`` (MinMax or Entropy2), defined here so that importing this
+    module never needs TensorRT. ``cached`` (checked by :func:`read_calibration_cache`) is handed back to
+    TensorRT instead of calibrating; a fresh calibration is written to ``cache_path`` with ``key``."""
+    import tensorrt as trt
+
+    class _Calibrator:
+        def __init__(self) -> None:
+            self.batches = calib.batches(imgsz, batch, drop_last=True)
+            self.nbytes = batch * 3 * imgsz * imgsz * 4
+            self.device = cuda.malloc(self.nbytes)
+            self.served = 0
+            self.error: BaseException | None = None
+            self.cache_path = Path(cache_path)
+
+        def get_batch_size(self) -> int:
+            return batch
+
+        def get_batch(self, names: list[str], *args: Any) -> list[int] | None:
+            try:
+                x = next(self.batches, None)
+                if x is None:
+                    return None
+                cuda.htod(self.device, np.ascontiguousarray(x, np.float32))
+            except BaseException as e:  # an exception must not cross into TensorRT: re-raised after build
+                self.error = e
+                return None
+            self.served += 1
+            return [self.device]
+
+        def read_calibration_cache(self, *args: Any) -> bytes | None:
+            return cached
+
+        def write_calibration_cache(self, cache: Any, *args: Any) -> None:
+            try:
+                write_calibration_cache(self.cache_path, key, bytes(cache))
+            except BaseException as e:
+                self.error = e
+
+    if algorithm == "minmax":
+
+        class MinMaxCalibrator(_Calibrator, trt.IInt8MinMaxCalibrator):
+            def __init__(self) -> None:
+                trt.IInt8MinMaxCalibrator.__init__(self)
+                _Calibrator.__init__(self)
+
+        return MinMaxCalibrator()
+    if algorithm == "entropy2":
+
+        class EntropyCalibrator(_Calibrator, trt.IInt8EntropyCalibrator2):
+            def __init__(self) -> None:
+                trt.IInt8EntropyCalibrator2.__init__(self)
+                _Calibrator.__init__(self)
+
+        return EntropyCalibrator()
+    raise ValueError(f"calibration algorithm must be minmax or entropy2, got {algorithm!r}")
+
+
+def _facts_of(onnx_path: Path) -> dict[str, Any]:
+    side = onnx_path.with_suffix(".json")
+    try:
+        doc = json.loads(side.read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def build_engine(
+    onnx_path: str | Path,
+    dest: str | Path | None = None,
+    precision: str = "fp16",
+    workspace_gb: float = DEFAULT_WORKSPACE_GB,
+    calib: CalibrationSet | None = None,
+    imgsz: int | None = None,
+    batch: int = 1,
+    dynamic: bool = False,
+    min_batch: int = 1,
+    opt_batch: int | None = None,
+    calib_algorithm: str = "minmax",
+    command: str | None = None,
+) -> Path:
+    """Build ``dest`` (default ``NAME.{precision}.engine``) from an exported ONNX and write its ``NAME.json``.
+
+    INT8: a Q/DQ ONNX is built as quantised (``calib`` unused); a float ONNX is calibrated on ``calib``
+    through the keyed cache ``NAME.calib``. ``dynamic``: batches ``min_batch .. batch``. ``imgsz`` defaults
+    to the ONNX's. ``command`` (the command line that made this engine) is stored to be printed back when
+    the engine cannot be used; by default it is rebuilt from these arguments. Returns ``dest``.
+    """
+    from mocha_edge.export.calib import model_hash
+
+    _check_precision(precision)
+    onnx_path = Path(onnx_path)
+    dest = Path(dest) if dest is not None else default_engine_path(onnx_path, precision)
+    if sidecar_path(dest) == onnx_path.with_suffix(".json"):
+        raise EngineBuildError(
+            f"{dest}: its facts file would overwrite the ONNX's {sidecar_path(dest).name}; "
+            f"name the engine e.g. {default_engine_path(onnx_path, precision).name}"
+        )
+    model = _load_onnx(onnx_path)
+    shape = onnx_input_shape(model)
+    facts = _facts_of(onnx_path)
+    if imgsz is None:
+        static = [d for d in shape[2:] if isinstance(d, int)]
+        imgsz = static[0] if static else facts.get("imgsz")
+        if imgsz is None:
+            raise EngineBuildError(
+                f"{onnx_path}: input size unknown (dynamic H/W, no facts file): pass imgsz"
+            )
+    profile = shape_profile(shape, int(imgsz), batch, dynamic, min_batch, opt_batch)
+    qdq = has_qdq(model)
+    kept = layers_kept_high_precision(model, precision)
+    outputs_of, ops_of = node_outputs(model)
+    mhash = model_hash(onnx_path)
+    del model
+
+    require_tensorrt()
+    import tensorrt as trt
+
+    cuda = cuda_backend()
+    version = str(trt.__version__)
+    flags = builder_flags(precision, version)
+    mode = int8_mode(version, qdq) if precision == "int8" else None
+    calib_batch = profile["opt"][0] if profile else batch
+    key: dict[str, Any] | None = None
+    cached: bytes | None = None
+    if mode == "implicit":
+        if calib is None:
+            raise EngineBuildError(
+                f"{onnx_path}: INT8 needs calibration images (--data) or a Q/DQ ONNX (export/quantize.py)"
+            )
+        if len(calib) < calib_batch:
+            raise EngineBuildError(
+                f"{len(calib)} calibration images are fewer than one batch of {calib_batch}"
+            )
+        key = calibration_cache_key(mhash, calib.hash(imgsz), imgsz, calib_batch, version, calib_algorithm)
+        cached = read_calibration_cache(calibration_cache_path(dest), key)  # refuses a stale cache up front
+    elif mode == "explicit" and calib is not None:
+        warnings.warn(
+            f"{onnx_path}: Q/DQ ONNX is built as quantised; the calibration images are unused", stacklevel=2
+        )
+    gpu_name, cc, _ = cuda.device_info()
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    net_flags = 0
+    for f in network_flags(version):
+        net_flags |= 1 << int(getattr(trt.NetworkDefinitionCreationFlag, f))
+    network = builder.create_network(net_flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errs = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise EngineBuildError(
+            f"{onnx_path}: TensorRT cannot parse it: {errs[0] if errs else 'unknown error'}"
+        )
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes(workspace_gb))
+    for f in flags:
+        config.set_flag(getattr(trt.BuilderFlag, f))
+
+    layers = [network.get_layer(i) for i in range(network.num_layers)]
+    names = [(ly.name, [ly.get_output(j).name for j in range(ly.num_outputs)]) for ly in layers]
+    assigned = match_layers(names, kept, outputs_of, ops_of)
+    floats = (trt.float32, trt.float16)
+    for ly in layers:
+        p = assigned.get(ly.name)
+        if p is None:
+            continue
+        dt = _trt_dtype(trt, p)
+        ly.precision = dt
+        for j in range(ly.num_outputs):
+            t = ly.get_output(j)
+            if t.dtype in floats and not t.is_network_output:  # network outputs stay float32
+                ly.set_output_type(j, dt)
+
+    if profile is not None:
+        prof = builder.create_optimization_profile()
+        prof.set_shape(
+            contract.INPUT, trt.Dims(profile["min"]), trt.Dims(profile["opt"]), trt.Dims(profile["max"])
+        )
+        config.add_optimization_profile(prof)
+    calibrator = None
+    if mode == "implicit":
+        assert calib is not None and key is not None
+        calibrator = make_calibrator(
+            calib, imgsz, calib_batch, calibration_cache_path(dest), key, cached, cuda, calib_algorithm
+        )
+        config.int8_calibrator = calibrator
+        if profile is not None:
+            cprof = builder.create_optimization_profile()
+            fixed = trt.Dims([calib_batch, 3, imgsz, imgsz])
+            cprof.set_shape(contract.INPUT, fixed, fixed, fixed)
+            config.set_calibration_profile(cprof)
+
+    log.info(
+        "building %s: TensorRT %s, %s, flags %s, %d layers kept high",
+        dest,
+        version,
+        precision,
+        flags,
+        len(assigned),
+    )
+    plan = builder.build_serialized_network(network, config)
+    err = getattr(calibrator, "error", None)
+    cuda.close()
+    if err is not None:
+        raise err
+    if plan is None:
+        raise EngineBuildError(
+            f"{dest}: TensorRT failed to build the engine (its log above says why); "
+            f"on a 4-8 GB Jetson try a smaller workspace (now {workspace_gb:g} GB)"
+        )
+    if calibrator is not None and cached is None and getattr(calibrator, "served", 0) == 0:
+        raise EngineBuildError(
+            f"{dest}: no calibration batch could be read from {calib.source if calib else '?'}"
+        )
+
+    with atomic_path(dest) as tmp:
+        tmp.write_bytes(bytes(memoryview(plan)))
+    data = calib.source if calib is not None and mode == "implicit" else None
+    build = sidecar(
+        engine=dest,
+        trt_version=version,
+        gpu_name=gpu_name,
+        compute_capability=cc,
+        precision=precision,
+        input_shape=[-1 if dynamic else batch, 3, imgsz, imgsz],
+        input_dtype="float32",
+        dynamic_shapes=profile if dynamic else None,
+        model_hash=mhash,
+        calib_hash=key["calibration"] if key else None,
+        command=command or rebuild_command(onnx_path, precision, dest, data, batch, dynamic, workspace_gb),
+        int8=mode,
+        calib_images=len(calib) if calib is not None and mode == "implicit" else None,
+        kept_precision=assigned,
+        workspace=workspace_bytes(workspace_gb),
+    )
+    with atomic_path(sidecar_path(dest)) as tmp:
+        tmp.write_text(json.dumps({**facts, "engine": build}, indent=2) + "\n")
+    return dest
+
+
+# ------------------------------------------------------------------------------------------- running
+class _IO:
+    """One engine's I/O through either TensorRT API (chosen by :func:`io_api`)."""
+
+    def __init__(self, engine: Any, context: Any, trt: Any, api: str) -> None:
+        self.engine, self.ctx, self.trt, self.api = engine, context, trt, api
+        if api == "tensors":
+            names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+            self.inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+            self.dtypes = {n: np.dtype(trt.nptype(engine.get_tensor_dtype(n))) for n in names}
+            self.shapes = {n: tuple(engine.get_tensor_shape(n)) for n in names}
+        else:  # TensorRT 8.5: binding indices (these calls do not exist in 10.x)
+            names = [engine.get_binding_name(i) for i in range(engine.num_bindings)]
+            self.inputs = [n for i, n in enumerate(names) if engine.binding_is_input(i)]
+            self.dtypes = {n: np.dtype(trt.nptype(engine.get_binding_dtype(i))) for i, n in enumerate(names)}
+            self.shapes = {n: tuple(engine.get_binding_shape(i)) for i, n in enumerate(names)}
+        self.names = names
+        self.outputs = [n for n in names if n not in self.inputs]
+        self.addr: dict[str, int] = {}
+
+    def set_input_shape(self, name: str, shape: Sequence[int]) -> None:
+        ok = (
+            self.ctx.set_input_shape(name, tuple(shape))
+            if self.api == "tensors"
+            else self.ctx.set_binding_shape(self.names.index(name), tuple(shape))
+        )
+        if ok is False:
+            raise MochaError(f"TensorRT refused input shape {tuple(shape)} for {name}")
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if self.api == "tensors":
+            return tuple(self.ctx.get_tensor_shape(name))
+        return tuple(self.ctx.get_binding_shape(self.names.index(name)))
+
+    def set_address(self, name: str, ptr: int) -> None:
+        self.addr[name] = ptr
+        if self.api == "tensors":
+            self.ctx.set_tensor_address(name, ptr)
+
+    def enqueue(self, stream: int) -> bool:
+        if self.api == "tensors":
+            return bool(self.ctx.execute_async_v3(stream))
+        return bool(
+            self.ctx.execute_async_v2(bindings=[self.addr[n] for n in self.names], stream_handle=stream)
+        )
+
+
+class TrtEngine:
+    """A built engine, checked against this machine and ready to run (one stream, pinned buffers).
+
+    Static shapes are captured into a CUDA graph (copies + enqueue, TensorRT ≥ 8.6 with cuda-python);
+    otherwise plain enqueue, with the reason in ``graph_note``. ``warmup`` runs happen in ``__init__``.
+    On an integrated GPU (Jetson) the buffers are mapped host memory: no copies at all.
+    """
+
+    def __init__(self, path: str | Path, warmup: int = 10, cuda_graph: bool = True) -> None:
+        self.path = Path(path)
+        self.facts = load_sidecar(self.path)
+        build = self.facts["engine"]
+        require_tensorrt()
+        import tensorrt as trt
+
+        self.cuda = cuda_backend()
+        gpu, cc, integrated = self.cuda.device_info()
+        version = str(trt.__version__)
+        check_sidecar(build, version, gpu, cc)
+        fix = f"rebuild it here: {build.get('command') or GENERIC_REBUILD}"
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._logger)
+        engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
+        if engine is None:
+            raise EngineMismatch(f"{self.path}: TensorRT {version} could not load it (see its log); {fix}")
+        self._engine = engine
+        context = engine.create_execution_context()
+        self.io = _IO(engine, context, trt, io_api(version))
+        want = set(contract.OUTPUTS)
+        if self.io.inputs != [contract.INPUT] or set(self.io.outputs) != want:
+            raise EngineMismatch(
+                f"{self.path}: I/O {self.io.inputs} -> {self.io.outputs} is not the export contract "
+                f"({contract.INPUT} -> {', '.join(contract.OUTPUTS)})"
+            )
+        self.output_names: list[str] = list(contract.OUTPUTS)
+        self.dtype = self.io.dtypes[contract.INPUT]
+        dyn = build.get("dynamic_shapes")
+        self.dynamic = bool(dyn)
+        self.input_shape: tuple[int, ...] = tuple(dyn["max"] if dyn else self.io.shapes[contract.INPUT])
+        self.min_batch = int(dyn["min"][0]) if dyn else self.input_shape[0]
+        self.zero_copy = integrated
+        self.stream = self.cuda.stream()
+
+        self.io.set_input_shape(contract.INPUT, self.input_shape)  # allocate for the largest shape
+        self.host: dict[str, np.ndarray] = {}
+        self.device: dict[str, int] = {}
+        for n in self.io.names:
+            shp = self.io.shape(n) if n != contract.INPUT else self.input_shape
+            if any(d < 0 for d in shp):
+                raise EngineMismatch(f"{self.path}: shape of {n} unresolved {shp}; {fix}")
+            nbytes = int(np.prod(shp)) * self.io.dtypes[n].itemsize
+            raw, mapped = self.cuda.host(nbytes, mapped=integrated)
+            self.host[n] = raw.view(self.io.dtypes[n]).reshape(shp)
+            self.device[n] = mapped if mapped is not None else self.cuda.malloc(nbytes)
+            self.io.set_address(n, self.device[n])
+
+        self.graph: Any = None
+        self.graph_note = self._capture() if cuda_graph else "disabled by the caller"
+        if self.graph is None:
+            log.info("%s: plain enqueue, no CUDA graph (%s)", self.path.name, self.graph_note)
+        zeros = np.zeros(self.input_shape, self.dtype)
+        for _ in range(int(warmup)):
+            self.run(zeros)
+
+    def _enqueue(self, shape: Sequence[int]) -> None:
+        """Copies in, inference, copies out on the stream (not synchronised)."""
+        if not self.zero_copy:
+            self.cuda.htod(self.device[contract.INPUT], self.host[contract.INPUT][: shape[0]], self.stream)
+        if not self.io.enqueue(self.stream):
+            raise MochaError(f"{self.path}: TensorRT enqueue failed (see its log)")
+        if not self.zero_copy:
+            for n in self.output_names:
+                view = self.host[n][: shape[0]]
+                self.cuda.dtoh(view, self.device[n], self.stream)
+
+    def _capture(self) -> str:
+        """Capture one static-shape run into a CUDA graph; the reason when not."""
+        if self.dynamic:
+            return "dynamic input shape"
+        if self.io.api != "tensors":
+            return "TensorRT < 8.6 (binding API)"
+        if not self.cuda.graphs:
+            return f"{self.cuda.name} has no graph capture (install cuda-python)"
+        try:
+            self._enqueue(self.input_shape)  # TensorRT needs one enqueue before capture
+            self.cuda.sync(self.stream)
+            self.cuda.capture_begin(self.stream)
+            try:
+                self._enqueue(self.input_shape)
+            finally:
+                graph = self.cuda.capture_end(self.stream)
+            self.graph = graph
+        except Exception as e:
+            self.graph = None
+            return f"capture failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        return "captured"
+
+    def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """Outputs by contract name for a preprocessed ``(B, 3, S, S)`` input (copies, safe to keep)."""
+        x = np.asarray(x)
+        s = self.input_shape
+        b = x.shape[0] if x.ndim == 4 else -1
+        ok = x.ndim == 4 and tuple(x.shape[1:]) == tuple(s[1:])
+        ok = ok and (self.min_batch <= b <= s[0] if self.dynamic else b == s[0])
+        if not ok:
+            want = f"({self.min_batch}..{s[0]}, {s[1]}, {s[2]}, {s[3]})" if self.dynamic else str(tuple(s))
+            raise MochaError(
+                f"{self.path.name}: input shape {tuple(x.shape)} does not fit the engine's {want}"
+            )
+        shape = (b, *s[1:])
+        np.copyto(self.host[contract.INPUT][:b], x, casting="same_kind")
+        if self.graph is not None:
+            self.cuda.launch(self.graph, self.stream)
+        else:
+            if self.dynamic:
+                self.io.set_input_shape(contract.INPUT, shape)
+            self._enqueue(shape)
+        self.cuda.sync(self.stream)
+        out = {}
+        for n in self.output_names:
+            shp = self.io.shape(n) if self.dynamic else self.host[n].shape
+            out[n] = self.host[n].reshape(-1)[: int(np.prod(shp))].reshape(shp).copy()
+        return out
+
+    def close(self) -> None:
+        """Free the GPU and pinned memory."""
+        self.graph = None
+        self.cuda.close()
+
+    def __enter__(self) -> TrtEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
