@@ -45,6 +45,7 @@ class ExportOptions:
     parity_images: int = 20
     report: bool = True
     out: Path | None = None
+    command: str | None = None  # the command line, stored in engine sidecars as the rebuild command
 
 
 def cpu_int8_twin_needed(machine: str | None = None) -> bool:
@@ -82,7 +83,9 @@ def _calibration(opts: ExportOptions, log: Callable[[str], None]):
     for w in caught:
         log(f"warning: {w.message}")
     if not caught and len(cal) < DEFAULT_CALIB_IMAGES:
-        log(f"warning: calibrating INT8 on {len(cal)} images (--calib-images); ≥ {DEFAULT_CALIB_IMAGES} advised")
+        log(
+            f"warning: calibrating INT8 on {len(cal)} images (--calib-images); ≥ {DEFAULT_CALIB_IMAGES} advised"
+        )
     return cal
 
 
@@ -149,7 +152,7 @@ def run_export(ckpt: Path, opts: ExportOptions, log: Callable[[str], None] = pri
             eng = build_engine(
                 dest, artefact_path(dest, prec, "engine"), precision=prec, workspace_gb=opts.workspace_gb,
                 calib=cal if prec == "int8" else None, qdq_onnx=int8_path if prec == "int8" else None,
-                imgsz=student.imgsz, batch=opts.batch, dynamic=opts.dynamic,
+                imgsz=student.imgsz, batch=opts.batch, dynamic=opts.dynamic, command=opts.command,
             )  # fmt: skip
             arts[f"{prec}_engine"] = str(eng)
             extra[prec] = {"artefact": Path(eng).name, "backend": "tensorrt"}

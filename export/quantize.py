@@ -52,7 +52,11 @@ class _Reader:
 
 
 def quantize_int8(
-    fp32_onnx: str | Path, dest: str | Path, calib: list[np.ndarray], keep_head_float: bool = True
+    fp32_onnx: str | Path,
+    dest: str | Path,
+    calib: list[np.ndarray],
+    keep_head_float: bool = True,
+    per_channel: bool = True,
 ) -> Path:
     """Write a symmetric INT8 Q/DQ model calibrated on ``calib`` (preprocessed inputs)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -64,7 +68,7 @@ def quantize_int8(
         quant_pre_process(str(fp32_onnx), str(pre), skip_symbolic_shape=True)
         quantize_static(
             str(pre), str(tmp), _Reader(calib), quant_format=QuantFormat.QDQ,
-            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True,
+            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=per_channel,
             calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=exclude,
             extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
         )  # fmt: skip

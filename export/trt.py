@@ -7,16 +7,17 @@ Every decision is a plain function tested on CPU (flags, precisions kept high, s
 rules, which I/O API). The code that touches ``tensorrt`` and CUDA is kept thin: :func:`build_engine`,
 :func:`make_calibrator` and :class:`TrtEngine`. Importing this module never needs TensorRT.
 
-Engine files: ``NAME.engine`` (the serialized plan) and ``NAME.json`` beside it: the ONNX export's
-deployment facts (what :func:`mocha_edge.export.onnx.read_facts` reads) plus an ``"engine"`` section of
-build facts (TensorRT version, GPU, compute capability, precision, shapes, model / calibration hashes, the
-command that rebuilds it). :class:`TrtEngine` refuses an engine whose facts do not match this machine.
+Engine files: ``NAME.engine`` (the serialized plan) and ``NAME.engine.json`` beside it: the ONNX export's
+deployment facts (as in the ONNX's ``NAME.json``) plus an ``"engine"`` section of build facts (TensorRT
+version, GPU, compute capability, precision, shapes, model / calibration hashes, the command that rebuilds
+it). :class:`TrtEngine` refuses an engine whose facts do not match this machine.
 
-INT8: an ONNX with Q/DQ nodes (``export/quantize.py``) is built explicitly; a float ONNX is calibrated
-implicitly (TensorRT < 11) with MinMax by default (entropy calibration lost 10-20 % mAP for YOLO users,
-DEPLOY.md), and the calibration cache ``NAME.calib`` carries a key of model, images, imgsz, batch,
-TensorRT version and algorithm: a stale cache is refused, never reused. The head's output convolutions,
-the path from them to the raw outputs and any score op (sigmoid, DFL softmax) stay in higher precision.
+INT8 (:func:`int8_mode`): a Q/DQ ONNX (``export/quantize.py``) is built as quantised on TensorRT 10 (which
+deprecates implicit calibration); TensorRT 8.x, given images, calibrates the float ONNX itself, with MinMax
+by default (entropy calibration lost 10-20 % mAP for YOLO users, DEPLOY.md). The calibration cache
+``NAME.calib`` carries a key of model, images, imgsz, batch, TensorRT version and algorithm: a stale cache
+is refused, never reused. The head's output convolutions, the path from them to the raw outputs and any
+score op (sigmoid, DFL softmax) stay in higher precision.
 
 CUDA from Python: cuda-python (``cuda.bindings.runtime``, or ``cuda.cudart`` before 12.6) when installed,
 else pycuda. CUDA graphs need cuda-python.
@@ -129,10 +130,20 @@ def builder_flags(precision: str, trt_version: str) -> list[str]:
     return [*flags, "OBEY_PRECISION_CONSTRAINTS"]
 
 
-def int8_mode(trt_version: str, has_qdq: bool) -> str:
-    """``"explicit"`` for a Q/DQ ONNX (no calibrator), ``"implicit"`` (calibrator + cache) otherwise."""
+def int8_mode(trt_version: str, qdq: bool, calib: bool = True) -> str:
+    """How an INT8 engine is made: ``"explicit"`` (build a Q/DQ ONNX as quantised, no calibrator) or
+    ``"implicit"`` (float ONNX + calibrator + cache).
+
+    ``qdq``: a Q/DQ ONNX is available; ``calib``: calibration images are. TensorRT ≥ 10 deprecates implicit
+    calibration, so it builds the Q/DQ ONNX when there is one; TensorRT 8.x calibrates when it has images
+    (its own calibration on the float graph) and falls back to the Q/DQ ONNX otherwise.
+    """
     check_trt_version(trt_version)
-    return "explicit" if has_qdq else "implicit"
+    if not qdq and not calib:
+        raise EngineBuildError("INT8 needs calibration images (--calib DATA) or a Q/DQ ONNX")
+    if qdq and (parse_version(trt_version)[0] >= 10 or not calib):
+        return "explicit"
+    return "implicit"
 
 
 def io_api(trt_version: str) -> str:
@@ -342,15 +353,16 @@ def match_layers(
 
 # ------------------------------------------------------------------------------------- files and keys
 def default_engine_path(onnx_path: str | Path, precision: str) -> Path:
-    """``NAME.onnx`` -> ``NAME.fp16.engine`` / ``NAME.int8.engine`` (its facts: ``NAME.fp16.json``)."""
+    """``NAME.onnx`` -> ``NAME.fp16.engine`` / ``NAME.int8.engine``."""
     _check_precision(precision)
     p = Path(onnx_path)
     return p.with_name(f"{p.stem}.{precision}.engine")
 
 
 def sidecar_path(engine_path: str | Path) -> Path:
-    """The engine's facts file ``NAME.json`` (the path ``export.onnx.read_facts`` reads)."""
-    return Path(engine_path).with_suffix(".json")
+    """The engine's facts file ``NAME.engine.json`` (never the ``NAME.json`` of an ONNX beside it)."""
+    p = Path(engine_path)
+    return p.with_name(p.name + ".json")
 
 
 def calibration_cache_path(engine_path: str | Path) -> Path:
@@ -457,7 +469,7 @@ def sidecar(
     workspace: int | None = None,
     created: str | None = None,
 ) -> dict[str, Any]:
-    """The build facts of one engine (the ``"engine"`` section of ``NAME.json``).
+    """The build facts of one engine (the ``"engine"`` section of ``NAME.engine.json``).
 
     ``dynamic_shapes`` is the input's min/opt/max profile (``None`` for a static engine); ``int8`` is
     ``"implicit"`` / ``"explicit"`` for INT8 engines; ``command`` rebuilds the engine.
@@ -514,7 +526,7 @@ def check_sidecar(
             f"{engine}: built for compute capability {sidecar['compute_capability']} ({sidecar['gpu']}), "
             f"this GPU is {compute_capability} ({gpu_name}); {fix}"
         )
-    if parse_version(built) != parse_version(running_trt_version):
+    if parse_version(built)[:3] != parse_version(running_trt_version)[:3]:
         warnings.warn(f"{engine}: built with TensorRT {built}, running {running_trt_version}", stacklevel=2)
     if sidecar["gpu"] != gpu_name:
         warnings.warn(
@@ -525,7 +537,7 @@ def check_sidecar(
 
 
 def load_sidecar(engine_path: str | Path) -> dict[str, Any]:
-    """The engine's ``NAME.json``; :class:`EngineMismatch` with the rebuild command when it is missing."""
+    """The engine's ``NAME.engine.json``; :class:`EngineMismatch` with the rebuild command when missing."""
     engine_path = Path(engine_path)
     side = sidecar_path(engine_path)
     if not engine_path.is_file():
@@ -790,10 +802,6 @@ def cuda_backend() -> CudaBackend:
     return _PyCuda(drv)
 
 
-def _trt_dtype(trt: Any, name: str) -> Any:
-    return {"fp32": trt.float32, "fp16": trt.float16}[name]
-
-
 def make_calibrator(
     calib: CalibrationSet,
     imgsz: int,
@@ -821,15 +829,15 @@ def make_calibrator(
         def get_batch_size(self) -> int:
             return batch
 
-        def get_batch(self, names: list[str], *args: Any) -> list[int] | None:
+        def get_batch(self, names: list[str]) -> list[int]:
             try:
                 x = next(self.batches, None)
                 if x is None:
-                    return None
+                    return []  # no more batches
                 cuda.htod(self.device, np.ascontiguousarray(x, np.float32))
             except BaseException as e:  # an exception must not cross into TensorRT: re-raised after build
                 self.error = e
-                return None
+                return []
             self.served += 1
             return [self.device]
 
@@ -876,6 +884,7 @@ def build_engine(
     precision: str = "fp16",
     workspace_gb: float = DEFAULT_WORKSPACE_GB,
     calib: CalibrationSet | None = None,
+    qdq_onnx: str | Path | None = None,
     imgsz: int | None = None,
     batch: int = 1,
     dynamic: bool = False,
@@ -884,24 +893,41 @@ def build_engine(
     calib_algorithm: str = "minmax",
     command: str | None = None,
 ) -> Path:
-    """Build ``dest`` (default ``NAME.{precision}.engine``) from an exported ONNX and write its ``NAME.json``.
+    """Build ``dest`` (default ``NAME.{precision}.engine``) from an exported ONNX, and its ``dest.json``.
 
-    INT8: a Q/DQ ONNX is built as quantised (``calib`` unused); a float ONNX is calibrated on ``calib``
-    through the keyed cache ``NAME.calib``. ``dynamic``: batches ``min_batch .. batch``. ``imgsz`` defaults
-    to the ONNX's. ``command`` (the command line that made this engine) is stored to be printed back when
-    the engine cannot be used; by default it is rebuilt from these arguments. Returns ``dest``.
+    INT8 (see :func:`int8_mode`): from the Q/DQ ONNX ``qdq_onnx`` (or ``onnx_path`` itself when it has
+    Q/DQ nodes) built as quantised, or from the float ONNX calibrated on ``calib`` through the keyed cache
+    ``NAME.calib``. ``dynamic``: batches ``min_batch .. batch``. ``imgsz`` defaults to the ONNX's.
+    ``command`` (the command line that made this engine) is stored and printed back when the engine cannot
+    be used on a machine; by default one is made from these arguments. Returns ``dest``.
     """
     from mocha_edge.export.calib import model_hash
 
     _check_precision(precision)
     onnx_path = Path(onnx_path)
     dest = Path(dest) if dest is not None else default_engine_path(onnx_path, precision)
-    if sidecar_path(dest) == onnx_path.with_suffix(".json"):
-        raise EngineBuildError(
-            f"{dest}: its facts file would overwrite the ONNX's {sidecar_path(dest).name}; "
-            f"name the engine e.g. {default_engine_path(onnx_path, precision).name}"
-        )
     model = _load_onnx(onnx_path)
+    qdq_model = _load_onnx(qdq_onnx) if qdq_onnx is not None and precision == "int8" else None
+    if qdq_model is not None and not has_qdq(qdq_model):
+        raise EngineBuildError(f"{qdq_onnx}: has no QuantizeLinear/DequantizeLinear nodes (not a Q/DQ ONNX)")
+
+    require_tensorrt()
+    import tensorrt as trt
+
+    cuda = cuda_backend()
+    version = str(trt.__version__)
+    flags = builder_flags(precision, version)
+    mode = None
+    if precision == "int8":
+        if has_qdq(model):
+            qdq_model, qdq_onnx = model, onnx_path
+        mode = int8_mode(version, qdq_model is not None, calib is not None)
+        if mode == "explicit" and qdq_onnx is not None and qdq_model is not None:
+            onnx_path, model = Path(qdq_onnx), qdq_model
+            if calib is not None:
+                log.info("%s: TensorRT %s builds the Q/DQ ONNX; calibration images unused", dest, version)
+    del qdq_model
+
     shape = onnx_input_shape(model)
     facts = _facts_of(onnx_path)
     if imgsz is None:
@@ -912,37 +938,22 @@ def build_engine(
                 f"{onnx_path}: input size unknown (dynamic H/W, no facts file): pass imgsz"
             )
     profile = shape_profile(shape, int(imgsz), batch, dynamic, min_batch, opt_batch)
-    qdq = has_qdq(model)
     kept = layers_kept_high_precision(model, precision)
     outputs_of, ops_of = node_outputs(model)
     mhash = model_hash(onnx_path)
     del model
 
-    require_tensorrt()
-    import tensorrt as trt
-
-    cuda = cuda_backend()
-    version = str(trt.__version__)
-    flags = builder_flags(precision, version)
-    mode = int8_mode(version, qdq) if precision == "int8" else None
     calib_batch = profile["opt"][0] if profile else batch
     key: dict[str, Any] | None = None
     cached: bytes | None = None
     if mode == "implicit":
-        if calib is None:
-            raise EngineBuildError(
-                f"{onnx_path}: INT8 needs calibration images (--data) or a Q/DQ ONNX (export/quantize.py)"
-            )
+        assert calib is not None  # int8_mode checked it
         if len(calib) < calib_batch:
             raise EngineBuildError(
                 f"{len(calib)} calibration images are fewer than one batch of {calib_batch}"
             )
         key = calibration_cache_key(mhash, calib.hash(imgsz), imgsz, calib_batch, version, calib_algorithm)
         cached = read_calibration_cache(calibration_cache_path(dest), key)  # refuses a stale cache up front
-    elif mode == "explicit" and calib is not None:
-        warnings.warn(
-            f"{onnx_path}: Q/DQ ONNX is built as quantised; the calibration images are unused", stacklevel=2
-        )
     gpu_name, cc, _ = cuda.device_info()
 
     logger = trt.Logger(trt.Logger.WARNING)
@@ -970,7 +981,7 @@ def build_engine(
         p = assigned.get(ly.name)
         if p is None:
             continue
-        dt = _trt_dtype(trt, p)
+        dt = trt.float32 if p == "fp32" else trt.float16
         ly.precision = dt
         for j in range(ly.num_outputs):
             t = ly.get_output(j)
@@ -1046,49 +1057,94 @@ def build_engine(
 
 # ------------------------------------------------------------------------------------------- running
 class _IO:
-    """One engine's I/O through either TensorRT API (chosen by :func:`io_api`)."""
+    """One engine's I/O: names, dtypes and shapes, and the calls that differ between TensorRT APIs."""
 
-    def __init__(self, engine: Any, context: Any, trt: Any, api: str) -> None:
-        self.engine, self.ctx, self.trt, self.api = engine, context, trt, api
-        if api == "tensors":
-            names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-            self.inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-            self.dtypes = {n: np.dtype(trt.nptype(engine.get_tensor_dtype(n))) for n in names}
-            self.shapes = {n: tuple(engine.get_tensor_shape(n)) for n in names}
-        else:  # TensorRT 8.5: binding indices (these calls do not exist in 10.x)
-            names = [engine.get_binding_name(i) for i in range(engine.num_bindings)]
-            self.inputs = [n for i, n in enumerate(names) if engine.binding_is_input(i)]
-            self.dtypes = {n: np.dtype(trt.nptype(engine.get_binding_dtype(i))) for i, n in enumerate(names)}
-            self.shapes = {n: tuple(engine.get_binding_shape(i)) for i, n in enumerate(names)}
-        self.names = names
-        self.outputs = [n for n in names if n not in self.inputs]
-        self.addr: dict[str, int] = {}
+    api = ""
+    names: list[str]
+    inputs: list[str]
+    dtypes: dict[str, np.dtype]
+    shapes: dict[str, tuple[int, ...]]
+
+    @property
+    def outputs(self) -> list[str]:
+        return [n for n in self.names if n not in self.inputs]
 
     def set_input_shape(self, name: str, shape: Sequence[int]) -> None:
-        ok = (
-            self.ctx.set_input_shape(name, tuple(shape))
-            if self.api == "tensors"
-            else self.ctx.set_binding_shape(self.names.index(name), tuple(shape))
-        )
-        if ok is False:
+        raise NotImplementedError
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def set_address(self, name: str, ptr: int) -> None:
+        raise NotImplementedError
+
+    def enqueue(self, stream: int) -> bool:
+        raise NotImplementedError
+
+
+def _dims(d: Any) -> tuple[int, ...]:
+    """A TensorRT ``Dims`` as a tuple (``Dims`` indexes like a tuple)."""
+    return tuple(int(d[i]) for i in range(len(d)))
+
+
+class _TensorIO(_IO):
+    """TensorRT ≥ 8.6: name-based tensors, ``execute_async_v3`` (the only API in TensorRT 10)."""
+
+    api = "tensors"
+
+    def __init__(self, engine: tensorrt.ICudaEngine, context: tensorrt.IExecutionContext) -> None:
+        import tensorrt as trt
+
+        self.ctx = context
+        self.names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        self.inputs = [n for n in self.names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.dtypes = {n: np.dtype(trt.nptype(engine.get_tensor_dtype(n))) for n in self.names}
+        self.shapes = {n: _dims(engine.get_tensor_shape(n)) for n in self.names}
+
+    def set_input_shape(self, name: str, shape: Sequence[int]) -> None:
+        if not self.ctx.set_input_shape(name, tuple(shape)):
             raise MochaError(f"TensorRT refused input shape {tuple(shape)} for {name}")
 
     def shape(self, name: str) -> tuple[int, ...]:
-        if self.api == "tensors":
-            return tuple(self.ctx.get_tensor_shape(name))
+        return _dims(self.ctx.get_tensor_shape(name))
+
+    def set_address(self, name: str, ptr: int) -> None:
+        if not self.ctx.set_tensor_address(name, ptr):
+            raise MochaError(f"TensorRT refused the buffer address of {name}")
+
+    def enqueue(self, stream: int) -> bool:
+        return bool(self.ctx.execute_async_v3(stream))
+
+
+class _BindingIO(_IO):
+    """TensorRT 8.5: binding indices, ``execute_async_v2``. These calls are gone from TensorRT 10 (and
+    from its type stubs), hence ``Any``."""
+
+    api = "bindings"
+
+    def __init__(self, engine: Any, context: Any) -> None:
+        import tensorrt as trt
+
+        self.ctx = context
+        self.names = [engine.get_binding_name(i) for i in range(engine.num_bindings)]
+        self.inputs = [n for i, n in enumerate(self.names) if engine.binding_is_input(i)]
+        self.dtypes = {n: np.dtype(trt.nptype(engine.get_binding_dtype(i))) for i, n in enumerate(self.names)}
+        self.shapes = {n: tuple(engine.get_binding_shape(i)) for i, n in enumerate(self.names)}
+        self.addr: dict[str, int] = {}
+
+    def set_input_shape(self, name: str, shape: Sequence[int]) -> None:
+        if not self.ctx.set_binding_shape(self.names.index(name), tuple(shape)):
+            raise MochaError(f"TensorRT refused input shape {tuple(shape)} for {name}")
+
+    def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.ctx.get_binding_shape(self.names.index(name)))
 
     def set_address(self, name: str, ptr: int) -> None:
         self.addr[name] = ptr
-        if self.api == "tensors":
-            self.ctx.set_tensor_address(name, ptr)
 
     def enqueue(self, stream: int) -> bool:
-        if self.api == "tensors":
-            return bool(self.ctx.execute_async_v3(stream))
-        return bool(
-            self.ctx.execute_async_v2(bindings=[self.addr[n] for n in self.names], stream_handle=stream)
-        )
+        ptrs = [self.addr[n] for n in self.names]
+        return bool(self.ctx.execute_async_v2(bindings=ptrs, stream_handle=stream))
 
 
 class TrtEngine:
@@ -1118,7 +1174,9 @@ class TrtEngine:
             raise EngineMismatch(f"{self.path}: TensorRT {version} could not load it (see its log); {fix}")
         self._engine = engine
         context = engine.create_execution_context()
-        self.io = _IO(engine, context, trt, io_api(version))
+        self.io: _IO = (
+            _TensorIO(engine, context) if io_api(version) == "tensors" else _BindingIO(engine, context)
+        )
         want = set(contract.OUTPUTS)
         if self.io.inputs != [contract.INPUT] or set(self.io.outputs) != want:
             raise EngineMismatch(
@@ -1128,13 +1186,20 @@ class TrtEngine:
         self.output_names: list[str] = list(contract.OUTPUTS)
         self.dtype = self.io.dtypes[contract.INPUT]
         dyn = build.get("dynamic_shapes")
+        declared = self.io.shapes[contract.INPUT]
         self.dynamic = bool(dyn)
-        self.input_shape: tuple[int, ...] = tuple(dyn["max"] if dyn else self.io.shapes[contract.INPUT])
+        if dyn:  # a batch range: buffers for the largest
+            self.input_shape: tuple[int, ...] = tuple(dyn["max"])
+        elif any(d < 0 for d in declared):  # dynamic ONNX built for one fixed shape
+            self.input_shape = tuple(int(d) for d in build["input"]["shape"])
+        else:
+            self.input_shape = declared
         self.min_batch = int(dyn["min"][0]) if dyn else self.input_shape[0]
         self.zero_copy = integrated
         self.stream = self.cuda.stream()
 
-        self.io.set_input_shape(contract.INPUT, self.input_shape)  # allocate for the largest shape
+        if any(d < 0 for d in declared):
+            self.io.set_input_shape(contract.INPUT, self.input_shape)
         self.host: dict[str, np.ndarray] = {}
         self.device: dict[str, int] = {}
         for n in self.io.names:
@@ -1216,8 +1281,10 @@ class TrtEngine:
         return out
 
     def close(self) -> None:
-        """Free the GPU and pinned memory."""
+        """Free the context, the engine, then the GPU and pinned memory (in that order)."""
         self.graph = None
+        for k in ("io", "_engine", "_runtime"):
+            self.__dict__.pop(k, None)
         self.cuda.close()
 
     def __enter__(self) -> TrtEngine:

@@ -6,6 +6,7 @@ Library errors (:class:`~mocha_edge.errors.MochaError`) become one line on stder
 
 from __future__ import annotations
 
+import shlex
 import sys
 from pathlib import Path
 
@@ -499,8 +500,99 @@ def export_cmd(ckpt: Path, fmt: str, fp16: bool, int8: bool, calib: Path | None,
         fmt=fmt, fp16=fp16, int8=int8, calib=calib, calib_images=calib_images, imgsz=imgsz, batch=batch,
         dynamic=dynamic, keep_translator=keep_translator, workspace_gb=workspace, data=dataset,
         episodes=episodes, parity_images=parity_images, report=not no_report, out=out,
+        command=" ".join(["mocha-edge", *map(shlex.quote, sys.argv[1:])]),
     )  # fmt: skip
     run_export(ckpt, opts, log=click.echo)
+
+
+# ------------------------------------------------------------------------------------------------ bench
+def _csv(value: str | None, cast=str) -> tuple:
+    return tuple(cast(v.strip()) for v in value.split(",") if v.strip()) if value else ()
+
+
+@cli.command("bench")
+@click.argument("model", required=False, type=click.Path(path_type=Path))
+@click.option("--backend", default="torch,ort,trt", show_default=True,
+              help="Backends to try (those absent on this machine are listed as skipped).")  # fmt: skip
+@click.option("--precision", default="fp32,fp16,int8", show_default=True, help="Precisions to try.")
+@click.option("--imgsz", default=None, help="Input sizes, e.g. 320,640 [default: the model's].")
+@click.option("--frames", default=100, show_default=True, help="Timed frames per row (after warm-up).")
+@click.option("--warmup", default=10, show_default=True)
+@click.option(
+    "--source", default=None, help="Images / folder / video [default: ultralytics' bundled photos]."
+)
+@click.option(
+    "--calib", type=click.Path(path_type=Path), help="Calibration data for INT8 rows of a checkpoint."
+)
+@click.option(
+    "--prototypes", default=1000, show_default=True, help="Synthetic prototypes for the match stage."
+)
+@click.option(
+    "--mode", type=click.Choice(["conditional", "global"]), default="conditional", show_default=True
+)
+@click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads [default: measured].")
+@click.option("--no-reference", is_flag=True, help="Skip ultralytics' predictor rows.")
+@click.option(
+    "--json", "json_out", type=click.Path(path_type=Path), help="Write OUT.json + OUT.md + OUT.png."
+)
+@click.option(
+    "--compare", nargs=2, type=click.Path(path_type=Path), help="Print B/A ratios of two bench JSONs."
+)
+def bench_cmd(model: Path | None, backend: str, precision: str, imgsz: str | None, frames: int, warmup: int,
+              source: str | None, calib: Path | None, prototypes: int, mode: str, threads: int | None,
+              no_reference: bool, json_out: Path | None, compare: tuple[Path, Path] | None) -> None:  # fmt: skip
+    """Latency per stage (capture, pre, infer, post, pool, match; p50/p90/p99), FPS and peak memory for
+    every backend and precision this machine has, with ultralytics' predictor on the same student and
+    frames measured in the same run. MODEL: a checkpoint (.ckpt/.pt: exported as needed) or an .onnx from
+    `mocha-edge export` (its INT8/engine siblings are picked up).
+
+    \b
+    Example:
+      mocha-edge bench runs/distill/student.onnx --source demo.mp4 --json bench.json
+      mocha-edge bench runs/distill/last.ckpt --imgsz 320,640 --calib data/synth --json bench.json
+      mocha-edge bench --compare laptop.json jetson.json
+    """
+    from mocha_edge.bench import BenchOptions, load_result, markdown_table, run_bench, write_outputs
+    from mocha_edge.bench import compare as compare_results
+
+    if compare:
+        click.echo(compare_results(load_result(compare[0]), load_result(compare[1])))
+        return
+    if model is None:
+        raise click.UsageError("give MODEL (or --compare A.json B.json)")
+    opts = BenchOptions(
+        backends=_csv(backend), precisions=_csv(precision), imgsz=_csv(imgsz, int), frames=frames,
+        warmup=warmup, source=source, calib=str(calib) if calib else None, prototypes=prototypes, mode=mode,
+        threads=threads, reference=not no_reference, log=click.echo,
+    )  # fmt: skip
+    res = run_bench(model, opts)
+    click.echo(markdown_table(res))
+    if json_out:
+        paths = write_outputs(res, json_out)
+        click.echo("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
+# ------------------------------------------------------------------------------------------------ demo
+@cli.command("demo")
+@click.option("--out", default="mocha-demo", show_default=True, type=click.Path(path_type=Path),
+              help="Folder for the data, models, reports and summary.json (re-running skips finished steps).")  # fmt: skip
+@click.option(
+    "--seed", default=0, show_default=True, help="Seed of the generated benchmark and the training."
+)
+@click.option("--quick", is_flag=True, help="Tiny sizes, 1 epoch each (~3 min): a smoke test of the chain.")
+def demo_cmd(out: Path, seed: int, quick: bool) -> None:
+    """The whole chain on built-in data, on a CPU: generate the benchmark, teacher targets, base / distilled
+    / baseline students, enrol, 1- and 5-shot evaluation, ONNX + INT8 export with its accuracy report, the
+    live loop on a generated video, the benchmark; prints one summary table and writes OUT/summary.json.
+
+    \b
+    Example:
+      mocha-edge demo --out mocha-demo
+      mocha-edge demo --quick --out /tmp/demo-quick
+    """
+    from mocha_edge.demo import demo
+
+    demo(out, seed=seed, quick=quick, log=click.echo)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -52,7 +52,10 @@ def gather() -> dict[str, str]:
     else:
         out["onnxruntime"] = f"{ort.__version__} (providers: {', '.join(ort.get_available_providers())})"
     trt, err = _try_import("tensorrt")
-    out["tensorrt"] = trt.__version__ if trt is not None else "absent"
+    version = getattr(trt, "__version__", None) if trt is not None else None
+    out["tensorrt"] = version or (
+        "absent" if trt is None else "absent (only a stub package without the library)"
+    )
     cv2, _ = _try_import("cv2")
     if cv2 is None:
         out["opencv"] = "absent"
@@ -62,5 +65,11 @@ def gather() -> dict[str, str]:
             if line.strip().startswith("GStreamer:"):
                 gst = "yes" if "YES" in line.upper() else "no"
         out["opencv"] = f"{cv2.__version__} (GStreamer: {gst})"
-    out["native runtime"] = "not built (C/CUDA runtime not part of this install yet)"
+    try:
+        from mocha_edge import runtime
+
+        rt = runtime.info()
+        out["native runtime"] = f"C {rt['c']}; CUDA {rt['cuda']} [{rt['library']}]"
+    except Exception as e:  # missing .so: the error says how to rebuild it
+        out["native runtime"] = f"not built ({str(e).splitlines()[0]})"
     return out

@@ -1,0 +1,550 @@
+"""``mocha-edge bench``: latency per stage for every backend and precision this machine has, next to
+ultralytics' own predictor on the same student and frames, measured in the same run.
+
+Stages (as in ``runtime/README.md``): *capture* = decode the next frame (file / video), *pre* = BGR frame
+-> input tensor, *infer* = the graph, *post* = raw outputs -> boxes in frame pixels (decode + NMS),
+*pool* = object vectors, *match* = prototype matching. ``e2e`` = pre + infer + post + pool + match of one
+frame (capture runs in its own thread in ``mocha-edge run``). Reference per row: ultralytics' predictor on
+ultralytics' plain export of the same student at the same size (ONNX Runtime rows: its ONNX; the PyTorch
+row: its ``.pt``), warmed up, same frames, same ONNX Runtime threads.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mocha_edge.errors import MochaError
+from mocha_edge.utils import atomic_path, write_json_atomic
+
+STAGES = ("capture", "pre", "infer", "post", "pool", "match")
+BENCH_FORMAT = "mocha-edge-bench/1"
+
+
+class BenchError(MochaError):
+    """A benchmark cannot run (no frames, missing model, unknown backend)."""
+
+
+@dataclass
+class BenchOptions:
+    backends: tuple[str, ...] = ("torch", "ort", "trt")
+    precisions: tuple[str, ...] = ("fp32", "fp16", "int8")
+    imgsz: tuple[int, ...] = ()  # default: the model's own size
+    frames: int = 100
+    warmup: int = 10
+    conf: float = 0.25
+    iou: float = 0.7
+    source: str | None = None  # images / folder / video; default: ultralytics' bundled photos
+    calib: str | None = None  # dataset for INT8 calibration when the model is a checkpoint
+    prototypes: int = 1000  # synthetic bank size for the match stage
+    mode: str = "conditional"
+    threads: int | None = None
+    reference: bool = True
+    work: Path | None = None
+    log: Callable[[str], None] = print
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def percentiles(ms: Sequence[float]) -> dict[str, float]:
+    """``{"p50", "p90", "p99", "mean"}`` of a list of milliseconds (NaN when empty)."""
+    a = np.asarray(ms, np.float64)
+    if not len(a):
+        return {"p50": float("nan"), "p90": float("nan"), "p99": float("nan"), "mean": float("nan")}
+    p = np.percentile(a, [50, 90, 99])
+    return {"p50": float(p[0]), "p90": float(p[1]), "p99": float(p[2]), "mean": float(a.mean())}
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (MiB)."""
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / 1024.0 if platform.system() != "Darwin" else r / 2**20
+
+
+# ------------------------------------------------------------------------------------------------ frames
+def default_source() -> str:
+    """ultralytics' bundled photos (bus.jpg 810x1080, zidane.jpg 1280x720): offline and realistic sizes."""
+    import ultralytics
+
+    return str(Path(ultralytics.__file__).parent / "assets")
+
+
+def load_frames(
+    source: str, n: int, log: Callable[[str], None] = print
+) -> tuple[list[np.ndarray], list[float]]:
+    """Decode up to ``n`` frames (cycling a short source): ``(frames, capture ms per frame)``."""
+    import cv2
+
+    p = Path(source)
+    frames: list[np.ndarray] = []
+    times: list[float] = []
+    if p.is_dir() or p.suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp", ".webp"):
+        files = sorted(f for f in (p.iterdir() if p.is_dir() else [p]) if f.suffix.lower() in
+                       (".jpg", ".jpeg", ".png", ".bmp", ".webp"))  # fmt: skip
+        if not files:
+            raise BenchError(f"{source}: no images")
+        for f in files[:n]:
+            t = time.perf_counter()
+            img = cv2.imread(str(f), cv2.IMREAD_COLOR)
+            dt = (time.perf_counter() - t) * 1e3
+            if img is None:
+                log(f"warning: {f}: unreadable image, skipped")
+                continue
+            frames.append(img)
+            times.append(dt)
+    elif p.is_file():
+        cap = cv2.VideoCapture(str(p))
+        while len(frames) < n:
+            t = time.perf_counter()
+            ok, img = cap.read()
+            if not ok:
+                break
+            times.append((time.perf_counter() - t) * 1e3)
+            frames.append(img)
+        cap.release()
+    else:
+        raise BenchError(f"{source}: no such file or folder")
+    if not frames:
+        raise BenchError(f"{source}: no readable frame")
+    return frames, times
+
+
+def synthetic_bank(dim: int, names: list[str], n: int, seed: int = 0):
+    """A bank of ``n`` random unit prototypes spread over the classes (the match stage's cost only)."""
+    from mocha_edge.prototypes import PrototypeBank
+
+    bank = PrototypeBank(dim=dim, model_fingerprint="bench", class_names=list(names))
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        bank.add(f"obj{i:05d}", i % len(names), rng.normal(size=(1, dim)).astype(np.float32))
+    return bank
+
+
+# ------------------------------------------------------------------------------------------------ rows
+def time_pipeline(pipe: Any, frames: list[np.ndarray], warmup: int) -> dict[str, list[float]]:
+    """Run the pipeline over ``frames`` (after ``warmup`` calls) collecting ``pipe.timings`` per frame."""
+    for i in range(warmup):
+        pipe(frames[i % len(frames)])
+    out: dict[str, list[float]] = {}
+    n_dets = []
+    for f in frames:
+        t = time.perf_counter()
+        d = pipe(f)
+        e2e = (time.perf_counter() - t) * 1e3
+        for k, v in pipe.timings.items():
+            out.setdefault(k, []).append(float(v))
+        out.setdefault("e2e", []).append(e2e)
+        n_dets.append(len(d.scores))
+    out["detections"] = [float(x) for x in n_dets]
+    return out
+
+
+def ultralytics_reference(model_file: str, frames: list[np.ndarray], imgsz: int, conf: float, iou: float,
+                          warmup: int) -> dict[str, float]:  # fmt: skip
+    """ultralytics' predictor on ``model_file`` (its own .pt or ONNX export): p50 ms per stage."""
+    from ultralytics import YOLO
+
+    m = YOLO(model_file, task="detect")
+    for i in range(warmup):
+        m.predict(frames[i % len(frames)], imgsz=imgsz, conf=conf, iou=iou, verbose=False)
+    pre, inf, post = [], [], []
+    for f in frames:
+        sp = m.predict(f, imgsz=imgsz, conf=conf, iou=iou, verbose=False)[0].speed
+        pre.append(sp["preprocess"])
+        inf.append(sp["inference"])
+        post.append(sp["postprocess"])
+    pp = [a + b for a, b in zip(pre, post)]
+    e2e = [a + b + c for a, b, c in zip(pre, inf, post)]
+    return {
+        "ultralytics_pre_ms_p50": float(np.median(pre)), "ultralytics_model_ms_p50": float(np.median(inf)),
+        "ultralytics_post_ms_p50": float(np.median(post)), "ultralytics_pre_post_ms_p50": float(np.median(pp)),
+        "ultralytics_e2e_ms_p50": float(np.median(e2e)),
+    }  # fmt: skip
+
+
+def row_from_times(backend: str, precision: str, imgsz: int, times: dict[str, list[float]],
+                   capture: list[float]) -> dict[str, Any]:  # fmt: skip
+    """One JSON row: p50 per stage under the schema's keys + p50/p90/p99 of every stage."""
+    stages = {"capture": percentiles(capture)}
+    for k in ("pre", "infer", "post", "pool", "match", "e2e"):
+        stages[k] = percentiles(times.get(k, []))
+    e2e = stages["e2e"]
+    return {
+        "backend": backend, "precision": precision, "imgsz": imgsz,
+        "model_ms_p50": stages["infer"]["p50"], "pre_ms_p50": stages["pre"]["p50"],
+        "post_ms_p50": stages["post"]["p50"],
+        "pool_ms_p50": stages["pool"]["p50"], "match_ms_p50": stages["match"]["p50"],
+        "capture_ms_p50": stages["capture"]["p50"],
+        "e2e_ms_p50": e2e["p50"], "fps": 1000.0 / e2e["mean"] if e2e["mean"] > 0 else float("nan"),
+        "detections_per_frame": float(np.mean(times.get("detections", [0.0]))),
+        "stages": stages, "peak_rss_mb": peak_rss_mb(), "gpu_mem_mb": None,
+    }  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------ output
+def markdown_table(result: dict[str, Any]) -> str:
+    """The rows as a Markdown table (p50 ms; ratio = ours / ultralytics, e2e and pre+post)."""
+    head = ("| backend | precision | imgsz | pre | infer | post | pool+match | e2e | FPS | ultralytics e2e "
+            "| e2e ratio | pre+post ratio |")  # fmt: skip
+    lines = [head, "|" + "---|" * 12]
+    for r in result["rows"]:
+        ue2e, upp = r.get("ultralytics_e2e_ms_p50"), r.get("ultralytics_pre_post_ms_p50")
+        ratio = f"{r['e2e_ms_p50'] / ue2e:.2f}" if ue2e else "–"
+        pp = f"{(r['pre_ms_p50'] + r['post_ms_p50']) / upp:.2f}" if upp else "–"
+        lines.append(
+            f"| {r['backend']} | {r['precision']} | {r['imgsz']} | {r['pre_ms_p50']:.2f} | {r['model_ms_p50']:.2f} "
+            f"| {r['post_ms_p50']:.2f} | {r['pool_ms_p50'] + r['match_ms_p50']:.2f} | {r['e2e_ms_p50']:.2f} "
+            f"| {r['fps']:.1f} | {'–' if not ue2e else f'{ue2e:.2f}'} | {ratio} | {pp} |"
+        )
+    return "\n".join(lines)
+
+
+def chart(result: dict[str, Any], dest: Path) -> Path:
+    """Stacked bars of the p50 stages per row, ultralytics' e2e as a marker (PNG, written atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    labels = [f"{r['backend']} {r['precision']}\n{r['imgsz']}" for r in rows]
+    keys = [("pre_ms_p50", "pre"), ("model_ms_p50", "infer"), ("post_ms_p50", "post"),
+            ("pool_ms_p50", "pool"), ("match_ms_p50", "match")]  # fmt: skip
+    fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(rows) + 2), 4))
+    bottom = np.zeros(len(rows))
+    for k, name in keys:
+        v = np.array([r[k] for r in rows], float)
+        ax.bar(labels, v, bottom=bottom, label=name)
+        bottom += v
+    ref = [r.get("ultralytics_e2e_ms_p50") for r in rows]
+    if any(ref):
+        ax.scatter(
+            labels, [x if x else np.nan for x in ref], marker="_", s=900, c="k", label="ultralytics e2e"
+        )
+    ax.set_ylabel("ms per frame (p50)")
+    ax.set_title(f"mocha-edge bench — {result['device']}", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(dest) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return dest
+
+
+def write_outputs(result: dict[str, Any], json_path: Path) -> dict[str, Path]:
+    """``OUT.json`` + ``OUT.md`` + ``OUT.png`` (each atomically)."""
+    json_path = Path(json_path)
+    write_json_atomic(json_path, result)
+    md = json_path.with_suffix(".md")
+    with atomic_path(md) as tmp:
+        Path(tmp).write_text(markdown_table(result) + "\n")
+    return {"json": json_path, "md": md, "png": chart(result, json_path.with_suffix(".png"))}
+
+
+def compare(a: dict[str, Any], b: dict[str, Any]) -> str:
+    """Ratios B / A per row present in both (keyed by backend, precision, imgsz)."""
+    key = lambda r: (r["backend"], r["precision"], r["imgsz"])  # noqa: E731
+    rows_a = {key(r): r for r in a["rows"]}
+    cols = ("pre_ms_p50", "model_ms_p50", "post_ms_p50", "match_ms_p50", "e2e_ms_p50", "fps")
+    lines = [f"B / A   (A: {a.get('device')}; B: {b.get('device')})",
+             "| backend | precision | imgsz | " + " | ".join(cols) + " |", "|" + "---|" * (3 + len(cols))]  # fmt: skip
+    shared = 0
+    for r in b["rows"]:
+        ra = rows_a.get(key(r))
+        if ra is None:
+            continue
+        shared += 1
+        cells = [f"{r[c] / ra[c]:.2f}" if ra.get(c) else "–" for c in cols]
+        lines.append(f"| {r['backend']} | {r['precision']} | {r['imgsz']} | " + " | ".join(cells) + " |")
+    if not shared:
+        raise BenchError("the two benchmark files share no (backend, precision, imgsz) row")
+    return "\n".join(lines)
+
+
+def load_result(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    try:
+        d = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise BenchError(f"{p}: no such file") from None
+    except json.JSONDecodeError as e:
+        raise BenchError(f"{p}: not JSON ({e.msg}, line {e.lineno})") from None
+    if d.get("format") != BENCH_FORMAT or "rows" not in d:
+        raise BenchError(f"{p}: not a mocha-edge bench result")
+    return d
+
+
+def device_name() -> str:
+    """``"<cpu model>, N cores"`` (+ the CUDA device when torch sees one)."""
+    import os
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    out = f"{cpu}, {os.cpu_count()} cores"
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            out += f"; {torch.cuda.get_device_name(0)}"
+    except Exception:  # a broken torch must not stop a CPU bench
+        pass
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ engines
+class TorchEngine:
+    """The student's PyTorch graph up to the raw head outputs, as a pipeline engine (``run(x) -> dict``)."""
+
+    def __init__(self, ckpt: str | Path, imgsz: int, device: str = "cpu", half: bool = False) -> None:
+        import torch
+
+        from mocha_edge.export import contract
+        from mocha_edge.export.onnx import RawHead
+        from mocha_edge.infer import Student
+
+        self.torch = torch
+        st = Student.load(ckpt, device=device)
+        self.net = RawHead(st.model).eval()
+        if half:
+            self.net = self.net.half()
+        self.device, self.half = device, half
+        self.input_shape = (1, 3, imgsz, imgsz)
+        self.dtype = np.float16 if half else np.float32
+        self.names = list(contract.OUTPUTS)
+
+    def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        t = self.torch.from_numpy(x).to(self.device)
+        with self.torch.inference_mode():
+            outs = self.net(t)
+        return {n: o.float().cpu().numpy() for n, o in zip(self.names, outs)}
+
+
+def _available(backend: str) -> tuple[bool, str]:
+    if backend == "torch":
+        return True, ""
+    if backend == "ort":
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            return False, "onnxruntime not installed"
+        return True, ""
+    if backend == "trt":
+        try:
+            import tensorrt  # noqa: F401
+        except ImportError:
+            return False, "TensorRT not installed (it comes with JetPack)"
+        return True, ""
+    return False, f"unknown backend {backend!r}"
+
+
+def _ckpt_of(model: Path, facts: dict[str, Any] | None) -> Path | None:
+    if model.suffix in (".ckpt", ".pt"):
+        return model
+    src = Path(str((facts or {}).get("source", "")))
+    return src if src.suffix in (".ckpt", ".pt") and src.is_file() else None
+
+
+def _ultralytics_pt(ckpt: Path) -> Path | None:
+    """The plain ultralytics ``student.pt`` written beside a run's checkpoint (or the .pt itself)."""
+    p = ckpt if ckpt.suffix == ".pt" else ckpt.with_name("student.pt")
+    return p if p.is_file() else None
+
+
+def _plan(model: Path, opts: BenchOptions, work: Path) -> list[dict[str, Any]]:
+    """Per input size: the FP32 ONNX, the INT8 ONNX (if any), engines, the checkpoint and its facts."""
+    from mocha_edge.export.onnx import export_onnx, read_facts
+    from mocha_edge.infer import Student
+
+    if not model.exists():
+        raise BenchError(f"{model}: no such model")
+    if model.suffix == ".onnx":
+        facts = read_facts(model)
+        base_sizes = [int(facts["imgsz"])]
+    elif model.suffix in (".ckpt", ".pt"):
+        facts = None
+        base_sizes = [Student.load(model).imgsz]
+    else:
+        raise BenchError(f"{model}: give a checkpoint (.ckpt/.pt) or an .onnx from `mocha-edge export`")
+    ckpt = _ckpt_of(model, facts)
+    plans = []
+    for s in opts.imgsz or base_sizes:
+        p: dict[str, Any] = {"imgsz": int(s), "ckpt": ckpt}
+        if model.suffix == ".onnx" and int(s) == int(facts["imgsz"]):  # type: ignore[index]
+            p["fp32"] = model
+            for name in (f"{model.stem}.int8-u8.onnx", f"{model.stem}.int8.onnx"):
+                if (model.parent / name).is_file():
+                    p["int8"] = model.parent / name
+                    break
+            for prec in ("fp16", "int8"):
+                eng = model.with_name(f"{model.stem}.{prec}.engine")
+                if eng.is_file():
+                    p[f"{prec}_engine"] = eng
+        else:
+            if ckpt is None:
+                raise BenchError(f"{model}: imgsz {s} needs the checkpoint it was exported from (not found)")
+            st = Student.load(ckpt)
+            st.imgsz = int(s)
+            p["fp32"] = export_onnx(st, work / f"student_{s}.onnx")
+        if "int8" not in p and "int8" in opts.precisions and opts.calib:
+            from mocha_edge.export.calib import select_calibration
+            from mocha_edge.export.onnx import write_facts_for
+            from mocha_edge.export.quantize import activations_to_uint8, quantize_int8
+
+            cal = select_calibration(opts.calib, 500)
+            q = quantize_int8(p["fp32"], work / f"student_{s}.int8.onnx", list(cal.batches(int(s), 1)))
+            write_facts_for(q, p["fp32"], precision="int8")
+            p["int8"] = activations_to_uint8(q, work / f"student_{s}.int8-u8.onnx")
+            write_facts_for(p["int8"], p["fp32"], precision="int8")
+        p["facts"] = read_facts(p["fp32"])
+        plans.append(p)
+    return plans
+
+
+def _ort(path: Path, imgsz: int, opts: BenchOptions):
+    """An ONNX Runtime engine with ``opts.threads`` or, by default, the faster of 1 / all cores."""
+    from mocha_edge.pipeline import OrtEngine
+
+    th = opts.threads or _best_threads(path, np.zeros((1, 3, imgsz, imgsz), np.float32))
+    eng = OrtEngine(path, threads=th)
+    eng.threads = th  # type: ignore[attr-defined]
+    return eng
+
+
+def _best_threads(path: Path, x: np.ndarray) -> int:
+    """ONNX Runtime intra-op threads for this graph on this machine, by measurement (1 vs all cores)."""
+    import os
+
+    from mocha_edge.pipeline import OrtEngine
+
+    cores = os.cpu_count() or 1
+    if cores == 1:
+        return 1
+    best, best_ms = 1, float("inf")
+    for th in (1, cores):
+        eng = OrtEngine(path, threads=th)
+        for _ in range(3):
+            eng.run(x)
+        t = time.perf_counter()
+        for _ in range(15):
+            eng.run(x)
+        ms = (time.perf_counter() - t) / 15 * 1e3
+        if ms < best_ms:
+            best, best_ms = th, ms
+    return best
+
+
+def run_bench(model: str | Path, opts: BenchOptions) -> dict[str, Any]:
+    """Measure every available (backend, precision, imgsz) row; see the module docstring."""
+    import shutil
+    import tempfile
+
+    from mocha_edge.pipeline import Pipeline
+    from mocha_edge.utils import offline_env
+
+    offline_env()
+    log = opts.log
+    model = Path(model)
+    tmp = None
+    if opts.work is None:
+        tmp = tempfile.mkdtemp(prefix="mocha-bench-")
+        work = Path(tmp)
+    else:
+        work = Path(opts.work)
+        work.mkdir(parents=True, exist_ok=True)
+    try:
+        source = opts.source or default_source()
+        frames, capture = load_frames(source, opts.frames, log)
+        log(f"{len(frames)} frames from {source} ({frames[0].shape[1]}x{frames[0].shape[0]})")
+        rows: list[dict[str, Any]] = []
+        skipped: list[str] = []
+        for plan in _plan(model, opts, work):
+            s, facts = plan["imgsz"], plan["facts"]
+            bank = synthetic_bank(int(facts["vector_dim"]), list(facts["names"]), opts.prototypes)
+            bank.model_fingerprint = facts["model_fingerprint"]
+            candidates: list[tuple[str, str, Any]] = []
+            for backend in opts.backends:
+                ok, why = _available(backend)
+                if not ok:
+                    skipped.append(f"{backend}: {why}")
+                    continue
+                for prec in opts.precisions:
+                    if backend == "torch" and prec == "fp32" and plan["ckpt"] is not None:
+                        candidates.append((backend, prec, lambda p=plan: TorchEngine(p["ckpt"], p["imgsz"])))
+                    elif backend == "ort" and prec == "fp32":
+                        candidates.append((backend, prec, lambda p=plan: _ort(p["fp32"], p["imgsz"], opts)))
+                    elif backend == "ort" and prec == "int8" and "int8" in plan:
+                        candidates.append((backend, prec, lambda p=plan: _ort(p["int8"], p["imgsz"], opts)))
+                    elif backend == "trt" and f"{prec}_engine" in plan:
+                        from mocha_edge.export.trt import TrtEngine
+
+                        candidates.append((backend, prec, lambda p=plan, q=prec: TrtEngine(p[f"{q}_engine"])))
+                    else:
+                        skipped.append(
+                            f"{backend} {prec} {s}: no artefact / not a deployment configuration here"
+                        )
+            ref_cache: dict[str, dict[str, float]] = {}
+            for backend, prec, make in candidates:
+                log(f"bench {backend} {prec} {s} ...")
+                engine = make()
+                pipe = Pipeline(engine, conf=opts.conf, iou=opts.iou, bank=bank, mode=opts.mode, facts=facts)
+                times = time_pipeline(pipe, frames, opts.warmup)
+                row = row_from_times(backend, prec, s, times, capture)
+                row["threads"] = getattr(engine, "threads", None)
+                if opts.reference and backend in ("torch", "ort"):
+                    key = "pt" if backend == "torch" else "onnx"
+                    if key not in ref_cache:
+                        ref_cache[key] = _reference(plan, key, frames, opts, work, log)
+                    row.update(ref_cache[key])
+                rows.append(row)
+                log(f"  e2e p50 {row['e2e_ms_p50']:.2f} ms (pre {row['pre_ms_p50']:.2f}, infer "
+                    f"{row['model_ms_p50']:.2f}, post {row['post_ms_p50']:.2f}, match {row['match_ms_p50']:.2f})")  # fmt: skip
+        if not rows:
+            raise BenchError("no backend/precision could be measured: " + "; ".join(skipped))
+        return {
+            "format": BENCH_FORMAT, "device": device_name(), "model": str(model), "source": source,
+            "frames": len(frames), "frame_size": [int(frames[0].shape[1]), int(frames[0].shape[0])],
+            "conf": opts.conf, "iou": opts.iou, "prototypes": opts.prototypes, "mode": opts.mode,
+            "rows": rows, "skipped": sorted(set(skipped)), "peak_rss_mb": peak_rss_mb(),
+        }  # fmt: skip
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _reference(plan: dict[str, Any], key: str, frames: list[np.ndarray], opts: BenchOptions, work: Path,
+               log: Callable[[str], None]) -> dict[str, float]:  # fmt: skip
+    """ultralytics' predictor on its own export of the same student (``pt``: PyTorch, ``onnx``: ORT)."""
+    import shutil
+
+    ckpt = plan["ckpt"]
+    pt = _ultralytics_pt(ckpt) if ckpt is not None else None
+    if pt is None:
+        log("  (no ultralytics student.pt beside the checkpoint: no reference row)")
+        return {}
+    s = plan["imgsz"]
+    local = work / f"ul_{s}" / "student.pt"
+    local.parent.mkdir(parents=True, exist_ok=True)
+    if not local.is_file():
+        shutil.copy(pt, local)
+    target = str(local)
+    if key == "onnx":
+        from ultralytics import YOLO
+
+        onnx = local.with_suffix(".onnx")
+        if not onnx.is_file():
+            YOLO(str(local)).export(format="onnx", imgsz=s, simplify=False, dynamic=False, verbose=False)
+        target = str(onnx)
+    return ultralytics_reference(target, frames, s, opts.conf, opts.iou, opts.warmup)

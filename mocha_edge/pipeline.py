@@ -1,0 +1,228 @@
+"""The deployment pipeline: BGR frame -> detections with object vectors and personal identities.
+
+Data flows one way: native letterbox -> engine (ONNX Runtime, or anything with ``input_shape``, ``dtype``,
+``run(x) -> {name: array}`` such as ``export.trt.TrtEngine``) -> native decode + NMS -> native box pooling
+-> native prototype matching. Only NumPy and the native runtime (``mocha_edge.runtime``) run per frame: no
+PyTorch, no Python loop per detection. Model facts (input size, strides, class names, vector size,
+fingerprint) come from the export's ``NAME.json`` sidecar.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from mocha_edge.errors import MochaError
+from mocha_edge.export.contract import BOX_DIST, CLS_LOGITS, FEATURES
+
+
+class PipelineError(MochaError):
+    """A model, engine, bank or frame cannot be used by the pipeline."""
+
+
+@dataclass
+class Detections:
+    """One frame: boxes xyxy in frame pixels, scores, coarse classes, object vectors, matched identity
+    (index into :attr:`Pipeline.identity_names`, -1 = unknown or no bank) and its cosine similarity."""
+
+    boxes: np.ndarray  # (n, 4) float32
+    scores: np.ndarray  # (n,) float32
+    cls: np.ndarray  # (n,) int64
+    vectors: np.ndarray  # (n, D) float32
+    identity: np.ndarray  # (n,) int64
+    similarity: np.ndarray  # (n,) float32 (-inf without an eligible prototype)
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+
+class Engine(Protocol):
+    """What the pipeline needs from an inference backend."""
+
+    input_shape: tuple[int, ...]
+    dtype: Any
+
+    def run(self, x: np.ndarray) -> dict[str, np.ndarray]: ...
+
+
+class OrtEngine:
+    """ONNX Runtime on the CPU (or another provider) with the export contract's names.
+
+    Inputs are bound with I/O binding and outputs written into preallocated arrays (no per-frame
+    allocation) when the graph has static shapes; graph optimisation is ORT_ENABLE_ALL."""
+
+    def __init__(
+        self, path: str | Path, threads: int | None = None, providers: list[str] | None = None
+    ) -> None:
+        import onnxruntime as ort
+
+        from mocha_edge.export import contract
+
+        self.path = Path(path)
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            so.intra_op_num_threads = int(threads)
+        try:
+            self.session = ort.InferenceSession(
+                str(self.path), so, providers=providers or ["CPUExecutionProvider"]
+            )
+        except Exception as e:
+            raise PipelineError(
+                f"{self.path}: ONNX Runtime cannot load it ({str(e).splitlines()[0]})"
+            ) from None
+        inp = {i.name: i for i in self.session.get_inputs()}
+        if contract.INPUT not in inp:
+            raise PipelineError(f"{self.path}: no input named {contract.INPUT!r} (not a mocha-edge export)")
+        outs = {o.name: o for o in self.session.get_outputs()}
+        missing = [n for n in contract.OUTPUTS if n not in outs]
+        if missing:
+            raise PipelineError(f"{self.path}: outputs {missing} missing (not a mocha-edge export)")
+        shape = inp[contract.INPUT].shape
+        self.dtype = np.float16 if inp[contract.INPUT].type == "tensor(float16)" else np.float32
+        self.input_shape = tuple(d if isinstance(d, int) else 1 for d in shape)
+        self._names = list(contract.OUTPUTS)
+        self._static = all(isinstance(d, int) for o in outs.values() for d in o.shape) and all(
+            isinstance(d, int) for d in shape
+        )
+        self._io = None
+        if self._static:
+            types = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+            self._out = {n: np.empty(outs[n].shape, types.get(outs[n].type, np.float32)) for n in self._names}
+            self._io = self.session.io_binding()
+            for n, a in self._out.items():
+                self._io.bind_output(n, "cpu", 0, a.dtype, list(a.shape), a.ctypes.data)
+        self._input = contract.INPUT
+
+    def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """``x`` ``(B, 3, S, S)`` -> ``{output name: array}`` (arrays are reused by the next call)."""
+        if self._io is None:
+            return dict(zip(self._names, self.session.run(self._names, {self._input: x})))
+        self._io.bind_input(self._input, "cpu", 0, x.dtype, list(x.shape), x.ctypes.data)
+        self.session.run_with_iobinding(self._io)
+        return self._out
+
+
+def _facts_of(model: Path) -> dict[str, Any]:
+    from mocha_edge.export.onnx import read_facts
+
+    side = model.with_suffix(".json")
+    if not side.is_file():
+        raise PipelineError(f"{model}: no {side.name} beside it (export the model with `mocha-edge export`)")
+    try:
+        return read_facts(model)
+    except ValueError as e:
+        raise PipelineError(f"{side}: unreadable deployment facts ({e})") from None
+
+
+class Pipeline:
+    """Frame -> :class:`Detections`, with per-stage times of the last frame in :attr:`timings` (ms)."""
+
+    def __init__(
+        self,
+        model: str | Path | Engine,
+        backend: str = "ort",
+        conf: float = 0.25,
+        iou: float = 0.7,
+        max_det: int = 300,
+        bank: Any = None,
+        mode: str = "conditional",
+        threads: int | None = None,
+        facts: dict[str, Any] | None = None,
+    ) -> None:
+        from mocha_edge import runtime
+
+        self.rt = runtime
+        if isinstance(model, (str, Path)):
+            path = Path(model)
+            if not path.is_file():
+                raise PipelineError(f"{path}: no such model file")
+            facts = facts or _facts_of(path)
+            if backend == "ort":
+                self.engine: Engine = OrtEngine(path, threads=threads)
+            elif backend == "trt":
+                from mocha_edge.export.trt import TrtEngine
+
+                self.engine = TrtEngine(path)
+                facts = getattr(self.engine, "facts", facts)
+            else:
+                raise PipelineError(f"backend must be 'ort' or 'trt', not {backend!r}")
+        else:
+            self.engine = model
+            facts = facts or getattr(model, "facts", None)
+            if facts is None:
+                raise PipelineError("an engine object needs deployment facts (pass facts= or give it .facts)")
+        if mode not in ("conditional", "global"):
+            raise PipelineError(f"matching mode must be 'conditional' or 'global', not {mode!r}")
+        self.facts = facts
+        self.imgsz = int(facts["imgsz"])
+        self.strides = [float(s) for s in facts["strides"]]
+        self.names = list(facts["names"])
+        self.dim = int(facts["vector_dim"])
+        self.conf, self.iou, self.max_det, self.mode = float(conf), float(iou), int(max_det), mode
+        shape = tuple(self.engine.input_shape)
+        if len(shape) != 4 or shape[1:] != (3, self.imgsz, self.imgsz):
+            raise PipelineError(
+                f"engine input {shape} does not match the export's (B, 3, {self.imgsz}, {self.imgsz})"
+            )
+        self._half = np.dtype(self.engine.dtype) == np.float16
+        self._input = np.zeros(
+            (shape[0], 3, self.imgsz, self.imgsz), np.float16 if self._half else np.float32
+        )
+        self.timings: dict[str, float] = {}
+        self.identity_names: list[str] = []
+        self._protos = np.zeros((0, self.dim), np.float32)
+        self._proto_cls = np.zeros(0, np.int64)
+        self.threshold = -np.inf
+        if bank is not None:
+            self.set_bank(bank)
+
+    def set_bank(self, bank: Any) -> None:
+        """Use a :class:`~mocha_edge.prototypes.PrototypeBank` (or its file) for identities."""
+        from mocha_edge.prototypes import PrototypeBank
+
+        if isinstance(bank, (str, Path)):
+            bank = PrototypeBank.load(bank)
+        if bank.translator:
+            raise PipelineError(
+                "the prototype bank holds translated vectors; the pipeline matches pooled vectors"
+            )
+        precision = (self.facts.get("engine") or {}).get("precision", "fp32")
+        bank.check(
+            self.facts["model_fingerprint"], self.dim, precision, source=str(self.facts.get("source", ""))
+        )
+        p, names, coarse = bank.prototypes()
+        self._protos = np.ascontiguousarray(p, np.float32)
+        self._proto_cls = np.ascontiguousarray(coarse, np.int64)
+        self.identity_names = names
+        self.threshold = float(bank.threshold)
+
+    def __call__(self, bgr: np.ndarray) -> Detections:
+        if not isinstance(bgr, np.ndarray) or bgr.dtype != np.uint8 or bgr.ndim != 3 or bgr.shape[2] != 3:
+            raise PipelineError(
+                f"expected a uint8 (H, W, 3) BGR frame, got {getattr(bgr, 'dtype', type(bgr).__name__)} "
+                f"{getattr(bgr, 'shape', '')}"
+            )
+        rt, t0 = self.rt, time.perf_counter()
+        _, r, pad = rt.letterbox(bgr, self.imgsz, out=self._input[0], half=self._half)
+        t1 = time.perf_counter()
+        out = self.engine.run(self._input)
+        t2 = time.perf_counter()
+        maps = [out[n][0] for n in FEATURES]
+        boxes, boxes_lb, scores, cls = rt.decode_nms(
+            out[BOX_DIST][0], out[CLS_LOGITS][0], [m.shape[1:] for m in maps], self.strides, self.conf,
+            self.iou, self.max_det, r, pad, bgr.shape,
+        )  # fmt: skip
+        t3 = time.perf_counter()
+        vectors = rt.pool(maps, boxes_lb, self.strides)
+        ident, sim = np.full(len(cls), -1, np.int64), np.full(len(cls), -np.inf, np.float32)
+        if len(self._protos):
+            _, sim, ident = rt.match(vectors, cls, self._protos, self._proto_cls, self.mode, self.threshold)
+        t4 = time.perf_counter()
+        self.timings = {"pre": (t1 - t0) * 1e3, "infer": (t2 - t1) * 1e3, "post": (t3 - t2) * 1e3,
+                        "match": (t4 - t3) * 1e3}  # fmt: skip
+        return Detections(boxes, scores, cls, vectors, ident, sim)

@@ -1,0 +1,338 @@
+"""Python binding of the native runtime (``runtime/include/mocha_rt.h``): NumPy arrays in and out, via ctypes.
+
+The C library is built at install time (``pip install -e .``, see setup.py) and loaded from this folder;
+calls release the GIL and loop over detections in C. Each function checks shapes and dtypes here and
+raises :class:`NativeRuntimeError` with the C library's one-line message (C file and line) on failure.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from mocha_edge.errors import MochaError
+
+_HERE = Path(__file__).resolve().parent
+_BUILD_INFO = _HERE / "_mocha_rt_build.json"
+_CUDA_LIB = _HERE / "_mocha_rt_cuda.so"
+ABI_VERSION = 1
+MODES = {"conditional": 0, "global": 1}
+
+
+class NativeRuntimeError(MochaError):
+    """The native runtime refused its input or failed."""
+
+
+class RuntimeNotBuiltError(NativeRuntimeError, ImportError):
+    """The shared library is missing: the package was installed without building ``runtime/``."""
+
+
+def _find_library() -> Path:
+    libs = sorted(_HERE.glob("_mocha_rt.*.so")) + sorted(_HERE.glob("_mocha_rt.so"))
+    if not libs:
+        raise RuntimeNotBuiltError(
+            f"mocha-edge native runtime not built: no _mocha_rt*.so in {_HERE}; rebuild it with "
+            "`pip install -e .` (needs a C compiler)"
+        )
+    return libs[0]
+
+
+_P = ctypes.c_void_p
+_I = ctypes.c_int
+_F = ctypes.c_float
+_D = ctypes.c_double
+_CODES = {"P": _P, "i": _I, "f": _F, "d": _D, "s": ctypes.c_ssize_t, "z": ctypes.c_size_t}
+
+
+def _args(code: str) -> list:
+    """ctypes argument types from a compact code: P pointer, i int, f float, d double, s ssize_t, z size_t."""
+    return [_CODES[c] for c in code]
+
+
+def _load() -> ctypes.CDLL:
+    path = _find_library()
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:
+        raise RuntimeNotBuiltError(
+            f"{path}: cannot load the native runtime ({e}); rebuild it with `pip install -e .`"
+        ) from None
+    sigs = {
+        "mrt_abi_version": (_I, []),
+        "mrt_last_error": (ctypes.c_char_p, []),
+        "mrt_letterbox": (_I, _args("PiisiiPP")),
+        "mrt_decode_nms": (_I, _args("PPiiiPPiffiidddiiPPPPP")),
+        "mrt_pool": (_I, _args("PPPiPiP")),
+        "mrt_match": (_I, _args("PiiPPiPifiPPP")),
+        "mrt_set_threads": (None, _args("i")),
+    }
+    for name, (res, args) in sigs.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = res, args
+    if lib.mrt_abi_version() != ABI_VERSION:
+        raise RuntimeNotBuiltError(
+            f"{path}: native runtime ABI {lib.mrt_abi_version()}, this binding expects {ABI_VERSION}; "
+            "rebuild it with `pip install -e .`"
+        )
+    return lib
+
+
+_lib = _load()
+
+
+class _LetterboxParams(ctypes.Structure):
+    _fields_ = [("r", _D), ("new_w", _I), ("new_h", _I), ("left", _I), ("top", _I)]
+
+
+def _check(rc: int, lib: ctypes.CDLL = _lib) -> None:
+    if rc != 0:
+        raise NativeRuntimeError(f"native runtime: {lib.mrt_last_error().decode(errors='replace')}")
+
+
+def _ptr(a: np.ndarray | None) -> int | None:
+    return None if a is None else a.ctypes.data
+
+
+def _f32(a: Any, what: str, ndim: int) -> np.ndarray:
+    a = np.asarray(a)
+    if a.ndim == ndim + 1 and a.shape[0] == 1:
+        a = a[0]
+    if a.ndim != ndim:
+        raise NativeRuntimeError(f"{what}: expected {ndim} dimensions, got shape {a.shape}")
+    return np.ascontiguousarray(a, np.float32)
+
+
+# ------------------------------------------------------------------------------------------------ ops
+def letterbox(
+    bgr: np.ndarray, imgsz: int, out: np.ndarray | None = None, half: bool = False
+) -> tuple[np.ndarray, float, tuple[float, float]]:
+    """uint8 BGR ``(H, W, 3)`` frame -> RGB ``(3, S, S)`` float32 (float16 if ``half``) in [0, 1], square
+    letterbox (``mocha_edge.infer.letterbox`` + /255 in one pass); returns ``(tensor, r, (left, top))``.
+
+    Rows may be strided (a crop of a larger frame); ``out`` (C-contiguous ``(3, S, S)`` or ``(1, 3, S, S)``
+    of the output dtype) is filled in place and returned."""
+    bgr = np.asarray(bgr)
+    if bgr.dtype != np.uint8 or bgr.ndim != 3 or bgr.shape[2] != 3:
+        raise NativeRuntimeError(
+            f"letterbox: expected a uint8 (H, W, 3) BGR frame, got {bgr.dtype} {bgr.shape}"
+        )
+    if bgr.strides[2] != 1 or bgr.strides[1] != 3 or bgr.strides[0] < 3 * bgr.shape[1]:
+        bgr = np.ascontiguousarray(bgr)
+    dtype = np.float16 if half else np.float32
+    if out is None:
+        out = np.empty((3, imgsz, imgsz), dtype)
+    elif out.dtype != dtype or out.shape[-3:] != (3, imgsz, imgsz) or out.size != 3 * imgsz * imgsz:
+        raise NativeRuntimeError(
+            f"letterbox: out must be {np.dtype(dtype).name} (3, {imgsz}, {imgsz}), got {out.dtype} {out.shape}"
+        )
+    elif not out.flags.c_contiguous or not out.flags.writeable:
+        raise NativeRuntimeError("letterbox: out must be a writeable C-contiguous array")
+    p = _LetterboxParams()
+    h, w = bgr.shape[:2]
+    _check(_lib.mrt_letterbox(bgr.ctypes.data, h, w, bgr.strides[0], imgsz, int(half), out.ctypes.data,
+                              ctypes.byref(p)))  # fmt: skip
+    return out, p.r, (float(p.left), float(p.top))
+
+
+def decode_nms(
+    box_dist: np.ndarray,
+    cls_logits: np.ndarray,
+    shapes: Sequence[tuple[int, int]],
+    strides: Sequence[float],
+    conf: float = 0.25,
+    iou: float = 0.7,
+    max_det: int = 300,
+    r: float = 1.0,
+    pad: tuple[float, float] = (0.0, 0.0),
+    frame_shape: tuple[int, ...] | None = None,
+    max_nms: int = 30000,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Raw head outputs of one image (``(4·R, A)`` DFL logits, ``(nc, A)`` logits; a leading batch of 1 is
+    accepted) -> ``(boxes_frame (n, 4), boxes_letterbox (n, 4), scores (n,), classes (n,) int64)``, sorted
+    by score (``export/reference.py`` decode + nms, then ``from_letterbox``). ``frame_shape`` (h, w, ...)
+    defaults to the letterbox itself (boxes_frame == boxes_letterbox clipped)."""
+    bd, cl = _f32(box_dist, "box_dist", 2), _f32(cls_logits, "cls_logits", 2)
+    if bd.shape[0] % 4 or bd.shape[1] != cl.shape[1]:
+        raise NativeRuntimeError(f"decode_nms: box_dist {bd.shape} and cls_logits {cl.shape} do not match")
+    sh = np.ascontiguousarray(np.asarray(shapes, np.int32).reshape(-1, 2))
+    st = np.ascontiguousarray(np.asarray(strides, np.float32).reshape(-1))
+    if len(sh) != len(st):
+        raise NativeRuntimeError(f"decode_nms: {len(sh)} level shapes but {len(st)} strides")
+    if frame_shape is None:
+        frame_shape = (int(sh[0, 0] * st[0]), int(sh[0, 1] * st[0]))
+    k = max(int(max_det), 0)
+    bf, bl = np.empty((k, 4), np.float32), np.empty((k, 4), np.float32)
+    sc, cls = np.empty(k, np.float32), np.empty(k, np.int64)
+    n = ctypes.c_int(0)
+    _check(_lib.mrt_decode_nms(
+        bd.ctypes.data, cl.ctypes.data, bd.shape[1], bd.shape[0] // 4, cl.shape[0], sh.ctypes.data,
+        st.ctypes.data, len(st), conf, iou, int(max_det), int(max_nms), float(r), float(pad[0]), float(pad[1]),
+        int(frame_shape[0]), int(frame_shape[1]), bf.ctypes.data, bl.ctypes.data, sc.ctypes.data,
+        cls.ctypes.data, ctypes.byref(n),
+    ))  # fmt: skip
+    m = n.value
+    return bf[:m], bl[:m], sc[:m], cls[:m]
+
+
+def pool(maps: Sequence[np.ndarray], boxes_letterbox: np.ndarray, strides: Sequence[float]) -> np.ndarray:
+    """box-area-mean/v2 vectors of ``(N, 4)`` letterbox-pixel boxes over ``(C, H, W)`` maps (a leading batch
+    of 1 is accepted): ``(N, sum C)`` float32."""
+    ms = [_f32(m, f"map {i}", 3) for i, m in enumerate(maps)]
+    if len(ms) != len(strides) or not ms:
+        raise NativeRuntimeError(f"pool: {len(ms)} maps but {len(strides)} strides")
+    b = np.ascontiguousarray(np.asarray(boxes_letterbox, np.float32).reshape(-1, 4))
+    chw = np.ascontiguousarray(np.asarray([m.shape for m in ms], np.int32))
+    st = np.ascontiguousarray(np.asarray(strides, np.float32))
+    ptrs = (ctypes.c_void_p * len(ms))(*[m.ctypes.data for m in ms])
+    out = np.empty((len(b), int(chw[:, 0].sum())), np.float32)
+    _check(_lib.mrt_pool(ctypes.cast(ptrs, _P), chw.ctypes.data, st.ctypes.data, len(ms), b.ctypes.data, len(b),
+                         out.ctypes.data))  # fmt: skip
+    return out
+
+
+class Match(NamedTuple):
+    """Matching result per detection: prototype index (-1: none eligible / not finite), cosine, and the
+    index again where cosine >= threshold else -1 (unknown)."""
+
+    idx: np.ndarray
+    sim: np.ndarray
+    identity: np.ndarray
+
+
+def match(
+    vectors: np.ndarray,
+    det_cls: np.ndarray,
+    prototypes: np.ndarray,
+    proto_cls: np.ndarray,
+    mode: str = "conditional",
+    threshold: float = -np.inf,
+    threads: int = 0,
+) -> Match:
+    """L2-normalise ``vectors (N, D)`` and find the nearest of the unit ``prototypes (M, D)``
+    (``mocha_edge.prototypes.match`` rule; conditional: same class only). ``threads`` 0: automatic."""
+    if mode not in MODES:
+        raise NativeRuntimeError(f"matching mode must be 'conditional' or 'global', not {mode!r}")
+    v = np.ascontiguousarray(np.asarray(vectors, np.float32))
+    p = np.ascontiguousarray(np.asarray(prototypes, np.float32))
+    if v.ndim != 2 or p.ndim != 2 or (len(p) and p.shape[1] != v.shape[1]):
+        raise NativeRuntimeError(
+            f"match: vectors {v.shape} and prototypes {p.shape} must be (N, D) and (M, D)"
+        )
+    dc = np.ascontiguousarray(np.asarray(det_cls, np.int64).reshape(-1))
+    pc = np.ascontiguousarray(np.asarray(proto_cls, np.int64).reshape(-1))
+    if len(dc) != len(v) or len(pc) != len(p):
+        raise NativeRuntimeError(
+            f"match: {len(v)} vectors / {len(dc)} classes, {len(p)} prototypes / {len(pc)} classes"
+        )
+    n = len(v)
+    idx, sim, ident = np.empty(n, np.int64), np.empty(n, np.float32), np.empty(n, np.int64)
+    _check(_lib.mrt_match(v.ctypes.data, n, v.shape[1], dc.ctypes.data, p.ctypes.data, len(p), pc.ctypes.data,
+                          MODES[mode], float(threshold), int(threads), idx.ctypes.data, sim.ctypes.data,
+                          ident.ctypes.data))  # fmt: skip
+    return Match(idx, sim, ident)
+
+
+def set_threads(n: int) -> None:
+    """Worker threads of the ops that split work (letterbox, global matching); 0: automatic (one)."""
+    _lib.mrt_set_threads(int(n))
+
+
+# ------------------------------------------------------------------------------------------------ info
+def build_info() -> dict[str, Any]:
+    """What setup.py built (``_mocha_rt_build.json``)."""
+    try:
+        return json.loads(_BUILD_INFO.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def info() -> dict[str, str]:
+    """``{"library", "c", "cuda"}``: what was built and where (CUDA: archs, or why not)."""
+    b = build_info()
+    cuda = b.get("cuda", {})
+    if _CUDA_LIB.exists() and cuda.get("built"):
+        cuda_s = f"{', '.join(cuda.get('archs', []))} ({_CUDA_LIB.name})"
+    elif _CUDA_LIB.exists():
+        cuda_s = f"{_CUDA_LIB.name} (archs unknown)"
+    else:
+        cuda_s = f"not built ({cuda.get('why', 'unknown reason')})"
+    return {"library": str(_find_library()), "c": f"yes (ABI {_lib.mrt_abi_version()})", "cuda": cuda_s}
+
+
+# ------------------------------------------------------------------------------------------------ CUDA
+class CudaRuntime:
+    """The CUDA twins on raw device pointers (ints), for device-resident pipelines and the GPU tests.
+
+    Arguments follow the C functions in ``mocha_rt.h``; ``stream`` is a ``cudaStream_t`` as an int (0: the
+    default stream). Every call is asynchronous on its stream."""
+
+    def __init__(self, path: str | Path = _CUDA_LIB) -> None:
+        path = Path(path)
+        if not path.exists():
+            why = build_info().get("cuda", {}).get("why", "not built")
+            raise RuntimeNotBuiltError(
+                f"{path}: the CUDA runtime was not built ({why}); rebuild with nvcc on PATH and a GPU visible, "
+                "or MOCHA_EDGE_CUDA_ARCHS='87;110' pip install -e ."
+            )
+        self.lib = lib = ctypes.CDLL(str(path))
+        sigs = {
+            "mrt_last_error": (ctypes.c_char_p, []),
+            "mrt_cuda_archs": (ctypes.c_char_p, []),
+            "mrt_cuda_letterbox": (_I, _args("PiisiiPP")),
+            "mrt_cuda_decode_nms_workspace": (ctypes.c_size_t, _args("iii")),
+            "mrt_cuda_decode_nms": (_I, _args("PPiiiPPiffiidddiiPzPPPPPP")),
+            "mrt_cuda_pool": (_I, _args("PPPiPiPP")),
+            "mrt_cuda_match": (_I, _args("PiiPPiPifPPPP")),
+        }
+        for name, (res, args) in sigs.items():
+            fn = getattr(lib, name)
+            fn.restype, fn.argtypes = res, args
+
+    @property
+    def archs(self) -> str:
+        return self.lib.mrt_cuda_archs().decode()
+
+    def _check(self, rc: int) -> None:
+        _check(rc, self.lib)
+
+    def letterbox(self, bgr: int, h: int, w: int, row_stride: int, size: int, half: bool, out: int,
+                  stream: int = 0) -> None:  # fmt: skip
+        self._check(self.lib.mrt_cuda_letterbox(bgr, h, w, row_stride, size, int(half), out, stream))
+
+    def decode_nms_workspace(self, num_anchors: int, nc: int, max_nms: int = 30000) -> int:
+        return int(self.lib.mrt_cuda_decode_nms_workspace(num_anchors, nc, max_nms))
+
+    def decode_nms(self, box_dist: int, cls_logits: int, num_anchors: int, reg_max: int, nc: int,
+                   shapes: Sequence[tuple[int, int]], strides: Sequence[float], conf: float, iou: float,
+                   max_det: int, max_nms: int, r: float, pad: tuple[float, float], frame_hw: tuple[int, int],
+                   workspace: int, workspace_bytes: int, boxes_frame: int, boxes_lb: int, scores: int,
+                   classes: int, n_out: int, stream: int = 0) -> None:  # fmt: skip
+        sh = np.ascontiguousarray(np.asarray(shapes, np.int32).reshape(-1, 2))
+        st = np.ascontiguousarray(np.asarray(strides, np.float32))
+        self._check(self.lib.mrt_cuda_decode_nms(
+            box_dist, cls_logits, num_anchors, reg_max, nc, sh.ctypes.data, st.ctypes.data, len(st), conf, iou,
+            max_det, max_nms, r, pad[0], pad[1], frame_hw[0], frame_hw[1], workspace, workspace_bytes,
+            boxes_frame, boxes_lb, scores, classes, n_out, stream,
+        ))  # fmt: skip
+
+    def pool(self, maps: Sequence[int], chw: Sequence[tuple[int, int, int]], strides: Sequence[float],
+             boxes: int, n: int, out: int, stream: int = 0) -> None:  # fmt: skip
+        ptrs = (ctypes.c_void_p * len(maps))(*maps)
+        c = np.ascontiguousarray(np.asarray(chw, np.int32))
+        st = np.ascontiguousarray(np.asarray(strides, np.float32))
+        self._check(self.lib.mrt_cuda_pool(ctypes.cast(ptrs, _P), c.ctypes.data, st.ctypes.data, len(maps), boxes,
+                                           n, out, stream))  # fmt: skip
+
+    def match(self, vectors: int, n: int, d: int, det_cls: int, prototypes: int, m: int, proto_cls: int,
+              mode: str, threshold: float, idx: int, sim: int, identity: int, stream: int = 0) -> None:  # fmt: skip
+        self._check(self.lib.mrt_cuda_match(vectors, n, d, det_cls, prototypes, m, proto_cls, MODES[mode],
+                                            threshold, idx, sim, identity, stream))  # fmt: skip
+
+
+__all__ = ["CudaRuntime", "Match", "NativeRuntimeError", "RuntimeNotBuiltError", "build_info", "decode_nms",
+           "info", "letterbox", "match", "pool", "set_threads"]  # fmt: skip

@@ -1,0 +1,115 @@
+/* mocha_rt: the native runtime of mocha-edge (letterbox, YOLOv8 decode + NMS, box pooling, matching).
+ *
+ * A narrow C ABI: plain pointers, sizes and status codes. Every function returns MRT_OK (0) or an error
+ * code; mrt_last_error() then gives a one-line message with the C file and line (thread-local).
+ * Tensors are row-major and contiguous unless a stride is given. The CPU functions are in libmocha_rt
+ * (portable C11, libm + pthread); the CUDA twins (mrt_cuda_*) in libmocha_rt_cuda take device pointers
+ * and a cudaStream_t passed as void*, and run asynchronously on that stream unless said otherwise.
+ *
+ * Rules (the Python reference each op is tested against):
+ *   letterbox  - ultralytics LetterBox(auto=False), cv2.INTER_LINEAR, pad 114  (mocha_edge.infer.letterbox)
+ *   decode_nms - DFL decode + single-label class-aware greedy NMS             (export/reference.py)
+ *   pool       - box-area-mean/v2                                              (models/pooling.py)
+ *   match      - cosine nearest prototype, conditional | global               (mocha_edge.prototypes.match)
+ */
+#ifndef MOCHA_RT_H
+#define MOCHA_RT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define MRT_ABI_VERSION 1
+
+#if defined(__GNUC__)
+#define MRT_API __attribute__((visibility("default")))
+#else
+#define MRT_API
+#endif
+
+enum mrt_status { MRT_OK = 0, MRT_EINVAL = 1, MRT_ENOMEM = 2, MRT_ECUDA = 3 };
+enum mrt_match_mode { MRT_MATCH_CONDITIONAL = 0, MRT_MATCH_GLOBAL = 1 };
+
+#define MRT_PAD_VALUE 114
+#define MRT_MAX_WH 7680.0 /* class offset of class-aware NMS */
+
+MRT_API int mrt_abi_version(void);
+/* Message of the last error on this thread ("" when none). */
+MRT_API const char *mrt_last_error(void);
+
+/* Worker threads of the CPU ops that split work (letterbox of large frames, global matching): 0 (default)
+ * = the online CPUs, at most 8. Process-wide. */
+MRT_API void mrt_set_threads(int n);
+
+/* ---------------------------------------------------------------------------------------- letterbox */
+typedef struct {
+    double r;        /* scale: min(S/h, S/w) */
+    int new_w, new_h; /* resized image: max(round(w*r), 1), max(round(h*r), 1) (round half to even) */
+    int left, top;   /* pad: round((S-new_w)/2 - 0.1), round((S-new_h)/2 - 0.1) */
+} mrt_letterbox_params;
+
+MRT_API int mrt_letterbox_plan(int h, int w, int size, mrt_letterbox_params *p);
+
+/* uint8 BGR HWC frame (pixel stride 3 bytes, row stride `row_stride` bytes) -> RGB CHW (3, S, S) in
+ * [0, 1], float32 (half=0) or IEEE float16 (half=1, out is uint16_t bits). One fused pass over the
+ * output; values are rounded to the uint8 grid before /255 like cv2's uint8 resize. `p` may be NULL. */
+MRT_API int mrt_letterbox(const uint8_t *bgr, int h, int w, ptrdiff_t row_stride, int size, int half, void *out,
+                  mrt_letterbox_params *p);
+
+/* --------------------------------------------------------------------------------------- decode+NMS */
+/* One image. box_dist (4*reg_max, A) DFL logits, cls_logits (nc, A) logits, both float32 contiguous.
+ * shapes: nlevels (h, w) pairs, strides: nlevels floats, sum h*w == A (anchors level by level, row-major).
+ * Keeps anchors whose best-class sigmoid score (float32) > conf, the max_nms best, greedy class-aware NMS
+ * (IoU > iou suppresses, class offset MRT_MAX_WH), at most max_det kept, sorted by score (ties: anchor
+ * order). Writes n <= max_det rows: boxes_lb (n, 4) xyxy letterbox pixels, boxes_frame (n, 4) xyxy frame
+ * pixels ((b - pad) / r clipped to [0, frame_w] x [0, frame_h]), scores (n,), classes (n,).
+ * boxes_frame may be NULL (then r, pad and the frame size are not used). */
+MRT_API int mrt_decode_nms(const float *box_dist, const float *cls_logits, int num_anchors, int reg_max, int nc,
+                   const int *shapes, const float *strides, int nlevels, float conf, float iou, int max_det,
+                   int max_nms, double r, double pad_x, double pad_y, int frame_h, int frame_w,
+                   float *boxes_frame, float *boxes_lb, float *scores, int64_t *classes, int *n_out);
+
+/* ------------------------------------------------------------------------------------------- pooling */
+/* box-area-mean/v2 of n boxes (xyxy letterbox pixels) over nlevels maps (C_i, H_i, W_i) float32:
+ * out (n, sum C_i). Each map is piecewise constant over its cells; a box is clipped to the map, given
+ * a minimum extent of 0.25 cell (centred, shifted inside) and averaged over its area. */
+MRT_API int mrt_pool(const float *const *maps, const int *chw, const float *strides, int nlevels, const float *boxes,
+             int n, float *out);
+
+/* ------------------------------------------------------------------------------------------ matching */
+/* vectors (n, d) (L2-normalised here), prototypes (m, d) unit rows. conditional: only prototypes whose
+ * class equals the detection's; global: all. idx = argmax cosine (first on ties) or -1 when none is
+ * eligible (sim -inf) or the best is not finite (NaN input: sim NaN); identity = idx if sim >= threshold
+ * else -1. identity may be NULL. threads <= 0: automatic. */
+MRT_API int mrt_match(const float *vectors, int n, int d, const int64_t *det_cls, const float *prototypes, int m,
+              const int64_t *proto_cls, int mode, float threshold, int threads, int64_t *idx, float *sim,
+              int64_t *identity);
+
+/* ------------------------------------------------------------------------------- CUDA twins (device) */
+/* Same rules, device pointers, asynchronous on `stream` (a cudaStream_t). Built only into
+ * libmocha_rt_cuda. mrt_cuda_decode_nms needs a device workspace of mrt_cuda_decode_nms_workspace()
+ * bytes and writes the detection count to the device int *n_out; shapes and strides are host arrays. */
+MRT_API int mrt_cuda_letterbox(const uint8_t *bgr, int h, int w, ptrdiff_t row_stride, int size, int half, void *out,
+                       void *stream);
+MRT_API size_t mrt_cuda_decode_nms_workspace(int num_anchors, int nc, int max_nms);
+MRT_API int mrt_cuda_decode_nms(const float *box_dist, const float *cls_logits, int num_anchors, int reg_max, int nc,
+                        const int *shapes, const float *strides, int nlevels, float conf, float iou,
+                        int max_det, int max_nms, double r, double pad_x, double pad_y, int frame_h,
+                        int frame_w, void *workspace, size_t workspace_bytes, float *boxes_frame,
+                        float *boxes_lb, float *scores, int64_t *classes, int *n_out, void *stream);
+/* maps: host array of nlevels device pointers; chw, strides: host arrays; boxes, out: device. */
+MRT_API int mrt_cuda_pool(const float *const *maps, const int *chw, const float *strides, int nlevels,
+                  const float *boxes, int n, float *out, void *stream);
+MRT_API int mrt_cuda_match(const float *vectors, int n, int d, const int64_t *det_cls, const float *prototypes, int m,
+                   const int64_t *proto_cls, int mode, float threshold, int64_t *idx, float *sim,
+                   int64_t *identity, void *stream);
+/* The archs the CUDA library was built for ("sm_87;sm_110"). */
+MRT_API const char *mrt_cuda_archs(void);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* MOCHA_RT_H */

@@ -1,0 +1,192 @@
+/* Letterbox + normalise: uint8 BGR HWC frame -> RGB CHW float32/float16 in [0, 1], square, pad 114.
+ *
+ * Geometry of ultralytics' LetterBox(auto=False). Resampling reproduces cv2.resize(INTER_LINEAR) on uint8
+ * images integer for integer: half-pixel centres (sx = (dx + 0.5) / (new_w / w) - 0.5 in float32, edge
+ * taps clamped), 11-bit weights (1 - f and f each rounded), a horizontal pass to int32 row sums and
+ * cv2's vectorised vertical rounding ((b0 * (S0 >> 4)) >> 16) + ((b1 * (S1 >> 4)) >> 16) + 2) >> 2.
+ * The uint8 value is then divided by 255 in float32 (as the reference's /255.0 does): in our checks the
+ * output equals cv2 + /255 exactly. One pass over the output rows; the two source rows an output row
+ * needs are resampled horizontally (planar, cached for the next output row) and blended vertically.
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "internal.h"
+
+int mrt_letterbox_plan(int h, int w, int size, mrt_letterbox_params *p) {
+    MRT_CHECK(h > 0 && w > 0, "frame size %dx%d must be positive", w, h);
+    MRT_CHECK(size > 0 && size <= 16384, "letterbox size %d out of range 1..16384", size);
+    MRT_CHECK(p != NULL, "null parameter pointer");
+    double sh = (double)size / h, sw = (double)size / w;
+    double r = sh < sw ? sh : sw;
+    double nw = rint(w * r), nh = rint(h * r); /* rint: round half to even, like Python's round() */
+    p->r = r;
+    p->new_w = nw < 1 ? 1 : (int)nw;
+    p->new_h = nh < 1 ? 1 : (int)nh;
+    p->left = (int)rint((size - p->new_w) / 2.0 - 0.1);
+    p->top = (int)rint((size - p->new_h) / 2.0 - 0.1);
+    return MRT_OK;
+}
+
+/* Taps of one axis (cv2 INTER_LINEAR, 11-bit coefficients): first tap, second tap, two weights. */
+static void taps(int src, int dst, int *i0, int *i1, int32_t *w0, int32_t *w1) {
+    const double scale = 1.0 / ((double)dst / src);
+    for (int d = 0; d < dst; d++) {
+        float f = (float)((d + 0.5) * scale - 0.5);
+        int s = (int)floorf(f);
+        f -= (float)s;
+        if (s < 0) s = 0, f = 0.f;
+        if (s >= src - 1) s = src - 1, f = 0.f;
+        i0[d] = s;
+        i1[d] = s + 1 < src ? s + 1 : src - 1;
+        w0[d] = (int32_t)rintf((1.f - f) * 2048.f);
+        w1[d] = (int32_t)rintf(f * 2048.f);
+    }
+}
+
+/* Horizontal pass of one source row into planar int32 sums (B, G, R planes of nw each). */
+MRT_CLONES
+static void hpass(const uint8_t *restrict s, const int *restrict x0, const int *restrict x1,
+                  const int32_t *restrict w0, const int32_t *restrict w1, int nw, int32_t *restrict out) {
+    int32_t *restrict b = out, *restrict g = out + nw, *restrict r = out + 2 * nw;
+    for (int x = 0; x < nw; x++) {
+        const uint8_t *p = s + 3 * x0[x], *q = s + 3 * x1[x];
+        b[x] = p[0] * w0[x] + q[0] * w1[x];
+        g[x] = p[1] * w0[x] + q[1] * w1[x];
+        r[x] = p[2] * w0[x] + q[2] * w1[x];
+    }
+}
+
+/* Vertical blend of two horizontal sums into uint8 values / 255 (float32). */
+MRT_CLONES
+static void vpass(const int32_t *restrict h0, const int32_t *restrict h1, int32_t b0, int32_t b1, int n,
+                  float *restrict out) {
+    for (int x = 0; x < n; x++) {
+        int32_t v = (((b0 * (h0[x] >> 4)) >> 16) + ((b1 * (h1[x] >> 4)) >> 16) + 2) >> 2;
+        out[x] = (float)v / 255.0f;
+    }
+}
+
+MRT_CLONES
+static void vpass16(const int32_t *restrict h0, const int32_t *restrict h1, int32_t b0, int32_t b1, int n,
+                    const uint16_t *restrict lut, uint16_t *restrict out) {
+    for (int x = 0; x < n; x++) out[x] = lut[(((b0 * (h0[x] >> 4)) >> 16) + ((b1 * (h1[x] >> 4)) >> 16) + 2) >> 2];
+}
+
+typedef struct {
+    const uint8_t *bgr;
+    ptrdiff_t row_stride;
+    int size, half, nw, nh, left, top, direct, y0, y1;
+    const int *xi, *yi;
+    const int32_t *wx, *wy;
+    const uint16_t *lut16;
+    int32_t *hrow; /* two cached horizontally resampled source rows, 3 planes of nw each */
+    void *out;
+} lb_job;
+
+/* Output rows [y0, y1) of the letterbox. */
+static void *lb_rows(void *arg) {
+    const lb_job *j = arg;
+    const int size = j->size, nw = j->nw, nh = j->nh, left = j->left, top = j->top;
+    const size_t plane = (size_t)size * size;
+    const float pad = (float)MRT_PAD_VALUE / 255.0f;
+    const uint16_t pad16 = mrt_f32_to_f16(pad);
+    float *o32 = (float *)j->out;
+    uint16_t *o16 = (uint16_t *)j->out;
+    int cached[2] = {-1, -1}; /* source row held by each slot */
+    for (int y = j->y0; y < j->y1; y++) {
+        const size_t row = (size_t)y * size;
+        const int sy = y - top;
+        if (sy < 0 || sy >= nh) { /* a padding row */
+            for (int c = 0; c < 3; c++) {
+                if (j->half)
+                    for (int x = 0; x < size; x++) o16[c * plane + row + x] = pad16;
+                else
+                    for (int x = 0; x < size; x++) o32[c * plane + row + x] = pad;
+            }
+            continue;
+        }
+        if (j->direct) {
+            const uint8_t *s = j->bgr + (ptrdiff_t)sy * j->row_stride;
+            for (int c = 0; c < 3; c++) {
+                if (j->half)
+                    for (int x = 0; x < nw; x++) o16[c * plane + row + left + x] = j->lut16[s[3 * x + 2 - c]];
+                else
+                    for (int x = 0; x < nw; x++) o32[c * plane + row + left + x] = (float)s[3 * x + 2 - c] / 255.0f;
+            }
+        } else {
+            const int src[2] = {j->yi[sy], j->yi[nh + sy]};
+            int slot[2];
+            for (int k = 0; k < 2; k++) {
+                slot[k] = cached[0] == src[k] ? 0 : (cached[1] == src[k] ? 1 : -1);
+                if (slot[k] >= 0) continue;
+                /* fill the slot the other tap does not use */
+                const int other = k == 0 ? (cached[0] == src[1] ? 0 : (cached[1] == src[1] ? 1 : -1)) : slot[0];
+                slot[k] = other == 0 ? 1 : 0;
+                hpass(j->bgr + (ptrdiff_t)src[k] * j->row_stride, j->xi, j->xi + nw, j->wx, j->wx + nw, nw,
+                      j->hrow + 3 * (size_t)nw * slot[k]);
+                cached[slot[k]] = src[k];
+            }
+            for (int c = 0; c < 3; c++) { /* hrow planes are B, G, R; output planes R, G, B */
+                const int32_t *a = j->hrow + 3 * (size_t)nw * slot[0] + (size_t)(2 - c) * nw;
+                const int32_t *b = j->hrow + 3 * (size_t)nw * slot[1] + (size_t)(2 - c) * nw;
+                if (j->half)
+                    vpass16(a, b, j->wy[sy], j->wy[nh + sy], nw, j->lut16, o16 + c * plane + row + left);
+                else
+                    vpass(a, b, j->wy[sy], j->wy[nh + sy], nw, o32 + c * plane + row + left);
+            }
+        }
+        for (int c = 0; c < 3; c++) {
+            if (j->half) {
+                uint16_t *o = o16 + c * plane + row;
+                for (int x = 0; x < left; x++) o[x] = pad16;
+                for (int x = left + nw; x < size; x++) o[x] = pad16;
+            } else {
+                float *o = o32 + c * plane + row;
+                for (int x = 0; x < left; x++) o[x] = pad;
+                for (int x = left + nw; x < size; x++) o[x] = pad;
+            }
+        }
+    }
+    return NULL;
+}
+
+#define LB_MAX_THREADS 4
+#define LB_THREAD_PIXELS 120000 /* resized pixels per extra thread */
+
+int mrt_letterbox(const uint8_t *bgr, int h, int w, ptrdiff_t row_stride, int size, int half, void *out,
+                  mrt_letterbox_params *pout) {
+    mrt_letterbox_params p;
+    int rc = mrt_letterbox_plan(h, w, size, &p);
+    if (rc) return rc;
+    MRT_CHECK(bgr != NULL && out != NULL, "null frame or output pointer");
+    MRT_CHECK(row_stride >= (ptrdiff_t)w * 3, "row stride %td smaller than 3*width %d", row_stride, 3 * w);
+    if (pout) *pout = p;
+    const int nw = p.new_w, nh = p.new_h;
+    /* one thread unless asked (mrt_set_threads): on a loaded 2-core machine a second thread did not pay */
+    int nt = mrt_threads(1);
+    long by_size = (long)nw * nh / LB_THREAD_PIXELS;
+    if (nt > by_size) nt = by_size < 1 ? 1 : (int)by_size;
+    if (nt > LB_MAX_THREADS) nt = LB_MAX_THREADS;
+
+    int *xi = malloc(sizeof(int) * 2 * (size_t)nw), *yi = malloc(sizeof(int) * 2 * (size_t)nh);
+    int32_t *wx = malloc(sizeof(int32_t) * 2 * (size_t)nw), *wy = malloc(sizeof(int32_t) * 2 * (size_t)nh);
+    int32_t *hrow = malloc(sizeof(int32_t) * 6 * (size_t)nw * nt);
+    if (!xi || !yi || !wx || !wy || !hrow) {
+        free(xi), free(yi), free(wx), free(wy), free(hrow);
+        return MRT_FAIL(MRT_ENOMEM, "out of memory (letterbox %dx%d -> %d)", w, h, size);
+    }
+    taps(w, nw, xi, xi + nw, wx, wx + nw);
+    taps(h, nh, yi, yi + nh, wy, wy + nh);
+    uint16_t lut16[256]; /* float16 bits of v / 255 (v / 255 computed in float32 first, like the f32 path) */
+    for (int v = 0; v < 256; v++) lut16[v] = mrt_f32_to_f16((float)v / 255.0f);
+    lb_job jobs[LB_MAX_THREADS];
+    for (int t = 0; t < nt; t++)
+        jobs[t] = (lb_job){bgr, row_stride, size, half, nw, nh, p.left, p.top, nw == w && nh == h,
+                           (int)((long)size * t / nt), (int)((long)size * (t + 1) / nt), xi, yi, wx, wy, lut16,
+                           hrow + 6 * (size_t)nw * t, out};
+    mrt_parallel(lb_rows, jobs, sizeof(lb_job), nt);
+    free(xi), free(yi), free(wx), free(wy), free(hrow);
+    return MRT_OK;
+}

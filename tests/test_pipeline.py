@@ -1,0 +1,231 @@
+"""Deployment pipeline (native letterbox -> ORT -> native decode/NMS/pool/match): parity with ultralytics'
+own predictor and with the NumPy reference path, identities from a prototype bank, errors."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mocha_edge.export.onnx import OnnxStudent, export_onnx
+
+from mocha_edge.infer import Student, read_bgr
+from mocha_edge.pipeline import Detections, Pipeline, PipelineError
+
+CONF = 0.001  # the small test student only makes low-score boxes
+
+
+@pytest.fixture(scope="module")
+def exported(student_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export_onnx(Student.load(student_ckpt), tmp_path_factory.mktemp("pipe") / "student.onnx")
+
+
+def _images(synth_small: Path, coco8_dir: Path) -> list[Path]:
+    root = synth_small.parent
+    return (
+        sorted((root / "val" / "images").glob("*.jpg"))[:6]
+        + sorted((root / "novel" / "images").glob("*.jpg"))[:6]
+        + sorted(coco8_dir.glob("images/*/*.jpg"))
+    )
+
+
+def _pair(a_boxes: np.ndarray, b_boxes: np.ndarray) -> np.ndarray:
+    from ultralytics.utils.metrics import box_iou
+
+    if len(a_boxes) == 0 or len(b_boxes) == 0:
+        return np.zeros((len(a_boxes), len(b_boxes)))
+    return box_iou(torch.from_numpy(a_boxes), torch.from_numpy(b_boxes)).numpy()
+
+
+def _random_yolo(imgsz: int):
+    """A YOLOv8n of random weights whose BatchNorm statistics are measured on the coco8 photos (so its
+    outputs depend on the image instead of vanishing) and class biases at -2: many detections per image,
+    80 classes, heavy NMS. Built from ultralytics' bundled yaml: nothing is downloaded."""
+    from ultralytics import YOLO
+
+    from mocha_edge.infer import letterbox
+
+    torch.manual_seed(0)
+    yolo = YOLO("yolov8n.yaml")
+    for m in yolo.model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None
+            m.reset_running_stats()
+    photos = sorted((REPO.parent / "shared" / "data" / "coco8").glob("images/*/*.jpg"))
+    x = np.stack([letterbox(read_bgr(p), imgsz)[0] for p in photos])
+    yolo.model.train()
+    with torch.no_grad():
+        yolo.model(torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255)
+    yolo.model.eval()
+    for branch in yolo.model.model[-1].cv3:
+        branch[-1].bias.data.fill_(-2.0)
+    return yolo
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def random_model(tmp_path_factory: pytest.TempPathFactory):
+    """(ultralytics YOLO object, its ONNX export at 256 px, where every test image is letterboxed by a
+    downscale or no resize, so both sides get identical input tensors): exported before predict() fuses it."""
+    yolo = _random_yolo(256)
+    names = [yolo.model.names[i] for i in range(len(yolo.model.names))]
+    return yolo, export_onnx(Student(yolo.model, names, 256), tmp_path_factory.mktemp("rand") / "random.onnx")
+
+
+@pytest.mark.parametrize("which", ["student", "random"])
+def test_pipeline_matches_ultralytics_predictor(
+    which: str,
+    exported: Path,
+    random_model,
+    student_ckpt: Path,
+    synth_small: Path,
+    coco8_dir: Path,
+    tmp_path: Path,
+) -> None:
+    """Every detection of ultralytics' own predictor (square letterbox forced with rect=False) has a twin in
+    ours: IoU >= 0.99, same class, score within 1e-3; and vice versa, except detections at the edge of
+    the kept set (score within 1e-4 of the threshold, or of the last kept one when max_det is reached).
+
+    ``student``: the trained test student (its .pt) at conf 0.001 — small and barely trained, it makes
+    the same 3 low-score boxes on every image; every detection must have its twin. ``random``: a YOLOv8n
+    of random weights (:func:`_random_yolo`) at 256 px, conf 0.2: up to 300 detections per image over 80
+    classes from thousands of near-tied candidates, where a 1e-6 score difference between ONNX Runtime and
+    PyTorch reorders greedy NMS; there at most 0.5 % of the detections may lack a twin."""
+    from ultralytics import YOLO
+
+    if which == "student":
+        pt = tmp_path / "student.pt"
+        shutil.copy(Path(student_ckpt).with_name("student.pt"), pt)
+        yolo, model, conf = YOLO(str(pt)), exported, 0.001
+    else:
+        (yolo, model), conf = random_model, 0.2
+    max_det = 300
+    pipe = Pipeline(model, conf=conf, iou=0.7, max_det=max_det)
+    matched = unmatched = 0
+    min_iou, max_dscore = 1.0, 0.0
+    for path in _images(synth_small, coco8_dir):
+        bgr = read_bgr(path)
+        ours = pipe(bgr)
+        res = yolo.predict(
+            bgr, imgsz=pipe.imgsz, conf=conf, iou=0.7, max_det=max_det, rect=False, verbose=False
+        )[0]
+        tb, ts, tc = (res.boxes.xyxy.numpy(), res.boxes.conf.numpy(), res.boxes.cls.numpy().astype(np.int64))
+        edge = max(conf, float(ts.min()) if len(ts) == max_det else conf)
+        edge_ours = max(conf, float(ours.scores.min()) if len(ours) == max_det else conf)
+        iou = _pair(tb, ours.boxes)
+        used = np.zeros(len(ours), bool)
+        for i in np.argsort(-ts):
+            cand = np.where(~used & (ours.cls == tc[i]), iou[i], -1.0) if len(ours) else np.array([])
+            j = int(np.argmax(cand)) if len(cand) else -1
+            if j < 0 or cand[j] < 0.99:
+                if which == "student":
+                    assert ts[i] - edge_ours < 1e-4, f"{path.name}: detection {i} ({ts[i]:.5f}) has no twin"
+                unmatched += int(ts[i] - edge_ours >= 1e-4)
+                continue
+            used[j] = True
+            matched += 1
+            min_iou = min(min_iou, float(cand[j]))
+            max_dscore = max(max_dscore, abs(float(ours.scores[j] - ts[i])))
+            assert abs(ours.scores[j] - ts[i]) < 1e-3
+        extra = ours.scores[~used]
+        if which == "student":
+            assert (extra - edge < 1e-4).all(), f"{path.name}: detections ultralytics does not make: {extra}"
+        unmatched += int((extra - edge >= 1e-4).sum())
+    print(f"{which}: matched {matched} detections ({unmatched} without a twin), min IoU {min_iou:.5f}, "
+          f"max |score diff| {max_dscore:.2e}")  # fmt: skip
+    assert matched >= 50 and unmatched <= 0.005 * matched
+
+
+def test_pipeline_matches_reference_path(exported: Path, synth_small: Path, coco8_dir: Path) -> None:
+    """Same graph, NumPy reference post-processing (OnnxStudent.detect): identical detections, vectors."""
+    ref = OnnxStudent(exported)
+    pipe = Pipeline(exported, conf=CONF)
+    n = 0
+    for path in _images(synth_small, coco8_dir)[::2]:
+        bgr = read_bgr(path)
+        a, b = pipe(bgr), ref.detect([bgr], conf=CONF)[0]
+        assert len(a) == len(b)
+        n += len(a)
+        np.testing.assert_array_equal(a.cls, b.cls)
+        np.testing.assert_allclose(a.boxes, b.boxes, atol=1e-3)
+        np.testing.assert_allclose(a.scores, b.scores, atol=1e-5)
+        np.testing.assert_allclose(a.vectors, b.vectors, rtol=1e-4, atol=1e-5)
+        assert (a.identity == -1).all() and (a.similarity == -np.inf).all()  # no bank
+    assert n >= 20
+    assert set(pipe.timings) == {"pre", "infer", "post", "match"} and all(
+        v >= 0 for v in pipe.timings.values()
+    )
+
+
+def test_pipeline_identities_from_bank(random_model, coco8_dir: Path) -> None:
+    from mocha_edge.export.onnx import read_facts
+
+    from mocha_edge.prototypes import PrototypeBank
+
+    _, model = random_model
+    facts = read_facts(model)
+    pipe = Pipeline(model, conf=0.2)
+    frames = [read_bgr(p) for p in sorted(coco8_dir.glob("images/*/*.jpg"))]
+    dets = [pipe(f) for f in frames]
+    k = next(i for i, d in enumerate(dets) if len(d) >= 3)
+    d0 = dets[k]
+    bank = PrototypeBank(dim=facts["vector_dim"], model_fingerprint=facts["model_fingerprint"],
+                         class_names=facts["names"])  # fmt: skip
+    bank.add("first", int(d0.cls[0]), d0.vectors[:1])
+    bank.add("second", int(d0.cls[2]), d0.vectors[2:3])
+    bank.threshold = 0.99
+    for mode in ("conditional", "global"):
+        pipe = Pipeline(model, conf=0.2, bank=bank, mode=mode)
+        got = pipe(frames[k])
+        assert pipe.identity_names == ["first", "second"]
+        assert got.identity[0] == 0 and got.similarity[0] == pytest.approx(1.0, abs=1e-5)
+        assert got.identity[2] == 1 and got.similarity[2] == pytest.approx(1.0, abs=1e-5)
+        want_idx, want_sim = bank.match(got.vectors, got.cls, mode)
+        np.testing.assert_allclose(got.similarity, want_sim, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(got.identity, np.where(want_sim >= 0.99, want_idx, -1))
+        assert got.identity.dtype == np.int64 and got.similarity.dtype == np.float32
+        assert isinstance(got, Detections) and got.vectors.shape == (len(got), facts["vector_dim"])
+    other = PrototypeBank(dim=facts["vector_dim"], model_fingerprint="0" * 32, class_names=facts["names"])
+    with pytest.raises(Exception, match="another model"):
+        Pipeline(model, bank=other)
+
+
+def test_pipeline_takes_any_engine(exported: Path, synth_small: Path) -> None:
+    """The backend hook: an object with input_shape, dtype and run(x) (e.g. export.trt.TrtEngine)."""
+    from mocha_edge.export.onnx import read_facts
+
+    base = Pipeline(exported, conf=CONF)
+
+    class Wrapped:
+        facts = read_facts(exported)
+        input_shape = base.engine.input_shape
+        dtype = np.float32
+        calls = 0
+
+        def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
+            Wrapped.calls += 1
+            return {k: v.copy() for k, v in base.engine.run(x).items()}
+
+    pipe = Pipeline(Wrapped(), conf=CONF)
+    bgr = read_bgr(sorted((synth_small.parent / "val" / "images").glob("*.jpg"))[0])
+    a, b = pipe(bgr), base(bgr)
+    assert Wrapped.calls == 1 and np.array_equal(a.boxes, b.boxes) and np.array_equal(a.vectors, b.vectors)
+
+
+def test_pipeline_errors(exported: Path, tmp_path: Path) -> None:
+    with pytest.raises(PipelineError, match="no such model"):
+        Pipeline(tmp_path / "missing.onnx")
+    lone = tmp_path / "lone.onnx"
+    shutil.copy(exported, lone)
+    with pytest.raises(PipelineError, match=r"lone\.onnx: no lone\.json beside it"):
+        Pipeline(lone)
+    with pytest.raises(PipelineError, match="backend"):
+        Pipeline(exported, backend="tvm")
+    with pytest.raises(PipelineError, match="matching mode"):
+        Pipeline(exported, mode="nearest")
+    with pytest.raises(PipelineError, match="uint8"):
+        Pipeline(exported)(np.zeros((10, 10, 3), np.float32))

@@ -1,0 +1,423 @@
+"""Native runtime (runtime/): each C op against its NumPy/cv2 reference, the CUDA twins' compile, and (gpu)
+the CUDA twins against the C library on random inputs."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from mocha_edge.export import reference as ref
+
+from mocha_edge import runtime as rt
+from mocha_edge.infer import from_letterbox
+from mocha_edge.infer import letterbox as cv2_letterbox
+from mocha_edge.prototypes import match as np_match
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = settings(max_examples=40, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+# ------------------------------------------------------------------------------------------ letterbox
+def _cv2_tensor(bgr: np.ndarray, s: int) -> tuple[np.ndarray, float, tuple[float, float]]:
+    """mocha_edge.infer.letterbox + /255, with the pad recomputed the way ultralytics places the image
+    (``max(round(.), 1)``: infer.letterbox reports a pad one pixel off for 1-pixel-thin resized images)."""
+    rgb, r, _ = cv2_letterbox(bgr, s)
+    h, w = bgr.shape[:2]
+    nw, nh = max(round(w * r), 1), max(round(h * r), 1)
+    pad = (float(round((s - nw) / 2 - 0.1)), float(round((s - nh) / 2 - 0.1)))
+    return rgb.transpose(2, 0, 1).astype(np.float32) / 255.0, r, pad
+
+
+@FAST
+@given(
+    h=st.integers(1, 400),
+    w=st.integers(1, 400),
+    s=st.sampled_from([32, 64, 96, 160, 320]),
+    seed=st.integers(0, 99),
+)
+def test_letterbox_matches_cv2(h: int, w: int, s: int, seed: int) -> None:
+    bgr = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    got, r, pad = rt.letterbox(bgr, s)
+    want, r2, pad2 = _cv2_tensor(bgr, s)
+    assert (r, pad) == (r2, pad2) and got.shape == (3, s, s) and got.dtype == np.float32
+    diff = np.abs(got - want)
+    nw, nh = max(round(w * r), 1), max(round(h * r), 1)
+    if (nw, nh) == (w, h) or (nw <= w and nh <= h):  # no resize, or a downscale: cv2's integers exactly
+        assert diff.max() == 0.0
+    else:  # an upscale: cv2 takes another vector path on a few pixels, one uint8 step at most
+        assert diff.max() <= 1.0 / 255 + 1e-7 and (diff > 0).mean() < 0.05
+
+
+def test_letterbox_real_photo_strided_and_half(coco8_dir: Path) -> None:
+    from mocha_edge.infer import read_bgr
+
+    img = read_bgr(sorted(coco8_dir.glob("images/*/*.jpg"))[0])
+    for s in (640, 320, 128):
+        got, _, _ = rt.letterbox(img, s)
+        assert np.array_equal(got, _cv2_tensor(img, s)[0])  # a downscale of a real photo: exact
+        crop = img[10:-7, 5:-3]  # a strided view: read in place, same result as a contiguous copy
+        assert not crop.flags.c_contiguous
+        assert np.array_equal(rt.letterbox(crop, s)[0], rt.letterbox(np.ascontiguousarray(crop), s)[0])
+        h16, _, _ = rt.letterbox(img, s, half=True)
+        assert h16.dtype == np.float16 and np.array_equal(h16, got.astype(np.float16))
+        out = np.empty((1, 3, s, s), np.float32)
+        t, _, _ = rt.letterbox(img, s, out=out[0])
+        assert np.shares_memory(t, out) and np.array_equal(out[0], got)
+
+
+def test_letterbox_rejects_bad_input() -> None:
+    with pytest.raises(rt.NativeRuntimeError, match="uint8"):
+        rt.letterbox(np.zeros((4, 4, 3), np.float32), 32)
+    with pytest.raises(rt.NativeRuntimeError, match="out must be"):
+        rt.letterbox(np.zeros((4, 4, 3), np.uint8), 32, out=np.empty((3, 16, 16), np.float32))
+    with pytest.raises(rt.NativeRuntimeError, match=r"letterbox\.c:\d+: letterbox size"):
+        rt.letterbox(np.zeros((4, 4, 3), np.uint8), 0)
+
+
+# ------------------------------------------------------------------------------------------ decode+NMS
+def _raw(rng: np.random.Generator, shapes, nc: int, reg_max: int = 16, mean: float = -5.0):
+    a = sum(h * w for h, w in shapes)
+    bd = rng.normal(0, 2, (4 * reg_max, a)).astype(np.float32)
+    cl = rng.normal(mean, 2.5, (nc, a)).astype(np.float32)
+    return bd, cl
+
+
+def _check_decode(bd, cl, shapes, strides, conf, iou, max_det, r=0.5, pad=(3.0, 17.0), frame=(300, 250)):
+    bf, bl, sc, c = rt.decode_nms(bd, cl, shapes, strides, conf, iou, max_det, r, pad, frame)
+    boxes, scores = ref.decode(bd, cl, shapes, strides)
+    rb, rs, rc = ref.nms(boxes, scores, conf, iou, max_det)
+    np.testing.assert_array_equal(bl, rb)
+    np.testing.assert_array_equal(sc, rs)
+    np.testing.assert_array_equal(c, rc)
+    np.testing.assert_array_equal(bf, from_letterbox(rb, r, pad, frame))
+    assert bf.dtype == np.float32 and c.dtype == np.int64
+    return len(rb)
+
+
+LEVELS = [
+    ([(8, 8), (4, 4), (2, 2)], [8.0, 16.0, 32.0]),
+    ([(5, 7), (3, 4)], [9.0, 17.0]),  # odd strides, non-square maps
+    ([(1, 1)], [32.0]),
+]
+
+
+@FAST
+@given(
+    lv=st.sampled_from(LEVELS),
+    nc=st.sampled_from([1, 2, 80]),
+    reg_max=st.sampled_from([1, 4, 16]),
+    conf=st.sampled_from([0.0, 0.001, 0.25, 0.6, 0.999]),
+    iou=st.sampled_from([0.0, 0.45, 0.7, 1.0]),
+    max_det=st.sampled_from([1, 5, 300]),
+    seed=st.integers(0, 999),
+)
+def test_decode_nms_matches_reference(lv, nc, reg_max, conf, iou, max_det, seed) -> None:
+    shapes, strides = lv
+    bd, cl = _raw(np.random.default_rng(seed), shapes, nc, reg_max)
+    _check_decode(bd, cl, shapes, strides, conf, iou, max_det)
+
+
+def test_decode_nms_edge_cases() -> None:
+    rng = np.random.default_rng(0)
+    shapes, strides = LEVELS[0]
+    bd, cl = _raw(rng, shapes, 3)
+    assert _check_decode(bd, cl, shapes, strides, 0.999999, 0.7, 300) == 0  # zero candidates
+    assert _check_decode(bd, np.full_like(cl, -30.0), shapes, strides, 0.25, 0.7, 300) == 0
+    # ties: equal scores everywhere (order by anchor), identical boxes (suppressed), saturated sigmoids
+    tie = np.full_like(cl, 2.0)
+    assert _check_decode(bd, tie, shapes, strides, 0.25, 0.7, 300) > 0
+    assert _check_decode(np.zeros_like(bd), tie, shapes, strides, 0.25, 0.7, 300) > 0
+    sat = rng.uniform(17, 40, cl.shape).astype(np.float32)  # many float32 scores round to 1.0
+    assert _check_decode(bd, sat, shapes, strides, 0.25, 0.7, 300) > 0
+    # a class with a NaN logit is dropped, as np.argmax makes NaN the best
+    nan = cl.copy()
+    nan[1, :10] = np.nan
+    nan[0, :10] = 10.0
+    _check_decode(bd, nan, shapes, strides, 0.25, 0.7, 300)
+    # max_nms caps the candidates before NMS
+    b1 = rt.decode_nms(bd, tie, shapes, strides, 0.25, 0.7, 300, max_nms=7)
+    assert len(b1[2]) <= 7
+    # boxes far outside the frame are clipped to it
+    bf, _, _, _ = rt.decode_nms(bd, tie, shapes, strides, 0.25, 0.7, 300, 2.0, (-100.0, 500.0), (40, 30))
+    assert (bf >= 0).all() and (bf[:, [0, 2]] <= 30).all() and (bf[:, [1, 3]] <= 40).all()
+
+
+def test_decode_nms_rejects_bad_input() -> None:
+    bd, cl = _raw(np.random.default_rng(0), [(4, 4)], 2)
+    with pytest.raises(rt.NativeRuntimeError, match="do not match"):
+        rt.decode_nms(bd[:, :-1], cl, [(4, 4)], [8.0])
+    with pytest.raises(rt.NativeRuntimeError, match=r"decode_nms\.c:\d+: level shapes hold 9 anchors"):
+        rt.decode_nms(bd, cl, [(3, 3)], [8.0])
+    with pytest.raises(rt.NativeRuntimeError, match="max_det"):
+        rt.decode_nms(bd, cl, [(4, 4)], [8.0], max_det=0)
+
+
+# ------------------------------------------------------------------------------------------ pooling
+def _maps(rng, s: int = 64, chans=(8, 16, 32), strides=(8.0, 16.0, 32.0)):
+    return [
+        rng.normal(0, 1, (c, s // int(st_), s // int(st_))).astype(np.float32)
+        for c, st_ in zip(chans, strides)
+    ]
+
+
+def _assert_pool_close(got: np.ndarray, want: np.ndarray) -> None:
+    assert got.shape == want.shape and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@FAST
+@given(
+    n=st.integers(0, 40),
+    scale=st.sampled_from([0.5, 5.0, 40.0, 200.0]),
+    seed=st.integers(0, 999),
+    odd=st.booleans(),
+)
+def test_pool_matches_reference(n: int, scale: float, seed: int, odd: bool) -> None:
+    rng = np.random.default_rng(seed)
+    strides = [9.0, 18.0] if odd else [8.0, 16.0, 32.0]
+    maps = (
+        [rng.normal(0, 1, (6, 7, 5)).astype(np.float32), rng.normal(0, 1, (10, 4, 3)).astype(np.float32)]
+        if odd
+        else _maps(rng)
+    )
+    xy = rng.uniform(-40, 100, (n, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(0, scale, (n, 2))], 1).astype(np.float32)
+    _assert_pool_close(rt.pool(maps, boxes, strides), ref.pool(maps, boxes, strides))
+
+
+def test_pool_edge_cases() -> None:
+    rng = np.random.default_rng(1)
+    maps, strides = _maps(rng), [8.0, 16.0, 32.0]
+    boxes = np.array(
+        [
+            [-50, -50, -10, -10],  # entirely outside (clipped to the corner, min extent)
+            [200, 200, 300, 300],  # outside on the other side
+            [10, 10, 10, 10],  # zero size
+            [10.3, 20.1, 10.4, 20.2],  # tiny
+            [0, 0, 64, 64],  # the whole map
+            [30, 5, 20, 2],  # inverted
+        ],
+        np.float32,
+    )
+    _assert_pool_close(rt.pool(maps, boxes, strides), ref.pool(maps, boxes, strides))
+    many = np.tile([[0, 0, 64, 64], [3, 1, 60, 50]], (50, 1)).astype(np.float32)  # summed-area-table path
+    _assert_pool_close(rt.pool(maps, many, strides), ref.pool(maps, many, strides))
+    assert rt.pool(maps, np.zeros((0, 4), np.float32), strides).shape == (0, 56)
+    with pytest.raises(rt.NativeRuntimeError, match="not finite"):
+        rt.pool(maps, np.array([[0, 0, np.nan, 4]], np.float32), strides)
+    with pytest.raises(rt.NativeRuntimeError, match="strides"):
+        rt.pool(maps, boxes, strides[:2])
+
+
+def test_pool_matches_torch_rule() -> None:
+    import torch
+    from mocha_edge.models.pooling import box_mean_pool
+
+    rng = np.random.default_rng(2)
+    maps, strides = _maps(rng), [8.0, 16.0, 32.0]
+    xy = rng.uniform(-10, 60, (30, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(0, 40, (30, 2))], 1).astype(np.float32)
+    want = box_mean_pool(
+        [torch.from_numpy(m)[None] for m in maps], torch.from_numpy(boxes), torch.zeros(30), strides
+    )
+    np.testing.assert_allclose(rt.pool(maps, boxes, strides), want.numpy(), rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------ matching
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _check_match(v, dc, p, pc, mode, threshold=0.1, threads=0):
+    got = rt.match(v, dc, p, pc, mode, threshold, threads)
+    idx, sim = np_match(v, dc, p, pc, mode)
+    np.testing.assert_array_equal(got.idx, idx)
+    np.testing.assert_allclose(got.sim, sim, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(got.identity, np.where((idx >= 0) & (got.sim >= threshold), idx, -1))
+    return got
+
+
+@FAST
+@given(
+    n=st.integers(0, 30),
+    m=st.integers(0, 60),
+    d=st.sampled_from([1, 3, 16, 448]),
+    nc=st.sampled_from([1, 4, 80]),
+    mode=st.sampled_from(["conditional", "global"]),
+    threads=st.sampled_from([0, 1, 3]),
+    seed=st.integers(0, 999),
+)
+def test_match_matches_reference(n, m, d, nc, mode, threads, seed) -> None:
+    rng = np.random.default_rng(seed)
+    v = rng.normal(0, 1, (n, d)).astype(np.float32) * rng.uniform(0.01, 100)
+    p = _unit(rng.normal(0, 1, (m, d))) if m else np.zeros((0, d), np.float32)
+    _check_match(v, rng.integers(0, nc, n), p, rng.integers(0, nc, m), mode, threads=threads)
+
+
+def test_match_edge_cases_and_size() -> None:
+    rng = np.random.default_rng(3)
+    d = 448
+    p = _unit(rng.normal(0, 1, (1000, d)))
+    pc = rng.integers(0, 80, 1000)
+    v = rng.normal(0, 1, (100, d)).astype(np.float32)
+    dc = rng.integers(0, 80, 100)
+    for mode in ("conditional", "global"):
+        for threads in (1, 2):  # the threaded global split merges with the same first-index tie rule
+            _check_match(v, dc, p, pc, mode, threads=threads)
+    # ties: duplicated prototypes -> the first index wins, also across a thread split
+    dup = np.concatenate([p[:10], p[:10]])
+    got = rt.match(p[:10] * 3, np.zeros(10, np.int64), dup, np.zeros(20, np.int64), "global", threads=2)
+    np.testing.assert_allclose(got.sim, 1.0, rtol=1e-6)  # (BLAS may round the two copies differently)
+    assert (got.idx == np.arange(10)).all()
+    # nothing eligible (class absent), zero vectors, NaN vectors
+    got = _check_match(v[:3], np.array([99, 1, 2]), p, pc, "conditional")
+    assert got.idx[0] == -1 and got.sim[0] == -np.inf and got.identity[0] == -1
+    z = np.zeros((2, d), np.float32)
+    _check_match(z, np.array([1, 2]), p, pc, "global")
+    nanv = v[:2].copy()
+    nanv[0, 5] = np.nan
+    got = rt.match(nanv, dc[:2], p, pc, "global")
+    want = np_match(nanv, dc[:2], p, pc, "global")
+    assert got.idx[0] == want[0][0] == -1 and np.isnan(got.sim[0]) and np.isnan(want[1][0])
+    # no prototypes at all
+    got = rt.match(v, dc, np.zeros((0, d), np.float32), np.zeros(0, np.int64), "global")
+    assert (got.idx == -1).all() and (got.sim == -np.inf).all()
+    with pytest.raises(rt.NativeRuntimeError, match="matching mode"):
+        rt.match(v, dc, p, pc, "nearest")
+    with pytest.raises(rt.NativeRuntimeError, match="classes"):
+        rt.match(v, dc[:5], p, pc, "global")
+
+
+# ------------------------------------------------------------------------------------------ build
+def test_missing_library_says_how_to_rebuild(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(rt, "_HERE", tmp_path)
+    with pytest.raises(rt.RuntimeNotBuiltError, match=r"not built.*pip install -e \."):
+        rt._find_library()
+    assert issubclass(rt.RuntimeNotBuiltError, ImportError)
+
+
+def test_info_reports_the_build() -> None:
+    info = rt.info()
+    assert info["c"].startswith("yes") and Path(info["library"]).is_file()
+    assert info["cuda"]  # archs, or "not built (<why>)"
+    from mocha_edge.info import gather
+
+    try:
+        line = gather()["native runtime"]
+    except AttributeError:  # an unrelated broken optional import in gather(); check our line alone
+        line = f"C {info['c']}"
+    assert line.startswith("C yes")
+
+
+@pytest.mark.skipif(
+    shutil.which("nvcc") is None, reason="nvcc not installed: the CUDA twins cannot be compiled here"
+)
+def test_cuda_twins_compile_for_orin_and_thor(tmp_path: Path) -> None:
+    """All .cu files build into one shared library with sm_87 (Orin) and sm_110 (Thor) code in one go."""
+    out = tmp_path / "libmocha_rt_cuda.so"
+    cmd = ["nvcc", "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC,-fvisibility=hidden",
+           f"-I{REPO / 'runtime' / 'include'}", "-gencode=arch=compute_87,code=sm_87",
+           "-gencode=arch=compute_110,code=sm_110", *sorted(map(str, (REPO / "runtime" / "cuda").glob("*.cu"))),
+           "-o", str(out)]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "warning" not in res.stderr.lower(), res.stderr[-3000:]
+    syms = subprocess.run(["nm", "-D", "--defined-only", str(out)], capture_output=True, text=True).stdout
+    for fn in ("mrt_cuda_letterbox", "mrt_cuda_decode_nms", "mrt_cuda_decode_nms_workspace", "mrt_cuda_pool",
+               "mrt_cuda_match", "mrt_last_error"):  # fmt: skip
+        assert f" T {fn}\n" in syms
+    cuobjdump = shutil.which("cuobjdump")
+    if cuobjdump:
+        elf = subprocess.run([cuobjdump, "--list-elf", str(out)], capture_output=True, text=True).stdout
+        assert "sm_87" in elf and "sm_110" in elf
+
+
+# ------------------------------------------------------------------------------------------ GPU
+@pytest.mark.gpu
+def test_cuda_twins_match_c_library() -> None:
+    """Each CUDA twin on device buffers (cuda-python) equals the C library on the same random inputs."""
+    cudart = pytest.importorskip("cuda.bindings.runtime")
+    cuda = rt.CudaRuntime()
+
+    def ok(ret):
+        err = ret[0] if isinstance(ret, tuple) else ret
+        assert int(err) == 0, f"CUDA error {err}"
+        return ret[1] if isinstance(ret, tuple) and len(ret) > 1 else None
+
+    bufs: list[int] = []
+
+    def dev(a: np.ndarray) -> int:
+        ptr = int(ok(cudart.cudaMalloc(max(a.nbytes, 1))))
+        bufs.append(ptr)
+        ok(cudart.cudaMemcpy(ptr, a.ctypes.data, a.nbytes, cudart.cudaMemcpyKind.cudaMemcpyHostToDevice))
+        return ptr
+
+    def host(ptr: int, like: np.ndarray) -> np.ndarray:
+        ok(cudart.cudaDeviceSynchronize())
+        ok(
+            cudart.cudaMemcpy(
+                like.ctypes.data, ptr, like.nbytes, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+            )
+        )
+        return like
+
+    rng = np.random.default_rng(0)
+    try:
+        # letterbox: downscale, upscale, strided rows, half
+        for h, w, s, half in [(810, 1080, 640, False), (50, 37, 128, False), (300, 200, 160, True)]:
+            frame = rng.integers(0, 256, (h, w + 5, 3), dtype=np.uint8)  # rows padded: stride > 3 w
+            want, _, _ = rt.letterbox(frame[:, :w], s, half=half)
+            d_in, out = dev(frame), np.empty((3, s, s), np.float16 if half else np.float32)
+            d_out = dev(out)
+            cuda.letterbox(d_in, h, w, frame.strides[0], s, half, d_out)
+            np.testing.assert_array_equal(host(d_out, out), want)
+        # decode + NMS
+        shapes, strides = [(80, 80), (40, 40), (20, 20)], [8.0, 16.0, 32.0]
+        for nc, conf in [(1, 0.25), (80, 0.25), (3, 0.001)]:
+            bd, cl = _raw(rng, shapes, nc)
+            want = rt.decode_nms(bd, cl, shapes, strides, conf, 0.7, 300, 0.5, (0.0, 80.0), (960, 1280))
+            na = bd.shape[1]
+            ws = cuda.decode_nms_workspace(na, nc, 30000)
+            d_ws = dev(np.zeros(ws, np.uint8))
+            outs = [np.zeros((300, 4), np.float32), np.zeros((300, 4), np.float32), np.zeros(300, np.float32),
+                    np.zeros(300, np.int64), np.zeros(1, np.int32)]  # fmt: skip
+            d_outs = [dev(o) for o in outs]
+            cuda.decode_nms(dev(bd), dev(cl), na, 16, nc, shapes, strides, conf, 0.7, 300, 30000, 0.5, (0.0, 80.0),
+                            (960, 1280), d_ws, ws, *d_outs)  # fmt: skip
+            got = [host(p, o) for p, o in zip(d_outs, outs)]
+            n = int(got[4][0])
+            assert n == len(want[2])
+            for g, wnt in zip(got[:4], want):
+                np.testing.assert_array_equal(g[:n], wnt)
+        # pooling
+        maps = _maps(rng, 640, (64, 128, 256))
+        xy = rng.uniform(-20, 600, (50, 2))
+        boxes = np.concatenate([xy, xy + rng.uniform(0, 300, (50, 2))], 1).astype(np.float32)
+        want = rt.pool(maps, boxes, strides)
+        out = np.zeros_like(want)
+        d_out = dev(out)
+        cuda.pool([dev(m) for m in maps], [m.shape for m in maps], strides, dev(boxes), 50, d_out)
+        np.testing.assert_allclose(host(d_out, out), want, rtol=1e-5, atol=1e-6)
+        # matching
+        p = _unit(rng.normal(0, 1, (1000, 448)))
+        pc = rng.integers(0, 80, 1000)
+        v = rng.normal(0, 1, (100, 448)).astype(np.float32)
+        dc = rng.integers(0, 80, 100)
+        for mode in ("conditional", "global"):
+            want = rt.match(v, dc, p, pc, mode, 0.05)
+            outs = [np.zeros(100, np.int64), np.zeros(100, np.float32), np.zeros(100, np.int64)]
+            d_outs = [dev(o) for o in outs]
+            cuda.match(dev(v), 100, 448, dev(dc.astype(np.int64)), dev(p), 1000, dev(pc.astype(np.int64)), mode,
+                       0.05, *d_outs)  # fmt: skip
+            idx, sim, ident = (host(d, o) for d, o in zip(d_outs, outs))
+            np.testing.assert_array_equal(idx, want.idx)
+            np.testing.assert_allclose(sim, want.sim, rtol=1e-5, atol=1e-6)
+            np.testing.assert_array_equal(ident, want.identity)
+    finally:
+        for ptr in bufs:
+            cudart.cudaFree(ptr)
