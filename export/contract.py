@@ -22,3 +22,10 @@ TRANSLATOR_INPUT = "vectors"
 TRANSLATOR_OUTPUT = "translated"
 OPSET = 17
 PAD_VALUE = 114
+
+
+def letterbox_gains(r: float, frame_shape: tuple[int, ...]) -> tuple[float, float]:
+    """Per-axis scale of a square letterbox: ``(new_w / w, new_h / h)`` with the rounded resized size
+    (``max(round(side · r), 1)``, as ultralytics' ``LetterBox`` resizes and 8.4's ``scale_boxes`` maps back)."""
+    h, w = int(frame_shape[0]), int(frame_shape[1])
+    return max(round(w * r), 1) / w, max(round(h * r), 1) / h

@@ -179,7 +179,9 @@ class RawStudent:
         out = []
         for img, bx in zip(images, boxes):
             outputs, r, pad = self._run(img)
-            out.append(ref.pool([m[0] for m in outputs[2:]], to_letterbox(bx, r, pad), self.strides))
+            out.append(
+                ref.pool([m[0] for m in outputs[2:]], to_letterbox(bx, r, pad, img.shape), self.strides)
+            )
         return out
 
     def detect(self, images: list, conf: float = 0.25, iou: float = 0.7, max_det: int = 300) -> list:

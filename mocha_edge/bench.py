@@ -317,7 +317,7 @@ class TorchEngine:
 
         self.torch = torch
         st = Student.load(ckpt, device=device)
-        self.net = RawHead(st.model).eval()
+        self.net = RawHead(st.model.fuse(verbose=False)).eval()  # Conv+BN folded, as ultralytics predicts
         if half:
             self.net = self.net.half()
         self.device, self.half = device, half

@@ -54,25 +54,32 @@ def letterbox(bgr: np.ndarray, imgsz: int) -> tuple[np.ndarray, float, tuple[flo
     h, w = bgr.shape[:2]
     out = LetterBox((imgsz, imgsz), auto=False, stride=32)(image=bgr)
     r = min(imgsz / h, imgsz / w)
-    nw, nh = round(w * r), round(h * r)
+    nw, nh = max(round(w * r), 1), max(round(h * r), 1)  # as LetterBox rounds each side
     left, top = round((imgsz - nw) / 2 - 0.1), round((imgsz - nh) / 2 - 0.1)
     return np.ascontiguousarray(out[..., ::-1]), r, (float(left), float(top))
 
 
-def to_letterbox(boxes, r: float, pad: tuple[float, float]):
-    """Image-pixel xyxy boxes -> letterbox pixels (NumPy array or torch tensor; returns a new one)."""
+def to_letterbox(boxes, r: float, pad: tuple[float, float], shape: tuple[int, ...]):
+    """Pixel xyxy boxes of an image of ``shape`` (h, w, ...) -> letterbox pixels (NumPy array or torch
+    tensor; returns a new one). Per-axis gains of the rounded resized size (``contract.letterbox_gains``)."""
+    from mocha_edge.export.contract import letterbox_gains
+
+    gx, gy = letterbox_gains(r, shape)
     b = boxes.clone() if isinstance(boxes, torch.Tensor) else np.array(boxes, np.float32).reshape(-1, 4)
-    b[:, [0, 2]] = b[:, [0, 2]] * r + pad[0]
-    b[:, [1, 3]] = b[:, [1, 3]] * r + pad[1]
+    b[:, [0, 2]] = b[:, [0, 2]] * gx + pad[0]
+    b[:, [1, 3]] = b[:, [1, 3]] * gy + pad[1]
     return b
 
 
 def from_letterbox(boxes, r: float, pad: tuple[float, float], shape: tuple[int, ...]):
     """Letterbox-pixel xyxy boxes -> pixels of an image of ``shape`` (h, w, ...), clipped to it."""
+    from mocha_edge.export.contract import letterbox_gains
+
+    gx, gy = letterbox_gains(r, shape)
     b = boxes.clone() if isinstance(boxes, torch.Tensor) else np.array(boxes, np.float32).reshape(-1, 4)
     h, w = shape[:2]
-    b[:, [0, 2]] = ((b[:, [0, 2]] - pad[0]) / r).clip(0, w)
-    b[:, [1, 3]] = ((b[:, [1, 3]] - pad[1]) / r).clip(0, h)
+    b[:, [0, 2]] = ((b[:, [0, 2]] - pad[0]) / gx).clip(0, w)
+    b[:, [1, 3]] = ((b[:, [1, 3]] - pad[1]) / gy).clip(0, h)
     return b
 
 
@@ -222,8 +229,8 @@ class Student:
         lbs = [self.letterbox(im) for im in images]
         _, feats = self._forward(self._tensor([lb[0] for lb in lbs]))
         all_b, all_i = [], []
-        for i, ((_, r, pad), bx) in enumerate(zip(lbs, boxes)):
-            b = torch.as_tensor(to_letterbox(bx, r, pad), device=self.device)
+        for i, ((_, r, pad), bx, im) in enumerate(zip(lbs, boxes, images)):
+            b = torch.as_tensor(to_letterbox(bx, r, pad, im.shape), device=self.device)
             all_b.append(b)
             all_i.append(torch.full((len(b),), i, dtype=torch.long, device=self.device))
         v = self._vectors(feats, torch.cat(all_b), torch.cat(all_i)).cpu().numpy()

@@ -47,7 +47,7 @@ if TYPE_CHECKING:  # numpy, the bank and the sources load with the command, not 
 
 VIDEO_FOURCC = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".mkv": "mp4v", ".avi": "MJPG"}
 DEFAULT_FPS = 10.0  # video --save rate when the source has none (folders, images)
-STAGES = ("pre", "infer", "post", "match")
+STAGES = ("pre", "infer", "post", "pool", "match")
 WINDOW = "mocha-edge"
 COMMANDS_HELP = "commands: `enroll NAME` (top detection of the next frame), `quit`, `help`"
 
@@ -62,7 +62,7 @@ class LivePipeline(Protocol):
     names: list[str]  # coarse class names
     dim: int  # vector size
     facts: dict[str, Any]  # the export's deployment facts (model_fingerprint; "engine" for engines)
-    timings: dict[str, float]  # ms of the last frame: pre, infer, post, match
+    timings: dict[str, float]  # ms of the last frame: pre, infer, post, pool, match
     identity_names: list[str]  # what Detections.identity indexes (the bank's prototypes() order)
 
     def set_bank(self, bank: PrototypeBank) -> None: ...

@@ -219,10 +219,11 @@ class Pipeline:
         )  # fmt: skip
         t3 = time.perf_counter()
         vectors = rt.pool(maps, boxes_lb, self.strides)
+        t3b = time.perf_counter()
         ident, sim = np.full(len(cls), -1, np.int64), np.full(len(cls), -np.inf, np.float32)
         if len(self._protos):
             _, sim, ident = rt.match(vectors, cls, self._protos, self._proto_cls, self.mode, self.threshold)
         t4 = time.perf_counter()
         self.timings = {"pre": (t1 - t0) * 1e3, "infer": (t2 - t1) * 1e3, "post": (t3 - t2) * 1e3,
-                        "match": (t4 - t3) * 1e3}  # fmt: skip
+                        "pool": (t3b - t3) * 1e3, "match": (t4 - t3b) * 1e3}  # fmt: skip
         return Detections(boxes, scores, cls, vectors, ident, sim)

@@ -66,7 +66,7 @@ def _load() -> ctypes.CDLL:
         "mrt_abi_version": (_I, []),
         "mrt_last_error": (ctypes.c_char_p, []),
         "mrt_letterbox": (_I, _args("PiisiiPP")),
-        "mrt_decode_nms": (_I, _args("PPiiiPPiffiidddiiPPPPP")),
+        "mrt_decode_nms": (_I, _args("PPiiiPPiffiiddddiiPPPPP")),
         "mrt_pool": (_I, _args("PPPiPiP")),
         "mrt_match": (_I, _args("PiiPPiPifiPPP")),
         "mrt_set_threads": (None, _args("i")),
@@ -139,6 +139,14 @@ def letterbox(
     return out, p.r, (float(p.left), float(p.top))
 
 
+def _gains(r: float, frame_shape: Sequence[int]) -> tuple[float, float]:
+    from mocha_edge.export.contract import letterbox_gains
+
+    if r <= 0:
+        raise NativeRuntimeError(f"decode_nms: letterbox scale {r} must be positive")
+    return letterbox_gains(float(r), tuple(frame_shape))
+
+
 def decode_nms(
     box_dist: np.ndarray,
     cls_logits: np.ndarray,
@@ -154,8 +162,9 @@ def decode_nms(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Raw head outputs of one image (``(4·R, A)`` DFL logits, ``(nc, A)`` logits; a leading batch of 1 is
     accepted) -> ``(boxes_frame (n, 4), boxes_letterbox (n, 4), scores (n,), classes (n,) int64)``, sorted
-    by score (``export/reference.py`` decode + nms, then ``from_letterbox``). ``frame_shape`` (h, w, ...)
-    defaults to the letterbox itself (boxes_frame == boxes_letterbox clipped)."""
+    by score (``export/reference.py`` decode + nms, then ``from_letterbox``: per-axis gains of the rounded
+    resized size, ``contract.letterbox_gains``). ``frame_shape`` (h, w, ...) defaults to the letterbox itself
+    (boxes_frame == boxes_letterbox clipped)."""
     bd, cl = _f32(box_dist, "box_dist", 2), _f32(cls_logits, "cls_logits", 2)
     if bd.shape[0] % 4 or bd.shape[1] != cl.shape[1]:
         raise NativeRuntimeError(f"decode_nms: box_dist {bd.shape} and cls_logits {cl.shape} do not match")
@@ -171,7 +180,7 @@ def decode_nms(
     n = ctypes.c_int(0)
     _check(_lib.mrt_decode_nms(
         bd.ctypes.data, cl.ctypes.data, bd.shape[1], bd.shape[0] // 4, cl.shape[0], sh.ctypes.data,
-        st.ctypes.data, len(st), conf, iou, int(max_det), int(max_nms), float(r), float(pad[0]), float(pad[1]),
+        st.ctypes.data, len(st), conf, iou, int(max_det), int(max_nms), *_gains(r, frame_shape), float(pad[0]), float(pad[1]),
         int(frame_shape[0]), int(frame_shape[1]), bf.ctypes.data, bl.ctypes.data, sc.ctypes.data,
         cls.ctypes.data, ctypes.byref(n),
     ))  # fmt: skip
@@ -285,7 +294,7 @@ class CudaRuntime:
             "mrt_cuda_archs": (ctypes.c_char_p, []),
             "mrt_cuda_letterbox": (_I, _args("PiisiiPP")),
             "mrt_cuda_decode_nms_workspace": (ctypes.c_size_t, _args("iii")),
-            "mrt_cuda_decode_nms": (_I, _args("PPiiiPPiffiidddiiPzPPPPPP")),
+            "mrt_cuda_decode_nms": (_I, _args("PPiiiPPiffiiddddiiPzPPPPPP")),
             "mrt_cuda_pool": (_I, _args("PPPiPiPP")),
             "mrt_cuda_match": (_I, _args("PiiPPiPifPPPP")),
         }
@@ -316,7 +325,7 @@ class CudaRuntime:
         st = np.ascontiguousarray(np.asarray(strides, np.float32))
         self._check(self.lib.mrt_cuda_decode_nms(
             box_dist, cls_logits, num_anchors, reg_max, nc, sh.ctypes.data, st.ctypes.data, len(st), conf, iou,
-            max_det, max_nms, r, pad[0], pad[1], frame_hw[0], frame_hw[1], workspace, workspace_bytes,
+            max_det, max_nms, *_gains(r, frame_hw), pad[0], pad[1], frame_hw[0], frame_hw[1], workspace, workspace_bytes,
             boxes_frame, boxes_lb, scores, classes, n_out, stream,
         ))  # fmt: skip
 

@@ -55,7 +55,7 @@ class FakePipe:
         self.bank: PrototypeBank | None = None
         self.identity_names: list[str] = []
         self.delay = delay
-        self.timings = {"pre": 0.1, "infer": 1.0, "post": 0.2, "match": 0.3}
+        self.timings = {"pre": 0.1, "infer": 1.0, "post": 0.2, "pool": 0.1, "match": 0.3}
         self.calls = 0
 
     def set_bank(self, bank: PrototypeBank) -> None:
@@ -414,7 +414,7 @@ def test_fps_line_reports_stage_timings(synth_video: Path) -> None:
         run_loop(src, pipe, RunOptions(handle_signals=False, fps_every=0.05), enroller, console=console)
     lines = [line for line in console.lines if "FPS" in line]
     assert lines, console.lines
-    assert "FPS | ms: pre 0.1 infer 1.0 post 0.2 match 0.3 read " in lines[0]
+    assert "FPS | ms: pre 0.1 infer 1.0 post 0.2 pool 0.1 match 0.3 read " in lines[0]
     fps = float(lines[0].split()[0])
     assert 5 < fps < 100  # 10 ms fake inference + reading and output
 

@@ -123,7 +123,7 @@ __global__ void k_mask(const Box64 *__restrict__ shifted, const int *__restrict_
 
 __global__ void k_reduce(const unsigned long long *__restrict__ mask, const int *__restrict__ count, int max_nms,
                          int words, int max_det, const float4 *__restrict__ boxes, const float *__restrict__ score,
-                         const int *__restrict__ cls_sorted, float r, float pad_x, float pad_y, int frame_h,
+                         const int *__restrict__ cls_sorted, float gx, float gy, float pad_x, float pad_y, int frame_h,
                          int frame_w, int want_frame, float *__restrict__ boxes_frame, float *__restrict__ boxes_lb,
                          float *__restrict__ scores, int64_t *__restrict__ classes, int *__restrict__ n_out) {
     extern __shared__ unsigned long long removed[];
@@ -143,7 +143,7 @@ __global__ void k_reduce(const unsigned long long *__restrict__ mask, const int 
                 for (int j = 0; j < 4; j++) {
                     boxes_lb[4 * kept + j] = v[j];
                     if (want_frame) {
-                        float f = (v[j] - ((j & 1) ? pad_y : pad_x)) / r, hi = (float)((j & 1) ? frame_h : frame_w);
+                        float f = (v[j] - ((j & 1) ? pad_y : pad_x)) / ((j & 1) ? gy : gx), hi = (float)((j & 1) ? frame_h : frame_w);
                         boxes_frame[4 * kept + j] = f < 0.f ? 0.f : (f > hi ? hi : f);
                     }
                 }
@@ -199,7 +199,7 @@ extern "C" MRT_API size_t mrt_cuda_decode_nms_workspace(int num_anchors, int nc,
 
 extern "C" MRT_API int mrt_cuda_decode_nms(const float *box_dist, const float *cls_logits, int na, int reg_max,
                                            int nc, const int *shapes, const float *strides, int nlevels,
-                                           float conf, float iou, int max_det, int max_nms, double r, double pad_x,
+                                           float conf, float iou, int max_det, int max_nms, double gain_x, double gain_y, double pad_x,
                                            double pad_y, int frame_h, int frame_w, void *workspace,
                                            size_t workspace_bytes, float *boxes_frame, float *boxes_lb,
                                            float *scores, int64_t *classes, int *n_out, void *stream) {
@@ -222,7 +222,7 @@ extern "C" MRT_API int mrt_cuda_decode_nms(const float *box_dist, const float *c
         lv.stride[l] = strides[l];
     }
     MRT_CUDA_CHECK_ARG(lv.off[nlevels] == na, "level shapes hold %d anchors, the outputs %d", lv.off[nlevels], na);
-    if (boxes_frame) MRT_CUDA_CHECK_ARG(r > 0 && frame_h > 0 && frame_w > 0, "scale / frame size must be positive");
+    if (boxes_frame) MRT_CUDA_CHECK_ARG(gain_x > 0 && gain_y > 0 && frame_h > 0 && frame_w > 0, "scale / frame size must be positive");
     Layout L;
     int rc = layout(na, max_nms, &L);
     if (rc) return rc;
@@ -261,7 +261,7 @@ extern "C" MRT_API int mrt_cuda_decode_nms(const float *box_dist, const float *c
     dim3 grid(L.words, L.words);
     k_mask<<<grid, 64, 0, s>>>(shifted, count, max_nms, (double)iou, L.words, mask);
     MRT_LAUNCHED();
-    k_reduce<<<1, 256, shared, s>>>(mask, count, max_nms, L.words, max_det, boxes, score, cls_s, (float)r,
+    k_reduce<<<1, 256, shared, s>>>(mask, count, max_nms, L.words, max_det, boxes, score, cls_s, (float)gain_x, (float)gain_y,
                                     (float)pad_x, (float)pad_y, frame_h, frame_w, boxes_frame != nullptr,
                                     boxes_frame, boxes_lb, scores, classes, n_out);
     MRT_LAUNCHED();

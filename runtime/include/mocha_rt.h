@@ -65,12 +65,13 @@ MRT_API int mrt_letterbox(const uint8_t *bgr, int h, int w, ptrdiff_t row_stride
  * Keeps anchors whose best-class sigmoid score (float32) > conf, the max_nms best, greedy class-aware NMS
  * (IoU > iou suppresses, class offset MRT_MAX_WH), at most max_det kept, sorted by score (ties: anchor
  * order). Writes n <= max_det rows: boxes_lb (n, 4) xyxy letterbox pixels, boxes_frame (n, 4) xyxy frame
- * pixels ((b - pad) / r clipped to [0, frame_w] x [0, frame_h]), scores (n,), classes (n,).
- * boxes_frame may be NULL (then r, pad and the frame size are not used). */
+ * pixels ((b - pad) / gain per axis, clipped to [0, frame_w] x [0, frame_h]; gain_x = new_w / frame_w and
+ * gain_y = new_h / frame_h with the letterbox's rounded size, as ultralytics 8.4's scale_boxes), scores (n,),
+ * classes (n,). boxes_frame may be NULL (then the gains, pad and the frame size are not used). */
 MRT_API int mrt_decode_nms(const float *box_dist, const float *cls_logits, int num_anchors, int reg_max, int nc,
                    const int *shapes, const float *strides, int nlevels, float conf, float iou, int max_det,
-                   int max_nms, double r, double pad_x, double pad_y, int frame_h, int frame_w,
-                   float *boxes_frame, float *boxes_lb, float *scores, int64_t *classes, int *n_out);
+                   int max_nms, double gain_x, double gain_y, double pad_x, double pad_y, int frame_h,
+                   int frame_w, float *boxes_frame, float *boxes_lb, float *scores, int64_t *classes, int *n_out);
 
 /* ------------------------------------------------------------------------------------------- pooling */
 /* box-area-mean/v2 of n boxes (xyxy letterbox pixels) over nlevels maps (C_i, H_i, W_i) float32:
@@ -97,7 +98,7 @@ MRT_API int mrt_cuda_letterbox(const uint8_t *bgr, int h, int w, ptrdiff_t row_s
 MRT_API size_t mrt_cuda_decode_nms_workspace(int num_anchors, int nc, int max_nms);
 MRT_API int mrt_cuda_decode_nms(const float *box_dist, const float *cls_logits, int num_anchors, int reg_max, int nc,
                         const int *shapes, const float *strides, int nlevels, float conf, float iou,
-                        int max_det, int max_nms, double r, double pad_x, double pad_y, int frame_h,
+                        int max_det, int max_nms, double gain_x, double gain_y, double pad_x, double pad_y, int frame_h,
                         int frame_w, void *workspace, size_t workspace_bytes, float *boxes_frame,
                         float *boxes_lb, float *scores, int64_t *classes, int *n_out, void *stream);
 /* maps: host array of nlevels device pointers; chw, strides: host arrays; boxes, out: device. */

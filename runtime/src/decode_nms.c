@@ -93,8 +93,8 @@ static double dfl_side(const float *col, size_t stride, int reg_max) {
 }
 
 int mrt_decode_nms(const float *box_dist, const float *cls_logits, int na, int reg_max, int nc, const int *shapes,
-                   const float *strides, int nlevels, float conf, float iou, int max_det, int max_nms, double r,
-                   double pad_x, double pad_y, int frame_h, int frame_w, float *boxes_frame, float *boxes_lb,
+                   const float *strides, int nlevels, float conf, float iou, int max_det, int max_nms, double gain_x,
+                   double gain_y, double pad_x, double pad_y, int frame_h, int frame_w, float *boxes_frame, float *boxes_lb,
                    float *scores, int64_t *classes, int *n_out) {
     MRT_CHECK(box_dist && cls_logits && shapes && strides && boxes_lb && scores && classes && n_out,
               "null pointer argument");
@@ -111,7 +111,7 @@ int mrt_decode_nms(const float *box_dist, const float *cls_logits, int na, int r
     }
     MRT_CHECK(total == na, "level shapes hold %ld anchors, the outputs %d", total, na);
     if (boxes_frame) {
-        MRT_CHECK(r > 0 && frame_h > 0 && frame_w > 0, "letterbox scale / frame size must be positive");
+        MRT_CHECK(gain_x > 0 && gain_y > 0 && frame_h > 0 && frame_w > 0, "letterbox gains / frame size must be positive");
     }
     *n_out = 0;
 
@@ -198,10 +198,10 @@ int mrt_decode_nms(const float *box_dist, const float *cls_logits, int na, int r
         scores[kept] = ci.score;
         classes[kept] = ci.cls;
         if (boxes_frame) { /* from_letterbox in float32, as the reference does */
-            const float fr = (float)r, fx = (float)pad_x, fy = (float)pad_y;
+            const float gx = (float)gain_x, gy = (float)gain_y, fx = (float)pad_x, fy = (float)pad_y;
             float *o = boxes_frame + 4 * kept;
             for (int j = 0; j < 4; j++) {
-                float v = (b[j] - ((j & 1) ? fy : fx)) / fr, hi = (float)((j & 1) ? frame_h : frame_w);
+                float v = (b[j] - ((j & 1) ? fy : fx)) / ((j & 1) ? gy : gx), hi = (float)((j & 1) ? frame_h : frame_w);
                 o[j] = v < 0.f ? 0.f : (v > hi ? hi : v);
             }
         }
