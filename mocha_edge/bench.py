@@ -118,12 +118,12 @@ def load_frames(
 
 def synthetic_bank(dim: int, names: list[str], n: int, seed: int = 0):
     """A bank of ``n`` random unit prototypes spread over the classes (the match stage's cost only)."""
-    from mocha_edge.prototypes import PrototypeBank
+    from mocha_edge.prototypes import Identity, PrototypeBank, l2n
 
-    bank = PrototypeBank(dim=dim, model_fingerprint="bench", class_names=list(names))
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        bank.add(f"obj{i:05d}", i % len(names), rng.normal(size=(1, dim)).astype(np.float32))
+    bank = PrototypeBank(dim=dim, model_fingerprint="bench", class_names=list(names), threshold=0.5)
+    shots = l2n(np.random.default_rng(seed).normal(size=(n, 1, dim)).astype(np.float32))
+    for i in range(n):  # filled directly: add() re-calibrates the threshold each time (quadratic)
+        bank.identities[f"obj{i:05d}"] = Identity(f"obj{i:05d}", i % len(names), shots[i])
     return bank
 
 
