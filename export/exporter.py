@@ -158,12 +158,15 @@ def run_export(ckpt: Path, opts: ExportOptions, log: Callable[[str], None] = pri
             extra[prec] = {"artefact": Path(eng).name, "backend": "tensorrt"}
             log(f"wrote {eng}")
         if opts.report:
+            from mocha_edge.export import contract
             from mocha_edge.export.onnx import RawStudent, read_facts
 
             models["fp32"] = OnnxStudent(dest)
             for prec in precisions_for(opts):
                 eng = TrtEngine(arts[f"{prec}_engine"])
-                models[prec] = RawStudent(lambda x, e=eng: list(e.run(x).values()), read_facts(dest), prec)
+                models[prec] = RawStudent(
+                    lambda x, e=eng: [e.run(x)[n] for n in contract.OUTPUTS], read_facts(dest), prec
+                )
     elif opts.report:
         models["fp32"] = OnnxStudent(dest)
         if "fp16" in arts:

@@ -423,8 +423,9 @@ def _ort(path: Path, imgsz: int, opts: BenchOptions):
     return eng
 
 
-def _best_threads(path: Path, x: np.ndarray) -> int:
-    """ONNX Runtime intra-op threads for this graph on this machine, by measurement (1 vs all cores)."""
+def _best_threads(path: Path, x: np.ndarray, rounds: int = 5, per_round: int = 8) -> int:
+    """ONNX Runtime intra-op threads for this graph on this machine, by measurement: 1 vs all cores,
+    rounds interleaved so both settings see the same machine load; the lower median wins."""
     import os
 
     from mocha_edge.pipeline import OrtEngine
@@ -432,18 +433,18 @@ def _best_threads(path: Path, x: np.ndarray) -> int:
     cores = os.cpu_count() or 1
     if cores == 1:
         return 1
-    best, best_ms = 1, float("inf")
-    for th in (1, cores):
-        eng = OrtEngine(path, threads=th)
+    engines = {th: OrtEngine(path, threads=th) for th in (1, cores)}
+    times: dict[int, list[float]] = {th: [] for th in engines}
+    for eng in engines.values():
         for _ in range(3):
             eng.run(x)
-        t = time.perf_counter()
-        for _ in range(15):
-            eng.run(x)
-        ms = (time.perf_counter() - t) / 15 * 1e3
-        if ms < best_ms:
-            best, best_ms = th, ms
-    return best
+    for _ in range(rounds):
+        for th, eng in engines.items():
+            for _ in range(per_round):
+                t = time.perf_counter()
+                eng.run(x)
+                times[th].append(time.perf_counter() - t)
+    return min(times, key=lambda th: float(np.median(times[th])))
 
 
 def run_bench(model: str | Path, opts: BenchOptions) -> dict[str, Any]:

@@ -685,7 +685,7 @@ def run(
     opts: RunOptions,
     *,
     bank_path: Path | None = None,
-    backend: str = "ort",
+    backend: str | None = None,
     conf: float = 0.25,
     iou: float = 0.7,
     mode: str = "conditional",
@@ -696,8 +696,11 @@ def run(
 ) -> RunSummary:
     """Open ``source``, build the pipeline, attach the bank, run the loop (:func:`run_loop`).
 
-    A missing ``bank_path`` starts an empty bank: live enrolments create the file.
+    A missing ``bank_path`` starts an empty bank: live enrolments create the file. ``backend`` defaults to
+    ``trt`` for a ``.engine`` and ``ort`` otherwise.
     """
+    if backend is None:
+        backend = "trt" if Path(model).suffix == ".engine" else "ort"
     from mocha_edge.prototypes import PrototypeBank
     from mocha_edge.sources import open_source
 
@@ -749,13 +752,13 @@ def run(
 @click.option("--iou", default=0.7, show_default=True, help="NMS IoU threshold.")
 @click.option("--mode", type=click.Choice(["conditional", "global"]), default="conditional", show_default=True,
               help="Match within the detected class, or against every prototype.")  # fmt: skip
-@click.option("--backend", type=click.Choice(["ort", "trt"]), default="ort", show_default=True,
-              help="ONNX Runtime (.onnx) or TensorRT (.engine).")  # fmt: skip
+@click.option("--backend", type=click.Choice(["ort", "trt"]), default=None,
+              help="ONNX Runtime or TensorRT [default: trt for a .engine, else ort].")  # fmt: skip
 @click.option("--max-frames", type=int, help="Stop after N frames.")
 @click.option("--fps-every", default=5.0, show_default=True, help="Seconds between FPS lines (0: none).")
 def run_cmd(model: Path, bank: Path | None, source: str | None, camera: int | None, csi: int | None,
             save: Path | None, jsonl: Path | None, show: bool | None, conf: float, iou: float, mode: str,
-            backend: str, max_frames: int | None, fps_every: float) -> None:  # fmt: skip
+            backend: str | None, max_frames: int | None, fps_every: float) -> None:  # fmt: skip
     """Run the exported MODEL (.onnx from `mocha-edge export`, or a TensorRT .engine) on a live source:
     detect, match against the prototype bank, write/show the results, enrol new objects on the fly.
 
