@@ -90,8 +90,15 @@ def deployment_facts(student, batch: int, dynamic: bool) -> dict[str, Any]:
 def export_fp16(fp32_onnx: str | Path, dest: str | Path) -> Path:
     """FP16 weights and activations, float32 input/outputs (so every runner feeds the same tensors);
     ONNX Runtime's own converter (``onnxruntime.transformers.float16``); facts copied with ``precision``."""
+    import sys
+
     import onnx
-    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    path = list(sys.path)
+    try:  # onnxruntime.transformers appends its own folder (holding a `models` package) to sys.path
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+    finally:
+        sys.path[:] = path
 
     dest = Path(dest)
     import onnxslim

@@ -51,7 +51,7 @@ def test_parity_with_pytorch_path(
         if source == "synth"
         else sorted(coco8_dir.glob("images/*/*.jpg"))
     )
-    rep = parity(st, p, [read_bgr(q) for q in paths], conf=0.001)  # low floor: many detections, heavy NMS
+    rep = parity(st, p, [read_bgr(q) for q in paths], conf=0.05)  # hundreds of detections, heavy NMS
     assert rep["max_abs_diff"] < 1e-3
     assert rep["detections_equal"] == rep["detections"]
     assert rep["detections"] >= 20  # zero detections would prove nothing
