@@ -59,8 +59,14 @@ def quantize_int8(
     per_channel: bool = True,
 ) -> Path:
     """Write a symmetric INT8 Q/DQ model calibrated on ``calib`` (preprocessed inputs)."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+    import sys
+
+    path = list(sys.path)
+    try:  # importing onnxruntime.quantization appends onnxruntime/transformers (a `models` package) to sys.path
+        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+    finally:
+        sys.path[:] = path
 
     dest = Path(dest)
     exclude = head_output_convs(fp32_onnx) if keep_head_float else []
