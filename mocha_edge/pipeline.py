@@ -9,6 +9,7 @@ fingerprint) come from the export's ``NAME.json`` sidecar.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,6 +106,11 @@ class OrtEngine:
             for n, a in self._out.items():
                 self._io.bind_output(n, "cpu", 0, a.dtype, list(a.shape), a.ctypes.data)
         self._input = contract.INPUT
+        # CPU threads this engine computes on (the pipeline sizes its native thread pool around it)
+        providers = self.session.get_providers()
+        self.cpu_threads = (
+            int(threads or os.cpu_count() or 1) if providers[0] == "CPUExecutionProvider" else 0
+        )
 
     def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """``x`` ``(B, 3, S, S)`` -> ``{output name: array}`` (arrays are reused by the next call)."""
@@ -146,12 +152,6 @@ class Pipeline:
         from mocha_edge import runtime
 
         self.rt = runtime
-        # letterbox and global matching can split rows over threads (process-wide). Default 1: with a warm
-        # cache 2 threads halve the 640-px letterbox of a 1080p frame (1.1 -> 0.6 ms), but between engine
-        # runs the frame is cold, the copy is memory-bound and a 2nd thread gained nothing (1.21 vs 1.48 ms
-        # with ONNX Runtime's threads spinning), measured on the 2-core CPU
-        if native_threads is not None:
-            runtime.set_threads(native_threads)
         if isinstance(model, (str, Path)):
             path = Path(model)
             if not path.is_file():
@@ -174,6 +174,16 @@ class Pipeline:
             facts = facts or getattr(model, "facts", None)
             if facts is None:
                 raise PipelineError("an engine object needs deployment facts (pass facts= or give it .facts)")
+        # letterbox and global matching split rows over threads (process-wide setting). Default: the cores
+        # the engine leaves free, + this one. Measured on the 2-core CPU, 640-px letterbox of a 1080p frame
+        # in the pipeline: ORT on 1 thread -> 2 native threads 0.93 ms vs 1.31 ms; ORT on 2 threads (its
+        # pool spins on both cores after each run) -> a 2nd native thread made it slower (1.58 vs 1.28 ms)
+        if native_threads is None:
+            cores = os.cpu_count() or 1
+            busy = getattr(self.engine, "cpu_threads", cores)
+            native_threads = min(4, cores, max(1, cores - busy + 1))
+        self.native_threads = int(native_threads)
+        runtime.set_threads(self.native_threads)
         if mode not in ("conditional", "global"):
             raise PipelineError(f"matching mode must be 'conditional' or 'global', not {mode!r}")
         self.facts = facts
