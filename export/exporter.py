@@ -71,6 +71,17 @@ def artefact_path(onnx_dest: Path, precision: str, fmt: str = "onnx") -> Path:
     return onnx_dest.with_name(f"{onnx_dest.stem}.{precision}.onnx")
 
 
+def cpu_int8_artefact(onnx_dest: Path) -> Path | None:
+    """The INT8 file ONNX Runtime should run on this CPU, beside an FP32 export (None when there is none):
+    the uint8-activation twin on x86, else the symmetric Q/DQ file."""
+    onnx_dest = Path(onnx_dest)
+    names = [f"{onnx_dest.stem}.int8-u8.onnx"] if cpu_int8_twin_needed() else []
+    for name in (*names, artefact_path(onnx_dest, "int8").name):
+        if (onnx_dest.parent / name).is_file():
+            return onnx_dest.parent / name
+    return None
+
+
 def _calibration(opts: ExportOptions, log: Callable[[str], None]):
     from mocha_edge.export.calib import select_calibration
 

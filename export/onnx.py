@@ -13,7 +13,7 @@ from mocha_edge.export import contract
 from mocha_edge.models.pooling import POOLING
 from torch import nn
 
-from mocha_edge.utils import atomic_path, write_json_atomic
+from mocha_edge.utils import atomic_path, keep_sys_path, write_json_atomic
 
 
 class RawHead(nn.Module):
@@ -90,15 +90,10 @@ def deployment_facts(student, batch: int, dynamic: bool) -> dict[str, Any]:
 def export_fp16(fp32_onnx: str | Path, dest: str | Path) -> Path:
     """FP16 weights and activations, float32 input/outputs (so every runner feeds the same tensors);
     ONNX Runtime's own converter (``onnxruntime.transformers.float16``); facts copied with ``precision``."""
-    import sys
-
     import onnx
 
-    path = list(sys.path)
-    try:  # onnxruntime.transformers appends its own folder (holding a `models` package) to sys.path
+    with keep_sys_path():
         from onnxruntime.transformers.float16 import convert_float_to_float16
-    finally:
-        sys.path[:] = path
 
     dest = Path(dest)
     import onnxslim

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from mocha_edge.export import contract
 
-from mocha_edge.utils import atomic_path
+from mocha_edge.utils import atomic_path, keep_sys_path
 
 
 def head_output_convs(model_path: str | Path) -> list[str]:
@@ -59,14 +59,9 @@ def quantize_int8(
     per_channel: bool = True,
 ) -> Path:
     """Write a symmetric INT8 Q/DQ model calibrated on ``calib`` (preprocessed inputs)."""
-    import sys
-
-    path = list(sys.path)
-    try:  # importing onnxruntime.quantization appends onnxruntime/transformers (a `models` package) to sys.path
+    with keep_sys_path():
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
         from onnxruntime.quantization.shape_inference import quant_pre_process
-    finally:
-        sys.path[:] = path
 
     dest = Path(dest)
     exclude = head_output_convs(fp32_onnx) if keep_head_float else []

@@ -20,17 +20,15 @@ import numpy as np
 from mocha_edge import __version__
 
 
-def _gt_boxes_px(item, img: np.ndarray) -> np.ndarray:
-    return item.boxes * np.array([img.shape[1], img.shape[0]] * 2, np.float32)
-
-
 def vector_cosines(models: dict[str, Any], ds, n_images: int = 50) -> dict[str, tuple[float, float]]:
     """Mean and min cosine of each model's vectors vs ``models['fp32']`` on the same ground-truth boxes."""
+    from mocha_edge.evaluate import _gt_pixels
     from mocha_edge.infer import read_bgr
 
     items = [it for it in (ds.items("val") or ds.items()) if len(it.boxes)][:n_images]
     imgs = [read_bgr(it.path) for it in items]
-    boxes = [_gt_boxes_px(it, im) for it, im in zip(items, imgs)]
+    px = _gt_pixels(ds, {it.path for it in items})
+    boxes = [px[it.path] for it in items]
     ref = np.concatenate(models["fp32"].embed_batch(imgs, boxes))
     out = {}
     for name, m in models.items():
@@ -97,7 +95,6 @@ def accuracy_report(
             prec[k]["cosine_vs_fp32"], prec[k]["cosine_vs_fp32_min"] = mean, worst
     for k, ms in model_latency(models).items():
         prec[k]["ms_p50"] = ms
-        prec[k]["speedup_vs_fp32"] = None  # filled below
     for k in models:
         prec[k]["speedup_vs_fp32"] = prec["fp32"]["ms_p50"] / prec[k]["ms_p50"]
     return report

@@ -365,7 +365,8 @@ def _ultralytics_pt(ckpt: Path) -> Path | None:
 
 def _plan(model: Path, opts: BenchOptions, work: Path) -> list[dict[str, Any]]:
     """Per input size: the FP32 ONNX, the INT8 ONNX (if any), engines, the checkpoint and its facts."""
-    from mocha_edge.export.onnx import export_onnx, read_facts
+    from mocha_edge.export.exporter import ExportOptions, artefact_path, cpu_int8_artefact, run_export
+    from mocha_edge.export.onnx import read_facts
     from mocha_edge.infer import Student
 
     if not model.exists():
@@ -379,36 +380,24 @@ def _plan(model: Path, opts: BenchOptions, work: Path) -> list[dict[str, Any]]:
     else:
         raise BenchError(f"{model}: give a checkpoint (.ckpt/.pt) or an .onnx from `mocha-edge export`")
     ckpt = _ckpt_of(model, facts)
+    want_int8 = "int8" in opts.precisions and opts.calib is not None
     plans = []
     for s in opts.imgsz or base_sizes:
         p: dict[str, Any] = {"imgsz": int(s), "ckpt": ckpt}
-        if model.suffix == ".onnx" and int(s) == int(facts["imgsz"]):  # type: ignore[index]
-            p["fp32"] = model
-            for name in (f"{model.stem}.int8-u8.onnx", f"{model.stem}.int8.onnx"):
-                if (model.parent / name).is_file():
-                    p["int8"] = model.parent / name
-                    break
-            for prec in ("fp16", "int8"):
-                eng = model.with_name(f"{model.stem}.{prec}.engine")
-                if eng.is_file():
-                    p[f"{prec}_engine"] = eng
-        else:
+        onnx = model if model.suffix == ".onnx" and int(s) == int(facts["imgsz"]) else None  # type: ignore[index]
+        if onnx is None or (want_int8 and cpu_int8_artefact(onnx) is None):
             if ckpt is None:
                 raise BenchError(f"{model}: imgsz {s} needs the checkpoint it was exported from (not found)")
-            st = Student.load(ckpt)
-            st.imgsz = int(s)
-            p["fp32"] = export_onnx(st, work / f"student_{s}.onnx")
-        if "int8" not in p and "int8" in opts.precisions and opts.calib:
-            from mocha_edge.export.calib import select_calibration
-            from mocha_edge.export.onnx import write_facts_for
-            from mocha_edge.export.quantize import activations_to_uint8, quantize_int8
-
-            cal = select_calibration(opts.calib, 500)
-            q = quantize_int8(p["fp32"], work / f"student_{s}.int8.onnx", list(cal.batches(int(s), 1)))
-            write_facts_for(q, p["fp32"], precision="int8")
-            p["int8"] = activations_to_uint8(q, work / f"student_{s}.int8-u8.onnx")
-            write_facts_for(p["int8"], p["fp32"], precision="int8")
-        p["facts"] = read_facts(p["fp32"])
+            onnx = work / f"student_{s}.onnx"
+            run_export(ckpt, ExportOptions(imgsz=int(s), int8=want_int8, calib=Path(opts.calib) if want_int8 else None,
+                                           report=False, out=onnx), log=lambda _: None)  # fmt: skip
+        p["fp32"] = onnx
+        if (int8 := cpu_int8_artefact(onnx)) is not None:
+            p["int8"] = int8
+        for prec in ("fp16", "int8"):
+            if (eng := artefact_path(onnx, prec, "engine")).is_file():
+                p[f"{prec}_engine"] = eng
+        p["facts"] = read_facts(onnx)
         plans.append(p)
     return plans
 
@@ -417,34 +406,31 @@ def _ort(path: Path, imgsz: int, opts: BenchOptions):
     """An ONNX Runtime engine with ``opts.threads`` or, by default, the faster of 1 / all cores."""
     from mocha_edge.pipeline import OrtEngine
 
-    th = opts.threads or _best_threads(path, np.zeros((1, 3, imgsz, imgsz), np.float32))
-    eng = OrtEngine(path, threads=th)
-    eng.threads = th  # type: ignore[attr-defined]
-    return eng
+    if opts.threads:
+        return OrtEngine(path, threads=opts.threads)
+    return _fastest_engine(path, np.zeros((1, 3, imgsz, imgsz), np.float32))
 
 
-def _best_threads(path: Path, x: np.ndarray, rounds: int = 5, per_round: int = 8) -> int:
+def _fastest_engine(path: Path, x: np.ndarray, rounds: int = 5, per_round: int = 8):
     """ONNX Runtime intra-op threads for this graph on this machine, by measurement: 1 vs all cores,
-    rounds interleaved so both settings see the same machine load; the lower median wins."""
+    rounds interleaved so both settings see the same machine load; the engine with the lower median."""
     import os
 
     from mocha_edge.pipeline import OrtEngine
 
     cores = os.cpu_count() or 1
-    if cores == 1:
-        return 1
-    engines = {th: OrtEngine(path, threads=th) for th in (1, cores)}
+    engines = {th: OrtEngine(path, threads=th) for th in sorted({1, cores})}
     times: dict[int, list[float]] = {th: [] for th in engines}
     for eng in engines.values():
         for _ in range(3):
             eng.run(x)
-    for _ in range(rounds):
+    for _ in range(rounds if len(engines) > 1 else 0):
         for th, eng in engines.items():
             for _ in range(per_round):
                 t = time.perf_counter()
                 eng.run(x)
                 times[th].append(time.perf_counter() - t)
-    return min(times, key=lambda th: float(np.median(times[th])))
+    return engines[min(times, key=lambda th: float(np.median(times[th] or [0.0])))]
 
 
 def run_bench(model: str | Path, opts: BenchOptions) -> dict[str, Any]:

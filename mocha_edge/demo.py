@@ -216,10 +216,10 @@ def demo(out: Path, seed: int = 0, quick: bool = False, log: Callable[[str], Non
     stages.run("video", s_video, budget["video"])
 
     def s_run() -> dict[str, Any]:
+        from mocha_edge.export.exporter import cpu_int8_artefact
         from mocha_edge.live import Console, RunOptions, run
 
-        int8 = onnx.with_name(f"{onnx.stem}.int8-u8.onnx")
-        model = int8 if int8.is_file() else onnx.with_name(f"{onnx.stem}.int8.onnx")
+        model = cpu_int8_artefact(onnx) or onnx
         summ = run(model, str(video), RunOptions(save=out / "demo_annotated.mp4", jsonl=out / "events.jsonl",
                                                  show=False, fps_every=0, handle_signals=False),
                    bank_path=bank, console=Console())  # fmt: skip

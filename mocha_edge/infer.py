@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from mocha_edge.errors import MochaError
+from mocha_edge.export.contract import letterbox_gains
 
 
 class ModelError(MochaError):
@@ -62,8 +63,6 @@ def letterbox(bgr: np.ndarray, imgsz: int) -> tuple[np.ndarray, float, tuple[flo
 def to_letterbox(boxes, r: float, pad: tuple[float, float], shape: tuple[int, ...]):
     """Pixel xyxy boxes of an image of ``shape`` (h, w, ...) -> letterbox pixels (NumPy array or torch
     tensor; returns a new one). Per-axis gains of the rounded resized size (``contract.letterbox_gains``)."""
-    from mocha_edge.export.contract import letterbox_gains
-
     gx, gy = letterbox_gains(r, shape)
     b = boxes.clone() if isinstance(boxes, torch.Tensor) else np.array(boxes, np.float32).reshape(-1, 4)
     b[:, [0, 2]] = b[:, [0, 2]] * gx + pad[0]
@@ -73,8 +72,6 @@ def to_letterbox(boxes, r: float, pad: tuple[float, float], shape: tuple[int, ..
 
 def from_letterbox(boxes, r: float, pad: tuple[float, float], shape: tuple[int, ...]):
     """Letterbox-pixel xyxy boxes -> pixels of an image of ``shape`` (h, w, ...), clipped to it."""
-    from mocha_edge.export.contract import letterbox_gains
-
     gx, gy = letterbox_gains(r, shape)
     b = boxes.clone() if isinstance(boxes, torch.Tensor) else np.array(boxes, np.float32).reshape(-1, 4)
     h, w = shape[:2]

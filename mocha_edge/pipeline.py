@@ -106,6 +106,7 @@ class OrtEngine:
             for n, a in self._out.items():
                 self._io.bind_output(n, "cpu", 0, a.dtype, list(a.shape), a.ctypes.data)
         self._input = contract.INPUT
+        self.threads = threads  # intra-op threads asked for (None: ONNX Runtime's default)
         # CPU threads this engine computes on (the pipeline sizes its native thread pool around it)
         providers = self.session.get_providers()
         self.cpu_threads = (
@@ -127,10 +128,7 @@ def _facts_of(model: Path) -> dict[str, Any]:
     side = model.with_suffix(".json")
     if not side.is_file():
         raise PipelineError(f"{model}: no {side.name} beside it (export the model with `mocha-edge export`)")
-    try:
-        return read_facts(model)
-    except ValueError as e:
-        raise PipelineError(f"{side}: unreadable deployment facts ({e})") from None
+    return read_facts(model)  # a broken file: read_facts' own one-line ExportError
 
 
 class Pipeline:

@@ -33,6 +33,19 @@ def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+@contextlib.contextmanager
+def keep_sys_path() -> Iterator[None]:
+    """Undo what an import appends to ``sys.path`` (``onnxruntime.quantization`` / ``.transformers`` add their
+    own folder, which holds a top-level ``models`` package that would shadow anyone else's)."""
+    import sys
+
+    saved = list(sys.path)
+    try:
+        yield
+    finally:
+        sys.path[:] = saved
+
+
 def write_json_atomic(dest: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` as indented JSON to ``dest`` atomically."""
     with atomic_path(dest) as tmp:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+from mocha_edge.export.contract import letterbox_gains
 
 from mocha_edge.errors import MochaError
 
@@ -140,8 +141,6 @@ def letterbox(
 
 
 def _gains(r: float, frame_shape: Sequence[int]) -> tuple[float, float]:
-    from mocha_edge.export.contract import letterbox_gains
-
     if r <= 0:
         raise NativeRuntimeError(f"decode_nms: letterbox scale {r} must be positive")
     return letterbox_gains(float(r), tuple(frame_shape))
