@@ -65,7 +65,11 @@ class OrtEngine:
     allocation) when the graph has static shapes; graph optimisation is ORT_ENABLE_ALL."""
 
     def __init__(
-        self, path: str | Path, threads: int | None = None, providers: list[str] | None = None
+        self,
+        path: str | Path,
+        threads: int | None = None,
+        providers: list[str] | None = None,
+        spinning: bool = True,
     ) -> None:
         import onnxruntime as ort
 
@@ -76,6 +80,9 @@ class OrtEngine:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             so.intra_op_num_threads = int(threads)
+        if not spinning:
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.spinning = spinning
         try:
             self.session = ort.InferenceSession(
                 str(self.path), so, providers=providers or default_providers()

@@ -47,15 +47,62 @@ static void taps(int src, int dst, int *i0, int *i1, int32_t *w0, int32_t *w1) {
 
 /* Horizontal pass of one source row into planar int32 sums (B, G, R planes of nw each). */
 MRT_CLONES
-static void hpass(const uint8_t *restrict s, const int *restrict x0, const int *restrict x1,
-                  const int32_t *restrict w0, const int32_t *restrict w1, int nw, int32_t *restrict out) {
+static void hpass_c(const uint8_t *restrict s, const int *restrict x0, const int *restrict x1,
+                    const int32_t *restrict w0, const int32_t *restrict w1, int from, int nw,
+                    int32_t *restrict out) {
     int32_t *restrict b = out, *restrict g = out + nw, *restrict r = out + 2 * nw;
-    for (int x = 0; x < nw; x++) {
+    for (int x = from; x < nw; x++) {
         const uint8_t *p = s + 3 * x0[x], *q = s + 3 * x1[x];
         b[x] = p[0] * w0[x] + q[0] * w1[x];
         g[x] = p[1] * w0[x] + q[1] * w1[x];
         r[x] = p[2] * w0[x] + q[2] * w1[x];
     }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define MRT_HPASS_AVX2 1
+/* AVX2 twin of hpass_c for the first `nvec` outputs (a multiple of 8, every tap <= w - 2 so the 4-byte
+ * loads stay inside the row): one gather of the BGR(+1) word per tap, the two taps of each channel
+ * interleaved as 16-bit pairs, and one multiply-add (b0 * w0 + b1 * w1) with the packed weights. Same
+ * integer arithmetic as the C loop, so the same sums. */
+__attribute__((target("avx2"))) static void hpass_avx2(const uint8_t *s, const int *x0, const int *x1,
+                                                       const int32_t *wpack, int nvec, int nw,
+                                                       int32_t *out) {
+    int32_t *b = out, *g = out + nw, *r = out + 2 * nw;
+    const __m256i lo = _mm256_set1_epi32(0xff);
+    for (int x = 0; x < nvec; x += 8) {
+        __m256i i0 = _mm256_loadu_si256((const __m256i *)(x0 + x));
+        __m256i i1 = _mm256_loadu_si256((const __m256i *)(x1 + x));
+        i0 = _mm256_add_epi32(i0, _mm256_add_epi32(i0, i0));
+        i1 = _mm256_add_epi32(i1, _mm256_add_epi32(i1, i1));
+        const __m256i p = _mm256_i32gather_epi32((const int *)s, i0, 1);
+        const __m256i q = _mm256_i32gather_epi32((const int *)s, i1, 1);
+        const __m256i w = _mm256_loadu_si256((const __m256i *)(wpack + x));
+        /* lane = tap0 | tap1 << 16 per channel; madd: tap0 * w0 + tap1 * w1 */
+        const __m256i pb = _mm256_and_si256(p, lo), qb = _mm256_slli_epi32(_mm256_and_si256(q, lo), 16);
+        const __m256i pg = _mm256_and_si256(_mm256_srli_epi32(p, 8), lo);
+        const __m256i qg = _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(q, 8), lo), 16);
+        const __m256i pr = _mm256_and_si256(_mm256_srli_epi32(p, 16), lo);
+        const __m256i qr = _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(q, 16), lo), 16);
+        _mm256_storeu_si256((__m256i *)(b + x), _mm256_madd_epi16(_mm256_or_si256(pb, qb), w));
+        _mm256_storeu_si256((__m256i *)(g + x), _mm256_madd_epi16(_mm256_or_si256(pg, qg), w));
+        _mm256_storeu_si256((__m256i *)(r + x), _mm256_madd_epi16(_mm256_or_si256(pr, qr), w));
+    }
+}
+#endif
+
+/* Horizontal pass: the AVX2 gather kernel where the CPU has it and the taps allow, C for the rest. */
+static void hpass(const uint8_t *restrict s, const int *restrict x0, const int *restrict x1,
+                  const int32_t *restrict w0, const int32_t *restrict w1, const int32_t *wpack, int nvec,
+                  int nw, int32_t *restrict out) {
+#ifdef MRT_HPASS_AVX2
+    if (nvec > 0) hpass_avx2(s, x0, x1, wpack, nvec, nw, out);
+#else
+    (void)wpack;
+    nvec = 0;
+#endif
+    hpass_c(s, x0, x1, w0, w1, nvec, nw, out);
 }
 
 /* Vertical blend of two horizontal sums into uint8 values / 255 (float32). */
@@ -79,7 +126,8 @@ typedef struct {
     ptrdiff_t row_stride;
     int size, half, nw, nh, left, top, direct, y0, y1;
     const int *xi, *yi;
-    const int32_t *wx, *wy;
+    const int32_t *wx, *wy, *wpack;
+    int nvec; /* outputs of each row the vector horizontal kernel takes (0: none) */
     const uint16_t *lut16;
     int32_t *hrow; /* two cached horizontally resampled source rows, 3 planes of nw each */
     void *out;
@@ -124,8 +172,8 @@ static void *lb_rows(void *arg) {
                 /* fill the slot the other tap does not use */
                 const int other = k == 0 ? (cached[0] == src[1] ? 0 : (cached[1] == src[1] ? 1 : -1)) : slot[0];
                 slot[k] = other == 0 ? 1 : 0;
-                hpass(j->bgr + (ptrdiff_t)src[k] * j->row_stride, j->xi, j->xi + nw, j->wx, j->wx + nw, nw,
-                      j->hrow + 3 * (size_t)nw * slot[k]);
+                hpass(j->bgr + (ptrdiff_t)src[k] * j->row_stride, j->xi, j->xi + nw, j->wx, j->wx + nw,
+                      j->wpack, j->nvec, nw, j->hrow + 3 * (size_t)nw * slot[k]);
                 cached[slot[k]] = src[k];
             }
             for (int c = 0; c < 3; c++) { /* hrow planes are B, G, R; output planes R, G, B */
@@ -172,21 +220,29 @@ int mrt_letterbox(const uint8_t *bgr, int h, int w, ptrdiff_t row_stride, int si
 
     int *xi = malloc(sizeof(int) * 2 * (size_t)nw), *yi = malloc(sizeof(int) * 2 * (size_t)nh);
     int32_t *wx = malloc(sizeof(int32_t) * 2 * (size_t)nw), *wy = malloc(sizeof(int32_t) * 2 * (size_t)nh);
-    int32_t *hrow = malloc(sizeof(int32_t) * 6 * (size_t)nw * nt);
-    if (!xi || !yi || !wx || !wy || !hrow) {
-        free(xi), free(yi), free(wx), free(wy), free(hrow);
+    int32_t *hrow = malloc(sizeof(int32_t) * 6 * (size_t)nw * nt), *wpack = malloc(sizeof(int32_t) * (size_t)nw);
+    if (!xi || !yi || !wx || !wy || !hrow || !wpack) {
+        free(xi), free(yi), free(wx), free(wy), free(hrow), free(wpack);
         return MRT_FAIL(MRT_ENOMEM, "out of memory (letterbox %dx%d -> %d)", w, h, size);
     }
     taps(w, nw, xi, xi + nw, wx, wx + nw);
     taps(h, nh, yi, yi + nh, wy, wy + nh);
+    int nvec = 0; /* vector kernel: outputs whose second tap is <= w - 2 (taps never decrease), whole 8s */
+#ifdef MRT_HPASS_AVX2
+    if (__builtin_cpu_supports("avx2")) {
+        while (nvec < nw && xi[nw + nvec] <= w - 2) nvec++;
+        nvec &= ~7;
+    }
+#endif
+    for (int x = 0; x < nw; x++) wpack[x] = (int32_t)((uint32_t)wx[x] | ((uint32_t)wx[nw + x] << 16));
     uint16_t lut16[256]; /* float16 bits of v / 255 (v / 255 computed in float32 first, like the f32 path) */
     for (int v = 0; v < 256; v++) lut16[v] = mrt_f32_to_f16((float)v / 255.0f);
     lb_job jobs[LB_MAX_THREADS];
     for (int t = 0; t < nt; t++)
         jobs[t] = (lb_job){bgr, row_stride, size, half, nw, nh, p.left, p.top, nw == w && nh == h,
-                           (int)((long)size * t / nt), (int)((long)size * (t + 1) / nt), xi, yi, wx, wy, lut16,
+                           (int)((long)size * t / nt), (int)((long)size * (t + 1) / nt), xi, yi, wx, wy, wpack, nvec, lut16,
                            hrow + 6 * (size_t)nw * t, out};
     mrt_parallel(lb_rows, jobs, sizeof(lb_job), nt);
-    free(xi), free(yi), free(wx), free(wy), free(hrow);
+    free(xi), free(yi), free(wx), free(wy), free(hrow), free(wpack);
     return MRT_OK;
 }
