@@ -62,44 +62,44 @@ static void hpass_c(const uint8_t *restrict s, const int *restrict x0, const int
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #define MRT_HPASS_AVX2 1
-/* AVX2 twin of hpass_c for the first `nvec` outputs (a multiple of 8, every tap <= w - 2 so the 4-byte
- * loads stay inside the row): one gather of the BGR(+1) word per tap, the two taps of each channel
- * interleaved as 16-bit pairs, and one multiply-add (b0 * w0 + b1 * w1) with the packed weights. Same
- * integer arithmetic as the C loop, so the same sums. */
-__attribute__((target("avx2"))) static void hpass_avx2(const uint8_t *s, const int *x0, const int *x1,
-                                                       const int32_t *wpack, int nvec, int nw,
-                                                       int32_t *out) {
+/* AVX2 twin of hpass_c for the first `nvec` outputs (a multiple of 8, second tap = first + 1 and 8 bytes
+ * readable from the first tap, so the loads stay inside the row). One 8-byte gather per output fetches
+ * both taps' B, G, R; byte shuffles pair the taps of each channel as 16-bit halves (tap0 | tap1 << 16)
+ * and one multiply-add with the packed weights gives tap0 * w0 + tap1 * w1: the integers of the C loop.
+ * `xoff` holds the first taps' byte offsets of each 8 outputs in the order 0 1 4 5 2 3 6 7, so that the
+ * 64-bit unpacks come out in output order. */
+__attribute__((target("avx2"))) static void hpass_avx2(const uint8_t *s, const int *xoff, const int32_t *wpack,
+                                                       int nvec, int nw, int32_t *out) {
     int32_t *b = out, *g = out + nw, *r = out + 2 * nw;
-    const __m256i lo = _mm256_set1_epi32(0xff);
+    const long long *base = (const long long *)(const void *)s;
+    /* per 128-bit lane (two outputs' 8 bytes: B0 G0 R0 B1 G1 R1 . .): dwords B(q0) B(q1) G(q0) G(q1) */
+    const __m256i bg = _mm256_setr_epi8(0, -1, 3, -1, 8, -1, 11, -1, 1, -1, 4, -1, 9, -1, 12, -1,
+                                        0, -1, 3, -1, 8, -1, 11, -1, 1, -1, 4, -1, 9, -1, 12, -1);
+    const __m256i rr = _mm256_setr_epi8(2, -1, 5, -1, 10, -1, 13, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                        2, -1, 5, -1, 10, -1, 13, -1, -1, -1, -1, -1, -1, -1, -1, -1);
     for (int x = 0; x < nvec; x += 8) {
-        __m256i i0 = _mm256_loadu_si256((const __m256i *)(x0 + x));
-        __m256i i1 = _mm256_loadu_si256((const __m256i *)(x1 + x));
-        i0 = _mm256_add_epi32(i0, _mm256_add_epi32(i0, i0));
-        i1 = _mm256_add_epi32(i1, _mm256_add_epi32(i1, i1));
-        const __m256i p = _mm256_i32gather_epi32((const int *)s, i0, 1);
-        const __m256i q = _mm256_i32gather_epi32((const int *)s, i1, 1);
+        const __m128i ia = _mm_loadu_si128((const __m128i *)(xoff + x));
+        const __m128i ib = _mm_loadu_si128((const __m128i *)(xoff + x + 4));
+        const __m256i qa = _mm256_i32gather_epi64(base, ia, 1); /* outputs 0 1 | 4 5 */
+        const __m256i qb = _mm256_i32gather_epi64(base, ib, 1); /* outputs 2 3 | 6 7 */
+        const __m256i ga = _mm256_shuffle_epi8(qa, bg), gb = _mm256_shuffle_epi8(qb, bg);
+        const __m256i ra = _mm256_shuffle_epi8(qa, rr), rb = _mm256_shuffle_epi8(qb, rr);
         const __m256i w = _mm256_loadu_si256((const __m256i *)(wpack + x));
-        /* lane = tap0 | tap1 << 16 per channel; madd: tap0 * w0 + tap1 * w1 */
-        const __m256i pb = _mm256_and_si256(p, lo), qb = _mm256_slli_epi32(_mm256_and_si256(q, lo), 16);
-        const __m256i pg = _mm256_and_si256(_mm256_srli_epi32(p, 8), lo);
-        const __m256i qg = _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(q, 8), lo), 16);
-        const __m256i pr = _mm256_and_si256(_mm256_srli_epi32(p, 16), lo);
-        const __m256i qr = _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(q, 16), lo), 16);
-        _mm256_storeu_si256((__m256i *)(b + x), _mm256_madd_epi16(_mm256_or_si256(pb, qb), w));
-        _mm256_storeu_si256((__m256i *)(g + x), _mm256_madd_epi16(_mm256_or_si256(pg, qg), w));
-        _mm256_storeu_si256((__m256i *)(r + x), _mm256_madd_epi16(_mm256_or_si256(pr, qr), w));
+        _mm256_storeu_si256((__m256i *)(b + x), _mm256_madd_epi16(_mm256_unpacklo_epi64(ga, gb), w));
+        _mm256_storeu_si256((__m256i *)(g + x), _mm256_madd_epi16(_mm256_unpackhi_epi64(ga, gb), w));
+        _mm256_storeu_si256((__m256i *)(r + x), _mm256_madd_epi16(_mm256_unpacklo_epi64(ra, rb), w));
     }
 }
 #endif
 
 /* Horizontal pass: the AVX2 gather kernel where the CPU has it and the taps allow, C for the rest. */
 static void hpass(const uint8_t *restrict s, const int *restrict x0, const int *restrict x1,
-                  const int32_t *restrict w0, const int32_t *restrict w1, const int32_t *wpack, int nvec,
-                  int nw, int32_t *restrict out) {
+                  const int32_t *restrict w0, const int32_t *restrict w1, const int *xoff, const int32_t *wpack,
+                  int nvec, int nw, int32_t *restrict out) {
 #ifdef MRT_HPASS_AVX2
-    if (nvec > 0) hpass_avx2(s, x0, x1, wpack, nvec, nw, out);
+    if (nvec > 0) hpass_avx2(s, xoff, wpack, nvec, nw, out);
 #else
-    (void)wpack;
+    (void)xoff, (void)wpack;
     nvec = 0;
 #endif
     hpass_c(s, x0, x1, w0, w1, nvec, nw, out);
@@ -121,12 +121,33 @@ static void vpass16(const int32_t *restrict h0, const int32_t *restrict h1, int3
     for (int x = 0; x < n; x++) out[x] = lut[(((b0 * (h0[x] >> 4)) >> 16) + ((b1 * (h1[x] >> 4)) >> 16) + 2) >> 2];
 }
 
+/* No resize: one interleaved BGR row -> the B, G, R output planes (one pass, vectorised by the compiler). */
+MRT_CLONES
+static void direct32(const uint8_t *restrict s, int n, float *restrict b, float *restrict g, float *restrict r) {
+    for (size_t x = 0; x < (size_t)n; x++) {
+        b[x] = (float)s[3 * x] / 255.0f;
+        g[x] = (float)s[3 * x + 1] / 255.0f;
+        r[x] = (float)s[3 * x + 2] / 255.0f;
+    }
+}
+
+MRT_CLONES
+static void direct16(const uint8_t *restrict s, int n, const uint16_t *restrict lut, uint16_t *restrict b,
+                     uint16_t *restrict g, uint16_t *restrict r) {
+    for (size_t x = 0; x < (size_t)n; x++) {
+        b[x] = lut[s[3 * x]];
+        g[x] = lut[s[3 * x + 1]];
+        r[x] = lut[s[3 * x + 2]];
+    }
+}
+
 typedef struct {
     const uint8_t *bgr;
     ptrdiff_t row_stride;
     int size, half, nw, nh, left, top, direct, y0, y1;
     const int *xi, *yi;
     const int32_t *wx, *wy, *wpack;
+    const int *xoff;
     int nvec; /* outputs of each row the vector horizontal kernel takes (0: none) */
     const uint16_t *lut16;
     int32_t *hrow; /* two cached horizontally resampled source rows, 3 planes of nw each */
@@ -157,12 +178,11 @@ static void *lb_rows(void *arg) {
         }
         if (j->direct) {
             const uint8_t *s = j->bgr + (ptrdiff_t)sy * j->row_stride;
-            for (int c = 0; c < 3; c++) {
-                if (j->half)
-                    for (int x = 0; x < nw; x++) o16[c * plane + row + left + x] = j->lut16[s[3 * x + 2 - c]];
-                else
-                    for (int x = 0; x < nw; x++) o32[c * plane + row + left + x] = (float)s[3 * x + 2 - c] / 255.0f;
-            }
+            const size_t at = row + (size_t)left;
+            if (j->half)
+                direct16(s, nw, j->lut16, o16 + 2 * plane + at, o16 + plane + at, o16 + at);
+            else
+                direct32(s, nw, o32 + 2 * plane + at, o32 + plane + at, o32 + at);
         } else {
             const int src[2] = {j->yi[sy], j->yi[nh + sy]};
             int slot[2];
@@ -173,7 +193,7 @@ static void *lb_rows(void *arg) {
                 const int other = k == 0 ? (cached[0] == src[1] ? 0 : (cached[1] == src[1] ? 1 : -1)) : slot[0];
                 slot[k] = other == 0 ? 1 : 0;
                 hpass(j->bgr + (ptrdiff_t)src[k] * j->row_stride, j->xi, j->xi + nw, j->wx, j->wx + nw,
-                      j->wpack, j->nvec, nw, j->hrow + 3 * (size_t)nw * slot[k]);
+                      j->xoff, j->wpack, j->nvec, nw, j->hrow + 3 * (size_t)nw * slot[k]);
                 cached[slot[k]] = src[k];
             }
             for (int c = 0; c < 3; c++) { /* hrow planes are B, G, R; output planes R, G, B */
@@ -221,18 +241,21 @@ int mrt_letterbox(const uint8_t *bgr, int h, int w, ptrdiff_t row_stride, int si
     int *xi = malloc(sizeof(int) * 2 * (size_t)nw), *yi = malloc(sizeof(int) * 2 * (size_t)nh);
     int32_t *wx = malloc(sizeof(int32_t) * 2 * (size_t)nw), *wy = malloc(sizeof(int32_t) * 2 * (size_t)nh);
     int32_t *hrow = malloc(sizeof(int32_t) * 6 * (size_t)nw * nt), *wpack = malloc(sizeof(int32_t) * (size_t)nw);
-    if (!xi || !yi || !wx || !wy || !hrow || !wpack) {
-        free(xi), free(yi), free(wx), free(wy), free(hrow), free(wpack);
+    int *xoff = malloc(sizeof(int) * (size_t)nw);
+    if (!xi || !yi || !wx || !wy || !hrow || !wpack || !xoff) {
+        free(xi), free(yi), free(wx), free(wy), free(hrow), free(wpack), free(xoff);
         return MRT_FAIL(MRT_ENOMEM, "out of memory (letterbox %dx%d -> %d)", w, h, size);
     }
     taps(w, nw, xi, xi + nw, wx, wx + nw);
     taps(h, nh, yi, yi + nh, wy, wy + nh);
-    int nvec = 0; /* vector kernel: outputs whose second tap is <= w - 2 (taps never decrease), whole 8s */
+    int nvec = 0; /* vector kernel: the leading outputs (whole 8s) whose taps are x, x + 1 with x <= w - 3 */
 #ifdef MRT_HPASS_AVX2
     if (__builtin_cpu_supports("avx2")) {
-        while (nvec < nw && xi[nw + nvec] <= w - 2) nvec++;
+        while (nvec < nw && xi[nvec] <= w - 3 && xi[nw + nvec] == xi[nvec] + 1) nvec++;
         nvec &= ~7;
     }
+    static const int order[8] = {0, 1, 4, 5, 2, 3, 6, 7};
+    for (int x = 0; x < nvec; x++) xoff[x] = 3 * xi[(x & ~7) + order[x & 7]];
 #endif
     for (int x = 0; x < nw; x++) wpack[x] = (int32_t)((uint32_t)wx[x] | ((uint32_t)wx[nw + x] << 16));
     uint16_t lut16[256]; /* float16 bits of v / 255 (v / 255 computed in float32 first, like the f32 path) */
@@ -240,9 +263,9 @@ int mrt_letterbox(const uint8_t *bgr, int h, int w, ptrdiff_t row_stride, int si
     lb_job jobs[LB_MAX_THREADS];
     for (int t = 0; t < nt; t++)
         jobs[t] = (lb_job){bgr, row_stride, size, half, nw, nh, p.left, p.top, nw == w && nh == h,
-                           (int)((long)size * t / nt), (int)((long)size * (t + 1) / nt), xi, yi, wx, wy, wpack, nvec, lut16,
+                           (int)((long)size * t / nt), (int)((long)size * (t + 1) / nt), xi, yi, wx, wy, wpack, xoff, nvec, lut16,
                            hrow + 6 * (size_t)nw * t, out};
     mrt_parallel(lb_rows, jobs, sizeof(lb_job), nt);
-    free(xi), free(yi), free(wx), free(wy), free(hrow), free(wpack);
+    free(xi), free(yi), free(wx), free(wy), free(hrow), free(wpack), free(xoff);
     return MRT_OK;
 }
