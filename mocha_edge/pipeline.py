@@ -69,7 +69,7 @@ class OrtEngine:
         path: str | Path,
         threads: int | None = None,
         providers: list[str] | None = None,
-        spinning: bool = True,
+        stop_spinning: bool = True,
     ) -> None:
         import onnxruntime as ort
 
@@ -80,9 +80,13 @@ class OrtEngine:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             so.intra_op_num_threads = int(threads)
-        if not spinning:
-            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.spinning = spinning
+        # ORT's pool threads spin for a while after each run and take the cores our letterbox wants; stop them
+        # when run() returns (spinning *during* the run stays). Measured, 640-px pipeline on a 1080p clip, 2-core
+        # CPU, ORT on 2 threads: pre 0.80-1.00 ms with 2 native threads vs 1.11-1.24 ms spinning with 1, the
+        # same inference time (22/29 ms both ways); allow_spinning=0 instead cost 3-4 ms of inference.
+        if stop_spinning:
+            so.add_session_config_entry("session.force_spinning_stop", "1")
+        self.stop_spinning = stop_spinning
         try:
             self.session = ort.InferenceSession(
                 str(self.path), so, providers=providers or default_providers()
@@ -114,10 +118,13 @@ class OrtEngine:
                 self._io.bind_output(n, "cpu", 0, a.dtype, list(a.shape), a.ctypes.data)
         self._input = contract.INPUT
         self.threads = threads  # intra-op threads asked for (None: ONNX Runtime's default)
-        # CPU threads this engine computes on (the pipeline sizes its native thread pool around it)
+        # CPU threads this engine keeps busy between runs (the pipeline sizes its native thread pool around it):
+        # none when its pool stops spinning after each run or it computes on a GPU
         providers = self.session.get_providers()
         self.cpu_threads = (
-            int(threads or os.cpu_count() or 1) if providers[0] == "CPUExecutionProvider" else 0
+            int(threads or os.cpu_count() or 1)
+            if providers[0] == "CPUExecutionProvider" and not stop_spinning
+            else 0
         )
 
     def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
@@ -179,10 +186,9 @@ class Pipeline:
             facts = facts or getattr(model, "facts", None)
             if facts is None:
                 raise PipelineError("an engine object needs deployment facts (pass facts= or give it .facts)")
-        # letterbox and global matching split rows over threads (process-wide setting). Default: the cores
-        # the engine leaves free, + this one. Measured on the 2-core CPU, 640-px letterbox of a 1080p frame
-        # in the pipeline: ORT on 1 thread -> 2 native threads 0.93 ms vs 1.31 ms; ORT on 2 threads (its
-        # pool spins on both cores after each run) -> a 2nd native thread made it slower (1.58 vs 1.28 ms)
+        # letterbox and global matching split rows over threads (process-wide setting). Default: the cores the
+        # engine leaves free between runs, + this one (ORT with its pool's spinning stopped leaves them all;
+        # while it spins, a 2nd native thread made the 640-px letterbox slower: 1.58 vs 1.28 ms)
         if native_threads is None:
             cores = os.cpu_count() or 1
             busy = getattr(self.engine, "cpu_threads", cores)
@@ -206,6 +212,7 @@ class Pipeline:
         self._input = np.zeros(
             (shape[0], 3, self.imgsz, self.imgsz), np.float16 if self._half else np.float32
         )
+        self._pad_of: tuple[int, ...] | None = None  # frame size whose pad self._input holds
         self.timings: dict[str, float] = {}
         self.identity_names: list[str] = []
         self._protos = np.zeros((0, self.dim), np.float32)
@@ -241,7 +248,10 @@ class Pipeline:
                 f"{getattr(bgr, 'shape', '')}"
             )
         rt, t0 = self.rt, time.perf_counter()
-        _, r, pad = rt.letterbox(bgr, self.imgsz, out=self._input[0], half=self._half)
+        # the pad of a frame size stays in the input buffer: rewritten only when the size changes
+        keep = self._pad_of == bgr.shape[:2]
+        _, r, pad = rt.letterbox(bgr, self.imgsz, out=self._input[0], half=self._half, keep_pad=keep)
+        self._pad_of = bgr.shape[:2]
         t1 = time.perf_counter()
         out = self.engine.run(self._input)
         t2 = time.perf_counter()

@@ -67,6 +67,7 @@ def _load() -> ctypes.CDLL:
         "mrt_abi_version": (_I, []),
         "mrt_last_error": (ctypes.c_char_p, []),
         "mrt_letterbox": (_I, _args("PiisiiPP")),
+        "mrt_letterbox_ex": (_I, _args("PiisiiPP")),
         "mrt_decode_nms": (_I, _args("PPiiiPPiffiiddddiiPPPPP")),
         "mrt_pool": (_I, _args("PPPiPiP")),
         "mrt_match": (_I, _args("PiiPPiPifiPPP")),
@@ -110,13 +111,18 @@ def _f32(a: Any, what: str, ndim: int) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------------ ops
 def letterbox(
-    bgr: np.ndarray, imgsz: int, out: np.ndarray | None = None, half: bool = False
+    bgr: np.ndarray,
+    imgsz: int,
+    out: np.ndarray | None = None,
+    half: bool = False,
+    keep_pad: bool = False,
 ) -> tuple[np.ndarray, float, tuple[float, float]]:
     """uint8 BGR ``(H, W, 3)`` frame -> RGB ``(3, S, S)`` float32 (float16 if ``half``) in [0, 1], square
     letterbox (``mocha_edge.infer.letterbox`` + /255 in one pass); returns ``(tensor, r, (left, top))``.
 
     Rows may be strided (a crop of a larger frame); ``out`` (C-contiguous ``(3, S, S)`` or ``(1, 3, S, S)``
-    of the output dtype) is filled in place and returned."""
+    of the output dtype) is filled in place and returned. ``keep_pad``: ``out`` already holds the pad of a
+    frame of this size (an earlier call into it), so only the resized image is written."""
     bgr = np.asarray(bgr)
     if bgr.dtype != np.uint8 or bgr.ndim != 3 or bgr.shape[2] != 3:
         raise NativeRuntimeError(
@@ -126,6 +132,8 @@ def letterbox(
         bgr = np.ascontiguousarray(bgr)
     dtype = np.float16 if half else np.float32
     if out is None:
+        if keep_pad:
+            raise NativeRuntimeError("letterbox: keep_pad needs the out buffer that holds the pad")
         out = np.empty((3, imgsz, imgsz), dtype)
     elif out.dtype != dtype or out.shape[-3:] != (3, imgsz, imgsz) or out.size != 3 * imgsz * imgsz:
         raise NativeRuntimeError(
@@ -135,8 +143,9 @@ def letterbox(
         raise NativeRuntimeError("letterbox: out must be a writeable C-contiguous array")
     p = _LetterboxParams()
     h, w = bgr.shape[:2]
-    _check(_lib.mrt_letterbox(bgr.ctypes.data, h, w, bgr.strides[0], imgsz, int(half), out.ctypes.data,
-                              ctypes.byref(p)))  # fmt: skip
+    flags = (1 if half else 0) | (2 if keep_pad else 0)  # MRT_LB_HALF, MRT_LB_KEEP_PAD
+    _check(_lib.mrt_letterbox_ex(bgr.ctypes.data, h, w, bgr.strides[0], imgsz, flags, out.ctypes.data,
+                                 ctypes.byref(p)))  # fmt: skip
     return out, p.r, (float(p.left), float(p.top))
 
 

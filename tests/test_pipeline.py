@@ -11,6 +11,7 @@ import pytest
 import torch
 from mocha_edge.export.onnx import OnnxStudent, export_onnx
 
+from mocha_edge import runtime as rt
 from mocha_edge.infer import Student, read_bgr
 from mocha_edge.pipeline import Detections, Pipeline, PipelineError
 
@@ -195,6 +196,21 @@ def test_pipeline_identities_from_bank(random_model, coco8_dir: Path) -> None:
     other = PrototypeBank(dim=facts["vector_dim"], model_fingerprint="0" * 32, class_names=facts["names"])
     with pytest.raises(Exception, match="another model"):
         Pipeline(model, bank=other)
+
+
+def test_pipeline_input_follows_frame_size_changes(
+    exported: Path, synth_small: Path, coco8_dir: Path
+) -> None:
+    """The pipeline writes the pad into its input buffer only when the frame size changes: after any
+    sequence of sizes the buffer equals a fresh letterbox of the last frame."""
+    pipe = Pipeline(exported, conf=CONF)
+    frames = [read_bgr(p) for p in _images(synth_small, coco8_dir)[:3]]
+    frames += [np.ascontiguousarray(frames[0][: frames[0].shape[0] // 2]), frames[0], frames[0]]
+    assert len({f.shape for f in frames}) >= 2
+    for f in frames:
+        pipe(f)
+        want, _, _ = rt.letterbox(f, pipe.imgsz)
+        assert np.array_equal(pipe._input[0], want)
 
 
 def test_pipeline_takes_any_engine(exported: Path, synth_small: Path) -> None:

@@ -70,6 +70,28 @@ def test_letterbox_real_photo_strided_and_half(coco8_dir: Path) -> None:
         assert np.shares_memory(t, out) and np.array_equal(out[0], got)
 
 
+def test_letterbox_keep_pad_writes_only_the_image(coco8_dir: Path) -> None:
+    """keep_pad: the pad area of ``out`` is left as it is (the caller's earlier call put it there); the
+    image area is written exactly as a full call writes it, on the vector and the scalar paths."""
+    from mocha_edge.infer import read_bgr
+
+    img = read_bgr(sorted(coco8_dir.glob("images/*/*.jpg"))[0])
+    for bgr, s, half in ((img, 320, False), (img[:, :301], 256, True), (img[:37, :50], 64, False)):
+        full, _, (left, top) = rt.letterbox(bgr, s, half=half)
+        out = np.full_like(full, np.nan)
+        got, _, _ = rt.letterbox(bgr, s, out=out, half=half, keep_pad=True)
+        inside = np.zeros(full.shape[1:], bool)
+        nh, nw = (np.isnan(got[0]) == 0).nonzero()
+        inside[nh.min() : nh.max() + 1, nw.min() : nw.max() + 1] = True
+        assert (int(nw.min()), int(nh.min())) == (int(left), int(top))
+        assert np.array_equal(got[:, inside], full[:, inside]) and np.isnan(got[:, ~inside]).all()
+        assert (~inside).any()  # there is a pad to keep
+        rt.letterbox(bgr, s, out=out, half=half)  # a full call writes the pad again
+        assert np.array_equal(out, full)
+    with pytest.raises(rt.NativeRuntimeError, match="keep_pad needs the out buffer"):
+        rt.letterbox(img, 64, keep_pad=True)
+
+
 def test_letterbox_rejects_bad_input() -> None:
     with pytest.raises(rt.NativeRuntimeError, match="uint8"):
         rt.letterbox(np.zeros((4, 4, 3), np.float32), 32)

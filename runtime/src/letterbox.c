@@ -144,7 +144,7 @@ static void direct16(const uint8_t *restrict s, int n, const uint16_t *restrict 
 typedef struct {
     const uint8_t *bgr;
     ptrdiff_t row_stride;
-    int size, half, nw, nh, left, top, direct, y0, y1;
+    int size, half, keep_pad, nw, nh, left, top, direct, y0, y1;
     const int *xi, *yi;
     const int32_t *wx, *wy, *wpack;
     const int *xoff;
@@ -168,6 +168,7 @@ static void *lb_rows(void *arg) {
         const size_t row = (size_t)y * size;
         const int sy = y - top;
         if (sy < 0 || sy >= nh) { /* a padding row */
+            if (j->keep_pad) continue;
             for (int c = 0; c < 3; c++) {
                 if (j->half)
                     for (int x = 0; x < size; x++) o16[c * plane + row + x] = pad16;
@@ -205,7 +206,7 @@ static void *lb_rows(void *arg) {
                     vpass(a, b, j->wy[sy], j->wy[nh + sy], nw, o32 + c * plane + row + left);
             }
         }
-        for (int c = 0; c < 3; c++) {
+        for (int c = 0; c < 3 && !j->keep_pad; c++) {
             if (j->half) {
                 uint16_t *o = o16 + c * plane + row;
                 for (int x = 0; x < left; x++) o[x] = pad16;
@@ -225,6 +226,13 @@ static void *lb_rows(void *arg) {
 
 int mrt_letterbox(const uint8_t *bgr, int h, int w, ptrdiff_t row_stride, int size, int half, void *out,
                   mrt_letterbox_params *pout) {
+    return mrt_letterbox_ex(bgr, h, w, row_stride, size, half ? MRT_LB_HALF : 0, out, pout);
+}
+
+int mrt_letterbox_ex(const uint8_t *bgr, int h, int w, ptrdiff_t row_stride, int size, int flags, void *out,
+                     mrt_letterbox_params *pout) {
+    MRT_CHECK((flags & ~(MRT_LB_HALF | MRT_LB_KEEP_PAD)) == 0, "unknown letterbox flags 0x%x", flags);
+    const int half = (flags & MRT_LB_HALF) != 0, keep_pad = (flags & MRT_LB_KEEP_PAD) != 0;
     mrt_letterbox_params p;
     int rc = mrt_letterbox_plan(h, w, size, &p);
     if (rc) return rc;
@@ -262,7 +270,7 @@ int mrt_letterbox(const uint8_t *bgr, int h, int w, ptrdiff_t row_stride, int si
     for (int v = 0; v < 256; v++) lut16[v] = mrt_f32_to_f16((float)v / 255.0f);
     lb_job jobs[LB_MAX_THREADS];
     for (int t = 0; t < nt; t++)
-        jobs[t] = (lb_job){bgr, row_stride, size, half, nw, nh, p.left, p.top, nw == w && nh == h,
+        jobs[t] = (lb_job){bgr, row_stride, size, half, keep_pad, nw, nh, p.left, p.top, nw == w && nh == h,
                            (int)((long)size * t / nt), (int)((long)size * (t + 1) / nt), xi, yi, wx, wy, wpack, xoff, nvec, lut16,
                            hrow + 6 * (size_t)nw * t, out};
     mrt_parallel(lb_rows, jobs, sizeof(lb_job), nt);
