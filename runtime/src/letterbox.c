@@ -141,10 +141,20 @@ static void direct16(const uint8_t *restrict s, int n, const uint16_t *restrict 
     }
 }
 
+#define LB_PREFETCH_AHEAD 6 /* output rows */
+
+static inline void prefetch_row(const uint8_t *p, int n) {
+#if defined(__GNUC__)
+    for (int i = 0; i < n; i += 64) __builtin_prefetch(p + i, 0, 3);
+#else
+    (void)p, (void)n;
+#endif
+}
+
 typedef struct {
     const uint8_t *bgr;
     ptrdiff_t row_stride;
-    int size, half, keep_pad, nw, nh, left, top, direct, y0, y1;
+    int size, half, keep_pad, nw, nh, left, top, direct, y0, y1, row_bytes;
     const int *xi, *yi;
     const int32_t *wx, *wy, *wpack;
     const int *xoff;
@@ -167,6 +177,14 @@ static void *lb_rows(void *arg) {
     for (int y = j->y0; y < j->y1; y++) {
         const size_t row = (size_t)y * size;
         const int sy = y - top;
+        /* the frame is usually cold (a new frame; the model ran since): fetch the source rows of a later
+         * output row now. A downscale jumps over rows, which the hardware prefetcher does not follow (measured:
+         * 1080p -> 320 on one thread, a new frame each call: 0.57 -> 0.25 ms; 0.17 ms hot; -> 640: 1.02 -> 0.46 ms). */
+        const int sa = sy + LB_PREFETCH_AHEAD;
+        if (!j->direct && sa >= 0 && sa < nh && y + LB_PREFETCH_AHEAD < j->y1) {
+            prefetch_row(j->bgr + (ptrdiff_t)j->yi[sa] * j->row_stride, j->row_bytes);
+            prefetch_row(j->bgr + (ptrdiff_t)j->yi[nh + sa] * j->row_stride, j->row_bytes);
+        }
         if (sy < 0 || sy >= nh) { /* a padding row */
             if (j->keep_pad) continue;
             for (int c = 0; c < 3; c++) {
@@ -271,7 +289,7 @@ int mrt_letterbox_ex(const uint8_t *bgr, int h, int w, ptrdiff_t row_stride, int
     lb_job jobs[LB_MAX_THREADS];
     for (int t = 0; t < nt; t++)
         jobs[t] = (lb_job){bgr, row_stride, size, half, keep_pad, nw, nh, p.left, p.top, nw == w && nh == h,
-                           (int)((long)size * t / nt), (int)((long)size * (t + 1) / nt), xi, yi, wx, wy, wpack, xoff, nvec, lut16,
+                           (int)((long)size * t / nt), (int)((long)size * (t + 1) / nt), 3 * w, xi, yi, wx, wy, wpack, xoff, nvec, lut16,
                            hrow + 6 * (size_t)nw * t, out};
     mrt_parallel(lb_rows, jobs, sizeof(lb_job), nt);
     free(xi), free(yi), free(wx), free(wy), free(hrow), free(wpack), free(xoff);
