@@ -91,15 +91,14 @@ def export_fp16(fp32_onnx: str | Path, dest: str | Path) -> Path:
     """FP16 weights and activations, float32 input/outputs (so every runner feeds the same tensors);
     ONNX Runtime's own converter (``onnxruntime.transformers.float16``); facts copied with ``precision``."""
     import onnx
+    import onnxslim
 
+    dest = Path(dest)
     with keep_sys_path():
         from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    dest = Path(dest)
-    import onnxslim
-
-    # the converter appends its input/output Casts at the end of the node list; onnxslim re-sorts
-    model = onnxslim.slim(convert_float_to_float16(onnx.load(str(fp32_onnx)), keep_io_types=True))
+        # the converter appends its input/output Casts at the end of the node list; onnxslim re-sorts
+        model = onnxslim.slim(convert_float_to_float16(onnx.load(str(fp32_onnx)), keep_io_types=True))
     with atomic_path(dest) as tmp:
         onnx.checker.check_model(model)
         onnx.save(model, str(tmp))

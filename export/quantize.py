@@ -59,13 +59,12 @@ def quantize_int8(
     per_channel: bool = True,
 ) -> Path:
     """Write a symmetric INT8 Q/DQ model calibrated on ``calib`` (preprocessed inputs)."""
-    with keep_sys_path():
+    dest = Path(dest)
+    exclude = head_output_convs(fp32_onnx) if keep_head_float else []
+    with keep_sys_path(), atomic_path(dest.with_suffix(".pre.onnx")) as pre, atomic_path(dest) as tmp:
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
         from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    dest = Path(dest)
-    exclude = head_output_convs(fp32_onnx) if keep_head_float else []
-    with atomic_path(dest.with_suffix(".pre.onnx")) as pre, atomic_path(dest) as tmp:
         quant_pre_process(str(fp32_onnx), str(pre), skip_symbolic_shape=True)
         quantize_static(
             str(pre), str(tmp), _Reader(calib), quant_format=QuantFormat.QDQ,

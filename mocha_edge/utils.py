@@ -35,12 +35,20 @@ def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def keep_sys_path() -> Iterator[None]:
-    """Undo what an import appends to ``sys.path`` (``onnxruntime.quantization`` / ``.transformers`` add their
-    own folder, which holds a top-level ``models`` package that would shadow anyone else's)."""
+    """Run ONNX Runtime's quantisation / float16 tools with the folder they expect on ``sys.path``, and take
+    it off afterwards. ``onnxruntime.transformers`` appends its own folder (which holds a top-level
+    ``models`` package that would shadow anyone else's) when first imported, and its modules import their
+    siblings by bare name (``from fusion_utils import ...``), also when first imported later: so the folder
+    is put back for the whole block, not only for the first import."""
     import sys
 
     saved = list(sys.path)
     try:
+        import onnxruntime.transformers as ort_transformers
+
+        folder = os.path.dirname(ort_transformers.__file__)
+        if folder not in sys.path:
+            sys.path.append(folder)
         yield
     finally:
         sys.path[:] = saved

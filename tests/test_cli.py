@@ -65,6 +65,21 @@ def test_installed_import_paths_live_under_mocha_edge() -> None:
         assert not any(str(REPO) in w for w in where), f"our top-level `{top}` is importable: {where}"
 
 
+def test_ort_tools_import_in_any_order_and_leave_sys_path_alone() -> None:
+    """FP16 conversion then INT8 quantisation in one fresh process (what `export --fp16 --int8` does): the
+    second tool's modules import siblings by bare name after the first took its folder off sys.path."""
+    code = (
+        "import sys; from mocha_edge.utils import keep_sys_path; before = list(sys.path)\n"
+        "with keep_sys_path():\n    from onnxruntime.transformers.float16 import convert_float_to_float16\n"
+        "assert sys.path == before\n"
+        "with keep_sys_path():\n    from onnxruntime.quantization import quantize_static\n"
+        "    from onnxruntime.quantization.shape_inference import quant_pre_process\n"
+        "assert sys.path == before, sys.path\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
 def test_readme_commands_are_what_ci_runs() -> None:
     """`.ci/run` runs exactly the README's install command and test command."""
     readme = (REPO / "README.md").read_text()
