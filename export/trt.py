@@ -1253,6 +1253,24 @@ class TrtEngine:
             return f"capture failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
         return "captured"
 
+    # -- device-engine interface (mocha_edge.device_stages: the CUDA pre/post kernels use these buffers)
+    @property
+    def device_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shapes of the device buffers (the input at its largest batch)."""
+        return {n: tuple(int(d) for d in a.shape) for n, a in self.host.items()}
+
+    @property
+    def device_dtypes(self) -> dict[str, np.dtype]:
+        return dict(self.io.dtypes)
+
+    def enqueue_device(self) -> None:
+        """Queue one inference on the device buffers as they are: no copies (the caller wrote the input on
+        the device and reads the outputs there), no CUDA graph (the captured one holds the host copies)."""
+        if self.dynamic:
+            self.io.set_input_shape(contract.INPUT, self.input_shape)
+        if not self.io.enqueue(self.stream):
+            raise MochaError(f"{self.path}: TensorRT enqueue failed (see its log)")
+
     def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """Outputs by contract name for a preprocessed ``(B, 3, S, S)`` input (copies, safe to keep)."""
         x = np.asarray(x)

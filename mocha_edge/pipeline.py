@@ -9,6 +9,7 @@ fingerprint) come from the export's ``NAME.json`` sidecar.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ import numpy as np
 
 from mocha_edge.errors import MochaError
 from mocha_edge.export.contract import BOX_DIST, CLS_LOGITS, FEATURES
+
+log = logging.getLogger(__name__)
 
 
 class PipelineError(MochaError):
@@ -160,6 +163,8 @@ class Pipeline:
         threads: int | None = None,
         facts: dict[str, Any] | None = None,
         native_threads: int | None = None,
+        gpu_stages: str = "auto",
+        kernels: Any = None,
     ) -> None:
         from mocha_edge import runtime
 
@@ -214,12 +219,38 @@ class Pipeline:
         )
         self._pad_of: tuple[int, ...] | None = None  # frame size whose pad self._input holds
         self.timings: dict[str, float] = {}
+        self.gpu_stages, self.gpu_stages_note = self._device_stages(gpu_stages, kernels)
         self.identity_names: list[str] = []
         self._protos = np.zeros((0, self.dim), np.float32)
         self._proto_cls = np.zeros(0, np.int64)
         self.threshold = -np.inf
         if bank is not None:
             self.set_bank(bank)
+
+    def _device_stages(self, want: str, kernels: Any) -> tuple[Any, str]:
+        """GPU pre/post stages for a device engine (``want``: auto | on | off) and a line saying where the
+        stages run. ``auto`` falls back to the C kernels only for a reason it logs as a warning."""
+        from mocha_edge import device_stages as ds
+        from mocha_edge.runtime import RuntimeNotBuiltError
+
+        if want not in ("auto", "on", "off"):
+            raise PipelineError(f"gpu_stages must be auto, on or off, not {want!r}")
+        if want == "off":
+            return None, "pre/post-processing: C kernels on the CPU (GPU stages off)"
+        why = ds.unsupported_reason(self.engine)
+        if why is None and kernels is None:
+            try:
+                kernels = self.rt.CudaRuntime()
+            except RuntimeNotBuiltError as e:
+                why = str(e)
+        if why is None:
+            stages = ds.DeviceStages(self.engine, kernels, self.facts, self.max_det)
+            return stages, "pre/post-processing: CUDA kernels on the engine's device buffers"
+        if want == "on":
+            raise PipelineError(f"GPU pre/post-processing unavailable: {why}")
+        if ds.is_device_engine(self.engine):  # a GPU engine whose stages must fall back: say so loudly
+            log.warning("pre/post-processing on the CPU, not the GPU: %s", why)
+        return None, f"pre/post-processing: C kernels on the CPU ({why})"
 
     def set_bank(self, bank: Any) -> None:
         """Use a :class:`~mocha_edge.prototypes.PrototypeBank` (or its file) for identities."""
@@ -247,6 +278,8 @@ class Pipeline:
                 f"expected a uint8 (H, W, 3) BGR frame, got {getattr(bgr, 'dtype', type(bgr).__name__)} "
                 f"{getattr(bgr, 'shape', '')}"
             )
+        if self.gpu_stages is not None:
+            return self._call_device(bgr)
         rt, t0 = self.rt, time.perf_counter()
         # the pad of a frame size stays in the input buffer: rewritten only when the size changes
         keep = self._pad_of == bgr.shape[:2]
@@ -269,4 +302,15 @@ class Pipeline:
         t4 = time.perf_counter()
         self.timings = {"pre": (t1 - t0) * 1e3, "infer": (t2 - t1) * 1e3, "post": (t3 - t2) * 1e3,
                         "pool": (t3b - t3) * 1e3, "match": (t4 - t3b) * 1e3}  # fmt: skip
+        return Detections(boxes, scores, cls, vectors, ident, sim)
+
+    def _call_device(self, bgr: np.ndarray) -> Detections:
+        boxes, scores, cls, vectors = self.gpu_stages(bgr, self.conf, self.iou)
+        t3b = time.perf_counter()
+        ident, sim = np.full(len(cls), -1, np.int64), np.full(len(cls), -np.inf, np.float32)
+        if len(self._protos):
+            _, sim, ident = self.rt.match(
+                vectors, cls, self._protos, self._proto_cls, self.mode, self.threshold
+            )
+        self.timings = {**self.gpu_stages.timings, "match": (time.perf_counter() - t3b) * 1e3}
         return Detections(boxes, scores, cls, vectors, ident, sim)

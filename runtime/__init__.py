@@ -66,6 +66,7 @@ def _load() -> ctypes.CDLL:
     sigs = {
         "mrt_abi_version": (_I, []),
         "mrt_last_error": (ctypes.c_char_p, []),
+        "mrt_letterbox_plan": (_I, _args("iiiP")),
         "mrt_letterbox": (_I, _args("PiisiiPP")),
         "mrt_letterbox_ex": (_I, _args("PiisiiPP")),
         "mrt_decode_nms": (_I, _args("PPiiiPPiffiiddddiiPPPPP")),
@@ -110,6 +111,14 @@ def _f32(a: Any, what: str, ndim: int) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------------ ops
+def letterbox_plan(h: int, w: int, imgsz: int) -> tuple[float, tuple[float, float], tuple[int, int]]:
+    """Geometry of the letterbox of an ``h`` x ``w`` frame into ``imgsz``: ``(r, (left, top), (new_w,
+    new_h))``, as :func:`letterbox` (and its CUDA twin) will place the image."""
+    p = _LetterboxParams()
+    _check(_lib.mrt_letterbox_plan(int(h), int(w), int(imgsz), ctypes.byref(p)))
+    return p.r, (float(p.left), float(p.top)), (p.new_w, p.new_h)
+
+
 def letterbox(
     bgr: np.ndarray,
     imgsz: int,
@@ -352,4 +361,4 @@ class CudaRuntime:
 
 
 __all__ = ["CudaRuntime", "Match", "NativeRuntimeError", "RuntimeNotBuiltError", "build_info", "decode_nms",
-           "info", "letterbox", "match", "pool", "set_threads"]  # fmt: skip
+           "info", "letterbox", "letterbox_plan", "match", "pool", "set_threads"]  # fmt: skip
