@@ -332,6 +332,48 @@ class TorchEngine:
         return {n: o.float().cpu().numpy() for n, o in zip(self.names, outs)}
 
 
+class TorchCudaEngine(TorchEngine):
+    """:class:`TorchEngine` on a CUDA GPU with device-resident buffers: also a *device engine*
+    (``mocha_edge.device_stages``), so the CUDA pre/post kernels read and write its tensors in place. Its
+    own CUDA stream; buffers are torch tensors, other device memory comes from ``export.trt.cuda_backend``."""
+
+    def __init__(self, ckpt: str | Path, imgsz: int, half: bool = False) -> None:
+        super().__init__(ckpt, imgsz, device="cuda", half=half)
+        from mocha_edge.export import contract
+        from mocha_edge.export.trt import cuda_backend
+
+        torch = self.torch
+        self.cuda = cuda_backend()
+        self._stream = torch.cuda.Stream()
+        self.stream = int(self._stream.cuda_stream)
+        dt = torch.float16 if half else torch.float32
+        self._x = torch.zeros(self.input_shape, dtype=dt, device="cuda")
+        with torch.inference_mode():
+            outs = self.net(self._x)
+        self._out = {n: torch.empty_like(o, dtype=torch.float32) for n, o in zip(self.names, outs)}
+        bufs = {contract.INPUT: self._x, **self._out}
+        self.device = {n: int(t.data_ptr()) for n, t in bufs.items()}
+        self.device_shapes = {n: tuple(t.shape) for n, t in bufs.items()}
+        self.device_dtypes = {n: np.dtype(np.float16 if t.dtype == torch.float16 else np.float32)
+                              for n, t in bufs.items()}  # fmt: skip
+        torch.cuda.synchronize()
+
+    def enqueue_device(self) -> None:
+        """Queue the graph on the engine's stream: reads the input buffer, writes the output buffers."""
+        torch = self.torch
+        with torch.cuda.stream(self._stream), torch.inference_mode():
+            for n, o in zip(self.names, self.net(self._x)):
+                self._out[n].copy_(o)
+
+    def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        torch = self.torch
+        with torch.cuda.stream(self._stream):
+            self._x.copy_(torch.from_numpy(np.ascontiguousarray(x)))
+        self.enqueue_device()
+        self._stream.synchronize()
+        return {n: o.cpu().numpy() for n, o in self._out.items()}
+
+
 def _available(backend: str) -> tuple[bool, str]:
     if backend == "torch":
         return True, ""

@@ -167,3 +167,24 @@ def test_gpu_stages_choice(exported: Path, caplog: pytest.LogCaptureFixture) -> 
     eng.device_dtypes = {**eng.device_dtypes, contract.BOX_DIST: np.dtype(np.float16)}
     with pytest.raises(PipelineError, match="not float32"):
         Pipeline(eng, gpu_stages="on", kernels=CKernels())
+
+
+def test_gpu_check_script_helpers(exported: Path, synth_small: Path, coco8_dir: Path) -> None:
+    """scripts/gpu_check.py's comparison and timing helpers, run here on the host-memory device engine (the
+    script itself needs a CUDA GPU)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "gpu_check", Path(__file__).parents[1] / "scripts" / "gpu_check.py"
+    )
+    gc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gc)
+    frames = _frames(synth_small, coco8_dir)
+    host = Pipeline(exported, conf=CONF, gpu_stages="off")
+    dev = Pipeline(HostDeviceEngine(exported), conf=CONF, gpu_stages="on", kernels=CKernels())
+    line = gc.compare(host, dev, frames)
+    assert line.startswith("OK:") and "counts equal True" in line, line
+    t = gc.stage_times(dev, frames, runs=5)
+    assert set(t) == {"pre", "infer", "post", "pool", "match", "e2e"} and t["e2e"] >= t["infer"] > 0
+    worse = Pipeline(exported, conf=0.5, gpu_stages="off")  # fewer detections: a mismatch must be reported
+    assert gc.compare(worse, dev, frames).startswith("MISMATCH")
