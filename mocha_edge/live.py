@@ -689,6 +689,7 @@ def run(
     conf: float = 0.25,
     iou: float = 0.7,
     mode: str = "conditional",
+    gpu_stages: str = "auto",
     pipeline_factory: PipelineFactory = make_pipeline,
     commands: Any | None = None,
     console: Console | None = None,
@@ -697,7 +698,8 @@ def run(
     """Open ``source``, build the pipeline, attach the bank, run the loop (:func:`run_loop`).
 
     A missing ``bank_path`` starts an empty bank: live enrolments create the file. ``backend`` defaults to
-    ``trt`` for a ``.engine`` and ``ort`` otherwise.
+    ``trt`` for a ``.engine`` and ``ort`` otherwise; ``gpu_stages`` (auto | on | off): pre/post-processing
+    with the CUDA kernels on a GPU engine's buffers (auto: when the engine and the CUDA build allow).
     """
     if backend is None:
         backend = "trt" if Path(model).suffix == ".engine" else "ort"
@@ -723,7 +725,10 @@ def run(
                 bank = PrototypeBank.load(bank_path)
             else:
                 console.log(f"{bank_path}: no bank yet; starting empty (live enrolments create it)")
-        pipe = pipeline_factory(model, backend=backend, conf=conf, iou=iou, mode=mode)
+        pipe = pipeline_factory(model, backend=backend, conf=conf, iou=iou, mode=mode, gpu_stages=gpu_stages)
+        note = getattr(pipe, "gpu_stages_note", "")
+        if note:
+            console.log(note)
         if bank is not None:
             attach_bank(pipe, bank, bank_path or "", console.log)
         enroller = LiveEnroller(pipe, bank, Path(bank_path) if bank_path is not None else None, console.log)
@@ -754,11 +759,14 @@ def run(
               help="Match within the detected class, or against every prototype.")  # fmt: skip
 @click.option("--backend", type=click.Choice(["ort", "trt"]), default=None,
               help="ONNX Runtime or TensorRT [default: trt for a .engine, else ort].")  # fmt: skip
+@click.option("--gpu-stages", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="Letterbox, decode/NMS and pooling with the CUDA kernels on a GPU engine's buffers "
+                   "(auto: when the engine and the CUDA build allow; the reason is printed when not).")  # fmt: skip
 @click.option("--max-frames", type=int, help="Stop after N frames.")
 @click.option("--fps-every", default=5.0, show_default=True, help="Seconds between FPS lines (0: none).")
 def run_cmd(model: Path, bank: Path | None, source: str | None, camera: int | None, csi: int | None,
             save: Path | None, jsonl: Path | None, show: bool | None, conf: float, iou: float, mode: str,
-            backend: str | None, max_frames: int | None, fps_every: float) -> None:  # fmt: skip
+            backend: str | None, gpu_stages: str, max_frames: int | None, fps_every: float) -> None:  # fmt: skip
     """Run the exported MODEL (.onnx from `mocha-edge export`, or a TensorRT .engine) on a live source:
     detect, match against the prototype bank, write/show the results, enrol new objects on the fly.
 
@@ -787,7 +795,7 @@ def run_cmd(model: Path, bank: Path | None, source: str | None, camera: int | No
     opts = RunOptions(save=save, jsonl=jsonl, show=show, max_frames=max_frames, fps_every=fps_every)
     summary = run(
         model, given[0], opts, bank_path=bank, backend=backend, conf=conf, iou=iou, mode=mode,
-        pipeline_factory=make_pipeline, commands=StdinCommands.start(), console=Console(),
+        gpu_stages=gpu_stages, pipeline_factory=make_pipeline, commands=StdinCommands.start(), console=Console(),
     )  # fmt: skip
     click.echo(summary.line())
 
