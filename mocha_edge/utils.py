@@ -12,11 +12,21 @@ from pathlib import Path
 from typing import Any
 
 
+def _file_mode() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; done once, at import
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_FILE_MODE = _file_mode()
+
+
 @contextlib.contextmanager
 def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path in ``dest``'s folder; rename it onto ``dest`` only if the block succeeds.
 
-    A crash or kill inside the block never leaves a partial ``dest`` behind.
+    A crash or kill inside the block never leaves a partial ``dest`` behind. ``dest`` gets the permissions
+    of a file created normally (0666 minus the umask), not the temporary file's private 0600.
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -27,6 +37,7 @@ def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp_path, _FILE_MODE)
         os.replace(tmp_path, dest)
     finally:
         if tmp_path.exists():

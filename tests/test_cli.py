@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import click
+import pytest
 from click.testing import CliRunner
 
 from mocha_edge import __version__
@@ -94,3 +95,21 @@ def test_ruff_clean() -> None:
     for args in (["check", "."], ["format", "--check", "."]):
         r = subprocess.run([sys.executable, "-m", "ruff", *args], cwd=REPO, capture_output=True, text=True)
         assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_atomic_files_get_normal_permissions_and_no_partial_file(tmp_path: Path) -> None:
+    """Files written through atomic_path are readable like any other (0666 minus the umask, not mkstemp's
+    0600); a failing block leaves neither the destination nor a temporary file."""
+    import os
+    import stat
+
+    from mocha_edge.utils import atomic_path, write_json_atomic
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    write_json_atomic(tmp_path / "a.json", {"x": 1})
+    assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o666 & ~mask != 0o600
+    with pytest.raises(RuntimeError), atomic_path(tmp_path / "b.bin") as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("interrupted")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
