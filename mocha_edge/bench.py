@@ -532,6 +532,7 @@ def run_bench(model: str | Path, opts: BenchOptions) -> dict[str, Any]:
                 times = time_pipeline(pipe, frames, opts.warmup)
                 row = row_from_times(backend, prec, s, times, capture)
                 row["threads"] = getattr(engine, "threads", None)
+                row["pre_post_on"] = "gpu" if pipe.gpu_stages is not None else "cpu"
                 if opts.reference and backend in ("torch", "ort"):
                     key = "pt" if backend == "torch" else "onnx"
                     if key not in ref_cache:

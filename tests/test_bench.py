@@ -64,6 +64,7 @@ def test_bench_rows_schema_and_reference(bench_result: dict) -> None:
         assert r["peak_rss_mb"] > 50
         assert r["ultralytics_pre_post_ms_p50"] < r["ultralytics_e2e_ms_p50"]
         assert r["detections_per_frame"] > 0  # a trained student on real frames, not an empty run
+        assert r["pre_post_on"] == "cpu"  # no GPU engine here
 
 
 def test_bench_outputs_and_compare(bench_result: dict, tmp_path: Path) -> None:
