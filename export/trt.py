@@ -1213,6 +1213,7 @@ class TrtEngine:
             self.io.set_address(n, self.device[n])
 
         self.graph: Any = None
+        self.device_graph: Any = None  # the enqueue alone, for callers that own the device buffers
         self.graph_note = self._capture() if cuda_graph else "disabled by the caller"
         if self.graph is None:
             log.info("%s: plain enqueue, no CUDA graph (%s)", self.path.name, self.graph_note)
@@ -1248,8 +1249,16 @@ class TrtEngine:
             finally:
                 graph = self.cuda.capture_end(self.stream)
             self.graph = graph
+            if self.zero_copy:  # no copies in the graph: it is the enqueue alone
+                self.device_graph = graph
+            else:
+                self.cuda.capture_begin(self.stream)
+                try:
+                    self.io.enqueue(self.stream)
+                finally:
+                    self.device_graph = self.cuda.capture_end(self.stream)
         except Exception as e:
-            self.graph = None
+            self.graph = self.device_graph = None
             return f"capture failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
         return "captured"
 
@@ -1265,7 +1274,10 @@ class TrtEngine:
 
     def enqueue_device(self) -> None:
         """Queue one inference on the device buffers as they are: no copies (the caller wrote the input on
-        the device and reads the outputs there), no CUDA graph (the captured one holds the host copies)."""
+        the device and reads the outputs there); a CUDA graph of the enqueue alone when shapes are static."""
+        if self.device_graph is not None:
+            self.cuda.launch(self.device_graph, self.stream)
+            return
         if self.dynamic:
             self.io.set_input_shape(contract.INPUT, self.input_shape)
         if not self.io.enqueue(self.stream):

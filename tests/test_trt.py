@@ -998,6 +998,37 @@ def test_engine_runs_static(
         eng.run(np.zeros((1, 3, 32, 32), np.float32))
 
 
+@pytest.mark.parametrize(
+    ("version", "integrated"), [("10.3.0.30", False), ("8.6.1.6", True), ("8.5.2.2", False)]
+)
+def test_engine_device_interface(version: str, integrated: bool, fake_trt, tmp_path: Path) -> None:
+    """What the GPU pre/post stages use: device buffers by contract name with shapes and dtypes, and an
+    enqueue that reads the input where it is and leaves the outputs on the device (a CUDA graph of the
+    enqueue alone when the engine captured one; no host copies either way)."""
+    from mocha_edge.device_stages import is_device_engine, unsupported_reason
+
+    _, cuda = fake_trt(version, integrated=integrated)
+    eng = T.TrtEngine(write_engine(tmp_path, version), warmup=1)
+    assert is_device_engine(eng) and unsupported_reason(eng) is None
+    assert eng.device_shapes[contract.INPUT] == (1, 3, 32, 32) and eng.device_shapes["p5"] == (1, C, 1, 1)
+    assert all(eng.device_dtypes[n] == np.float32 for n in [contract.INPUT, *contract.OUTPUTS])
+    assert (eng.device_graph is not None) == (eng.graph_note == "captured")
+    for fill in (0.25, 0.5):  # a replayed graph must read the new input
+        x = np.full((1, 3, 32, 32), fill, np.float32)
+        cuda.mem[eng.device[contract.INPUT]][: x.nbytes] = x.view(np.uint8).reshape(-1)
+        cuda.log.clear()
+        eng.enqueue_device()
+        assert "htod" not in cuda.log and "dtoh" not in cuda.log and "sync" not in cuda.log
+        assert cuda.log == (
+            ["graph"]
+            if eng.device_graph is not None
+            else ["enqueue_v3" if T.io_api(version) == "tensors" else "enqueue_v2"]
+        )
+        for n, want in expected(x).items():
+            got = cuda.mem[eng.device[n]][: want.size * 4].view(np.float32).reshape(want.shape)
+            np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
 def test_engine_runs_dynamic_without_graph(fake_trt, tmp_path: Path) -> None:
     fake_trt("10.3.0.30")
     eng = T.TrtEngine(write_engine(tmp_path, "10.3.0.30", dynamic=True), warmup=1)
