@@ -69,7 +69,9 @@ def gather() -> dict[str, str]:
         from mocha_edge import runtime
 
         rt = runtime.info()
-        out["native runtime"] = f"C {rt['c']}; CUDA {rt['cuda']} [{rt['library']}]"
+        out["native runtime"] = (
+            f"C {rt['c']}; CUDA {rt['cuda']}; ONNX Runtime op {rt['onnxruntime ops']} [{rt['library']}]"
+        )
     except Exception as e:  # missing .so: the error says how to rebuild it
         out["native runtime"] = f"not built ({str(e).splitlines()[0]})"
     return out

@@ -65,7 +65,8 @@ class OrtEngine:
     """ONNX Runtime on the CPU (or another provider) with the export contract's names.
 
     Inputs are bound with I/O binding and outputs written into preallocated arrays (no per-frame
-    allocation) when the graph has static shapes; graph optimisation is ORT_ENABLE_ALL."""
+    allocation) when the graph has static shapes; graph optimisation is ORT_ENABLE_ALL; a uint8 Q/DQ
+    graph's SiLUs run as the native runtime's fused ``QSiLU`` op (``fuse_silu``; ``export/fuse.py``)."""
 
     def __init__(
         self,
@@ -73,6 +74,7 @@ class OrtEngine:
         threads: int | None = None,
         providers: list[str] | None = None,
         stop_spinning: bool = True,
+        fuse_silu: bool = True,
     ) -> None:
         import onnxruntime as ort
 
@@ -91,8 +93,10 @@ class OrtEngine:
             so.add_session_config_entry("session.force_spinning_stop", "1")
         self.stop_spinning = stop_spinning
         try:
-            self.session = ort.InferenceSession(
-                str(self.path), so, providers=providers or default_providers()
+            from mocha_edge.export.fuse import inference_session
+
+            self.session, self.fused_silu = inference_session(
+                self.path, so, providers or default_providers(), fuse_silu
             )
         except Exception as e:
             raise PipelineError(

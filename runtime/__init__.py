@@ -73,6 +73,9 @@ def _load() -> ctypes.CDLL:
         "mrt_pool": (_I, _args("PPPiPiP")),
         "mrt_match": (_I, _args("PiiPPiPifiPPP")),
         "mrt_set_threads": (None, _args("i")),
+        "mrt_qsilu_table": (None, _args("fifiP")),
+        "mrt_lut_u8": (None, _args("PPPz")),
+        "mrt_qsilu_vbmi": (_I, []),
     }
     for name, (res, args) in sigs.items():
         fn = getattr(lib, name)
@@ -221,6 +224,30 @@ def pool(maps: Sequence[np.ndarray], boxes_letterbox: np.ndarray, strides: Seque
     return out
 
 
+def qsilu_table(x_scale: float, x_zero_point: int, y_scale: float, y_zero_point: int) -> np.ndarray:
+    """The 256-entry uint8 table of the ``QSiLU`` ONNX Runtime op (``runtime/src/ort_qsilu.c``) for these
+    input/output quantisation parameters."""
+    lut = np.empty(256, np.uint8)
+    _lib.mrt_qsilu_table(float(x_scale), int(x_zero_point), float(y_scale), int(y_zero_point), lut.ctypes.data)
+    return lut
+
+
+def lut_u8(lut: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """``lut[x]`` for uint8 ``x`` with the op's kernel (AVX-512 VBMI where the CPU has it)."""
+    t = np.ascontiguousarray(lut, np.uint8)
+    xs = np.ascontiguousarray(x, np.uint8)
+    if t.shape != (256,):
+        raise NativeRuntimeError(f"lut_u8: the table must have 256 entries, got {t.shape}")
+    y = np.empty_like(xs)
+    _lib.mrt_lut_u8(t.ctypes.data, xs.ctypes.data, y.ctypes.data, xs.size)
+    return y
+
+
+def qsilu_vbmi() -> bool:
+    """Whether the byte-table kernel uses AVX-512 VBMI on this CPU."""
+    return bool(_lib.mrt_qsilu_vbmi())
+
+
 class Match(NamedTuple):
     """Matching result per detection: prototype index (-1: none eligible / not finite), cosine, and the
     index again where cosine >= threshold else -1 (unknown)."""
@@ -278,7 +305,7 @@ def build_info() -> dict[str, Any]:
 
 
 def info() -> dict[str, str]:
-    """``{"library", "c", "cuda"}``: what was built and where (CUDA: archs, or why not)."""
+    """``{"library", "c", "cuda", "onnxruntime ops"}``: what was built and where (CUDA: archs, or why not)."""
     b = build_info()
     cuda = b.get("cuda", {})
     if _CUDA_LIB.exists() and cuda.get("built"):
@@ -287,7 +314,9 @@ def info() -> dict[str, str]:
         cuda_s = f"{_CUDA_LIB.name} (archs unknown)"
     else:
         cuda_s = f"not built ({cuda.get('why', 'unknown reason')})"
-    return {"library": str(_find_library()), "c": f"yes (ABI {_lib.mrt_abi_version()})", "cuda": cuda_s}
+    ort_op = "QSiLU (AVX-512 VBMI)" if qsilu_vbmi() else "QSiLU (scalar table)"
+    return {"library": str(_find_library()), "c": f"yes (ABI {_lib.mrt_abi_version()})", "cuda": cuda_s,
+            "onnxruntime ops": ort_op}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------ CUDA
@@ -361,4 +390,5 @@ class CudaRuntime:
 
 
 __all__ = ["CudaRuntime", "Match", "NativeRuntimeError", "RuntimeNotBuiltError", "build_info", "decode_nms",
-           "info", "letterbox", "letterbox_plan", "match", "pool", "set_threads"]  # fmt: skip
+           "info", "letterbox", "letterbox_plan", "lut_u8", "match", "pool", "qsilu_table", "qsilu_vbmi",
+           "set_threads"]  # fmt: skip
