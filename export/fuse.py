@@ -41,13 +41,7 @@ def fuse_qdq_silu(model: Any) -> int:
     from onnx import helper
 
     g = model.graph
-    inits = {i.name: i for i in g.initializer}
-    prod = {o: n for n in g.node for o in n.output}
-    cons: dict[str, list[Any]] = defaultdict(list)
-    for n in g.node:
-        for i in n.input:
-            cons[i].append(n)
-    outputs = {o.name for o in g.output}
+    prod, cons, outputs, inits = _graph_maps(g)
 
     def only(name: str, op: str) -> Any:
         c = cons.get(name, [])
@@ -83,6 +77,25 @@ def fuse_qdq_silu(model: Any) -> int:
         )  # fmt: skip
         removed |= {id(sig), id(qs), id(ds), id(mul), id(qm)}
         dqs += [d0, dx]
+    return _finish(model, fused_at, removed, dqs, cons, outputs)
+
+
+def _graph_maps(g: Any) -> tuple[dict[str, Any], dict[str, list[Any]], set[str], dict[str, Any]]:
+    prod = {o: n for n in g.node for o in n.output}
+    cons: dict[str, list[Any]] = defaultdict(list)
+    for n in g.node:
+        for i in n.input:
+            cons[i].append(n)
+    return prod, cons, {o.name for o in g.output}, {i.name: i for i in g.initializer}
+
+
+def _finish(model: Any, fused_at: dict[int, Any], removed: set[int], dqs: list[Any],
+            cons: dict[str, list[Any]], outputs: set[str]) -> int:  # fmt: skip
+    """Put each new node where the node it replaces was, drop the replaced nodes, the DequantizeLinears
+    left without consumers and the initializers left unused; declare the domain."""
+    from onnx import helper
+
+    g = model.graph
     for dq in dqs:  # a DequantizeLinear whose every consumer went
         if dq.output[0] not in outputs and all(id(c) in removed for c in cons[dq.output[0]]):
             removed.add(id(dq))
@@ -105,6 +118,58 @@ def fuse_qdq_silu(model: Any) -> int:
     return len(fused_at)
 
 
+def _same_qparams(inits: dict[str, Any], a: Any, b: Any) -> bool:
+    """Whether two Q/DQ nodes use the same scale and zero-point (same initializers, or equal values)."""
+    if list(a.input[1:3]) == list(b.input[1:3]):
+        return True
+    va = [_scalar(inits, n) for n in a.input[1:3]]
+    vb = [_scalar(inits, n) for n in b.input[1:3]]
+    return all(x is not None and y is not None and x.dtype == y.dtype and x == y for x, y in zip(va, vb))
+
+
+def fuse_qdq_maxpool(model: Any) -> int:
+    """Rewrite every uint8 ``DQ -> MaxPool -> Q`` with the same scale and zero-point on both sides, a square
+    odd kernel, stride 1, pad k // 2 and no dilation (YOLO's SPPF), into one ``QMaxPool`` node (in place);
+    returns how many. Max pooling commutes with the monotone dequantisation, so this is exact."""
+    from onnx import helper
+
+    g = model.graph
+    prod, cons, outputs, inits = _graph_maps(g)
+    removed: set[int] = set()
+    fused_at: dict[int, Any] = {}
+    dqs: list[Any] = []
+    for mp in [n for n in g.node if n.op_type == "MaxPool" and len(n.output) == 1]:
+        at = {a.name: helper.get_attribute_value(a) for a in mp.attribute}
+        ks = list(at.get("kernel_shape", []))
+        if len(ks) != 2 or ks[0] != ks[1] or ks[0] % 2 == 0:
+            continue
+        k = int(ks[0])
+        plain = (
+            list(at.get("strides", [1, 1])) == [1, 1]
+            and list(at.get("dilations", [1, 1])) == [1, 1]
+            and list(at.get("pads", [0] * 4)) == [k // 2] * 4
+            and not at.get("ceil_mode", 0)
+            and not at.get("storage_order", 0)
+            and at.get("auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET")
+        )
+        dq = prod.get(mp.input[0])
+        qs = cons.get(mp.output[0], [])
+        if not plain or dq is None or dq.op_type != "DequantizeLinear" or len(qs) != 1:
+            continue
+        q = qs[0]
+        zp = _scalar(inits, dq.input[2]) if len(dq.input) > 2 else None
+        if q.op_type != "QuantizeLinear" or mp.output[0] in outputs or zp is None or zp.dtype != np.uint8:
+            continue
+        if not _same_qparams(inits, dq, q):
+            continue
+        fused_at[id(mp)] = helper.make_node(
+            "QMaxPool", [dq.input[0]], [q.output[0]], name=f"{mp.name}/QMaxPool", domain=DOMAIN, k=k
+        )
+        removed |= {id(mp), id(q)}
+        dqs.append(dq)
+    return _finish(model, fused_at, removed, dqs, cons, outputs)
+
+
 def custom_op_library() -> str:
     """Path of the native runtime library, which registers the ``ai.mocha_edge`` ops with ONNX Runtime."""
     from mocha_edge import runtime
@@ -119,7 +184,7 @@ class SessionModel:
     source: str | bytes  # the path, or the fused model's bytes
     libraries: list[str] = field(default_factory=list)  # custom-op libraries to register
     disabled_optimizers: list[str] = field(default_factory=list)
-    fused: int = 0  # SiLUs fused
+    fused: dict[str, int] = field(default_factory=dict)  # custom op -> nodes rewritten into it
 
 
 def session_model(path: str | Path, fuse: bool = True) -> SessionModel:
@@ -138,17 +203,17 @@ def session_model(path: str | Path, fuse: bool = True) -> SessionModel:
     model = onnx.load(str(path))
     if not any(n.op_type == "DequantizeLinear" for n in model.graph.node):
         return SessionModel(str(path))
-    n = fuse_qdq_silu(model)
-    if not n:
+    fused = {OP: fuse_qdq_silu(model), "QMaxPool": fuse_qdq_maxpool(model)}
+    if not fused[OP]:  # without QSiLU the NHWC layout pass wins: leave the graph as it is
         return SessionModel(str(path))
-    return SessionModel(model.SerializeToString(), [custom_op_library()], ["NhwcTransformer"], n)
+    return SessionModel(model.SerializeToString(), [custom_op_library()], ["NhwcTransformer"], fused)
 
 
 def inference_session(
     path: str | Path, options: Any, providers: list[str], fuse: bool = True
-) -> tuple[Any, int]:
-    """``onnxruntime.InferenceSession`` of ``path`` with its quantised SiLUs fused (see
-    :func:`session_model`); returns ``(session, SiLUs fused)``. ``options`` is updated in place."""
+) -> tuple[Any, dict[str, int]]:
+    """``onnxruntime.InferenceSession`` of ``path`` with its quantised SiLUs (and SPPF max pools) fused
+    (see :func:`session_model`); returns ``(session, {custom op: nodes})``. ``options`` is updated."""
     import onnxruntime as ort
 
     sm = session_model(path, fuse)

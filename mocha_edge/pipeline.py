@@ -95,7 +95,7 @@ class OrtEngine:
         try:
             from mocha_edge.export.fuse import inference_session
 
-            self.session, self.fused_silu = inference_session(
+            self.session, self.fused_ops = inference_session(
                 self.path, so, providers or default_providers(), fuse_silu
             )
         except Exception as e:

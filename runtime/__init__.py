@@ -228,7 +228,9 @@ def qsilu_table(x_scale: float, x_zero_point: int, y_scale: float, y_zero_point:
     """The 256-entry uint8 table of the ``QSiLU`` ONNX Runtime op (``runtime/src/ort_qsilu.c``) for these
     input/output quantisation parameters."""
     lut = np.empty(256, np.uint8)
-    _lib.mrt_qsilu_table(float(x_scale), int(x_zero_point), float(y_scale), int(y_zero_point), lut.ctypes.data)
+    _lib.mrt_qsilu_table(
+        float(x_scale), int(x_zero_point), float(y_scale), int(y_zero_point), lut.ctypes.data
+    )
     return lut
 
 

@@ -1,4 +1,11 @@
-/* A fused quantised SiLU for ONNX Runtime's CPU provider: custom op `QSiLU` of domain `ai.mocha_edge`.
+/* Quantised ops ONNX Runtime's CPU provider lacks, as custom ops of domain `ai.mocha_edge`:
+ *   QSiLU    - a fused quantised SiLU (below);
+ *   QMaxPool - max pooling of uint8 NCHW tensors, stride 1, square odd kernel k, pad k / 2 (YOLO's SPPF):
+ *              separable (row maxima, then column maxima), exact; ONNX Runtime's own uint8 MaxPool runs
+ *              these 8x8x128 tensors at ~90 us each (measured), channels-last it needs a layout pass that
+ *              costs more than it saves once QSiLU is in the graph (export/fuse.py).
+ *
+ * QSiLU:
  *
  * ONNX Runtime has no quantised SiLU: a Q/DQ graph runs x * sigmoid(x) as QLinearSigmoid (a scalar table
  * lookup) + QLinearMul, two passes that do not use a second core (measured: a third of the INT8 graph's
@@ -92,6 +99,8 @@ typedef struct mrt_ort_custom_op {
 } mrt_ort_custom_op;
 
 #define ONNX_UINT8 2
+
+static int ort_failed(ort_api api, OrtStatus *st, const char *what);
 
 typedef struct {
     ort_api api;
@@ -225,6 +234,92 @@ static mrt_ort_custom_op qsilu_op = {
     qsilu_one, NULL, NULL, NULL, qsilu_one, qsilu_end, {0},
 };
 
+/* ---------------------------------------------------------------------------------------- QMaxPool */
+typedef struct {
+    ort_api api;
+    int k;
+} qmaxpool_kernel;
+
+/* Max over a k x k window (pad k / 2, stride 1, out-of-range taps ignored) of each of `planes` h x w uint8
+ * planes; `tmp` holds one plane. Exposed for tests as mrt_maxpool_u8. */
+MRT_API void mrt_maxpool_u8(const uint8_t *x, uint8_t *y, uint8_t *tmp, size_t planes, int h, int w, int k) {
+    const int p = k / 2;
+    for (size_t c = 0; c < planes; c++) {
+        const uint8_t *in = x + c * (size_t)h * w;
+        uint8_t *out = y + c * (size_t)h * w;
+        for (int r = 0; r < h; r++)
+            for (int col = 0; col < w; col++) {
+                const int a = col - p < 0 ? 0 : col - p, b = col + p >= w ? w - 1 : col + p;
+                uint8_t m = in[r * w + a];
+                for (int i = a + 1; i <= b; i++) m = in[r * w + i] > m ? in[r * w + i] : m;
+                tmp[r * w + col] = m;
+            }
+        for (int r = 0; r < h; r++) {
+            const int a = r - p < 0 ? 0 : r - p, b = r + p >= h ? h - 1 : r + p;
+            memcpy(out + (size_t)r * w, tmp + (size_t)a * w, (size_t)w);
+            for (int i = a + 1; i <= b; i++)
+                for (int col = 0; col < w; col++) {
+                    const uint8_t v = tmp[(size_t)i * w + col];
+                    if (v > out[(size_t)r * w + col]) out[(size_t)r * w + col] = v;
+                }
+        }
+    }
+}
+
+static void *qmaxpool_create(const mrt_ort_custom_op *op, ort_api api, const OrtKernelInfo *info) {
+    (void)op;
+    int64_t k = 0;
+    if (ort_failed(api, ORT_FN(api, SLOT_KERNEL_INFO_GET_ATTRIBUTE_INT64, OrtStatus *(*)(const OrtKernelInfo *, const char *, int64_t *))(info, "k", &k), "k"))
+        return NULL;
+    if (k < 1 || k % 2 == 0 || k > 255) {
+        fprintf(stderr, "mocha_edge QMaxPool: kernel %lld must be odd, 1..255\n", (long long)k);
+        return NULL;
+    }
+    qmaxpool_kernel *kern = calloc(1, sizeof *kern);
+    if (kern) kern->api = api, kern->k = (int)k;
+    return kern;
+}
+
+static void qmaxpool_compute(void *kernel, OrtKernelContext *ctx) {
+    qmaxpool_kernel *k = kernel;
+    if (k == NULL) return;
+    ort_api api = k->api;
+    const OrtValue *in = NULL;
+    OrtValue *out = NULL;
+    OrtShapeInfo *shape = NULL;
+    size_t nd = 0;
+    int64_t dims[16];
+    void *x = NULL, *y = NULL;
+    if (ort_failed(api, ORT_FN(api, SLOT_KERNEL_CONTEXT_GET_INPUT, OrtStatus *(*)(const OrtKernelContext *, size_t, const OrtValue **))(ctx, 0, &in), "GetInput") ||
+        ort_failed(api, ORT_FN(api, SLOT_GET_TENSOR_TYPE_AND_SHAPE, OrtStatus *(*)(const OrtValue *, OrtShapeInfo **))(in, &shape), "GetTensorTypeAndShape"))
+        return;
+    int bad = ort_failed(api, ORT_FN(api, SLOT_GET_DIMENSIONS_COUNT, OrtStatus *(*)(const OrtShapeInfo *, size_t *))(shape, &nd), "GetDimensionsCount");
+    if (!bad && nd != 4) {
+        fprintf(stderr, "mocha_edge QMaxPool: %zu dimensions (NCHW expected)\n", nd);
+        bad = 1;
+    }
+    bad = bad || ort_failed(api, ORT_FN(api, SLOT_GET_DIMENSIONS, OrtStatus *(*)(const OrtShapeInfo *, int64_t *, size_t))(shape, dims, nd), "GetDimensions");
+    ORT_FN(api, SLOT_RELEASE_TENSOR_TYPE_AND_SHAPE_INFO, void (*)(OrtShapeInfo *))(shape);
+    if (bad ||
+        ort_failed(api, ORT_FN(api, SLOT_KERNEL_CONTEXT_GET_OUTPUT, OrtStatus *(*)(OrtKernelContext *, size_t, const int64_t *, size_t, OrtValue **))(ctx, 0, dims, nd, &out), "GetOutput") ||
+        ort_failed(api, ORT_FN(api, SLOT_GET_TENSOR_MUTABLE_DATA, OrtStatus *(*)(OrtValue *, void **))((OrtValue *)in, &x), "input data") ||
+        ort_failed(api, ORT_FN(api, SLOT_GET_TENSOR_MUTABLE_DATA, OrtStatus *(*)(OrtValue *, void **))(out, &y), "output data"))
+        return;
+    const int h = (int)dims[2], w = (int)dims[3];
+    uint8_t *tmp = malloc((size_t)h * w + 1);
+    if (tmp == NULL) return;
+    mrt_maxpool_u8(x, y, tmp, (size_t)(dims[0] * dims[1]), h, w, k->k);
+    free(tmp);
+}
+
+static const char *qmaxpool_name(const mrt_ort_custom_op *op) { return (void)op, "QMaxPool"; }
+
+static mrt_ort_custom_op qmaxpool_op = {
+    1, qmaxpool_create, qmaxpool_name, qsilu_provider, qsilu_type, qsilu_count, qsilu_type, qsilu_count,
+    qmaxpool_compute, qsilu_destroy, qsilu_zero, qsilu_zero, qsilu_zero, qsilu_one, qsilu_one, qsilu_one,
+    qsilu_one, NULL, NULL, NULL, qsilu_one, qsilu_end, {0},
+};
+
 #define MRT_ORT_DOMAIN "ai.mocha_edge"
 
 /* The entry point ONNX Runtime looks for in a custom-op library. */
@@ -234,6 +329,8 @@ MRT_API OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const mrt_ort_a
     OrtStatus *st = ORT_FN(api, SLOT_CREATE_CUSTOM_OP_DOMAIN, OrtStatus *(*)(const char *, OrtDomain **))(MRT_ORT_DOMAIN, &domain);
     if (st) return st;
     st = ORT_FN(api, SLOT_CUSTOM_OP_DOMAIN_ADD, OrtStatus *(*)(OrtDomain *, const mrt_ort_custom_op *))(domain, &qsilu_op);
+    if (st) return st;
+    st = ORT_FN(api, SLOT_CUSTOM_OP_DOMAIN_ADD, OrtStatus *(*)(OrtDomain *, const mrt_ort_custom_op *))(domain, &qmaxpool_op);
     if (st) return st;
     return ORT_FN(api, SLOT_ADD_CUSTOM_OP_DOMAIN, OrtStatus *(*)(OrtSessionOptions *, OrtDomain *))(options, domain);
 }
