@@ -1,4 +1,4 @@
-"""Fused quantised SiLU for ONNX Runtime on the CPU: the native runtime's ``QSiLU`` custom op.
+"""Fused quantised ops for ONNX Runtime on the CPU: the native runtime's ``QSiLU`` and ``QMaxPool``.
 
 ONNX Runtime has no quantised SiLU. In a Q/DQ graph with uint8 activations each ``x * sigmoid(x)`` runs as
 QLinearSigmoid + QLinearMul, two passes over the tensor that do not use a second core: on the 2-core CPU a
@@ -7,7 +7,8 @@ third of the INT8 graph's time. ``fuse_qdq_silu`` replaces each
     x_q -> DequantizeLinear -> Sigmoid -> Q -> DQ -> Mul(x, .) -> QuantizeLinear -> y_q
 
 by ``y_q = QSiLU(x_q)`` (domain ``ai.mocha_edge``; attributes: the input's and the output's scale and
-zero-point), one 256-entry byte table per node computed with a single rounding (``runtime/src/ort_qsilu.c``).
+zero-point), one 256-entry byte table per node computed with a single rounding (``runtime/src/ort_ops.c``).
+``fuse_qdq_maxpool`` turns SPPF's ``DQ -> MaxPool -> Q`` into ``QMaxPool`` on the uint8 tensor (exact).
 The artefacts on disk stay standard ONNX: the fusion happens when a session is created
 (:func:`session_model`), with the native runtime registered as ONNX Runtime's custom-op library.
 """

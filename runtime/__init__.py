@@ -225,7 +225,7 @@ def pool(maps: Sequence[np.ndarray], boxes_letterbox: np.ndarray, strides: Seque
 
 
 def qsilu_table(x_scale: float, x_zero_point: int, y_scale: float, y_zero_point: int) -> np.ndarray:
-    """The 256-entry uint8 table of the ``QSiLU`` ONNX Runtime op (``runtime/src/ort_qsilu.c``) for these
+    """The 256-entry uint8 table of the ``QSiLU`` ONNX Runtime op (``runtime/src/ort_ops.c``) for these
     input/output quantisation parameters."""
     lut = np.empty(256, np.uint8)
     _lib.mrt_qsilu_table(

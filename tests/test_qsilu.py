@@ -1,4 +1,4 @@
-"""The fused quantised SiLU (runtime/src/ort_qsilu.c + export/fuse.py): the ONNX Runtime API slots it
+"""The fused quantised SiLU (runtime/src/ort_ops.c + export/fuse.py): the ONNX Runtime API slots it
 calls, its table, its kernel, the custom op in a session, and the graph rewrite on a real Q/DQ model."""
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def _reference_table(xs: float, xz: int, ys: float, yz: int) -> np.ndarray:
 
 
 def test_api_slots_match_the_installed_onnxruntime() -> None:
-    """The OrtApi slots ort_qsilu.c reaches by number, called here outside a kernel through ctypes: a
+    """The OrtApi slots ort_ops.c reaches by number, called here outside a kernel through ctypes: a
     status round trip (0, 2, 93), a tensor over NumPy memory and its type/shape queries (49, 51, 60-62, 64,
     65, 69, 94, 96, 99). Slots 85-91 (kernel info/context) sit between verified neighbours."""
     lib = glob.glob(os.path.join(os.path.dirname(ort.__file__), "capi", "libonnxruntime.so*"))
