@@ -15,12 +15,15 @@ The artefacts on disk stay standard ONNX: the fusion happens when a session is c
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 DOMAIN = "ai.mocha_edge"
 OP = "QSiLU"
@@ -218,9 +221,18 @@ def inference_session(
     import onnxruntime as ort
 
     sm = session_model(path, fuse)
-    for lib in sm.libraries:
-        options.register_custom_ops_library(lib)
-    sess = ort.InferenceSession(
-        sm.source, options, providers=providers, disabled_optimizers=sm.disabled_optimizers
-    )
-    return sess, sm.fused
+    if not sm.fused:
+        return ort.InferenceSession(sm.source, options, providers=providers), {}
+    try:
+        for lib in sm.libraries:
+            options.register_custom_ops_library(lib)
+        sess = ort.InferenceSession(
+            sm.source, options, providers=providers, disabled_optimizers=sm.disabled_optimizers
+        )
+        return sess, sm.fused
+    except Exception as e:  # e.g. an ONNX Runtime whose custom-op interface this build does not match
+        log.warning(
+            "%s: fused INT8 ops unavailable (%s); running the standard Q/DQ graph, slower",
+            path, str(e).splitlines()[0] if str(e) else type(e).__name__,
+        )  # fmt: skip
+        return ort.InferenceSession(str(path), options, providers=providers), {}

@@ -200,3 +200,20 @@ def test_maxpool_kernel_equals_numpy(h: int, w: int, k: int) -> None:
     pad = np.pad(x, ((0, 0), (0, 0), (p, p), (p, p)), constant_values=0)  # uint8 >= 0: zero pads never win
     want = np.max([pad[:, :, i : i + h, j : j + w] for i in range(k) for j in range(k)], axis=0)
     np.testing.assert_array_equal(y, want)
+
+
+def test_a_failing_fused_session_falls_back_loudly(
+    qdq_pair: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """If ONNX Runtime refuses the fused graph (say, a custom-op interface this build does not match), the
+    standard Q/DQ graph runs, with a warning that says so and why."""
+    import logging
+
+    import mocha_edge.export.fuse as fz
+
+    _, u8 = qdq_pair
+    monkeypatch.setattr(fz, "custom_op_library", lambda: "/nonexistent/libnothing.so")
+    with caplog.at_level(logging.WARNING, logger="mocha_edge.export.fuse"):
+        sess, fused = inference_session(u8, ort.SessionOptions(), ["CPUExecutionProvider"])
+    assert fused == {} and "fused INT8 ops unavailable" in caplog.text and "slower" in caplog.text
+    assert sess.run(None, {"images": np.zeros((1, 3, 16, 16), np.float32)})[0].shape == (1, 8, 16, 16)
