@@ -188,6 +188,7 @@ def run_export(ckpt: Path, opts: ExportOptions, log: Callable[[str], None] = pri
                 extra["int8"] = {
                     "artefact": Path(arts["int8_u8"]).name,
                     "same_grid_as": Path(arts["int8"]).name,
+                    "fused_ops": dict(getattr(models["int8"].session, "mocha_fused_ops", {})),
                 }
                 models["int8_s8s8"] = OnnxStudent(arts["int8"])
                 extra["int8_s8s8"] = {

@@ -218,7 +218,9 @@ def ort_session(
     so.add_session_config_entry("session.force_spinning_stop", "1")
     if threads:
         so.intra_op_num_threads = int(threads)
-    return inference_session(path, so, providers or ["CPUExecutionProvider"], fuse)[0]
+    sess, fused = inference_session(path, so, providers or ["CPUExecutionProvider"], fuse)
+    sess.mocha_fused_ops = fused  # {custom op: nodes} (the report says which kernels ran)
+    return sess
 
 
 class OnnxStudent(RawStudent):
