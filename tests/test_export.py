@@ -118,7 +118,7 @@ def test_export_cli_with_translator_and_parity(student_ckpt: Path, synth_small: 
     assert rep["precisions"]["fp16"]["cosine_vs_fp32"] > 0.999
     assert rep["precisions"]["int8"]["cosine_vs_fp32"] > 0.9
     if platform.machine() in ("x86_64", "AMD64"):  # the uint8 twin, run with the fused custom ops
-        assert rep["precisions"]["int8"]["fused_ops"] == {"QSiLU": 57, "QMaxPool": 3}
+        assert rep["precisions"]["int8"]["fused_ops"] == {"QSiLU": 57, "QMaxPool": 3, "Concat": 15}
     assert abs(rep["precisions"]["fp16"]["map50"] - rep["precisions"]["fp32"]["map50"]) < 1.0
     assert rep["parity_fp32_vs_pytorch"]["detections_equal"] == rep["parity_fp32_vs_pytorch"]["detections"]
     facts = json.loads((tmp_path / "s.int8.json").read_text())

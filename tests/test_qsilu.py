@@ -16,6 +16,7 @@ from mocha_edge.export.fuse import (
     DOMAIN,
     OP,
     custom_op_library,
+    fuse_qdq_concat,
     fuse_qdq_maxpool,
     fuse_qdq_silu,
     inference_session,
@@ -121,22 +122,28 @@ def test_custom_op_runs_in_onnxruntime() -> None:
 
 @pytest.fixture(scope="module")
 def qdq_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A small conv -> SiLU -> max pool (SPPF's k5) -> conv -> SiLU float graph and its uint8 Q/DQ twin made
-    by our exporter's quantisation (symmetric S8S8, then the uint8-activation twin)."""
+    """A small conv -> SiLU -> max pool (SPPF's k5) -> concat with a half of itself (another scale) -> conv
+    -> SiLU float graph and its uint8 Q/DQ twin made by our exporter's quantisation (symmetric S8S8, then
+    the uint8-activation twin)."""
     from mocha_edge.export.quantize import activations_to_uint8, quantize_int8
 
     rng = np.random.default_rng(0)
     w1 = helper.make_tensor("w1", TensorProto.FLOAT, [8, 3, 3, 3], rng.normal(0, 0.3, 216).astype(np.float32))
-    w2 = helper.make_tensor("w2", TensorProto.FLOAT, [8, 8, 3, 3], rng.normal(0, 0.2, 576).astype(np.float32))
+    w2 = helper.make_tensor(
+        "w2", TensorProto.FLOAT, [8, 16, 3, 3], rng.normal(0, 0.2, 1152).astype(np.float32)
+    )
     nodes = [
         helper.make_node("Conv", ["images", "w1"], ["c1"], name="c1", pads=[1, 1, 1, 1]),
         helper.make_node("Sigmoid", ["c1"], ["s1"], name="s1"), helper.make_node("Mul", ["c1", "s1"], ["a1"], name="m1"),
         helper.make_node("MaxPool", ["a1"], ["p1"], name="p1", kernel_shape=[5, 5], pads=[2, 2, 2, 2]),
-        helper.make_node("Conv", ["p1", "w2"], ["c2"], name="c2", pads=[1, 1, 1, 1]),
+        helper.make_node("Mul", ["p1", "half"], ["h1"], name="h1"),  # another scale than p1's
+        helper.make_node("Concat", ["p1", "h1"], ["k1"], name="k1", axis=1),
+        helper.make_node("Conv", ["k1", "w2"], ["c2"], name="c2", pads=[1, 1, 1, 1]),
         helper.make_node("Sigmoid", ["c2"], ["s2"], name="s2"), helper.make_node("Mul", ["c2", "s2"], ["out"], name="m2"),
     ]  # fmt: skip
     g = helper.make_graph(nodes, "silu", [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, 16, 16])],
-                          [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 8, 16, 16])], [w1, w2])  # fmt: skip
+                          [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 8, 16, 16])],
+                          [w1, w2, helper.make_tensor("half", TensorProto.FLOAT, [], [0.5])])  # fmt: skip
     d = tmp_path_factory.mktemp("qsilu")
     fp32 = d / "m.onnx"
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), fp32)
@@ -150,14 +157,14 @@ def test_fusion_rewrites_every_silu_and_stays_close(qdq_pair: tuple[Path, Path])
     m = onnx.load(str(u8))
     assert fuse_qdq_silu(m) == 2
     ops = [n.op_type for n in m.graph.node]
-    assert ops.count(OP) == 2 and "Sigmoid" not in ops and "Mul" not in ops
+    assert ops.count(OP) == 2 and "Sigmoid" not in ops and ops.count("Mul") == 1  # the halving Mul stays
     onnx.checker.check_model(m)  # custom domain declared, graph well formed
     used = {i for n in m.graph.node for i in n.input}
     assert all(i.name in used for i in m.graph.initializer)  # the dropped nodes' scales went with them
 
     so = ort.SessionOptions()
     fused, n = inference_session(u8, so, ["CPUExecutionProvider"])
-    assert n == {OP: 2, "QMaxPool": 1}
+    assert n == {OP: 2, "QMaxPool": 1, "Concat": 1}
     plain = ort.InferenceSession(str(u8), providers=["CPUExecutionProvider"])
     ref = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"])
     x = np.random.default_rng(1).random((1, 3, 16, 16), dtype=np.float32)
@@ -217,3 +224,36 @@ def test_a_failing_fused_session_falls_back_loudly(
         sess, fused = inference_session(u8, ort.SessionOptions(), ["CPUExecutionProvider"])
     assert fused == {} and "fused INT8 ops unavailable" in caplog.text and "slower" in caplog.text
     assert sess.run(None, {"images": np.zeros((1, 3, 16, 16), np.float32)})[0].shape == (1, 8, 16, 16)
+
+
+def test_concat_fusion_requantises_like_onnxruntime(qdq_pair: tuple[Path, Path]) -> None:
+    """uint8 Concat after QRequant tables = ONNX Runtime's QLinearConcat, up to one step where the two
+    round a tie differently."""
+    _, u8 = qdq_pair
+    m = onnx.load(str(u8))
+    assert fuse_qdq_concat(m) == 1
+    ops = [n.op_type for n in m.graph.node]
+    assert ops.count("QRequant") == 1 and ops.count("Concat") == 1  # only the input on another scale
+    out = next(n for n in m.graph.node if n.op_type == "Concat").output[0]
+    m.graph.output.append(helper.make_tensor_value_info(out, TensorProto.UINT8, None))
+    plain_m = onnx.load(str(u8))
+    plain_m.graph.output.append(helper.make_tensor_value_info(out, TensorProto.UINT8, None))
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(custom_op_library())
+    fused = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    plain = ort.InferenceSession(plain_m.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(3).random((1, 3, 16, 16), dtype=np.float32)
+    a = fused.run([out], {"images": x})[0].astype(int)
+    b = plain.run([out], {"images": x})[0].astype(int)
+    assert a.shape == b.shape == (1, 16, 16, 16)
+    assert np.abs(a - b).max() <= 1 and (a != b).mean() < 0.02
+
+
+def test_requant_table_rounds_once() -> None:
+    q = np.arange(256, dtype=np.float32)
+    want = np.clip(np.rint(np.float32(0.07) * (q - 128) / np.float32(0.1)) + 128, 0, 255).astype(np.uint8)
+    lut = np.empty(256, np.uint8)
+    rt._lib.mrt_requant_table(
+        ctypes.c_float(0.07), 128, ctypes.c_float(0.1), 128, ctypes.c_void_p(lut.ctypes.data)
+    )
+    np.testing.assert_array_equal(lut, want)

@@ -1,5 +1,7 @@
 /* Quantised ops ONNX Runtime's CPU provider lacks, as custom ops of domain `ai.mocha_edge`:
  *   QSiLU    - a fused quantised SiLU (below);
+ *   QRequant - a uint8 tensor moved to another scale/zero-point by a byte table (before a uint8 Concat,
+ *              in place of ONNX Runtime's QLinearConcat, which requantises with a scalar table);
  *   QMaxPool - max pooling of uint8 NCHW tensors, stride 1, square odd kernel k, pad k / 2 (YOLO's SPPF):
  *              separable (row maxima, then column maxima), exact; ONNX Runtime's own uint8 MaxPool runs
  *              these 8x8x128 tensors at ~90 us each (measured), channels-last it needs a layout pass that
@@ -168,8 +170,19 @@ static int ort_failed(ort_api api, OrtStatus *st, const char *what) {
     return 1;
 }
 
-static void *qsilu_create(const mrt_ort_custom_op *op, ort_api api, const OrtKernelInfo *info) {
-    (void)op;
+/* The table of a requantisation from (x_scale, x_zero_point) to (y_scale, y_zero_point), one rounding
+ * (exposed for tests as mrt_requant_table). */
+MRT_API void mrt_requant_table(float x_scale, int x_zero_point, float y_scale, int y_zero_point, uint8_t lut[256]) {
+    for (int q = 0; q < 256; q++) {
+        const float v = nearbyintf(x_scale * (float)(q - x_zero_point) / y_scale) + (float)y_zero_point;
+        lut[q] = (uint8_t)(v < 0.f ? 0.f : (v > 255.f ? 255.f : v));
+    }
+}
+
+typedef void (*table_builder)(float, int, float, int, uint8_t *);
+
+/* A byte-table kernel from the node's x/y scale and zero-point attributes. */
+static void *table_create(ort_api api, const OrtKernelInfo *info, table_builder build) {
     typedef OrtStatus *(*get_f)(const OrtKernelInfo *, const char *, float *);
     typedef OrtStatus *(*get_i)(const OrtKernelInfo *, const char *, int64_t *);
     float xs = 0.f, ys = 0.f;
@@ -182,8 +195,16 @@ static void *qsilu_create(const mrt_ort_custom_op *op, ort_api api, const OrtKer
     qsilu_kernel *k = calloc(1, sizeof *k);
     if (k == NULL) return NULL;
     k->api = api;
-    mrt_qsilu_table(xs, (int)xz, ys, (int)yz, k->lut);
+    build(xs, (int)xz, ys, (int)yz, k->lut);
     return k;
+}
+
+static void *qsilu_create(const mrt_ort_custom_op *op, ort_api api, const OrtKernelInfo *info) {
+    return (void)op, table_create(api, info, mrt_qsilu_table);
+}
+
+static void *qrequant_create(const mrt_ort_custom_op *op, ort_api api, const OrtKernelInfo *info) {
+    return (void)op, table_create(api, info, mrt_requant_table);
 }
 
 static void qsilu_compute(void *kernel, OrtKernelContext *ctx) {
@@ -313,6 +334,15 @@ static void qmaxpool_compute(void *kernel, OrtKernelContext *ctx) {
 }
 
 static const char *qmaxpool_name(const mrt_ort_custom_op *op) { return (void)op, "QMaxPool"; }
+static const char *qrequant_name(const mrt_ort_custom_op *op) { return (void)op, "QRequant"; }
+
+/* QRequant: the QSiLU kernel with a requantisation table. Before a uint8 Concat whose inputs have other
+ * scales than its output (ONNX Runtime's QLinearConcat requantises them with a scalar table). */
+static mrt_ort_custom_op qrequant_op = {
+    1, qrequant_create, qrequant_name, qsilu_provider, qsilu_type, qsilu_count, qsilu_type, qsilu_count,
+    qsilu_compute, qsilu_destroy, qsilu_zero, qsilu_zero, qsilu_zero, qsilu_one, qsilu_one, qsilu_one,
+    qsilu_one, NULL, NULL, NULL, qsilu_one, qsilu_end, {0},
+};
 
 static mrt_ort_custom_op qmaxpool_op = {
     1, qmaxpool_create, qmaxpool_name, qsilu_provider, qsilu_type, qsilu_count, qsilu_type, qsilu_count,
@@ -331,6 +361,8 @@ MRT_API OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const mrt_ort_a
     st = ORT_FN(api, SLOT_CUSTOM_OP_DOMAIN_ADD, OrtStatus *(*)(OrtDomain *, const mrt_ort_custom_op *))(domain, &qsilu_op);
     if (st) return st;
     st = ORT_FN(api, SLOT_CUSTOM_OP_DOMAIN_ADD, OrtStatus *(*)(OrtDomain *, const mrt_ort_custom_op *))(domain, &qmaxpool_op);
+    if (st) return st;
+    st = ORT_FN(api, SLOT_CUSTOM_OP_DOMAIN_ADD, OrtStatus *(*)(OrtDomain *, const mrt_ort_custom_op *))(domain, &qrequant_op);
     if (st) return st;
     return ORT_FN(api, SLOT_ADD_CUSTOM_OP_DOMAIN, OrtStatus *(*)(OrtSessionOptions *, OrtDomain *))(options, domain);
 }
