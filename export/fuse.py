@@ -18,6 +18,7 @@ The artefacts on disk stay standard ONNX: the fusion happens when a session is c
 from __future__ import annotations
 
 import logging
+import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -244,15 +245,15 @@ class SessionModel:
 
 
 def session_model(path: str | Path, fuse: bool = True) -> SessionModel:
-    """:class:`SessionModel` for ``path``: graphs with uint8 Q/DQ SiLUs are fused (``fuse``), others load
-    from their path as they are.
+    """:class:`SessionModel` for ``path``: graphs with uint8 Q/DQ SiLUs are fused (``fuse``; the environment
+    variable ``MOCHA_EDGE_FUSED_OPS=0`` turns it off everywhere), others load from their path as they are.
 
     A fused graph runs without ONNX Runtime's NHWC layout transformer: that pass keeps the quantised
     convolutions channels-last and wraps every node it does not know — ``QSiLU`` — in a pair of
     Transposes (48 of them on the YOLOv8n-size student). Measured on the 2-core CPU, 256 px, 2 threads,
     with QSiLU alone: fused with NHWC 2.11-2.31 ms, fused without 2.05-2.12 ms, unfused (with NHWC)
     2.60-2.84 ms, FP32 3.64-3.90 ms; with QMaxPool and the uint8 Concat too: 1.89-1.94 ms."""
-    if not fuse:
+    if not fuse or os.environ.get("MOCHA_EDGE_FUSED_OPS", "1") == "0":  # the escape hatch, if ever needed
         return SessionModel(str(path))
     import onnx
 

@@ -70,7 +70,7 @@ def gather() -> dict[str, str]:
 
         rt = runtime.info()
         out["native runtime"] = (
-            f"C {rt['c']}; CUDA {rt['cuda']}; ONNX Runtime op {rt['onnxruntime ops']} [{rt['library']}]"
+            f"C {rt['c']}; CUDA {rt['cuda']}; ONNX Runtime ops {rt['onnxruntime ops']} [{rt['library']}]"
         )
     except Exception as e:  # missing .so: the error says how to rebuild it
         out["native runtime"] = f"not built ({str(e).splitlines()[0]})"

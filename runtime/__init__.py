@@ -316,7 +316,8 @@ def info() -> dict[str, str]:
         cuda_s = f"{_CUDA_LIB.name} (archs unknown)"
     else:
         cuda_s = f"not built ({cuda.get('why', 'unknown reason')})"
-    ort_op = "QSiLU (AVX-512 VBMI)" if qsilu_vbmi() else "QSiLU (scalar table)"
+    kernel = "AVX-512 VBMI" if qsilu_vbmi() else "scalar"
+    ort_op = f"QSiLU, QRequant ({kernel} tables), QMaxPool"
     return {"library": str(_find_library()), "c": f"yes (ABI {_lib.mrt_abi_version()})", "cuda": cuda_s,
             "onnxruntime ops": ort_op}  # fmt: skip
 

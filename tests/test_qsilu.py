@@ -174,11 +174,17 @@ def test_fusion_rewrites_every_silu_and_stays_close(qdq_pair: tuple[Path, Path])
     assert np.abs(a - f).mean() <= np.abs(b - f).mean() * 1.05  # one rounding instead of two: no worse
 
 
-def test_fusion_leaves_other_graphs_alone(qdq_pair: tuple[Path, Path], tmp_path: Path) -> None:
+def test_fusion_leaves_other_graphs_alone(
+    qdq_pair: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     fp32, u8 = qdq_pair
     sm = session_model(fp32)  # float graph: loaded from its path, nothing registered
     assert sm.source == str(fp32) and not sm.fused and not sm.libraries
     assert not session_model(u8, fuse=False).fused
+    monkeypatch.setenv("MOCHA_EDGE_FUSED_OPS", "0")  # the environment switch
+    assert not session_model(u8).fused
+    monkeypatch.delenv("MOCHA_EDGE_FUSED_OPS")
+    assert session_model(u8).fused
     m = onnx.load(str(u8))
     m.graph.output.append(helper.make_tensor_value_info("s1", TensorProto.FLOAT, None))  # an inner tensor out
     assert fuse_qdq_silu(m) == 1  # that SiLU keeps its float Sigmoid; the other one is fused
