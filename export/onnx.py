@@ -204,18 +204,28 @@ class RawStudent:
 
 
 def ort_session(
-    path: str | Path, providers: list[str] | None = None, threads: int | None = None, fuse: bool = True
+    path: str | Path,
+    providers: list[str] | None = None,
+    threads: int | None = None,
+    fuse: bool = True,
+    stop_spinning: bool = True,
 ):
-    """An ONNX Runtime session with our settings (all graph optimisations; ``threads`` intra-op threads,
-    default: ORT's choice = physical cores; the thread pool stops spinning when a run returns, so that
-    sessions timed side by side do not steal each other's cores; uint8 Q/DQ SiLUs fused into the native
-    runtime's ``QSiLU`` op unless ``fuse`` is False, see ``export/fuse.py``)."""
+    """An ONNX Runtime session with our settings: all graph optimisations; ``threads`` intra-op threads
+    (default: ORT's choice = physical cores); uint8 Q/DQ SiLUs, SPPF pools and Concats fused into the native
+    runtime's ops unless ``fuse`` is False (``export/fuse.py``; ``session.mocha_fused_ops`` says which).
+
+    ``stop_spinning``: the thread pool stops spinning when a run returns. Its threads otherwise spin on for a
+    while and take the cores of whatever runs next: sessions timed side by side steal each other's cores,
+    and the pipeline's letterbox loses the second core. Measured, 640-px pipeline on a 1080p clip, 2-core
+    CPU, ORT on 2 threads: pre 0.80-1.00 ms with 2 native threads vs 1.11-1.24 ms spinning with 1, the same
+    inference time (22/29 ms both ways); allow_spinning=0 instead cost 3-4 ms of inference."""
     import onnxruntime as ort
     from mocha_edge.export.fuse import inference_session
 
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.add_session_config_entry("session.force_spinning_stop", "1")
+    if stop_spinning:
+        so.add_session_config_entry("session.force_spinning_stop", "1")
     if threads:
         so.intra_op_num_threads = int(threads)
     sess, fused = inference_session(path, so, providers or ["CPUExecutionProvider"], fuse)

@@ -83,6 +83,7 @@ class DeviceStages:
         bd, cl = shapes[BOX_DIST], shapes[CLS_LOGITS]
         self.anchors, self.reg_max, self.nc = int(bd[-1]), int(bd[-2]) // 4, int(cl[-2])
         self.chw = [shapes[n][-3:] for n in FEATURES]
+        self.maps = [engine.device[n] for n in FEATURES]  # the pooled maps, where the engine writes them
         self.level_hw = [(h, w) for _, h, w in self.chw]
         if sum(h * w for h, w in self.level_hw) != self.anchors:
             raise DeviceStagesError(f"feature maps {self.level_hw} do not add up to {self.anchors} anchors")
@@ -155,8 +156,7 @@ class DeviceStages:
             self.cuda.dtoh(self.h_cls[:n], self.d_cls, self.stream)
         t3 = self._sync()
         if n:
-            maps = [e.device[m] for m in FEATURES]
-            self.k.pool(maps, self.chw, self.strides, self.d_bl, n, self.d_vec, self.stream)
+            self.k.pool(self.maps, self.chw, self.strides, self.d_bl, n, self.d_vec, self.stream)
             self.cuda.dtoh(self.h_vec[:n], self.d_vec, self.stream)
         t4 = self._sync()
         self.timings = {"pre": (t1 - t0) * 1e3, "infer": (t2 - t1) * 1e3, "post": (t3 - t2) * 1e3,

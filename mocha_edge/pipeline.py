@@ -76,27 +76,13 @@ class OrtEngine:
         stop_spinning: bool = True,
         fuse_silu: bool = True,
     ) -> None:
-        import onnxruntime as ort
-
         from mocha_edge.export import contract
+        from mocha_edge.export.onnx import ort_session
 
         self.path = Path(path)
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            so.intra_op_num_threads = int(threads)
-        # ORT's pool threads spin for a while after each run and take the cores our letterbox wants; stop them
-        # when run() returns (spinning *during* the run stays). Measured, 640-px pipeline on a 1080p clip, 2-core
-        # CPU, ORT on 2 threads: pre 0.80-1.00 ms with 2 native threads vs 1.11-1.24 ms spinning with 1, the
-        # same inference time (22/29 ms both ways); allow_spinning=0 instead cost 3-4 ms of inference.
-        if stop_spinning:
-            so.add_session_config_entry("session.force_spinning_stop", "1")
-        self.stop_spinning = stop_spinning
         try:
-            from mocha_edge.export.fuse import inference_session
-
-            self.session, self.fused_ops = inference_session(
-                self.path, so, providers or default_providers(), fuse_silu
+            self.session = ort_session(
+                self.path, providers or default_providers(), threads, fuse_silu, stop_spinning
             )
         except Exception as e:
             raise PipelineError(
@@ -300,9 +286,7 @@ class Pipeline:
         t3 = time.perf_counter()
         vectors = rt.pool(maps, boxes_lb, self.strides)
         t3b = time.perf_counter()
-        ident, sim = np.full(len(cls), -1, np.int64), np.full(len(cls), -np.inf, np.float32)
-        if len(self._protos):
-            _, sim, ident = rt.match(vectors, cls, self._protos, self._proto_cls, self.mode, self.threshold)
+        ident, sim = self._match(vectors, cls)
         t4 = time.perf_counter()
         self.timings = {"pre": (t1 - t0) * 1e3, "infer": (t2 - t1) * 1e3, "post": (t3 - t2) * 1e3,
                         "pool": (t3b - t3) * 1e3, "match": (t4 - t3b) * 1e3}  # fmt: skip
@@ -311,10 +295,13 @@ class Pipeline:
     def _call_device(self, bgr: np.ndarray) -> Detections:
         boxes, scores, cls, vectors = self.gpu_stages(bgr, self.conf, self.iou)
         t3b = time.perf_counter()
-        ident, sim = np.full(len(cls), -1, np.int64), np.full(len(cls), -np.inf, np.float32)
-        if len(self._protos):
-            _, sim, ident = self.rt.match(
-                vectors, cls, self._protos, self._proto_cls, self.mode, self.threshold
-            )
+        ident, sim = self._match(vectors, cls)
         self.timings = {**self.gpu_stages.timings, "match": (time.perf_counter() - t3b) * 1e3}
         return Detections(boxes, scores, cls, vectors, ident, sim)
+
+    def _match(self, vectors: np.ndarray, cls: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Identity index (-1: unknown or no bank) and cosine of each detection against the bank."""
+        if not len(self._protos):
+            return np.full(len(cls), -1, np.int64), np.full(len(cls), -np.inf, np.float32)
+        _, sim, ident = self.rt.match(vectors, cls, self._protos, self._proto_cls, self.mode, self.threshold)
+        return ident, sim

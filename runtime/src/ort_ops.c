@@ -207,32 +207,38 @@ static void *qrequant_create(const mrt_ort_custom_op *op, ort_api api, const Ort
     return (void)op, table_create(api, info, mrt_requant_table);
 }
 
-static void qsilu_compute(void *kernel, OrtKernelContext *ctx) {
-    qsilu_kernel *k = kernel;
-    if (k == NULL) return;
-    ort_api api = k->api;
+/* The kernels' common start: input 0, an output 1 of its shape, both data pointers, the shape and the
+ * element count. `want_nd`: the dimensions the op takes (0: any, up to 16). 0 on success; an error was
+ * printed otherwise (version-1 kernels return nothing). */
+static int same_shape_io(ort_api api, OrtKernelContext *ctx, const char *op, size_t want_nd, void **x, void **y,
+                         int64_t dims[16], size_t *nd, size_t *n) {
     const OrtValue *in = NULL;
     OrtValue *out = NULL;
     OrtShapeInfo *shape = NULL;
-    size_t nd = 0, n = 0;
-    int64_t dims[16];
-    void *x = NULL, *y = NULL;
     if (ort_failed(api, ORT_FN(api, SLOT_KERNEL_CONTEXT_GET_INPUT, OrtStatus *(*)(const OrtKernelContext *, size_t, const OrtValue **))(ctx, 0, &in), "GetInput") ||
         ort_failed(api, ORT_FN(api, SLOT_GET_TENSOR_TYPE_AND_SHAPE, OrtStatus *(*)(const OrtValue *, OrtShapeInfo **))(in, &shape), "GetTensorTypeAndShape"))
-        return;
-    int bad = ort_failed(api, ORT_FN(api, SLOT_GET_DIMENSIONS_COUNT, OrtStatus *(*)(const OrtShapeInfo *, size_t *))(shape, &nd), "GetDimensionsCount");
-    if (!bad && nd > 16) {
-        fprintf(stderr, "mocha_edge QSiLU: %zu dimensions (at most 16)\n", nd);
+        return 1;
+    int bad = ort_failed(api, ORT_FN(api, SLOT_GET_DIMENSIONS_COUNT, OrtStatus *(*)(const OrtShapeInfo *, size_t *))(shape, nd), "GetDimensionsCount");
+    if (!bad && (*nd > 16 || (want_nd && *nd != want_nd))) {
+        fprintf(stderr, "mocha_edge %s: %zu dimensions (%s)\n", op, *nd, want_nd ? "NCHW expected" : "at most 16");
         bad = 1;
     }
-    bad = bad || ort_failed(api, ORT_FN(api, SLOT_GET_DIMENSIONS, OrtStatus *(*)(const OrtShapeInfo *, int64_t *, size_t))(shape, dims, nd), "GetDimensions");
-    bad = bad || ort_failed(api, ORT_FN(api, SLOT_GET_TENSOR_SHAPE_ELEMENT_COUNT, OrtStatus *(*)(const OrtShapeInfo *, size_t *))(shape, &n), "GetTensorShapeElementCount");
+    bad = bad || ort_failed(api, ORT_FN(api, SLOT_GET_DIMENSIONS, OrtStatus *(*)(const OrtShapeInfo *, int64_t *, size_t))(shape, dims, *nd), "GetDimensions");
+    bad = bad || ort_failed(api, ORT_FN(api, SLOT_GET_TENSOR_SHAPE_ELEMENT_COUNT, OrtStatus *(*)(const OrtShapeInfo *, size_t *))(shape, n), "GetTensorShapeElementCount");
     ORT_FN(api, SLOT_RELEASE_TENSOR_TYPE_AND_SHAPE_INFO, void (*)(OrtShapeInfo *))(shape);
-    if (bad ||
-        ort_failed(api, ORT_FN(api, SLOT_KERNEL_CONTEXT_GET_OUTPUT, OrtStatus *(*)(OrtKernelContext *, size_t, const int64_t *, size_t, OrtValue **))(ctx, 0, dims, nd, &out), "GetOutput") ||
-        ort_failed(api, ORT_FN(api, SLOT_GET_TENSOR_MUTABLE_DATA, OrtStatus *(*)(OrtValue *, void **))((OrtValue *)in, &x), "input data") ||
-        ort_failed(api, ORT_FN(api, SLOT_GET_TENSOR_MUTABLE_DATA, OrtStatus *(*)(OrtValue *, void **))(out, &y), "output data"))
-        return;
+    return bad ||
+           ort_failed(api, ORT_FN(api, SLOT_KERNEL_CONTEXT_GET_OUTPUT, OrtStatus *(*)(OrtKernelContext *, size_t, const int64_t *, size_t, OrtValue **))(ctx, 0, dims, *nd, &out), "GetOutput") ||
+           ort_failed(api, ORT_FN(api, SLOT_GET_TENSOR_MUTABLE_DATA, OrtStatus *(*)(OrtValue *, void **))((OrtValue *)in, x), "input data") ||
+           ort_failed(api, ORT_FN(api, SLOT_GET_TENSOR_MUTABLE_DATA, OrtStatus *(*)(OrtValue *, void **))(out, y), "output data");
+}
+
+/* QSiLU and QRequant: the node's byte table over the tensor. */
+static void table_compute(void *kernel, OrtKernelContext *ctx) {
+    qsilu_kernel *k = kernel;
+    void *x = NULL, *y = NULL;
+    int64_t dims[16];
+    size_t nd = 0, n = 0;
+    if (k == NULL || same_shape_io(k->api, ctx, "byte-table op", 0, &x, &y, dims, &nd, &n)) return;
     mrt_lut_u8(k->lut, x, y, n);
 }
 
@@ -249,11 +255,12 @@ static int qsilu_end(const mrt_ort_custom_op *op) { return (void)op, 0x7fffffff;
 
 /* Declared as a version-1 op; the later callbacks are filled too, because ONNX Runtime 1.32 calls the
  * input/output characteristic callbacks whatever the version says (found the hard way: a NULL call). */
-static mrt_ort_custom_op qsilu_op = {
-    1, qsilu_create, qsilu_name, qsilu_provider, qsilu_type, qsilu_count, qsilu_type, qsilu_count,
-    qsilu_compute, qsilu_destroy, qsilu_zero, qsilu_zero, qsilu_zero, qsilu_one, qsilu_one, qsilu_one,
-    qsilu_one, NULL, NULL, NULL, qsilu_one, qsilu_end, {0},
-};
+#define MRT_ORT_OP(create, name, compute)                                                                  \
+    {1, create, name, qsilu_provider, qsilu_type, qsilu_count, qsilu_type, qsilu_count, compute, qsilu_destroy, \
+     qsilu_zero, qsilu_zero, qsilu_zero, qsilu_one, qsilu_one, qsilu_one, qsilu_one, NULL, NULL, NULL,    \
+     qsilu_one, qsilu_end, {0}}
+
+static mrt_ort_custom_op qsilu_op = MRT_ORT_OP(qsilu_create, qsilu_name, table_compute);
 
 /* ---------------------------------------------------------------------------------------- QMaxPool */
 typedef struct {
@@ -303,29 +310,10 @@ static void *qmaxpool_create(const mrt_ort_custom_op *op, ort_api api, const Ort
 
 static void qmaxpool_compute(void *kernel, OrtKernelContext *ctx) {
     qmaxpool_kernel *k = kernel;
-    if (k == NULL) return;
-    ort_api api = k->api;
-    const OrtValue *in = NULL;
-    OrtValue *out = NULL;
-    OrtShapeInfo *shape = NULL;
-    size_t nd = 0;
-    int64_t dims[16];
     void *x = NULL, *y = NULL;
-    if (ort_failed(api, ORT_FN(api, SLOT_KERNEL_CONTEXT_GET_INPUT, OrtStatus *(*)(const OrtKernelContext *, size_t, const OrtValue **))(ctx, 0, &in), "GetInput") ||
-        ort_failed(api, ORT_FN(api, SLOT_GET_TENSOR_TYPE_AND_SHAPE, OrtStatus *(*)(const OrtValue *, OrtShapeInfo **))(in, &shape), "GetTensorTypeAndShape"))
-        return;
-    int bad = ort_failed(api, ORT_FN(api, SLOT_GET_DIMENSIONS_COUNT, OrtStatus *(*)(const OrtShapeInfo *, size_t *))(shape, &nd), "GetDimensionsCount");
-    if (!bad && nd != 4) {
-        fprintf(stderr, "mocha_edge QMaxPool: %zu dimensions (NCHW expected)\n", nd);
-        bad = 1;
-    }
-    bad = bad || ort_failed(api, ORT_FN(api, SLOT_GET_DIMENSIONS, OrtStatus *(*)(const OrtShapeInfo *, int64_t *, size_t))(shape, dims, nd), "GetDimensions");
-    ORT_FN(api, SLOT_RELEASE_TENSOR_TYPE_AND_SHAPE_INFO, void (*)(OrtShapeInfo *))(shape);
-    if (bad ||
-        ort_failed(api, ORT_FN(api, SLOT_KERNEL_CONTEXT_GET_OUTPUT, OrtStatus *(*)(OrtKernelContext *, size_t, const int64_t *, size_t, OrtValue **))(ctx, 0, dims, nd, &out), "GetOutput") ||
-        ort_failed(api, ORT_FN(api, SLOT_GET_TENSOR_MUTABLE_DATA, OrtStatus *(*)(OrtValue *, void **))((OrtValue *)in, &x), "input data") ||
-        ort_failed(api, ORT_FN(api, SLOT_GET_TENSOR_MUTABLE_DATA, OrtStatus *(*)(OrtValue *, void **))(out, &y), "output data"))
-        return;
+    int64_t dims[16];
+    size_t nd = 0, n = 0;
+    if (k == NULL || same_shape_io(k->api, ctx, "QMaxPool", 4, &x, &y, dims, &nd, &n)) return;
     const int h = (int)dims[2], w = (int)dims[3];
     uint8_t *tmp = malloc((size_t)h * w + 1);
     if (tmp == NULL) return;
@@ -338,17 +326,9 @@ static const char *qrequant_name(const mrt_ort_custom_op *op) { return (void)op,
 
 /* QRequant: the QSiLU kernel with a requantisation table. Before a uint8 Concat whose inputs have other
  * scales than its output (ONNX Runtime's QLinearConcat requantises them with a scalar table). */
-static mrt_ort_custom_op qrequant_op = {
-    1, qrequant_create, qrequant_name, qsilu_provider, qsilu_type, qsilu_count, qsilu_type, qsilu_count,
-    qsilu_compute, qsilu_destroy, qsilu_zero, qsilu_zero, qsilu_zero, qsilu_one, qsilu_one, qsilu_one,
-    qsilu_one, NULL, NULL, NULL, qsilu_one, qsilu_end, {0},
-};
+static mrt_ort_custom_op qrequant_op = MRT_ORT_OP(qrequant_create, qrequant_name, table_compute);
 
-static mrt_ort_custom_op qmaxpool_op = {
-    1, qmaxpool_create, qmaxpool_name, qsilu_provider, qsilu_type, qsilu_count, qsilu_type, qsilu_count,
-    qmaxpool_compute, qsilu_destroy, qsilu_zero, qsilu_zero, qsilu_zero, qsilu_one, qsilu_one, qsilu_one,
-    qsilu_one, NULL, NULL, NULL, qsilu_one, qsilu_end, {0},
-};
+static mrt_ort_custom_op qmaxpool_op = MRT_ORT_OP(qmaxpool_create, qmaxpool_name, qmaxpool_compute);
 
 #define MRT_ORT_DOMAIN "ai.mocha_edge"
 
