@@ -61,9 +61,13 @@ def export_onnx(
             model = onnxslim.slim(model)
         onnx.checker.check_model(model)
         onnx.save(model, str(tmp))
-    write_json_atomic(
-        dest.with_suffix(".json"), {**deployment_facts(student, batch, dynamic), "precision": "fp32"}
-    )
+    facts = {**deployment_facts(student, batch, dynamic), "precision": "fp32"}
+    sp = getattr(student, "space", None)
+    if sp is not None:
+        from mocha_edge.space import space_path
+
+        facts["vector_space"]["file"] = sp.save(space_path(dest)).name
+    write_json_atomic(dest.with_suffix(".json"), facts)
     return dest
 
 
@@ -84,6 +88,10 @@ def deployment_facts(student, batch: int, dynamic: bool) -> dict[str, Any]:
         "vector_dim": sum(student.channels),
         "model_fingerprint": student.fingerprint,
         "source": student.source,
+        # matching space (mocha_edge.space): centring means + base vectors in NAME.space.safetensors
+        "vector_space": {"kind": "none", "fingerprint": "none", "file": None}
+        if getattr(student, "space", None) is None
+        else {"kind": student.space.kind, "fingerprint": student.space.fingerprint, "file": None},
     }
 
 
@@ -125,6 +133,30 @@ def read_facts(path: str | Path) -> dict[str, Any]:
         raise ExportError(f"{side}: missing (the deployment facts written by `mocha-edge export`)") from None
     except json.JSONDecodeError as e:
         raise ExportError(f"{side}: not valid JSON ({e.msg}, line {e.lineno})") from None
+
+
+def load_space(facts: dict[str, Any], artefact: str | Path | None):
+    """The vector space an export names in its facts (``None`` when it has none), checked against them."""
+    from mocha_edge.errors import ExportError
+    from mocha_edge.space import SpaceError, VectorSpace
+
+    vs = facts.get("vector_space") or {"kind": "none", "file": None}
+    if vs.get("file") is None:
+        return None
+    if artefact is None:
+        raise ExportError("the export names a vector space file but no artefact path was given to find it")
+    path = Path(artefact).with_name(str(vs["file"]))
+    if Path(str(vs["file"])).name != str(vs["file"]):
+        raise ExportError(f"{path}: vector space file must sit beside the export (got {vs['file']!r})")
+    try:
+        sp = VectorSpace.load(path)
+    except SpaceError as e:
+        raise ExportError(str(e)) from None
+    if sp.fingerprint != vs.get("fingerprint"):
+        raise ExportError(
+            f"{path}: vector space {sp.fingerprint} is not the one the export names ({vs.get('fingerprint')})"
+        )
+    return sp
 
 
 class RawStudent:

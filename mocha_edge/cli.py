@@ -109,19 +109,25 @@ def data_check(dataset: Path, max_problems: int) -> None:
 @click.option("--val", "n_val", default=200, show_default=True, help="Validation images (base instances).")
 @click.option("--query", "n_query", default=200, show_default=True, help="Query images (novel instances).")
 @click.option("--support", default=8, show_default=True, help="Support images per novel instance.")
+@click.option("--video", is_flag=True, help="Also write a camera-like video with per-frame ground truth.")
+@click.option("--video-frames", default=300, show_default=True, help="Frames of the --video sequence.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def data_synth(
-    out: Path, seed: int, imgsz: int, n_train: int, n_val: int, n_query: int, support: int, quiet: bool
-) -> None:
+    out: Path, seed: int, imgsz: int, n_train: int, n_val: int, n_query: int, support: int, video: bool,
+    video_frames: int, quiet: bool,
+) -> None:  # fmt: skip
     """Generate the built-in personalised benchmark (MOCHA layout) into --out.
 
     Coarse classes share a silhouette; their instances differ only in fine appearance (colour scheme,
     texture, marking). Base instances fill train/val; novel instances appear only in few-shot episodes
-    (episodes_1shot.json, episodes_5shot.json).
+    (episodes_1shot.json, episodes_5shot.json). With --video, also video/seq_000.mp4 (640x480, 10 fps)
+    and its ground truth video/seq_000.json: enrolled and unenrolled novel instances and base instances
+    moving through one scene, with persistent object ids, boxes and visible fractions per frame.
 
     \b
     Example:
       mocha-edge data synth --out data/synth --seed 0
+      mocha-edge data synth --out data/synth --seed 0 --video --video-frames 300
     """
     import time
 
@@ -133,6 +139,13 @@ def data_synth(
         support_per_instance=support, progress=not quiet,
     )  # fmt: skip
     click.echo(f"wrote {yaml_path} in {time.perf_counter() - t0:.1f} s")
+    if video:
+        from mocha_edge.data.synth_video import load_video_gt, synthesize_video
+
+        t0 = time.perf_counter()
+        gt_path = synthesize_video(out, seed, frames=video_frames, model_imgsz=imgsz, progress=not quiet)
+        mp4 = gt_path.parent / load_video_gt(gt_path)["video"]
+        click.echo(f"wrote video {mp4} and ground truth {gt_path} in {time.perf_counter() - t0:.1f} s")
 
 
 # ------------------------------------------------------------------------------------------------ teach
@@ -335,18 +348,25 @@ def train(dataset: Path | None, out: Path, model: str, stage: str, teacher_cache
 @click.option("--add-shots", is_flag=True, help="Append shots to an already enrolled identity.")
 @click.option("--replace", is_flag=True, help="Overwrite an already enrolled identity.")
 @click.option("--remove", metavar="NAME", help="Delete identity NAME (no images; MODEL optional).")
+@click.option("--identity", "only", multiple=True, metavar="NAME",
+              help="With --episode: enrol only this identity (repeatable).")  # fmt: skip
+@click.option("--set-threshold", "set_thresholds", multiple=True, metavar="NAME=T",
+              help="Fix NAME's unknown threshold at cosine T, or NAME=auto to recalibrate (repeatable).")  # fmt: skip
 @click.option("--list", "list_", is_flag=True, help="Print the bank (after any edit); MODEL optional.")
 @click.option("--keep-translator", is_flag=True, help="Enrol in the translator's (teacher) space.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1 ...")
 def enroll(model: Path | None, bank: Path, name: str | None, images: tuple[Path, ...], boxes: tuple[str, ...],
            label_index: int | None, boxes_json: Path | None, episode: Path | None, episode_index: int,
-           shots: int, coarse: str | None, add_shots: bool, replace: bool, remove: str | None, list_: bool,
-           keep_translator: bool, device: str) -> None:  # fmt: skip
+           shots: int, coarse: str | None, add_shots: bool, replace: bool, remove: str | None,
+           only: tuple[str, ...], set_thresholds: tuple[str, ...], list_: bool, keep_translator: bool,
+           device: str) -> None:  # fmt: skip
     """Enrol personal objects into the prototype bank --bank, with vectors of the student MODEL (.ckpt/.pt).
 
     Support boxes come from --box, YOLO label files, --boxes-json or a MOCHA --episode. A name already in
-    the bank needs --add-shots or --replace. A bank made by another model or vector size is refused. The
-    bank is written atomically, only after every support image was read.
+    the bank needs --add-shots or --replace. A bank made by another model, vector size or vector space is
+    refused. Each identity gets its own "unknown" threshold, calibrated from augmented views of its shots
+    against the model's shipped base-class vectors (aiming at 90 % precision; --list shows them,
+    --set-threshold overrides). The bank is written atomically, only after every support image was read.
 
     \b
     Examples:
@@ -355,20 +375,24 @@ def enroll(model: Path | None, bank: Path, name: str | None, images: tuple[Path,
       mocha-edge enroll runs/distill/last.ckpt --bank my.bank --name my_mug --add-shots --image photos/images/m3.jpg
       mocha-edge enroll runs/distill/last.ckpt --bank ep0.bank --episode data/synth --shots 5 --episode-index 0
       mocha-edge enroll --bank my.bank --remove my_mug --list
+      mocha-edge enroll --bank my.bank --set-threshold my_mug=0.45 --list
     """
     from mocha_edge.enroll import enroll as run_enroll
     from mocha_edge.enroll import list_bank
 
-    if remove is not None or name or images or boxes or boxes_json or episode:
+    if remove is not None or set_thresholds or name or images or boxes or boxes_json or episode:
         summary = run_enroll(
             model, bank, name=name, images=images, boxes=boxes, label_index=label_index, boxes_json=boxes_json,
             episode=episode, episode_index=episode_index, shots=shots, cls=coarse, add_shots=add_shots,
             replace=replace, remove=remove, keep_translator=keep_translator, device=device,
+            identities=list(only) if only else None, set_thresholds=set_thresholds,
         )  # fmt: skip
         for line in summary.lines():
             click.echo(line)
     elif not list_:
-        raise click.UsageError("nothing to do: give --image, --boxes-json, --episode, --remove or --list")
+        raise click.UsageError(
+            "nothing to do: give --image, --boxes-json, --episode, --remove, --set-threshold or --list"
+        )
     if list_:
         for line in list_bank(bank):
             click.echo(line)

@@ -15,8 +15,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from mocha_edge.utils import write_json_atomic
 
 
@@ -35,7 +33,8 @@ class Recipe:
     episodes: int = 100
     calib_images: int = 500
     report_episodes: int = 50
-    video_frames: int = 150
+    video_frames: int = 300
+    enroll_shots: int = 5  # photos per enrolled identity in the demo's bank
     bench_frames: int = 100
     batch: int = 16
 
@@ -43,7 +42,7 @@ class Recipe:
 FULL = Recipe()
 QUICK = Recipe(n_train=48, n_val=12, n_query=16, support=5, imgsz=128, teacher_epochs=2, base_epochs=40,
                distill_epochs=3, episodes=5, calib_images=16, report_episodes=3, video_frames=12,
-               bench_frames=8, batch=8)  # fmt: skip
+               bench_frames=8, batch=8, enroll_shots=1)  # fmt: skip
 
 
 class Stages:
@@ -86,31 +85,6 @@ BUDGET_FULL = {"data": 25, "teach": 90, "base": 330, "distill": 230, "baseline":
                "eval": 80, "export": 90, "video": 10, "run": 20, "bench": 60}  # fmt: skip
 BUDGET_QUICK = {"data": 10, "teach": 15, "base": 60, "distill": 15, "baseline": 15, "enroll": 5, "eval": 10,
                 "export": 20, "video": 3, "run": 5, "bench": 20}  # fmt: skip
-
-
-def write_video(
-    images: list[Path], dest: Path, frames: int, size: tuple[int, int] = (640, 480), fps: int = 10
-) -> Path:
-    """A camera-like clip: each image scaled to the frame height, centred (grey sides), ``frames`` frames."""
-    import cv2
-
-    from mocha_edge.infer import read_bgr
-    from mocha_edge.utils import atomic_path
-
-    w, h = size
-    with atomic_path(dest) as tmp:
-        vw = cv2.VideoWriter(str(tmp) + ".mp4", cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
-        for i in range(frames):
-            img = read_bgr(images[i % len(images)])
-            s = h / img.shape[0]
-            img = cv2.resize(img, (round(img.shape[1] * s), h), interpolation=cv2.INTER_LINEAR)
-            canvas = np.full((h, w, 3), 114, np.uint8)
-            x0 = max(0, (w - img.shape[1]) // 2)
-            canvas[:, x0 : x0 + min(w, img.shape[1])] = img[:, : min(w, img.shape[1])]
-            vw.write(canvas)
-        vw.release()
-        Path(str(tmp) + ".mp4").replace(tmp)
-    return dest
 
 
 def demo(out: Path, seed: int = 0, quick: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -158,6 +132,16 @@ def demo(out: Path, seed: int = 0, quick: bool = False, log: Callable[[str], Non
         return fn
 
     stages.run("data", s_data, budget["data"])
+    video = data / "video" / "seq_000.mp4"
+
+    def s_video() -> str:
+        from mocha_edge.data.synth_video import synthesize_video
+
+        return str(
+            synthesize_video(data, seed, frames=r.video_frames, model_imgsz=r.imgsz, progress=progress)
+        )
+
+    video_gt = Path(stages.run("video", s_video, budget["video"]))
     stages.run("teach", s_teach, budget["teach"])
     base = stages.run("base", s_train("base", stage="base", epochs=r.base_epochs), budget["base"])
     common = {"model": base, "teacher_cache": str(cache), "epochs": r.distill_epochs, "schedule": "joint",
@@ -168,11 +152,17 @@ def demo(out: Path, seed: int = 0, quick: bool = False, log: Callable[[str], Non
     bank = out / "demo.bank"
 
     def s_enroll() -> str:
+        from mocha_edge.data.synth_video import load_video_gt
         from mocha_edge.enroll import enroll
 
         if bank.exists():
             bank.unlink()
-        enroll(Path(distilled), bank, episode=data, episode_index=0, shots=1)
+        names = list(load_video_gt(video_gt)["enrolled"])  # half of each class's novel objects
+        summ = enroll(
+            Path(distilled), bank, episode=data, episode_index=0, shots=r.enroll_shots, identities=names
+        )
+        for line in summ.lines():
+            log(line)
         return str(bank)
 
     stages.run("enroll", s_enroll, budget["enroll"])
@@ -203,28 +193,22 @@ def demo(out: Path, seed: int = 0, quick: bool = False, log: Callable[[str], Non
 
     export_report = stages.run("export", s_export, budget["export"])
 
-    video = out / "demo.mp4"
-
-    def s_video() -> str:
-        from mocha_edge.data import load_dataset
-
-        ds = load_dataset(data)
-        imgs = [it.path for it in (ds.items("novel") or ds.items())]
-        write_video(imgs, video, r.video_frames)
-        return str(video)
-
-    stages.run("video", s_video, budget["video"])
-
     def s_run() -> dict[str, Any]:
         from mocha_edge.export.exporter import cpu_int8_artefact
         from mocha_edge.live import Console, RunOptions, run
 
         model = cpu_int8_artefact(onnx) or onnx
+        from mocha_edge.data.synth_video import load_video_gt
+        from mocha_edge.openset import score_records
+
         summ = run(model, str(video), RunOptions(save=out / "demo_annotated.mp4", jsonl=out / "events.jsonl",
                                                  show=False, fps_every=0, handle_signals=False),
                    bank_path=bank, console=Console())  # fmt: skip
+        records = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines() if line]
+        counts = score_records(records, load_video_gt(video_gt))
         return {"model": str(model), "frames": summ.frames, "detections": summ.detections, "fps": summ.fps,
-                "video": str(summ.video), "jsonl": str(summ.jsonl), "jsonl_lines": summ.jsonl_lines}  # fmt: skip
+                "video": str(summ.video), "jsonl": str(summ.jsonl), "jsonl_lines": summ.jsonl_lines,
+                "ground_truth": str(video_gt), **counts.metrics(), "counts": asdict(counts)}  # fmt: skip
 
     live = stages.run("run", s_run, budget["run"])
 
@@ -262,6 +246,22 @@ def summary_table(s: dict[str, Any]) -> str:
         if d and b:
             lines.append(f"{k}-shot: distilled {d['map50']:.1f} ± {d['ci95_map50']:.1f} | baseline "
                          f"{b['map50']:.1f} ± {b['ci95_map50']:.1f} | gain {d['map50'] - b['map50']:+.1f}")  # fmt: skip
+    lines.append(
+        "== identities at the operating point (conditional; run's confidence, the banks' thresholds) =="
+    )
+    for k in sorted({x["shots"] for x in s["eval"]["results"]}):
+        d = rows.get(("distilled", "conditional", k))
+        if d and "id_precision" in d:
+            lines.append(f"{k}-shot distilled: precision {d['id_precision']:.1f} ± {d['ci95_id_precision']:.1f} | "
+                         f"recall {d['id_recall']:.1f} ± {d['ci95_id_recall']:.1f} | false IDs "
+                         f"{d['false_id_rate']:.1f} ± {d['ci95_false_id_rate']:.1f} | detected "
+                         f"{d['det_recall_novel']:.1f} % of novel objects")  # fmt: skip
+    run_s = s.get("run") or {}
+    if "id_precision" in run_s:
+        lines.append(f"live run on the demo video: {run_s['id_precision']:.1f} % of names right, "
+                     f"{run_s['named_enrolled_rate']:.1f} % of detected enrolled objects named "
+                     f"({run_s['id_recall']:.1f} % rightly), {run_s['false_id_rate']:.1f} % of unenrolled "
+                     f"objects named, {run_s['det_recall_novel']:.1f} % of objects detected")  # fmt: skip
     lines.append("== export (ONNX Runtime, this CPU) ==")
     for name, p in s["export"]["precisions"].items():
         lines.append(

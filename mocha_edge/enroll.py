@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -56,25 +56,29 @@ class EnrollSummary:
     removed: list[str] = field(default_factory=list)
     new_shots: dict[str, int] = field(default_factory=dict)  # shots enrolled by this call
     total_shots: dict[str, int] = field(default_factory=dict)  # shots per touched identity afterwards
+    thresholds: dict[str, tuple[float, str]] = field(default_factory=dict)  # every identity afterwards
     identities: int = 0
-    threshold: float = -1.0
     warnings: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
         out = [f"warning: {w}" for w in self.warnings]
         for n in self.added + self.updated:
             verb = "added" if n in self.added else "updated"
-            out.append(f"{verb} {n!r}: +{self.new_shots[n]} shots ({self.total_shots[n]} in total)")
+            t = self.thresholds.get(n)
+            thr = f", threshold {_threshold_text(*t)}" if t else ""
+            out.append(
+                f"{verb} {n!r}: +{self.new_shots.get(n, 0)} shots ({self.total_shots[n]} in total){thr}"
+            )
         out += [f"removed {n!r}" for n in self.removed]
         what = "created" if self.created else "wrote"
-        out.append(f"{what} {self.bank}: {self.identities} identities, {_threshold_text(self.threshold)}")
+        out.append(f"{what} {self.bank}: {self.identities} identities")
         return out
 
 
-def _threshold_text(t: float) -> str:
+def _threshold_text(t: float, source: str) -> str:
     if t <= -1.0:
-        return "unknown threshold -1 (not calibrated: needs 2 shots of one identity or 2 of one class)"
-    return f"unknown threshold {t:.3f} (calibrated leave-one-out)"
+        return f"-1 (accepts anything: {source})"
+    return f"{t:.3f} ({source})"
 
 
 # ------------------------------------------------------------------------------------------ inputs
@@ -256,9 +260,10 @@ def pixel_box(s: Support, width: int, height: int) -> np.ndarray:
 
 
 def embed_supports(
-    student: Student, supports: Sequence[Support], cls: str | None = None
-) -> tuple[np.ndarray, list[int]]:
-    """Read every image, check every box, embed: ``(vectors (n, D), coarse class id per support)``.
+    student: Student, supports: Sequence[Support], cls: str | None = None, views: bool = False
+) -> tuple[np.ndarray, list[int]] | tuple[np.ndarray, list[int], np.ndarray]:
+    """Read every image, check every box, embed: ``(vectors (n, D), coarse class id per support)``, plus
+    with ``views`` the vectors of each support's augmented views ``(n, V, D)`` (:func:`augmented_views`).
 
     ``cls`` (``--class``) overrides every support's own class; a support with no class takes the class of
     the student's best-overlapping detection (IoU >= 0.5). Raises before returning anything on any problem.
@@ -272,6 +277,7 @@ def embed_supports(
     for i, s in enumerate(supports):
         groups.setdefault(s.image, []).append(i)
     vecs: list[np.ndarray | None] = [None] * len(supports)
+    aug: list[np.ndarray | None] = [None] * len(supports)
     ids: list[int] = [-1] * len(supports)
     for image, idx in groups.items():
         if not image.is_file():
@@ -301,8 +307,17 @@ def embed_supports(
                 ids[i] = int(dets.cls[int(iou.argmax())])
         for i, v in zip(idx, student.embed(bgr, boxes), strict=True):
             vecs[i] = v
-    out = np.stack(vecs) if vecs else np.zeros((0, student.dim), np.float32)
-    return out.astype(np.float32), ids
+        if views:
+            for i, a in zip(idx, embed_views(student, bgr, boxes), strict=True):
+                aug[i] = a
+    out = (np.stack(vecs) if vecs else np.zeros((0, student.dim), np.float32)).astype(np.float32)
+    if views:
+        return (
+            out,
+            ids,
+            np.stack(aug).astype(np.float32) if aug else np.zeros((0, 0, student.dim), np.float32),
+        )
+    return out, ids
 
 
 # ------------------------------------------------------------------------------------------ bank
@@ -315,33 +330,54 @@ def _check_bank(bank: PrototypeBank, student: Student, keep_translator: bool, pa
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            bank.check(student.fingerprint, student.dim, precision="fp32", source=student.source)
+            sp = getattr(student, "space", None)
+            bank.check(student.fingerprint, student.dim, precision="fp32", source=student.source,
+                       space=sp.fingerprint if sp is not None else "none")  # fmt: skip
         except BankError as e:
             raise BankError(f"{path}: {e}") from None
     return [str(w.message) for w in caught]
 
 
 def bank_lines(bank: PrototypeBank, path: Path | str = "") -> list[str]:
-    """A human-readable listing: identities, class, shots, threshold."""
+    """A human-readable listing: identities, class, shots, threshold and where it came from."""
     space = "translator space" if bank.translator else "student space"
+    centring = "no centring" if bank.space == "none" else f"centring {bank.space.split(':')[0]}"
     out = [
-        f"bank {path}: {len(bank.identities)} identities, {bank.dim}-d {space}, {bank.precision}, "
+        f"bank {path}: {len(bank.identities)} identities, {bank.dim}-d {space}, {centring}, {bank.precision}, "
         f"model {bank.model_fingerprint[:12]}",
-        _threshold_text(bank.threshold),
     ]
     if bank.identities:
         w = max(8, *(len(n) for n in bank.identities))
         cw = max(5, *(len(c) for c in bank.class_names))
-        out.append(f"  {'identity':<{w}}  {'class':<{cw}}  shots")
+        out.append(f"  {'identity':<{w}}  {'class':<{cw}}  shots  threshold  source")
         for n in sorted(bank.identities):
-            ident = bank.identities[n]
-            out.append(f"  {n:<{w}}  {bank.class_names[ident.coarse]:<{cw}}  {len(ident.shots)}")
+            i = bank.identities[n]
+            out.append(
+                f"  {n:<{w}}  {bank.class_names[i.coarse]:<{cw}}  {len(i.shots):>5}  {i.threshold:>9.3f}  "
+                f"{i.threshold_source}"
+            )
     return out
 
 
 def list_bank(path: Path | str) -> list[str]:
     """``bank_lines`` of the bank file at ``path``."""
     return bank_lines(PrototypeBank.load(path), path)
+
+
+def parse_set_threshold(text: str) -> tuple[str, float | None]:
+    """``NAME=T`` (a cosine in [-1, 1]) or ``NAME=auto`` (back to calibration)."""
+    name, sep, val = str(text).rpartition("=")
+    if not sep or not name:
+        raise BankError(f"--set-threshold {text!r}: expected NAME=T (a cosine) or NAME=auto")
+    if val.strip().lower() == "auto":
+        return name, None
+    try:
+        t = float(val)
+    except ValueError:
+        raise BankError(f"--set-threshold {text!r}: {val!r} is not a number (or 'auto')") from None
+    if not (math.isfinite(t) and -1.0 <= t <= 1.0):
+        raise BankError(f"--set-threshold {text!r}: a threshold is a cosine in [-1, 1]")
+    return name, t
 
 
 def enroll(
@@ -356,37 +392,47 @@ def enroll(
     episode: Path | None = None,
     episode_index: int = 0,
     shots: int = 1,
+    identities: Sequence[str] | None = None,
     cls: str | None = None,
     add_shots: bool = False,
     replace: bool = False,
     remove: str | None = None,
+    set_thresholds: Sequence[str] = (),
     keep_translator: bool = False,
     device: str = "cpu",
 ) -> EnrollSummary:
-    """Enrol support boxes into (or remove an identity from) the bank at ``bank_path``; see the module doc.
+    """Enrol support boxes into (or remove an identity from, or set thresholds of) the bank at
+    ``bank_path``; see the module doc.
 
-    With ``remove`` no support input is read and ``model`` is optional (when given, the bank is checked
-    against it). Otherwise the bank is created if missing, checked against ``model`` if present, and
-    written once, after every support item was read and embedded.
+    Shots are stored in the model's matching space (centred, :mod:`mocha_edge.space`) with augmented views
+    of each support box; the model's shipped base vectors of each enrolled class become the bank's
+    negatives; every identity's threshold is then recalibrated (:meth:`PrototypeBank.calibrate`).
+    ``identities`` keeps only those names of an episode. With ``remove`` or ``set_thresholds`` alone no
+    support input is read and ``model`` is optional (when given, the bank is checked against it).
     """
     bank_path = Path(bank_path)
     summary = EnrollSummary(bank_path)
     has_input = bool(images or boxes or boxes_json is not None or episode is not None)
     if add_shots and replace:
         raise BankError("--add-shots and --replace exclude each other")
-    if remove is not None:
+    overrides = [parse_set_threshold(t) for t in set_thresholds]
+    if remove is not None or (overrides and not has_input):
         if has_input or name is not None:
-            raise BankError("--remove deletes an identity; it takes no --name/--image/--boxes-json/--episode")
+            raise BankError(
+                "--remove / --set-threshold edit the bank; they take no --name/--image/--boxes-json/--episode"
+            )
         bank = PrototypeBank.load(bank_path)
         if model is not None:
             summary.warnings += _check_bank(
                 bank, _load(model, device, bank.translator), bank.translator, bank_path
             )
-        bank.remove(remove)
+        if remove is not None:
+            bank.remove(remove)
+            summary.removed.append(remove)
+        for n, t in overrides:
+            bank.set_threshold(n, t)
         bank.save(bank_path)
-        summary.removed.append(remove)
-        summary.identities, summary.threshold = len(bank.identities), bank.threshold
-        return summary
+        return _finish(summary, bank)
     if not has_input:
         raise BankError(
             "nothing to enrol: give --image (with --box or a label file), --boxes-json or --episode"
@@ -401,6 +447,13 @@ def enroll(
         images=images, boxes=boxes, label_index=label_index, boxes_json=boxes_json,
         episode=episode, episode_index=episode_index, shots=shots,
     )  # fmt: skip
+    if identities is not None and episode is None:
+        raise BankError("--identity picks identities of an --episode; with --image use --name")
+    if identities is not None:
+        missing = sorted(set(identities) - {s.name for s in supports})
+        if missing:
+            raise BankError(f"{episode}: no support box of {', '.join(missing)} in this episode")
+        supports = [s for s in supports if s.name in set(identities)]
     idents = [s.name or name or "" for s in supports]
     supports = _share_classes(supports, idents)
     bank = PrototypeBank.load(bank_path) if bank_path.exists() else None
@@ -410,25 +463,48 @@ def enroll(
                 k = len(bank.identities[n].shots)
                 raise BankError(f"identity {n!r} already enrolled ({k} shots); use --add-shots or --replace")
     student = _load(model, device, keep_translator)
+    sp = student.space
+    if sp is None:
+        summary.warnings.append(
+            f"{student.source}: the model carries no vector space (made before mocha-edge trained one, or a "
+            "plain ultralytics .pt): no centring, and thresholds come from the support shots alone"
+        )
     if bank is None:
-        bank = PrototypeBank(student.dim, student.fingerprint, list(student.names), "fp32", keep_translator)
+        bank = PrototypeBank(student.dim, student.fingerprint, list(student.names), "fp32", keep_translator,
+                             space=sp.fingerprint if sp is not None else "none")  # fmt: skip
         summary.created = True
     else:
         summary.warnings += _check_bank(bank, student, keep_translator, bank_path)
-    vectors, coarse = embed_supports(student, supports, cls)
+    vectors, coarse, aug = embed_supports(student, supports, cls, views=True)  # type: ignore[misc]
+
+    def centred(v: np.ndarray, c: int) -> np.ndarray:
+        return sp.centre(v, c) if sp is not None else v
+
     for n in dict.fromkeys(idents):
         rows = [i for i, m in enumerate(idents) if m == n]
         classes = sorted({coarse[i] for i in rows})
         if len(classes) > 1:
             seen = ", ".join(bank.class_names[c] for c in classes)
             raise BankError(f"{n}: support boxes disagree on the coarse class ({seen}); pass --class")
+        c = classes[0]
         existed = n in bank.identities
-        bank.add(n, classes[0], vectors[rows], replace=replace, append=add_shots)
+        bank.add(n, c, centred(vectors[rows], c), replace=replace, append=add_shots,
+                 views=centred(aug[rows].reshape(-1, aug.shape[-1]), c),
+                 negatives=sp.negatives if sp is not None else None)  # fmt: skip
         (summary.updated if existed else summary.added).append(n)
         summary.new_shots[n] = len(rows)
-        summary.total_shots[n] = len(bank.identities[n].shots)
+    for n, t in overrides:
+        bank.set_threshold(n, t)
     bank.save(bank_path)
-    summary.identities, summary.threshold = len(bank.identities), bank.threshold
+    return _finish(summary, bank)
+
+
+def _finish(summary: EnrollSummary, bank: PrototypeBank) -> EnrollSummary:
+    summary.identities = len(bank.identities)
+    for n, i in bank.identities.items():
+        summary.thresholds[n] = (i.threshold, i.threshold_source)
+        if n in summary.added or n in summary.updated:
+            summary.total_shots[n] = len(i.shots)
     return summary
 
 
@@ -471,3 +547,46 @@ def _box_iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     return box_iou(torch.as_tensor(box, dtype=torch.float32).view(1, 4), torch.from_numpy(boxes).float())[
         0
     ].numpy()
+
+
+# ------------------------------------------------------------------------------------------ views
+AUG_SHIFT = 0.08  # box shift, as a fraction of its side: a detector's box noise
+AUG_SCALES = (0.8, 1.25)  # image rescale: the object nearer / farther
+AUG_GAINS = (0.75, 1.25)  # brightness gain
+
+
+def augmented_views(bgr: np.ndarray, boxes: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Views of support boxes (xyxy pixels) a camera could give of the same objects: the image mirrored,
+    rescaled and darker/brighter, and each box shifted by ``AUG_SHIFT`` of its side in four directions.
+    Returns ``[(image, boxes (n, 4)), ...]``: one forward pass each; the shifted boxes ride on the original
+    image (four boxes per support box in one entry)."""
+    import cv2
+
+    b = np.asarray(boxes, np.float32).reshape(-1, 4)
+    h, w = bgr.shape[:2]
+    out = [(np.ascontiguousarray(bgr[:, ::-1]), np.stack([w - b[:, 2], b[:, 1], w - b[:, 0], b[:, 3]], 1))]
+    for s in AUG_SCALES:
+        nw, nh = max(round(w * s), 8), max(round(h * s), 8)
+        img = cv2.resize(bgr, (nw, nh), interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR)
+        out.append((img, b * np.array([nw / w, nh / h, nw / w, nh / h], np.float32)))
+    for g in AUG_GAINS:
+        out.append((np.clip(bgr.astype(np.float32) * g, 0, 255).astype(np.uint8), b))
+    bw, bh = (b[:, 2] - b[:, 0])[:, None], (b[:, 3] - b[:, 1])[:, None]
+    shifts = []
+    for dx, dy in ((1, 0), (-1, 0), (0, 1), (0, -1)):
+        s = b + AUG_SHIFT * np.concatenate([dx * bw, dy * bh, dx * bw, dy * bh], 1)
+        shifts.append(np.clip(s, 0, [w, h, w, h]))
+    out.append((bgr, np.concatenate(shifts)))
+    return out
+
+
+def embed_views(student: Any, bgr: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """Vectors of :func:`augmented_views` of each support box: ``(n, V, D)`` raw pooled vectors."""
+    b = np.asarray(boxes, np.float32).reshape(-1, 4)
+    if not len(b):
+        return np.zeros((0, 0, student.dim), np.float32)
+    views = augmented_views(bgr, b)
+    vecs = student.embed_batch([v[0] for v in views], [v[1] for v in views])
+    n = len(b)
+    per = [v.reshape(-1, n, v.shape[-1]) for v in vecs]  # shifted entry: (4, n, D); others (1, n, D)
+    return np.concatenate(per, 0).transpose(1, 0, 2).astype(np.float32)

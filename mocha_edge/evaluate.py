@@ -25,9 +25,12 @@ import torch
 
 from mocha_edge.data.dataset import Dataset, Episode
 from mocha_edge.errors import MochaError
-from mocha_edge.prototypes import l2n, match
+from mocha_edge.openset import IdCounts, score_image, summarise
+from mocha_edge.prototypes import PrototypeBank, decide, l2n, match
+from mocha_edge.space import VectorSpace, build_space, fit_space
 
 IOUV = torch.linspace(0.5, 0.95, 10)
+RUN_CONF = 0.25  # `mocha-edge run`'s default confidence threshold (its NMS IoU 0.7 is eval's too)
 
 
 class EvalError(MochaError):
@@ -36,10 +39,13 @@ class EvalError(MochaError):
 
 @dataclass
 class Views:
-    """What one model sees: vectors of every support box, detections (+vectors) of every query image."""
+    """What one model sees: vectors of every support box, detections (+vectors) of every query image;
+    for the open-set rows also the augmented views of each support box and the model's vector space."""
 
     support: dict[tuple[Path, int], np.ndarray]  # (image, box index) -> vector
     query: dict[Path, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]  # boxes_px, scores, cls, vectors
+    support_views: dict[tuple[Path, int], np.ndarray] | None = None  # (V, D) augmented views
+    space: VectorSpace | None = None
 
 
 def sample_episodes(ds: Dataset, shots: int, n: int, seed: int) -> list[Episode]:
@@ -66,12 +72,14 @@ def sample_episodes(ds: Dataset, shots: int, n: int, seed: int) -> list[Episode]
 
 
 def _student_views(
-    student, ds: Dataset, support: set[Path], query: set[Path], conf: float, det_source=None
+    student, ds: Dataset, support: set[Path], query: set[Path], conf: float, det_source=None, augment=False
 ) -> Views:
+    from mocha_edge.enroll import embed_views
     from mocha_edge.infer import read_bgr
 
     items = {it.path: it for it in ds.items()}
     sup: dict[tuple[Path, int], np.ndarray] = {}
+    sup_views: dict[tuple[Path, int], np.ndarray] = {}
     sup_paths = sorted(support)
     for s in range(0, len(sup_paths), 16):
         chunk = sup_paths[s : s + 16]
@@ -83,6 +91,10 @@ def _student_views(
         for p, vecs in zip(chunk, student.embed_batch(imgs, boxes)):
             for j, v in enumerate(vecs):
                 sup[(p, j)] = v
+        if augment:
+            for p, im, b in zip(chunk, imgs, boxes):
+                for j, v in enumerate(embed_views(student, im, b)):
+                    sup_views[(p, j)] = v
     qry = {}
     paths = sorted(query)
     for s in range(0, len(paths), 16):
@@ -101,7 +113,7 @@ def _student_views(
                     c,
                     student.embed(img, b) if len(b) else np.zeros((0, student.dim), np.float32),
                 )
-    return Views(sup, qry)
+    return Views(sup, qry, sup_views if augment else None)
 
 
 def _teacher_views(cache, ds: Dataset, support: set[Path], query: set[Path]) -> Views:
@@ -120,6 +132,13 @@ def _teacher_views(cache, ds: Dataset, support: set[Path], query: set[Path]) -> 
     for p in sorted(support):
         for j, r in enumerate(rows(items[p])):
             sup[(p, j)] = vecs[r]
+    base_rows, base_cls = [], []  # the teacher's own base vectors (training split) fit its vector space
+    for it in ds.items("train"):
+        for b, c in zip(it.boxes, it.cls):
+            r = cache.index_of(it.content_hash, b)
+            if r is not None:
+                base_rows.append(r)
+                base_cls.append(int(c))
     qry = {}
     gt_px = _gt_pixels(ds, query)
     for p in sorted(query):
@@ -127,7 +146,8 @@ def _teacher_views(cache, ds: Dataset, support: set[Path], query: set[Path]) -> 
         r = rows(it)
         qry[p] = (gt_px[p], np.ones(len(r), np.float32), it.cls.copy(),
                   vecs[r] if r else np.zeros((0, vecs.shape[1]), np.float32))  # fmt: skip
-    return Views(sup, qry)
+    space = build_space(vecs[base_rows], np.asarray(base_cls), len(ds.names)) if base_rows else None
+    return Views(sup, qry, None, space)
 
 
 def _gt_pixels(ds: Dataset, paths: set[Path]) -> dict[Path, np.ndarray]:
@@ -194,6 +214,75 @@ def _episode_map(
     return 100.0 * float(ap[:, 0].mean()), 100.0 * float(ap.mean())
 
 
+def enrolled_half(ds: Dataset, inst_ids: list[int], seed: Any) -> set[int]:
+    """A seeded half (at least one) of each class's novel identities: those the episode enrols."""
+    rng = np.random.default_rng(seed)
+    by_cls: dict[int, list[int]] = {}
+    for i in sorted(inst_ids):
+        by_cls.setdefault(int(ds.idmap[i]), []).append(i)
+    out: set[int] = set()
+    for c in sorted(by_cls):
+        ids = by_cls[c]
+        out.update(int(x) for x in rng.choice(ids, max(1, len(ids) // 2), replace=False))
+    return out
+
+
+def _episode_openset(
+    ds: Dataset,
+    ep: Episode,
+    views: Views,
+    mode: str,
+    gt_px: dict[Path, np.ndarray],
+    items: dict[Path, Any],
+    seed: Any,
+    run_conf: float = RUN_CONF,
+    threshold: float | None = None,
+) -> IdCounts:
+    """One open-set episode: a seeded half of each class's identities enrolled in a bank (its own
+    calibrated thresholds, or ``threshold`` for all), the rest left in the queries as unenrolled objects;
+    detections at ``run``'s confidence; see :mod:`mocha_edge.openset`."""
+    assert ds.fine_names is not None and ds.idmap is not None
+    space = views.space
+    shots: dict[int, list[tuple[Path, int]]] = {}
+    for p in ep.support:
+        for j, inst in enumerate(items[p].instance.tolist()):
+            shots.setdefault(int(inst), []).append((p, j))
+    enrolled = enrolled_half(ds, list(shots), seed)
+    dim = len(next(iter(views.support.values())))
+    bank = PrototypeBank(dim, "eval", list(ds.names), space=space.fingerprint if space else "none")
+    neg_cache: dict[int, np.ndarray] = {}
+
+    def negatives(c: int) -> np.ndarray:
+        if c not in neg_cache:
+            neg_cache[c] = space.negatives(c) if space is not None else np.zeros((0, dim), np.float32)
+        return neg_cache[c]
+
+    def centred(v: np.ndarray, c: int) -> np.ndarray:
+        return space.centre(v, c) if space is not None else l2n(v)
+
+    for inst in sorted(enrolled):
+        c = int(ds.idmap[inst])
+        vec = np.stack([views.support[k] for k in shots[inst]])
+        aug = None
+        if views.support_views is not None:
+            aug = centred(np.concatenate([views.support_views[k] for k in shots[inst]]), c)
+        bank.add(ds.fine_names[inst], c, centred(vec, c), views=aug, negatives=negatives)
+    protos, names, proto_cls = bank.prototypes()
+    thr = bank.thresholds() if threshold is None else np.full(len(names), threshold, np.float32)
+    means = space.matcher_means if space is not None else None
+    total = IdCounts()
+    for p in ep.query:
+        it = items[p]
+        boxes, scores, cls, vecs = views.query[p]
+        keep = np.asarray(scores) >= run_conf
+        idx, sim = match(np.asarray(vecs)[keep], np.asarray(cls)[keep], protos, proto_cls, mode, means)
+        ident = decide(idx, sim, thr)
+        det_names = [names[i] if i >= 0 else None for i in ident]
+        gt_ident = [ds.fine_names[i] if i in enrolled else None for i in it.instance.tolist()]
+        total += score_image(gt_px[p], gt_ident, np.asarray(boxes)[keep], np.asarray(scores)[keep], det_names)
+    return total
+
+
 def _ci95(x: np.ndarray) -> float:
     if len(x) < 2:
         return 0.0
@@ -213,8 +302,18 @@ def evaluate(
     conf: float = 0.001,
     seed: int = 0,
     log: Callable[[str], None] = print,
+    openset: bool = True,
+    run_conf: float = RUN_CONF,
+    centring: str | None = None,
+    threshold: float | None = None,
 ) -> dict[str, Any]:
-    """Evaluate every model on the same episodes; returns the JSON-ready report."""
+    """Evaluate every model on the same episodes; returns the JSON-ready report.
+
+    Each row has the ranking metrics (mAP50, mAP50-95) and, with ``openset``, the operating-point metrics
+    of :func:`_episode_openset` (``id_precision``, ``id_recall``, ``id_f1``, ``false_id_rate``,
+    ``det_recall_novel`` and their 95 % half-widths). ``centring`` overrides each model's vector space
+    kind (``class-mean`` / ``global-mean`` / ``none``, refitted on the training split); ``threshold`` one
+    cosine threshold for every identity instead of the banks' calibrated ones."""
     if not ds.has_instances:
         raise EvalError(
             f"{ds.source}: episodic evaluation needs instance labels (MOCHA layout: fine_names + idmap)"
@@ -231,7 +330,9 @@ def evaluate(
     views: dict[str, Views] = {}
     for name, student in models.items():
         t0 = time.perf_counter()
-        views[name] = _student_views(student, ds, support, query, conf)
+        views[name] = _student_views(student, ds, support, query, conf, augment=openset)
+        if openset:
+            views[name].space = _model_space(student, ds, centring, name, log)
         log(f"{name}: {len(support)} support + {len(query)} query images in {time.perf_counter() - t0:.1f} s")
     if random_init:
         if not models:
@@ -244,6 +345,9 @@ def evaluate(
         )
     if teacher_cache is not None:
         views["teacher"] = _teacher_views(teacher_cache, ds, support, query)
+        sp = views["teacher"].space
+        if sp is not None and centring is not None and centring != sp.kind:
+            views["teacher"].space = build_space(sp.base_vectors, sp.base_cls, len(ds.names), centring)
 
     gt_px = _gt_pixels(ds, query)
     items = {it.path: it for it in ds.items()}
@@ -252,22 +356,47 @@ def evaluate(
         for mode in matches:
             for k, eps in episodes.items():
                 m = np.asarray([_episode_map(ds, ep, v, mode, gt_px, items) for ep in eps])
-                results.append(
-                    {
-                        "model": name, "match": mode, "shots": k, "episodes": len(eps),
-                        "map50": float(m[:, 0].mean()), "map50_95": float(m[:, 1].mean()),
-                        "ci95_map50": _ci95(m[:, 0]), "ci95_map50_95": _ci95(m[:, 1]),
-                    }
-                )  # fmt: skip
+                row = {
+                    "model": name, "match": mode, "shots": k, "episodes": len(eps),
+                    "map50": float(m[:, 0].mean()), "map50_95": float(m[:, 1].mean()),
+                    "ci95_map50": _ci95(m[:, 0]), "ci95_map50_95": _ci95(m[:, 1]),
+                }  # fmt: skip
+                if openset and name != "random_init":
+                    counts = [
+                        _episode_openset(ds, ep, v, mode, gt_px, items, [seed, k, e], run_conf, threshold)
+                        for e, ep in enumerate(eps)
+                    ]
+                    row.update(summarise(counts))
+                    row["centring"] = v.space.kind if v.space is not None else "none"
+                results.append(row)
     return {
         "dataset": str(ds.source),
         "score": "det_conf * max(cosine, 0)",
         "conf": conf,
+        "openset": {
+            "run_conf": run_conf,
+            "enrolled": "seeded half of each class's identities per episode",
+            "thresholds": "per identity, calibrated by the bank" if threshold is None else threshold,
+        }
+        if openset
+        else None,
         "episodes_source": {
             k: ("episodes file" if ds.episodes.get(k) else f"sampled, seed {seed + k}") for k in shots
         },
         "results": results,
     }
+
+
+def _model_space(student: Any, ds: Dataset, centring: str | None, name: str, log: Callable[[str], None]):
+    """The student's own vector space, or one fitted now on the training split (kind ``centring``)."""
+    sp = getattr(student, "space", None)
+    if sp is not None and (centring is None or centring == sp.kind):
+        return sp
+    if sp is not None:
+        return build_space(sp.base_vectors, sp.base_cls, len(student.names), centring)
+    kind = centring or "class-mean"
+    log(f"{name}: no vector space in the model; fitting {kind} centring on {ds.source}'s training split")
+    return fit_space(student, ds, kind)
 
 
 def detection_map(model: Any, ds: Dataset, split: str = "val", conf: float = 0.001) -> tuple[float, float]:

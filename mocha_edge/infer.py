@@ -91,6 +91,7 @@ class Student:
         translator: torch.nn.Module | None = None,
         device: str = "cpu",
         source: str = "",
+        space: Any = None,
     ) -> None:
         from mocha_edge.models.pooling import POOLING, head_channels
 
@@ -107,7 +108,16 @@ class Student:
             h.update(k.encode())
             h.update(v.detach().float().cpu().numpy().tobytes())
         h.update(f"pool={POOLING};imgsz={imgsz}".encode())
-        self.fingerprint = h.hexdigest()  # weights + pooling config; precision is recorded separately
+        self._base_hash = h
+        self.space = space  # mocha_edge.space.VectorSpace or None
+
+    @property
+    def fingerprint(self) -> str:
+        """Weights + pooling config + vector space (centring); precision is recorded separately."""
+        h = self._base_hash.copy()
+        if self.space is not None and self.space.fingerprint != "none":
+            h.update(f";space={self.space.fingerprint}".encode())
+        return h.hexdigest()
 
     @property
     def dim(self) -> int:
@@ -136,7 +146,12 @@ class Student:
                 tr = Translator(**state["translator_cfg"])
                 tr.load_state_dict(state["translator"])
             imgsz = int(state["preprocess"]["imgsz"])
-            return cls(model, names, imgsz, tr, device, str(path))
+            space = None
+            if state.get("vector_space") is not None and not translator:
+                from mocha_edge.space import VectorSpace
+
+                space = VectorSpace.from_state(state["vector_space"], str(path))
+            return cls(model, names, imgsz, tr, device, str(path), space)
         if path.suffix == ".pt":
             if translator:
                 raise ModelError(

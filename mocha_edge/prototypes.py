@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +19,8 @@ import numpy as np
 from mocha_edge.errors import MochaError
 from mocha_edge.utils import atomic_path
 
-BANK_FORMAT = "mocha-edge-prototypes/1"
+BANK_FORMAT = "mocha-edge-prototypes/2"
+OLD_BANK_FORMATS = ("mocha-edge-prototypes/1",)
 
 
 class BankError(MochaError):
@@ -32,13 +34,27 @@ def l2n(x: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Identity:
+    """One enrolled object: its shots and augmented views (unit vectors in the model's matching space,
+    i.e. centred) and its own "unknown" threshold."""
+
     name: str
     coarse: int  # coarse class id (conditional matching compares within it)
     shots: np.ndarray  # (k, D) unit vectors
+    views: np.ndarray | None = None  # (a, D) unit vectors of augmented views of the shots (calibration)
+    threshold: float = -1.0
+    threshold_source: str = "not calibrated"
+    manual: bool = False  # threshold set by hand (enroll --set-threshold): calibration leaves it alone
+
+    def __post_init__(self) -> None:
+        if self.views is None:
+            self.views = np.zeros((0, self.shots.shape[1]), np.float32)
 
     @property
     def prototype(self) -> np.ndarray:
         return l2n(self.shots.mean(0))
+
+
+Negatives = Callable[[int], np.ndarray]  # coarse class -> (n, D) unit vectors of other objects of it
 
 
 @dataclass
@@ -49,46 +65,86 @@ class PrototypeBank:
     precision: str = "fp32"
     translator: bool = False
     identities: dict[str, Identity] = field(default_factory=dict)
-    threshold: float = -1.0  # cosine below which a detection is "unknown" (calibrated, see calibrate())
+    space: str = "none"  # vector space (centring) the shots live in: VectorSpace.fingerprint
+    # per coarse class with identities: unit vectors of other (base) objects of it, shipped with the model;
+    # kept in the bank so that any later edit recalibrates the same way, with or without the model at hand
+    negatives: dict[int, np.ndarray] = field(default_factory=dict)
 
     # ------------------------------------------------------------------------------ edit
     def add(
-        self, name: str, coarse: int, vectors: np.ndarray, replace: bool = False, append: bool = False
+        self,
+        name: str,
+        coarse: int,
+        vectors: np.ndarray,
+        replace: bool = False,
+        append: bool = False,
+        views: np.ndarray | None = None,
+        negatives: Negatives | None = None,
     ) -> None:
-        """Enrol shots of ``name``. An existing name needs ``append`` (more shots) or ``replace``."""
-        v = (
-            np.asarray(vectors, np.float32).reshape(-1, self.dim)
-            if np.size(vectors)
-            else np.zeros((0, self.dim))
-        )
+        """Enrol shots of ``name`` (vectors already in the matching space, e.g. centred), with optional
+        augmented ``views``; ``negatives(coarse)`` gives the class's base vectors the first time the bank
+        sees the class. Then recalibrate. An existing name needs ``append`` or ``replace``."""
+        v = self._rows(name, vectors, "vectors")
         if v.shape[0] == 0:
             raise BankError(f"{name}: no support vector to enrol")
-        if v.shape[1] != self.dim:
-            raise BankError(f"{name}: vectors have size {v.shape[1]}, the bank holds {self.dim}")
+        a = self._rows(name, views, "views") if views is not None else np.zeros((0, self.dim), np.float32)
         if not 0 <= coarse < len(self.class_names):
             raise BankError(f"{name}: coarse class {coarse} out of range 0..{len(self.class_names) - 1}")
-        v = l2n(v)
         old = self.identities.get(name)
         if old is not None and not (replace or append):
             raise BankError(
                 f"identity {name!r} already enrolled ({len(old.shots)} shots); use --add-shots or --replace"
             )
+        ident = Identity(name, int(coarse), l2n(v), l2n(a))
         if old is not None and append:
             if old.coarse != coarse:
                 raise BankError(
                     f"{name}: enrolled as {self.class_names[old.coarse]!r}, new shots are {self.class_names[coarse]!r}"
                 )
-            v = np.concatenate([old.shots, v])
-        self.identities[name] = Identity(name, int(coarse), v)
+            assert old.views is not None
+            ident = Identity(name, old.coarse, np.concatenate([old.shots, ident.shots]),
+                             np.concatenate([old.views, ident.views]), old.threshold, old.threshold_source,
+                             old.manual)  # fmt: skip
+        self.identities[name] = ident
+        if coarse not in self.negatives and negatives is not None:
+            neg = self._rows(name, negatives(coarse), "negatives")
+            if len(neg):
+                self.negatives[int(coarse)] = l2n(neg).astype(np.float16)
         self.calibrate()
+
+    def _rows(self, name: str, x: np.ndarray, what: str) -> np.ndarray:
+        v = np.asarray(x, np.float32)
+        v = v.reshape(-1, v.shape[-1]) if v.size else np.zeros((0, self.dim), np.float32)
+        if v.shape[1] != self.dim:
+            raise BankError(f"{name}: {what} have size {v.shape[1]}, the bank holds {self.dim}")
+        if not np.isfinite(v).all():
+            raise BankError(f"{name}: {what} are not finite")
+        return v
 
     def remove(self, name: str) -> None:
         if name not in self.identities:
             raise BankError(
                 f"identity {name!r} not in the bank (have: {', '.join(self.identities) or 'none'})"
             )
-        del self.identities[name]
+        coarse = self.identities.pop(name).coarse
+        if not any(i.coarse == coarse for i in self.identities.values()):
+            self.negatives.pop(coarse, None)
         self.calibrate()
+
+    def set_threshold(self, name: str, value: float | None) -> None:
+        """Fix ``name``'s threshold by hand (``None``: back to calibration)."""
+        if name not in self.identities:
+            raise BankError(
+                f"identity {name!r} not in the bank (have: {', '.join(self.identities) or 'none'})"
+            )
+        ident = self.identities[name]
+        if value is None:
+            ident.manual = False
+            self.calibrate()
+            return
+        if not (np.isfinite(value) and -1.0 <= value <= 1.0):
+            raise BankError(f"{name}: threshold {value!r} is not a cosine in [-1, 1]")
+        ident.threshold, ident.threshold_source, ident.manual = float(value), "set by hand", True
 
     # ------------------------------------------------------------------------------ matching
     def prototypes(self) -> tuple[np.ndarray, list[str], np.ndarray]:
@@ -99,49 +155,64 @@ class PrototypeBank:
         p = np.stack([self.identities[n].prototype for n in names])
         return p, names, np.asarray([self.identities[n].coarse for n in names], np.int64)
 
+    def thresholds(self) -> np.ndarray:
+        """Each identity's threshold, in :meth:`prototypes` order."""
+        return np.asarray([self.identities[n].threshold for n in sorted(self.identities)], np.float32)
+
     def calibrate(self) -> None:
-        """Leave-one-out threshold: each shot against its own prototype without it (positives) and against
-        the other identities' prototypes of the same class (negatives); pick the cosine that best
-        separates them (balanced accuracy). With no negatives, accept anything above the lowest positive;
-        with no positives (all 1-shot), accept anything above the strongest negative."""
-        pos, neg = [], []
+        """Per identity (hand-set ones excepted), :func:`calibrate_identity` with positives = the
+        similarities of its augmented views and (with >1 shot) of each shot left out, to its prototype;
+        negatives = the base-class vectors of its class the bank holds and the other identities' shots of
+        its class."""
         names = sorted(self.identities)
         for n in names:
             ident = self.identities[n]
+            if ident.manual:
+                continue
+            p = ident.prototype
+            assert ident.views is not None
+            pos = [ident.views @ p]
             k = len(ident.shots)
-            for i in range(k):
-                if k > 1:
-                    rest = l2n(np.delete(ident.shots, i, 0).mean(0))
-                    pos.append(float(ident.shots[i] @ rest))
-                for m in names:
-                    if m != n and self.identities[m].coarse == ident.coarse:
-                        neg.append(float(ident.shots[i] @ self.identities[m].prototype))
-        if pos and neg:
-            cands = np.unique(np.asarray(pos + neg))
-            p, q = np.asarray(pos), np.asarray(neg)
-            score = [((p >= t).mean() + (q < t).mean()) / 2 for t in cands]
-            self.threshold = float(cands[int(np.argmax(score))])
-        elif pos:
-            self.threshold = float(min(pos))
-        elif neg:
-            self.threshold = float(np.nextafter(np.float32(max(neg)), np.float32(2)))
-        else:
-            self.threshold = -1.0
+            if k > 1:
+                pos.append(
+                    [float(ident.shots[i] @ l2n(np.delete(ident.shots, i, 0).mean(0))) for i in range(k)]
+                )
+            neg = [
+                self.identities[m].shots @ p
+                for m in names
+                if m != n and self.identities[m].coarse == ident.coarse
+            ]
+            if ident.coarse in self.negatives:
+                neg.append(self.negatives[ident.coarse].astype(np.float32) @ p)
+            ident.threshold, ident.threshold_source = calibrate_identity(
+                np.concatenate([np.asarray(x, np.float64).reshape(-1) for x in pos]),
+                np.concatenate([np.asarray(x, np.float64).reshape(-1) for x in neg]) if neg else np.zeros(0),
+            )
 
     def match(
-        self, vectors: np.ndarray, det_cls: np.ndarray, mode: str = "conditional"
+        self,
+        vectors: np.ndarray,
+        det_cls: np.ndarray,
+        mode: str = "conditional",
+        means: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Nearest prototype per vector: ``(index into prototypes() or -1, cosine)``; see :func:`match`."""
         p, _, coarse = self.prototypes()
-        return match(vectors, det_cls, p, coarse, mode)
+        return match(vectors, det_cls, p, coarse, mode, means)
 
     # ------------------------------------------------------------------------------ io
-    def check(self, fingerprint: str, dim: int, precision: str = "fp32", source: str = "") -> None:
-        """Refuse a bank from another model or vector size; warn on another precision of the same model."""
+    def check(
+        self, fingerprint: str, dim: int, precision: str = "fp32", source: str = "", space: str | None = None
+    ) -> None:
+        """Refuse a bank from another model, vector size or vector space; warn on another precision."""
         if dim != self.dim:
             raise BankError(
                 f"prototype bank holds {self.dim}-d vectors, the model {source} makes {dim}-d vectors"
             )
+        if space is not None and space != self.space:
+            said = "without vector centring" if self.space == "none" else f"in vector space {self.space}"
+            now = "matches without centring" if space == "none" else f"centres its vectors ({space})"
+            raise BankError(f"prototype bank was made {said}, the model {source} {now}; enrol again with it")
         if fingerprint != self.model_fingerprint:
             raise BankError(
                 f"prototype bank was made by another model (fingerprint {self.model_fingerprint[:12]}, "
@@ -158,16 +229,32 @@ class PrototypeBank:
         from safetensors.numpy import save_file
 
         names = sorted(self.identities)
-        tensors = {f"shots/{i}": self.identities[n].shots for i, n in enumerate(names)}
+        tensors: dict[str, np.ndarray] = {}
+        for i, n in enumerate(names):
+            tensors[f"shots/{i}"] = np.ascontiguousarray(self.identities[n].shots, np.float32)
+            tensors[f"views/{i}"] = np.ascontiguousarray(self.identities[n].views, np.float32)
+        for c, neg in sorted(self.negatives.items()):
+            tensors[f"negatives/{c}"] = np.ascontiguousarray(neg, np.float16)
         meta = {
             "format": BANK_FORMAT,
             "dim": str(self.dim),
             "model_fingerprint": self.model_fingerprint,
             "precision": self.precision,
             "translator": str(self.translator),
+            "space": self.space,
             "class_names": json.dumps(self.class_names),
-            "identities": json.dumps([{"name": n, "coarse": self.identities[n].coarse} for n in names]),
-            "threshold": repr(self.threshold),
+            "identities": json.dumps(
+                [
+                    {
+                        "name": n,
+                        "coarse": self.identities[n].coarse,
+                        "threshold": self.identities[n].threshold,
+                        "threshold_source": self.identities[n].threshold_source,
+                        "manual": self.identities[n].manual,
+                    }
+                    for n in names
+                ]
+            ),
         }
         if not tensors:
             tensors = {"empty": np.zeros(1, np.float32)}
@@ -187,21 +274,84 @@ class PrototypeBank:
                 tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
         except (SafetensorError, OSError) as e:
             raise BankError(f"{path}: unreadable prototype bank ({str(e).splitlines()[0]})") from None
-        if meta.get("format") != BANK_FORMAT:
-            raise BankError(f"{path}: not a mocha-edge prototype bank")
-        bank = cls(
-            dim=int(meta["dim"]),
-            model_fingerprint=meta["model_fingerprint"],
-            class_names=json.loads(meta["class_names"]),
-            precision=meta["precision"],
-            translator=meta["translator"] == "True",
-            threshold=float(meta["threshold"]),
-        )
-        for i, ident in enumerate(json.loads(meta["identities"])):
-            bank.identities[ident["name"]] = Identity(
-                ident["name"], int(ident["coarse"]), tensors[f"shots/{i}"]
+        fmt = meta.get("format")
+        if fmt in OLD_BANK_FORMATS:
+            raise BankError(
+                f"{path}: made by an older mocha-edge ({fmt}: no vector centring, one threshold for all); "
+                "enrol its identities again"
             )
+        if fmt != BANK_FORMAT:
+            raise BankError(f"{path}: not a mocha-edge prototype bank")
+        try:
+            bank = cls(
+                dim=int(meta["dim"]),
+                model_fingerprint=meta["model_fingerprint"],
+                class_names=list(json.loads(meta["class_names"])),
+                precision=meta["precision"],
+                translator=meta["translator"] == "True",
+                space=meta["space"],
+            )
+            for i, e in enumerate(json.loads(meta["identities"])):
+                shots = np.asarray(tensors[f"shots/{i}"], np.float32)
+                views = np.asarray(tensors[f"views/{i}"], np.float32)
+                thr = float(e["threshold"])
+                coarse = int(e["coarse"])
+                name = str(e["name"])
+                if (
+                    shots.ndim != 2
+                    or shots.shape[1] != bank.dim
+                    or not len(shots)
+                    or views.ndim != 2
+                    or (views.shape[1] != bank.dim)
+                ):
+                    raise ValueError(
+                        f"identity {name!r}: shots {shots.shape} / views {views.shape} are not (k, {bank.dim})"
+                    )
+                if not (np.isfinite(shots).all() and np.isfinite(views).all() and np.isfinite(thr)):
+                    raise ValueError(f"identity {name!r}: non-finite vectors or threshold")
+                if not 0 <= coarse < len(bank.class_names):
+                    raise ValueError(f"identity {name!r}: class {coarse} out of range")
+                bank.identities[name] = Identity(name, coarse, shots, views, thr, str(e["threshold_source"]),
+                                                 bool(e["manual"]))  # fmt: skip
+            for key, t in tensors.items():
+                if key.startswith("negatives/"):
+                    c = int(key.split("/", 1)[1])
+                    neg = np.asarray(t)
+                    if neg.dtype != np.float16 or neg.ndim != 2 or neg.shape[1] != bank.dim:
+                        raise ValueError(f"{key}: {neg.dtype} {neg.shape} is not float16 (n, {bank.dim})")
+                    if not np.isfinite(neg).all() or not 0 <= c < len(bank.class_names):
+                        raise ValueError(f"{key}: non-finite vectors or class out of range")
+                    bank.negatives[c] = neg
+        except (KeyError, ValueError, TypeError, json.JSONDecodeError) as e:
+            raise BankError(f"{path}: malformed prototype bank ({e})") from None
         return bank
+
+
+def centre_vectors(vectors: np.ndarray, cls: np.ndarray, means: np.ndarray | None) -> np.ndarray:
+    """Vector centring: ``l2n(l2n(v) - means[r])`` with ``r`` the vector's class (``means`` (C, D), one
+    row per class) or 0 (``means`` (1, D): one global mean); plain ``l2n(v)`` when ``means`` is None.
+
+    The reference of the C and CUDA matchers' centring step (float32, norms floored at 1e-12).
+    """
+    u = l2n(vectors)
+    if means is None or len(u) == 0:
+        return u
+    mu = np.asarray(means, np.float32).reshape(-1, u.shape[1])
+    rows = np.zeros(len(u), np.int64) if len(mu) == 1 else np.asarray(cls, np.int64).reshape(-1)
+    if len(rows) and (rows.min() < 0 or rows.max() >= len(mu)):
+        raise BankError(f"vector centring has {len(mu)} class means; a vector has class {int(rows.max())}")
+    return l2n(u - mu[rows])
+
+
+def decide(idx: np.ndarray, sim: np.ndarray, thresholds: np.ndarray | float) -> np.ndarray:
+    """Identity per detection: its nearest prototype ``idx`` when ``sim`` reaches that prototype's
+    threshold (``thresholds`` per prototype, or one number for all), else -1 ("unknown")."""
+    idx = np.asarray(idx, np.int64)
+    t = np.asarray(thresholds, np.float32)
+    thr = (
+        t[np.maximum(idx, 0)] if t.ndim and len(t) else np.full(len(idx), float(t) if not t.ndim else np.inf)
+    )
+    return np.where((idx >= 0) & (np.asarray(sim) >= thr), idx, -1)
 
 
 def match(
@@ -210,22 +360,57 @@ def match(
     prototypes: np.ndarray,
     proto_cls: np.ndarray,
     mode: str = "conditional",
+    means: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Cosine nearest prototype for each vector.
 
     ``conditional`` (the paper's default) compares a detection only with prototypes of its predicted
-    coarse class; ``global`` with all. Returns ``(index, similarity)``; index -1 when no prototype is
-    eligible (similarity -inf).
+    coarse class; ``global`` with all. ``means``: vector centring applied to the vectors first (see
+    :func:`centre_vectors`; prototypes are stored centred). Returns ``(index, similarity)``; index -1 when
+    no prototype is eligible (similarity -inf).
     """
     if mode not in ("conditional", "global"):
         raise BankError(f"matching mode must be 'conditional' or 'global', not {mode!r}")
     n = len(vectors)
     if n == 0 or len(prototypes) == 0:
         return np.full(n, -1, np.int64), np.full(n, -np.inf, np.float32)
-    sims = l2n(vectors) @ np.asarray(prototypes, np.float32).T  # (n, m)
+    sims = centre_vectors(vectors, det_cls, means) @ np.asarray(prototypes, np.float32).T  # (n, m)
     if mode == "conditional":
         sims = np.where(np.asarray(det_cls)[:, None] == np.asarray(proto_cls)[None, :], sims, -np.inf)
     idx = sims.argmax(1)
     best = sims[np.arange(n), idx]
     idx = np.where(np.isfinite(best), idx, -1)
     return idx.astype(np.int64), best.astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------ thresholds
+TARGET_PRECISION = 0.90  # what a bank's default thresholds aim at (see calibrate_identity)
+UNKNOWN_RATIO = 1.0  # assumed unenrolled : enrolled objects of a class in front of the camera
+
+
+def calibrate_identity(
+    pos: np.ndarray, neg: np.ndarray, target: float = TARGET_PRECISION, ratio: float = UNKNOWN_RATIO
+) -> tuple[float, str]:
+    """The lowest cosine ``t`` whose estimated precision ``TPR(t) / (TPR(t) + ratio · FAR(t))`` reaches
+    ``target``, with TPR over ``pos`` (similarities of the identity's own views to its prototype) and FAR
+    over ``neg`` (other objects of its class). Returns ``(threshold, source)``."""
+    pos = np.sort(np.asarray(pos, np.float64).reshape(-1))
+    neg = np.sort(np.asarray(neg, np.float64).reshape(-1))
+    pos, neg = pos[np.isfinite(pos)], neg[np.isfinite(neg)]
+    if not len(neg):
+        if not len(pos):
+            return -1.0, "none (no views, no negatives)"
+        return float(pos[0]), f"lowest of {len(pos)} views (no negatives)"
+    cands = np.unique(np.concatenate([pos, neg, [np.nextafter(neg[-1], 2.0)]]))
+    far = 1.0 - np.searchsorted(neg, cands, side="left") / len(neg)
+    if len(pos):
+        tpr = 1.0 - np.searchsorted(pos, cands, side="left") / len(pos)
+    else:  # no positive views: assume every true view passes (the rule then bounds FAR alone)
+        tpr = np.ones_like(cands)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        prec = np.where(tpr + ratio * far > 0, tpr / (tpr + ratio * far), 1.0)
+    ok = np.flatnonzero((prec >= target) & (tpr > 0))
+    src = f"precision {target:.0%} vs {len(neg)} negatives, {len(pos)} views"
+    if len(ok):
+        return float(cands[ok[0]]), src
+    return float(np.nextafter(neg[-1], 2.0)), f"above all {len(neg)} negatives ({target:.0%} unreachable)"

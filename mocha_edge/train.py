@@ -519,6 +519,16 @@ class Trainer:
         self.translator.train()
         return float(torch.cat(cos).mean()) if cos else float("nan")
 
+    @torch.no_grad()
+    def fit_vector_space(self):
+        """Fit the final EMA student's vector space on the training split (:func:`mocha_edge.space.fit_space`)."""
+        from mocha_edge.infer import Student
+        from mocha_edge.space import fit_space
+
+        model = deepcopy(self.ema.ema).float().eval()
+        student = Student(model, list(self.names), self.cfg.imgsz, device=self.cfg.device)
+        return fit_space(student, self.ds, seed=self.cfg.seed)
+
     # ----------------------------------------------------------------------------- outputs
     def _state(self, epoch: int) -> dict[str, Any]:
         cfg = self.cfg
@@ -564,6 +574,9 @@ class Trainer:
                 "channels": "RGB",
             },
             "dataset_fingerprint": self.ds_fingerprint,
+            "vector_space": None
+            if getattr(self, "vector_space", None) is None
+            else self.vector_space.to_state(),
         }
 
     def _save(self, epoch: int) -> None:
@@ -629,8 +642,12 @@ class Trainer:
             self.history.append(row)
             self.log(_fmt_row(row))
             self._save(epoch)
-        if not self.student_path.exists():
-            self._save(cfg.epochs - 1)
+        # the matching space of the final student: centring means + shipped base vectors (mocha_edge.space)
+        t0 = time.perf_counter()
+        self.vector_space = self.fit_vector_space()
+        self.log(f"vector space: {self.vector_space.kind} centring, {len(self.vector_space.base_vectors)} base "
+                 f"vectors kept ({time.perf_counter() - t0:.1f} s)")  # fmt: skip
+        self._save(cfg.epochs - 1)
         return TrainResult(self.out, self.ckpt_path, self.student_path, self.history)
 
 

@@ -690,6 +690,7 @@ _OUTPUT_ENTRIES = (
     "episodes.json",
     *(f"episodes_{k}shot.json" for k in SHOTS),
 )
+_KEPT_ENTRIES = ("video",)  # written by synth_video; allowed in the output folder, kept on regeneration
 
 
 def _check_int(name: str, v: Any, lo: int, hi: int | None = None) -> int:
@@ -721,8 +722,8 @@ def synthesize(
 ) -> Path:
     """Write the benchmark into `out` and return the path of its dataset YAML.
 
-    `out` must be missing, empty, or a previous synth output (its own entries only, an optional
-    ``dataset.yaml`` from this generator); anything else raises :class:`DataError`. If `out` already holds a
+    `out` must be missing, empty, or a previous synth output (its own entries and a ``video/`` folder
+    from :mod:`mocha_edge.data.synth_video` only, an optional ``dataset.yaml`` from this generator); anything else raises :class:`DataError`. If `out` already holds a
     complete output whose ``generator`` block equals the requested one (seed, size and all counts) nothing
     is written. Otherwise all files are generated into ``out/.tmp-synth-*`` first; the old
     ``dataset.yaml`` is removed, the new folders are moved into place, and the new ``dataset.yaml`` is
@@ -744,7 +745,7 @@ def synthesize(
         foreign = sorted(
             p.name
             for p in out.iterdir()
-            if p.name not in _OUTPUT_ENTRIES and not p.name.startswith(".tmp-synth-")
+            if p.name not in (*_OUTPUT_ENTRIES, *_KEPT_ENTRIES) and not p.name.startswith(".tmp-synth-")
         )
         old = _read_yaml(yaml_path) if yaml_path.exists() else {}
         if foreign or old is None or (old and (old.get("generator") or {}).get("name") != GENERATOR_NAME):
