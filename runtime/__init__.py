@@ -21,7 +21,7 @@ from mocha_edge.errors import MochaError
 _HERE = Path(__file__).resolve().parent
 _BUILD_INFO = _HERE / "_mocha_rt_build.json"
 _CUDA_LIB = _HERE / "_mocha_rt_cuda.so"
-ABI_VERSION = 1
+ABI_VERSION = 2
 MODES = {"conditional": 0, "global": 1}
 
 
@@ -71,7 +71,7 @@ def _load() -> ctypes.CDLL:
         "mrt_letterbox_ex": (_I, _args("PiisiiPP")),
         "mrt_decode_nms": (_I, _args("PPiiiPPiffiiddddiiPPPPP")),
         "mrt_pool": (_I, _args("PPPiPiP")),
-        "mrt_match": (_I, _args("PiiPPiPifiPPP")),
+        "mrt_match": (_I, _args("PiiPPiPiPiPfiPPP")),
         "mrt_set_threads": (None, _args("i")),
         "mrt_qsilu_table": (None, _args("fifiP")),
         "mrt_lut_u8": (None, _args("PPPz")),
@@ -252,11 +252,18 @@ def qsilu_vbmi() -> bool:
 
 class Match(NamedTuple):
     """Matching result per detection: prototype index (-1: none eligible / not finite), cosine, and the
-    index again where cosine >= threshold else -1 (unknown)."""
+    index again where cosine >= its threshold (one for all, or that prototype's) else -1 (unknown)."""
 
     idx: np.ndarray
     sim: np.ndarray
     identity: np.ndarray
+
+
+def _float_array(a: Any, what: str) -> np.ndarray:
+    a = np.asarray(a)
+    if not np.issubdtype(a.dtype, np.floating):
+        raise NativeRuntimeError(f"match: {what} must be a float32 array, got {a.dtype}")
+    return np.ascontiguousarray(a, np.float32)
 
 
 def match(
@@ -267,9 +274,15 @@ def match(
     mode: str = "conditional",
     threshold: float = -np.inf,
     threads: int = 0,
+    means: np.ndarray | None = None,
+    thresholds: np.ndarray | None = None,
 ) -> Match:
     """L2-normalise ``vectors (N, D)`` and find the nearest of the unit ``prototypes (M, D)``
-    (``mocha_edge.prototypes.match`` rule; conditional: same class only). ``threads`` 0: automatic."""
+    (``mocha_edge.prototypes.match`` rule; conditional: same class only). ``threads`` 0: automatic.
+
+    ``means``: vector centring (``prototypes.centre_vectors``), ``(C, D)`` one mean per class or ``(1, D)``
+    one global mean; prototypes must be centred already. ``thresholds``: one per prototype, used instead of
+    ``threshold`` for the identity (``prototypes.decide``)."""
     if mode not in MODES:
         raise NativeRuntimeError(f"matching mode must be 'conditional' or 'global', not {mode!r}")
     v = np.ascontiguousarray(np.asarray(vectors, np.float32))
@@ -284,11 +297,20 @@ def match(
         raise NativeRuntimeError(
             f"match: {len(v)} vectors / {len(dc)} classes, {len(p)} prototypes / {len(pc)} classes"
         )
+    mu = None if means is None else _float_array(means, "means")
+    if mu is not None and (mu.ndim != 2 or len(mu) < 1 or mu.shape[1] != v.shape[1]):
+        raise NativeRuntimeError(
+            f"match: means {mu.shape} must be (1, {v.shape[1]}) (one global mean) or (C, {v.shape[1]}) "
+            f"(one per class) for {v.shape[1]}-d vectors"
+        )
+    thr = None if thresholds is None else _float_array(thresholds, "thresholds")
+    if thr is not None and (thr.ndim != 1 or len(thr) != len(p)):
+        raise NativeRuntimeError(f"match: thresholds {thr.shape} must hold one per prototype ({len(p)},)")
     n = len(v)
     idx, sim, ident = np.empty(n, np.int64), np.empty(n, np.float32), np.empty(n, np.int64)
     _check(_lib.mrt_match(v.ctypes.data, n, v.shape[1], dc.ctypes.data, p.ctypes.data, len(p), pc.ctypes.data,
-                          MODES[mode], float(threshold), int(threads), idx.ctypes.data, sim.ctypes.data,
-                          ident.ctypes.data))  # fmt: skip
+                          MODES[mode], _ptr(mu), 0 if mu is None else len(mu), _ptr(thr), float(threshold),
+                          int(threads), idx.ctypes.data, sim.ctypes.data, ident.ctypes.data))  # fmt: skip
     return Match(idx, sim, ident)
 
 
@@ -345,7 +367,7 @@ class CudaRuntime:
             "mrt_cuda_decode_nms_workspace": (ctypes.c_size_t, _args("iii")),
             "mrt_cuda_decode_nms": (_I, _args("PPiiiPPiffiiddddiiPzPPPPPP")),
             "mrt_cuda_pool": (_I, _args("PPPiPiPP")),
-            "mrt_cuda_match": (_I, _args("PiiPPiPifPPPP")),
+            "mrt_cuda_match": (_I, _args("PiiPPiPiPiPfPPPP")),
         }
         for name, (res, args) in sigs.items():
             fn = getattr(lib, name)
@@ -387,8 +409,14 @@ class CudaRuntime:
                                            n, out, stream))  # fmt: skip
 
     def match(self, vectors: int, n: int, d: int, det_cls: int, prototypes: int, m: int, proto_cls: int,
-              mode: str, threshold: float, idx: int, sim: int, identity: int, stream: int = 0) -> None:  # fmt: skip
+              mode: str, threshold: float, idx: int, sim: int, identity: int, stream: int = 0, means: int = 0,
+              n_means: int = 0, thresholds: int = 0) -> None:  # fmt: skip
+        """``means`` (``n_means`` rows of ``d``: vector centring) and ``thresholds`` (``m``, per prototype):
+        device pointers, 0 for none."""
+        if means and n_means < 1:
+            raise NativeRuntimeError(f"match: means given with n_means={n_means} (need 1 or one per class)")
         self._check(self.lib.mrt_cuda_match(vectors, n, d, det_cls, prototypes, m, proto_cls, MODES[mode],
+                                            means or None, n_means if means else 0, thresholds or None,
                                             threshold, idx, sim, identity, stream))  # fmt: skip
 
 

@@ -1,13 +1,14 @@
 """Native runtime vs ultralytics' predictor: pre+post-processing time per frame, and matching time.
 
-    python scripts/bench_runtime.py [--pt MODEL.pt] [--runs 50]
+    python scripts/bench_runtime.py [--pt MODEL.pt] [--runs 50] [--match-only]
 
 For imgsz 640 and 320, on a 1080x810 frame (a coco8 photo resized), the same model runs through (a)
 ultralytics' own predictor on ultralytics' ONNX export (its ``results[0].speed``: preprocess / inference /
 postprocess ms) and (b) ``mocha_edge.pipeline.Pipeline`` on the mocha-edge ONNX export (native letterbox,
 ONNX Runtime, native decode + NMS, native pooling). Printed: medians and the ratio of pre+post (ours
 includes box pooling). Then prototype matching, 100 detections x 1000 prototypes x D=448, conditional (80
-classes) and global, 1 thread and automatic. Without --pt, a YOLOv8n of random weights (BatchNorm statistics
+classes) and global, 1 thread and automatic, plain and with vector centring (80 per-class means) +
+per-prototype thresholds (``--match-only``: only this). Without --pt, a YOLOv8n of random weights (BatchNorm statistics
 measured on coco8, class bias -3) stands in, built from ultralytics' bundled yaml (nothing downloaded).
 """
 
@@ -109,12 +110,18 @@ def bench_match(runs: int) -> None:
     p = g.normal(0, 1, (1000, 448)).astype(np.float32)
     p /= np.linalg.norm(p, axis=1, keepdims=True)
     pc, v, dc = g.integers(0, 80, 1000), g.normal(0, 1, (100, 448)).astype(np.float32), g.integers(0, 80, 100)
+    means = g.normal(0, 0.1, (80, 448)).astype(np.float32)  # vector centring: one mean per class
+    thr = g.uniform(0.0, 0.2, 1000).astype(np.float32)  # one threshold per prototype
     for mode in ("conditional", "global"):
         t_np = median_ms(lambda mode=mode: np_match(v, dc, p, pc, mode), max(runs // 5, 5))
         t1 = median_ms(lambda mode=mode: rt.match(v, dc, p, pc, mode, threads=1), runs * 4)
         ta = median_ms(lambda mode=mode: rt.match(v, dc, p, pc, mode), runs * 4)
+        tc = median_ms(
+            lambda mode=mode: rt.match(v, dc, p, pc, mode, threads=1, means=means, thresholds=thr), runs * 4
+        )
         print(f"  match {mode:11s} 100x1000x448: native {t1:.3f} ms (1 thread), {ta:.3f} ms (auto); "
-              f"NumPy {t_np:.3f} ms -> {t_np / ta:.1f}x")  # fmt: skip
+              f"NumPy {t_np:.3f} ms -> {t_np / ta:.1f}x; centred + per-prototype thresholds {tc:.3f} ms "
+              "(1 thread)")  # fmt: skip
 
 
 def main() -> int:
@@ -122,7 +129,11 @@ def main() -> int:
     ap.add_argument("--pt", type=Path, help="an ultralytics .pt (default: random-weight YOLOv8n)")
     ap.add_argument("--runs", type=int, default=50)
     ap.add_argument("--conf", default="0.25,0.6", help="comma-separated thresholds (few vs many detections)")
+    ap.add_argument("--match-only", action="store_true", help="only the prototype matching benchmark")
     args = ap.parse_args()
+    if args.match_only:
+        bench_match(args.runs)
+        return 0
     os.environ.setdefault("YOLO_OFFLINE", "1")
     import cv2
 

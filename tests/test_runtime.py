@@ -16,6 +16,7 @@ from mocha_edge.export import reference as ref
 from mocha_edge import runtime as rt
 from mocha_edge.infer import from_letterbox
 from mocha_edge.infer import letterbox as cv2_letterbox
+from mocha_edge.prototypes import decide
 from mocha_edge.prototypes import match as np_match
 
 REPO = Path(__file__).resolve().parents[1]
@@ -315,6 +316,83 @@ def test_match_edge_cases_and_size() -> None:
         rt.match(v, dc[:5], p, pc, "global")
 
 
+def _check_centred_match(v, dc, p, pc, mode, means, thresholds, threads=0, threshold=0.1):
+    """C matcher with vector centring and (optionally) per-prototype thresholds vs the NumPy reference."""
+    got = rt.match(v, dc, p, pc, mode, threshold, threads, means=means, thresholds=thresholds)
+    idx, sim = np_match(v, dc, p, pc, mode, means)
+    np.testing.assert_array_equal(got.idx, idx)
+    np.testing.assert_allclose(got.sim, sim, rtol=1e-5, atol=1e-5)
+    # identity decided on the C sims (no flaky ties at a threshold)
+    want = decide(idx, got.sim, threshold if thresholds is None else thresholds)
+    np.testing.assert_array_equal(got.identity, want)
+    return got
+
+
+@FAST
+@given(
+    n=st.integers(0, 30),
+    m=st.integers(0, 60),
+    d=st.sampled_from([1, 3, 16, 448]),
+    nc=st.sampled_from([1, 4, 80]),
+    per_class=st.booleans(),
+    per_proto=st.booleans(),
+    mode=st.sampled_from(["conditional", "global"]),
+    threads=st.sampled_from([0, 1, 2]),
+    seed=st.integers(0, 999),
+)
+def test_match_centring_matches_reference(n, m, d, nc, per_class, per_proto, mode, threads, seed) -> None:
+    rng = np.random.default_rng(seed)
+    v = rng.normal(0, 1, (n, d)).astype(np.float32) * rng.uniform(0.01, 100)
+    p = _unit(rng.normal(0, 1, (m, d))) if m else np.zeros((0, d), np.float32)
+    means = (rng.normal(0, 0.3, (nc if per_class else 1, d))).astype(np.float32)
+    thr = rng.uniform(-0.2, 0.3, m).astype(np.float32) if per_proto else None
+    _check_centred_match(v, rng.integers(0, nc, n), p, rng.integers(0, nc, m), mode, means, thr, threads)
+
+
+@pytest.mark.parametrize("mode", ["conditional", "global"])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("per_proto", [False, True])
+@pytest.mark.parametrize("per_class", [False, True])
+def test_match_centring_and_thresholds_at_size(mode, threads, per_proto, per_class) -> None:
+    rng = np.random.default_rng(5)
+    d = 448
+    common = rng.normal(0, 1, d)  # a shared direction: centring changes the winners
+    p = _unit(rng.normal(0, 1, (1000, d)))
+    pc = rng.integers(0, 80, 1000)
+    v = (rng.normal(0, 1, (100, d)) + 3 * common).astype(np.float32)
+    dc = rng.integers(0, 80, 100)
+    means = _unit(rng.normal(0, 0.2, (80 if per_class else 1, d)) + common) * 0.9
+    t = float(np.median(rt.match(v, dc, p, pc, mode, means=means).sim))  # half the detections known
+    thr = rng.uniform(t - 0.03, t + 0.03, 1000).astype(np.float32) if per_proto else None
+    got = _check_centred_match(v, dc, p, pc, mode, means, thr, threads, threshold=t)
+    plain = rt.match(v, dc, p, pc, mode, t, threads)
+    assert (got.idx != plain.idx).any()  # centring took effect
+    assert (got.identity >= 0).any() and (got.identity == -1).any()
+    if thr is not None:  # per-prototype thresholds decide, not the scalar one
+        assert (got.identity != decide(got.idx, got.sim, t)).any()
+
+
+def test_match_centring_and_thresholds_errors() -> None:
+    rng = np.random.default_rng(6)
+    d = 16
+    p, pc = _unit(rng.normal(0, 1, (10, d))), rng.integers(0, 4, 10)
+    v, dc = rng.normal(0, 1, (5, d)).astype(np.float32), np.array([0, 1, 2, 3, 7])
+    for mode in ("conditional", "global"):
+        with pytest.raises(rt.NativeRuntimeError, match=r"4 class means; vector 4 has class 7"):
+            rt.match(v, dc, p, pc, mode, means=np.zeros((4, d), np.float32))
+    with pytest.raises(rt.NativeRuntimeError, match="has class -1"):
+        rt.match(v, np.array([0, 1, -1, 2, 3]), p, pc, means=np.zeros((4, d), np.float32))
+    rt.match(v, dc, p, pc, means=np.zeros((1, d), np.float32))  # one global mean: any class
+    for bad in (np.zeros((4, d + 1), np.float32), np.zeros((0, d), np.float32), np.zeros(d, np.float32)):
+        with pytest.raises(rt.NativeRuntimeError, match=r"means .* must be \(1, 16\)"):
+            rt.match(v, dc, p, pc, means=bad)
+    with pytest.raises(rt.NativeRuntimeError, match="means must be a float32 array"):
+        rt.match(v, dc, p, pc, means=np.zeros((8, d), np.int64))
+    for bad in (np.zeros(9, np.float32), np.zeros((10, 1), np.float32)):
+        with pytest.raises(rt.NativeRuntimeError, match=r"thresholds .* one per prototype \(10,\)"):
+            rt.match(v, dc, p, pc, thresholds=bad)
+
+
 # ------------------------------------------------------------------------------------------ build
 def test_missing_library_says_how_to_rebuild(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(rt, "_HERE", tmp_path)
@@ -430,16 +508,32 @@ def test_cuda_twins_match_c_library() -> None:
         pc = rng.integers(0, 80, 1000)
         v = rng.normal(0, 1, (100, 448)).astype(np.float32)
         dc = rng.integers(0, 80, 100)
+        class_means = rng.normal(0, 0.1, (80, 448)).astype(np.float32)
+        thr = rng.uniform(-0.1, 0.2, 1000).astype(np.float32)
+        variants = [(None, None), (class_means, thr), (class_means[:1], None), (None, thr)]
         for mode in ("conditional", "global"):
-            want = rt.match(v, dc, p, pc, mode, 0.05)
-            outs = [np.zeros(100, np.int64), np.zeros(100, np.float32), np.zeros(100, np.int64)]
-            d_outs = [dev(o) for o in outs]
-            cuda.match(dev(v), 100, 448, dev(dc.astype(np.int64)), dev(p), 1000, dev(pc.astype(np.int64)), mode,
-                       0.05, *d_outs)  # fmt: skip
-            idx, sim, ident = (host(d, o) for d, o in zip(d_outs, outs))
-            np.testing.assert_array_equal(idx, want.idx)
-            np.testing.assert_allclose(sim, want.sim, rtol=1e-5, atol=1e-6)
-            np.testing.assert_array_equal(ident, want.identity)
+            for means, thresholds in variants:
+                want = rt.match(v, dc, p, pc, mode, 0.05, means=means, thresholds=thresholds)
+                outs = [np.zeros(100, np.int64), np.zeros(100, np.float32), np.zeros(100, np.int64)]
+                d_outs = [dev(o) for o in outs]
+                extra = {} if means is None else {"means": dev(means), "n_means": len(means)}
+                if thresholds is not None:
+                    extra["thresholds"] = dev(thresholds)
+                cuda.match(dev(v), 100, 448, dev(dc.astype(np.int64)), dev(p), 1000, dev(pc.astype(np.int64)),
+                           mode, 0.05, *d_outs, **extra)  # fmt: skip
+                idx, sim, ident = (host(d, o) for d, o in zip(d_outs, outs))
+                np.testing.assert_array_equal(idx, want.idx)
+                np.testing.assert_allclose(sim, want.sim, rtol=1e-5, atol=1e-6)
+                np.testing.assert_array_equal(
+                    ident, decide(idx, sim, 0.05 if thresholds is None else thresholds)
+                )
+        # a class without a mean: reported per detection (idx -1, sim NaN) as the error cannot be raised
+        outs = [np.zeros(100, np.int64), np.zeros(100, np.float32), np.zeros(100, np.int64)]
+        d_outs = [dev(o) for o in outs]
+        cuda.match(dev(v), 100, 448, dev(dc.astype(np.int64)), dev(p), 1000, dev(pc.astype(np.int64)),
+                   "conditional", 0.05, *d_outs, means=dev(class_means[:40]), n_means=40)  # fmt: skip
+        idx, sim, ident = (host(d, o) for d, o in zip(d_outs, outs))
+        assert ((idx == -1) & np.isnan(sim) & (ident == -1))[dc >= 40].all() and (idx[dc < 40] >= 0).any()
     finally:
         for ptr in bufs:
             cudart.cudaFree(ptr)

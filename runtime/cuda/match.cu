@@ -1,6 +1,8 @@
-// CUDA twin of src/match.c: one block per detection; the block L2-normalises its vector in shared memory,
-// threads take prototypes j = tid, tid + blockDim, ... (conditional: same class only), and a block
-// reduction keeps the best (first index on ties; any NaN -> idx -1, sim NaN; nothing eligible -> -1, -inf).
+// CUDA twin of src/match.c: one block per detection; the block L2-normalises its vector in shared memory
+// (centring: subtracts its class mean row and normalises again), threads take prototypes j = tid,
+// tid + blockDim, ... (conditional: same class only), and a block reduction keeps the best (first index on
+// ties; any NaN -> idx -1, sim NaN; nothing eligible -> -1, -inf); identity by the scalar threshold or the
+// winner's own threshold.
 #include <math.h>
 
 #include "common.cuh"
@@ -22,8 +24,24 @@ __device__ __forceinline__ Best better(Best a, Best b) {  // a precedes b in pro
     return r;
 }
 
+// max(sqrt(sum over the block of s), 1e-12) (NaN kept); every thread of the block must call it.
+__device__ float block_norm(double s, double *part) {
+    const int t = threadIdx.x;
+    part[t] = s;
+    __syncthreads();
+    for (int h = THREADS / 2; h > 0; h >>= 1) {
+        if (t < h) part[t] += part[t + h];
+        __syncthreads();
+    }
+    float nrm = (float)sqrt(part[0]);
+    __syncthreads();  // part is free again
+    if (!(nrm >= 1e-12f) && nrm == nrm) nrm = 1e-12f;
+    return nrm;
+}
+
 __global__ void k_match(const float *__restrict__ vec, int d, const int64_t *__restrict__ det_cls,
                         const float *__restrict__ protos, int m, const int64_t *__restrict__ proto_cls, int cond,
+                        const float *__restrict__ means, int n_means, const float *__restrict__ thresholds,
                         float threshold, int64_t *__restrict__ idx, float *__restrict__ sim,
                         int64_t *__restrict__ identity) {
     extern __shared__ float v[];
@@ -33,15 +51,25 @@ __global__ void k_match(const float *__restrict__ vec, int d, const int64_t *__r
     const float *x = vec + (size_t)i * d;
     double s = 0.0;
     for (int k = t; k < d; k += THREADS) s += (double)x[k] * x[k];
-    part[t] = s;
-    __syncthreads();
-    for (int h = THREADS / 2; h > 0; h >>= 1) {
-        if (t < h) part[t] += part[t + h];
-        __syncthreads();
+    const float nrm = block_norm(s, part);
+    for (int k = t; k < d; k += THREADS) v[k] = x[k] / nrm;  // each thread keeps its own k: no sync needed
+    if (n_means > 0) {  // vector centring (block-uniform branch)
+        const int64_t r = n_means > 1 ? det_cls[i] : 0;
+        if (r < 0 || r >= n_means) {  // class without a mean: reported as "not finite"
+            if (t == 0) idx[i] = -1, sim[i] = NAN;
+            if (t == 0 && identity) identity[i] = -1;
+            return;
+        }
+        const float *mu = means + (size_t)r * d;
+        s = 0.0;
+        for (int k = t; k < d; k += THREADS) {
+            const float y = v[k] - mu[k];
+            v[k] = y;
+            s += (double)y * y;
+        }
+        const float nrm2 = block_norm(s, part);
+        for (int k = t; k < d; k += THREADS) v[k] = v[k] / nrm2;
     }
-    float nrm = (float)sqrt(part[0]);
-    if (!(nrm >= 1e-12f) && nrm == nrm) nrm = 1e-12f;
-    for (int k = t; k < d; k += THREADS) v[k] = x[k] / nrm;
     __syncthreads();
     const int64_t c = cond ? det_cls[i] : 0;
     Best b = {-INFINITY, -1, 0};
@@ -71,22 +99,28 @@ __global__ void k_match(const float *__restrict__ vec, int d, const int64_t *__r
             id = isfinite(r.v) ? r.idx : -1, sv = r.v;
         idx[i] = id;
         sim[i] = sv;
-        if (identity) identity[i] = id >= 0 && sv >= threshold ? id : -1;
+        const float thr = id >= 0 && thresholds ? thresholds[id] : threshold;
+        if (identity) identity[i] = id >= 0 && sv >= thr ? id : -1;
     }
 }
 
 extern "C" MRT_API int mrt_cuda_match(const float *vectors, int n, int d, const int64_t *det_cls,
                                       const float *prototypes, int m, const int64_t *proto_cls, int mode,
-                                      float threshold, int64_t *idx, float *sim, int64_t *identity, void *stream) {
+                                      const float *means, int n_means, const float *thresholds, float threshold,
+                                      int64_t *idx, float *sim, int64_t *identity, void *stream) {
     MRT_CUDA_CHECK_ARG(n >= 0 && m >= 0 && d >= 1, "bad sizes n=%d m=%d d=%d", n, m, d);
     MRT_CUDA_CHECK_ARG(mode == MRT_MATCH_CONDITIONAL || mode == MRT_MATCH_GLOBAL, "matching mode %d unknown", mode);
     MRT_CUDA_CHECK_ARG(n == 0 || (vectors && idx && sim), "null pointer argument");
     MRT_CUDA_CHECK_ARG(m == 0 || prototypes, "null prototypes");
     MRT_CUDA_CHECK_ARG(mode == MRT_MATCH_GLOBAL || n == 0 || m == 0 || (det_cls && proto_cls), "null class arrays");
+    MRT_CUDA_CHECK_ARG(n_means >= 0 && (n_means == 0 || means), "bad vector centring means (n_means=%d)", n_means);
+    const int centre = means && n_means > 0 && m > 0;  // nothing to match: the reference skips centring
+    MRT_CUDA_CHECK_ARG(!centre || n_means == 1 || n == 0 || det_cls, "null class array (per-class means)");
     MRT_CUDA_CHECK_ARG((size_t)d * sizeof(float) <= 40 * 1024, "vector size %d too large (max 10240)", d);
     if (n == 0) return MRT_OK;
     k_match<<<n, THREADS, sizeof(float) * d, (cudaStream_t)stream>>>(
-        vectors, d, det_cls, prototypes, m, proto_cls, mode == MRT_MATCH_CONDITIONAL, threshold, idx, sim, identity);
+        vectors, d, det_cls, prototypes, m, proto_cls, mode == MRT_MATCH_CONDITIONAL, means, centre ? n_means : 0,
+        thresholds, threshold, idx, sim, identity);
     MRT_LAUNCHED();
     return MRT_OK;
 }

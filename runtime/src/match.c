@@ -1,4 +1,5 @@
-/* L2-normalise + cosine nearest prototype (mocha_edge.prototypes.match), conditional or global.
+/* L2-normalise (+ optional vector centring) + cosine nearest prototype (mocha_edge.prototypes.match),
+ * conditional or global; identity by one threshold or per-prototype thresholds (prototypes.decide).
  *
  * Conditional mode groups detections and prototypes by class, so only same-class dot products are made.
  * Dot products run in a 4 x 2 register-blocked kernel (vectorised over D with an OpenMP-SIMD reduction,
@@ -15,6 +16,16 @@
 #define CHUNK 48                  /* prototypes per cache block (48 x 448 x 4 B = 86 KB) */
 #define THREAD_WORK (4L << 20)    /* multiply-adds below which one thread is used */
 #define MAX_THREADS 8
+
+/* y = x / max(|x|, 1e-12) (norm accumulated in float64 over SIMD lanes; NaN kept); y may be x. */
+static void l2n_row(const float *x, float *y, int d) {
+    double s = 0.0;
+#pragma omp simd reduction(+ : s)
+    for (int k = 0; k < d; k++) s += (double)x[k] * x[k];
+    float nrm = (float)sqrt(s);
+    if (!(nrm >= 1e-12f) && nrm == nrm) nrm = 1e-12f;
+    for (int k = 0; k < d; k++) y[k] = x[k] / nrm;
+}
 
 typedef struct {
     float best;
@@ -97,13 +108,21 @@ static int key_cmp(const void *pa, const void *pb) {
 }
 
 int mrt_match(const float *vectors, int n, int d, const int64_t *det_cls, const float *prototypes, int m,
-              const int64_t *proto_cls, int mode, float threshold, int threads, int64_t *idx, float *sim,
-              int64_t *identity) {
+              const int64_t *proto_cls, int mode, const float *means, int n_means, const float *thresholds,
+              float threshold, int threads, int64_t *idx, float *sim, int64_t *identity) {
     MRT_CHECK(n >= 0 && m >= 0 && d >= 1, "bad sizes n=%d m=%d d=%d", n, m, d);
     MRT_CHECK(mode == MRT_MATCH_CONDITIONAL || mode == MRT_MATCH_GLOBAL, "matching mode %d unknown", mode);
     MRT_CHECK(n == 0 || (vectors && idx && sim), "null pointer argument");
     MRT_CHECK(m == 0 || prototypes, "null prototypes");
     MRT_CHECK(mode == MRT_MATCH_GLOBAL || n == 0 || m == 0 || (det_cls && proto_cls), "null class arrays");
+    MRT_CHECK(n_means >= 0 && (n_means == 0 || means), "bad vector centring means (n_means=%d)", n_means);
+    const int centre = means && n_means > 0 && m > 0; /* nothing to match: the reference skips centring */
+    MRT_CHECK(!centre || n_means == 1 || n == 0 || det_cls, "null class array (per-class means)");
+    if (centre && n_means > 1)
+        for (int i = 0; i < n; i++)
+            MRT_CHECK(det_cls[i] >= 0 && det_cls[i] < n_means,
+                      "vector centring has %d class means; vector %d has class %lld", n_means, i,
+                      (long long)det_cls[i]);
     if (n == 0) return MRT_OK;
     const int cond = mode == MRT_MATCH_CONDITIONAL;
     float *vn = malloc(sizeof(float) * (size_t)n * d);
@@ -117,14 +136,14 @@ int mrt_match(const float *vectors, int n, int d, const int64_t *det_cls, const 
         free(vn), free(dp), free(pp), free(pidx), free(bv), free(bp), free(dk), free(pk);
         return MRT_FAIL(MRT_ENOMEM, "out of memory (matching %d x %d)", n, m);
     }
-    for (int i = 0; i < n; i++) { /* L2-normalise (norm accumulated in float64, floor 1e-12) */
-        const float *x = vectors + (size_t)i * d;
-        double s = 0.0;
-        for (int k = 0; k < d; k++) s += (double)x[k] * x[k];
-        float nrm = (float)sqrt(s);
-        if (!(nrm >= 1e-12f) && nrm == nrm) nrm = 1e-12f;
+    for (int i = 0; i < n; i++) { /* L2-normalise; centring: subtract the class mean, normalise again */
         float *y = vn + (size_t)i * d;
-        for (int k = 0; k < d; k++) y[k] = x[k] / nrm;
+        l2n_row(vectors + (size_t)i * d, y, d);
+        if (centre) {
+            const float *mu = means + (size_t)(n_means > 1 ? det_cls[i] : 0) * d;
+            for (int k = 0; k < d; k++) y[k] -= mu[k];
+            l2n_row(y, y, d);
+        }
     }
     for (size_t i = 0; i < (size_t)n * MAX_THREADS; i++) bv[i] = (best_t){-INFINITY, -1, 0};
 
@@ -175,7 +194,10 @@ int mrt_match(const float *vectors, int n, int d, const int64_t *det_cls, const 
             idx[i] = -1, sim[i] = NAN;
         else
             idx[i] = isfinite(b->best) ? b->idx : -1, sim[i] = b->best;
-        if (identity) identity[i] = idx[i] >= 0 && sim[i] >= threshold ? idx[i] : -1;
+        if (identity) {
+            const float thr = idx[i] >= 0 && thresholds ? thresholds[idx[i]] : threshold;
+            identity[i] = idx[i] >= 0 && sim[i] >= thr ? idx[i] : -1;
+        }
     }
     free(vn), free(dp), free(pp), free(pidx), free(bv), free(bp), free(dk), free(pk);
     return MRT_OK;
