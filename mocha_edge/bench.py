@@ -116,14 +116,15 @@ def load_frames(
     return frames, times
 
 
-def synthetic_bank(dim: int, names: list[str], n: int, seed: int = 0):
-    """A bank of ``n`` random unit prototypes spread over the classes (the match stage's cost only)."""
+def synthetic_bank(dim: int, names: list[str], n: int, seed: int = 0, space: str = "none"):
+    """A bank of ``n`` random unit prototypes spread over the classes, threshold 0.5 each (the match
+    stage's cost only); ``dim`` / ``space``: the model's matching space."""
     from mocha_edge.prototypes import Identity, PrototypeBank, l2n
 
-    bank = PrototypeBank(dim=dim, model_fingerprint="bench", class_names=list(names), threshold=0.5)
+    bank = PrototypeBank(dim=dim, model_fingerprint="bench", class_names=list(names), space=space)
     shots = l2n(np.random.default_rng(seed).normal(size=(n, 1, dim)).astype(np.float32))
-    for i in range(n):  # filled directly: add() re-calibrates the threshold each time (quadratic)
-        bank.identities[f"obj{i:05d}"] = Identity(f"obj{i:05d}", i % len(names), shots[i])
+    for i in range(n):  # filled directly: add() re-calibrates the thresholds each time
+        bank.identities[f"obj{i:05d}"] = Identity(f"obj{i:05d}", i % len(names), shots[i], threshold=0.5)
     return bank
 
 
@@ -501,7 +502,12 @@ def run_bench(model: str | Path, opts: BenchOptions) -> dict[str, Any]:
         skipped: list[str] = []
         for plan in _plan(model, opts, work):
             s, facts = plan["imgsz"], plan["facts"]
-            bank = synthetic_bank(int(facts["vector_dim"]), list(facts["names"]), opts.prototypes)
+            from mocha_edge.export.onnx import load_space
+
+            sp = load_space(facts, plan["fp32"])
+            dim = sp.out_dim if sp is not None else int(facts["vector_dim"])
+            bank = synthetic_bank(dim, list(facts["names"]), opts.prototypes,
+                                  space=sp.fingerprint if sp is not None else "none")  # fmt: skip
             bank.model_fingerprint = facts["model_fingerprint"]
             candidates: list[tuple[str, str, Any]] = []
             for backend in opts.backends:
@@ -528,7 +534,8 @@ def run_bench(model: str | Path, opts: BenchOptions) -> dict[str, Any]:
             for backend, prec, make in candidates:
                 log(f"bench {backend} {prec} {s} ...")
                 engine = make()
-                pipe = Pipeline(engine, conf=opts.conf, iou=opts.iou, bank=bank, mode=opts.mode, facts=facts)
+                pipe = Pipeline(engine, conf=opts.conf, iou=opts.iou, bank=bank, mode=opts.mode, facts=facts,
+                                space=sp)  # fmt: skip
                 times = time_pipeline(pipe, frames, opts.warmup)
                 row = row_from_times(backend, prec, s, times, capture)
                 row["threads"] = getattr(engine, "threads", None)

@@ -305,11 +305,13 @@ def embed_supports(
                         f"pass --class NAME (one of: {', '.join(names)})"
                     )
                 ids[i] = int(dets.cls[int(iou.argmax())])
-        for i, v in zip(idx, student.embed(bgr, boxes), strict=True):
-            vecs[i] = v
         if views:
-            for i, a in zip(idx, embed_views(student, bgr, boxes), strict=True):
-                aug[i] = a
+            v, av = embed_views(student, bgr, boxes)
+            for i, x, a in zip(idx, v, av, strict=True):
+                vecs[i], aug[i] = x, a
+        else:
+            for i, x in zip(idx, student.embed(bgr, boxes), strict=True):
+                vecs[i] = x
     out = (np.stack(vecs) if vecs else np.zeros((0, student.dim), np.float32)).astype(np.float32)
     if views:
         return (
@@ -331,8 +333,8 @@ def _check_bank(bank: PrototypeBank, student: Student, keep_translator: bool, pa
         warnings.simplefilter("always")
         try:
             sp = getattr(student, "space", None)
-            bank.check(student.fingerprint, student.dim, precision="fp32", source=student.source,
-                       space=sp.fingerprint if sp is not None else "none")  # fmt: skip
+            bank.check(student.fingerprint, sp.out_dim if sp is not None else student.dim, precision="fp32",
+                       source=student.source, space=sp.fingerprint if sp is not None else "none")  # fmt: skip
         except BankError as e:
             raise BankError(f"{path}: {e}") from None
     return [str(w.message) for w in caught]
@@ -470,7 +472,8 @@ def enroll(
             "plain ultralytics .pt): no centring, and thresholds come from the support shots alone"
         )
     if bank is None:
-        bank = PrototypeBank(student.dim, student.fingerprint, list(student.names), "fp32", keep_translator,
+        dim = sp.out_dim if sp is not None else student.dim
+        bank = PrototypeBank(dim, student.fingerprint, list(student.names), "fp32", keep_translator,
                              space=sp.fingerprint if sp is not None else "none")  # fmt: skip
         summary.created = True
     else:
@@ -556,37 +559,41 @@ AUG_GAINS = (0.75, 1.25)  # brightness gain
 
 
 def augmented_views(bgr: np.ndarray, boxes: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Views of support boxes (xyxy pixels) a camera could give of the same objects: the image mirrored,
-    rescaled and darker/brighter, and each box shifted by ``AUG_SHIFT`` of its side in four directions.
-    Returns ``[(image, boxes (n, 4)), ...]``: one forward pass each; the shifted boxes ride on the original
-    image (four boxes per support box in one entry)."""
+    """Views of support boxes (xyxy pixels) a camera could give of the same objects. Entry 0 is the image
+    itself with the boxes, then each box shifted by ``AUG_SHIFT`` of its side in four directions (a
+    detector's box noise; ``5n`` boxes); then the image mirrored, rescaled (``AUG_SCALES``) and darker /
+    brighter (``AUG_GAINS``) with the boxes moved along. One forward pass per entry."""
     import cv2
 
     b = np.asarray(boxes, np.float32).reshape(-1, 4)
     h, w = bgr.shape[:2]
-    out = [(np.ascontiguousarray(bgr[:, ::-1]), np.stack([w - b[:, 2], b[:, 1], w - b[:, 0], b[:, 3]], 1))]
-    for s in AUG_SCALES:
-        nw, nh = max(round(w * s), 8), max(round(h * s), 8)
-        img = cv2.resize(bgr, (nw, nh), interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR)
+    bw, bh = (b[:, 2] - b[:, 0])[:, None], (b[:, 3] - b[:, 1])[:, None]
+    shifted = [b]
+    for dx, dy in ((1, 0), (-1, 0), (0, 1), (0, -1)):
+        s = b + AUG_SHIFT * np.concatenate([dx * bw, dy * bh, dx * bw, dy * bh], 1)
+        shifted.append(np.clip(s, 0, [w, h, w, h]).astype(np.float32))
+    out = [(bgr, np.concatenate(shifted))]
+    out.append(
+        (np.ascontiguousarray(bgr[:, ::-1]), np.stack([w - b[:, 2], b[:, 1], w - b[:, 0], b[:, 3]], 1))
+    )
+    for sc in AUG_SCALES:
+        nw, nh = max(round(w * sc), 8), max(round(h * sc), 8)
+        img = cv2.resize(bgr, (nw, nh), interpolation=cv2.INTER_AREA if sc < 1 else cv2.INTER_LINEAR)
         out.append((img, b * np.array([nw / w, nh / h, nw / w, nh / h], np.float32)))
     for g in AUG_GAINS:
         out.append((np.clip(bgr.astype(np.float32) * g, 0, 255).astype(np.uint8), b))
-    bw, bh = (b[:, 2] - b[:, 0])[:, None], (b[:, 3] - b[:, 1])[:, None]
-    shifts = []
-    for dx, dy in ((1, 0), (-1, 0), (0, 1), (0, -1)):
-        s = b + AUG_SHIFT * np.concatenate([dx * bw, dy * bh, dx * bw, dy * bh], 1)
-        shifts.append(np.clip(s, 0, [w, h, w, h]))
-    out.append((bgr, np.concatenate(shifts)))
     return out
 
 
-def embed_views(student: Any, bgr: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """Vectors of :func:`augmented_views` of each support box: ``(n, V, D)`` raw pooled vectors."""
+def embed_views(student: Any, bgr: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Vectors of support boxes and of their :func:`augmented_views` in one batched forward pass:
+    ``(vectors (n, D), views (n, V, D))``, raw pooled vectors."""
     b = np.asarray(boxes, np.float32).reshape(-1, 4)
-    if not len(b):
-        return np.zeros((0, 0, student.dim), np.float32)
+    n = len(b)
+    if not n:
+        return np.zeros((0, student.dim), np.float32), np.zeros((0, 0, student.dim), np.float32)
     views = augmented_views(bgr, b)
     vecs = student.embed_batch([v[0] for v in views], [v[1] for v in views])
-    n = len(b)
-    per = [v.reshape(-1, n, v.shape[-1]) for v in vecs]  # shifted entry: (4, n, D); others (1, n, D)
-    return np.concatenate(per, 0).transpose(1, 0, 2).astype(np.float32)
+    per = [v.reshape(-1, n, v.shape[-1]) for v in vecs]  # entry 0: (5, n, D); the others (1, n, D)
+    allv = np.concatenate(per, 0).transpose(1, 0, 2).astype(np.float32)  # (n, 1 + V, D)
+    return allv[:, 0], allv[:, 1:]

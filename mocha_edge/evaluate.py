@@ -26,8 +26,8 @@ import torch
 from mocha_edge.data.dataset import Dataset, Episode
 from mocha_edge.errors import MochaError
 from mocha_edge.openset import IdCounts, score_image, summarise
-from mocha_edge.prototypes import PrototypeBank, decide, l2n, match
-from mocha_edge.space import VectorSpace, build_space, fit_space
+from mocha_edge.prototypes import NAME_CONF, PrototypeBank, decide, l2n, match
+from mocha_edge.space import VectorSpace, anisotropy, build_space, fit_space
 
 IOUV = torch.linspace(0.5, 0.95, 10)
 RUN_CONF = 0.25  # `mocha-edge run`'s default confidence threshold (its NMS IoU 0.7 is eval's too)
@@ -88,13 +88,15 @@ def _student_views(
             items[p].boxes * np.array([im.shape[1], im.shape[0]] * 2, np.float32)
             for p, im in zip(chunk, imgs)
         ]
+        if augment:  # the support vectors come with their augmented views (one batched pass per image)
+            for p, im, b in zip(chunk, imgs, boxes):
+                v, av = embed_views(student, im, b)
+                for j in range(len(v)):
+                    sup[(p, j)], sup_views[(p, j)] = v[j], av[j]
+            continue
         for p, vecs in zip(chunk, student.embed_batch(imgs, boxes)):
             for j, v in enumerate(vecs):
                 sup[(p, j)] = v
-        if augment:
-            for p, im, b in zip(chunk, imgs, boxes):
-                for j, v in enumerate(embed_views(student, im, b)):
-                    sup_views[(p, j)] = v
     qry = {}
     paths = sorted(query)
     for s in range(0, len(paths), 16):
@@ -116,7 +118,9 @@ def _student_views(
     return Views(sup, qry, sup_views if augment else None)
 
 
-def _teacher_views(cache, ds: Dataset, support: set[Path], query: set[Path]) -> Views:
+def _teacher_views(
+    cache, ds: Dataset, support: set[Path], query: set[Path], kind: str = "class-mean", proj: bool = True
+) -> Views:
     items = {it.path: it for it in ds.items()}
     vecs = cache.raw.astype(np.float32) if cache.raw is not None else cache.targets
 
@@ -132,13 +136,14 @@ def _teacher_views(cache, ds: Dataset, support: set[Path], query: set[Path]) -> 
     for p in sorted(support):
         for j, r in enumerate(rows(items[p])):
             sup[(p, j)] = vecs[r]
-    base_rows, base_cls = [], []  # the teacher's own base vectors (training split) fit its vector space
+    base_rows, base_cls, base_ids = [], [], []  # the teacher's base vectors (training split) fit its space
     for it in ds.items("train"):
-        for b, c in zip(it.boxes, it.cls):
+        for b, c, i in zip(it.boxes, it.cls, it.instance):
             r = cache.index_of(it.content_hash, b)
             if r is not None:
                 base_rows.append(r)
                 base_cls.append(int(c))
+                base_ids.append(int(i))
     qry = {}
     gt_px = _gt_pixels(ds, query)
     for p in sorted(query):
@@ -146,7 +151,10 @@ def _teacher_views(cache, ds: Dataset, support: set[Path], query: set[Path]) -> 
         r = rows(it)
         qry[p] = (gt_px[p], np.ones(len(r), np.float32), it.cls.copy(),
                   vecs[r] if r else np.zeros((0, vecs.shape[1]), np.float32))  # fmt: skip
-    space = build_space(vecs[base_rows], np.asarray(base_cls), len(ds.names)) if base_rows else None
+    space = None
+    if base_rows:
+        ids = np.asarray(base_ids) if proj else None
+        space = build_space(vecs[base_rows], np.asarray(base_cls), len(ds.names), kind, instance=ids)
     return Views(sup, qry, None, space)
 
 
@@ -181,8 +189,15 @@ def _episode_map(
         for j, inst in enumerate(it.instance.tolist()):
             shots.setdefault(int(inst), []).append(views.support[(p, j)])
     inst_ids = sorted(shots)
-    protos = np.stack([l2n(np.stack([l2n(v) for v in shots[i]]).mean(0)) for i in inst_ids])
     proto_cls = np.asarray([ds.idmap[i] for i in inst_ids], np.int64)
+    sp = views.space  # rank in the matching space when the view has one (prototypes: mean of unit shots)
+    if sp is not None:
+        protos = np.stack(
+            [l2n(sp.centre(np.stack(shots[i]), c).mean(0)) for i, c in zip(inst_ids, proto_cls)]
+        )
+    else:
+        protos = np.stack([l2n(np.stack([l2n(v) for v in shots[i]]).mean(0)) for i in inst_ids])
+    means, proj = (sp.matcher_means, sp.proj) if sp is not None else (None, None)
     matcher = SimpleNamespace(iouv=IOUV)
     tps, confs, pcls, tcls = [], [], [], []
     for p in ep.query:
@@ -193,7 +208,7 @@ def _episode_map(
         tcls.append(it.instance.astype(np.int64))
         if len(scores) == 0:
             continue
-        idx, sim = match(vecs, cls, protos, proto_cls, mode)
+        idx, sim = match(vecs, cls, protos, proto_cls, mode, means, proj)
         keep = idx >= 0
         ident = np.where(keep, np.asarray(inst_ids)[np.maximum(idx, 0)], -1)
         score = scores * np.maximum(sim, 0) * keep
@@ -237,10 +252,11 @@ def _episode_openset(
     seed: Any,
     run_conf: float = RUN_CONF,
     threshold: float | None = None,
+    name_conf: float = NAME_CONF,
 ) -> IdCounts:
     """One open-set episode: a seeded half of each class's identities enrolled in a bank (its own
     calibrated thresholds, or ``threshold`` for all), the rest left in the queries as unenrolled objects;
-    detections at ``run``'s confidence; see :mod:`mocha_edge.openset`."""
+    detections at ``run``'s confidence, named from ``name_conf`` up; see :mod:`mocha_edge.openset`."""
     assert ds.fine_names is not None and ds.idmap is not None
     space = views.space
     shots: dict[int, list[tuple[Path, int]]] = {}
@@ -248,7 +264,7 @@ def _episode_openset(
         for j, inst in enumerate(items[p].instance.tolist()):
             shots.setdefault(int(inst), []).append((p, j))
     enrolled = enrolled_half(ds, list(shots), seed)
-    dim = len(next(iter(views.support.values())))
+    dim = space.out_dim if space is not None else len(next(iter(views.support.values())))
     bank = PrototypeBank(dim, "eval", list(ds.names), space=space.fingerprint if space else "none")
     neg_cache: dict[int, np.ndarray] = {}
 
@@ -269,14 +285,14 @@ def _episode_openset(
         bank.add(ds.fine_names[inst], c, centred(vec, c), views=aug, negatives=negatives)
     protos, names, proto_cls = bank.prototypes()
     thr = bank.thresholds() if threshold is None else np.full(len(names), threshold, np.float32)
-    means = space.matcher_means if space is not None else None
+    means, proj = (space.matcher_means, space.proj) if space is not None else (None, None)
     total = IdCounts()
     for p in ep.query:
         it = items[p]
         boxes, scores, cls, vecs = views.query[p]
         keep = np.asarray(scores) >= run_conf
-        idx, sim = match(np.asarray(vecs)[keep], np.asarray(cls)[keep], protos, proto_cls, mode, means)
-        ident = decide(idx, sim, thr)
+        idx, sim = match(np.asarray(vecs)[keep], np.asarray(cls)[keep], protos, proto_cls, mode, means, proj)
+        ident = np.where(np.asarray(scores)[keep] >= name_conf, decide(idx, sim, thr), -1)
         det_names = [names[i] if i >= 0 else None for i in ident]
         gt_ident = [ds.fine_names[i] if i in enrolled else None for i in it.instance.tolist()]
         total += score_image(gt_px[p], gt_ident, np.asarray(boxes)[keep], np.asarray(scores)[keep], det_names)
@@ -345,12 +361,25 @@ def evaluate(
         )
     if teacher_cache is not None:
         views["teacher"] = _teacher_views(teacher_cache, ds, support, query)
-        sp = views["teacher"].space
-        if sp is not None and centring is not None and centring != sp.kind:
-            views["teacher"].space = build_space(sp.base_vectors, sp.base_cls, len(ds.names), centring)
+        if centring is not None:
+            kind, proj = parse_space(centring)
+            views["teacher"] = _teacher_views(teacher_cache, ds, support, query, kind, proj)
 
     gt_px = _gt_pixels(ds, query)
     items = {it.path: it for it in ds.items()}
+    aniso = {}  # how much of a cosine is shared direction, before / after the matching space (support boxes)
+    for name, v in views.items():
+        if v.space is not None and v.support:
+            keys = sorted(v.support, key=lambda k: (str(k[0]), k[1]))
+            vec = np.stack([v.support[k] for k in keys])
+            cls = np.asarray([ds.idmap[int(items[p].instance[j])] for p, j in keys])
+            aniso[name] = {
+                "space": v.space.name,
+                "raw": anisotropy(vec, cls),
+                "matching": anisotropy(vec, cls, v.space),
+            }
+            log(f"{name}: mean cosine between different objects of a class {aniso[name]['raw']['same_class_cos']:.3f} "
+                f"raw, {aniso[name]['matching']['same_class_cos']:.3f} in {v.space.name}")  # fmt: skip
     results = []
     for name, v in views.items():
         for mode in matches:
@@ -367,7 +396,7 @@ def evaluate(
                         for e, ep in enumerate(eps)
                     ]
                     row.update(summarise(counts))
-                    row["centring"] = v.space.kind if v.space is not None else "none"
+                    row["space"] = v.space.name if v.space is not None else "none"
                 results.append(row)
     return {
         "dataset": str(ds.source),
@@ -380,6 +409,7 @@ def evaluate(
         }
         if openset
         else None,
+        "anisotropy": aniso,
         "episodes_source": {
             k: ("episodes file" if ds.episodes.get(k) else f"sampled, seed {seed + k}") for k in shots
         },
@@ -387,16 +417,26 @@ def evaluate(
     }
 
 
-def _model_space(student: Any, ds: Dataset, centring: str | None, name: str, log: Callable[[str], None]):
-    """The student's own vector space, or one fitted now on the training split (kind ``centring``)."""
+def parse_space(spec: str) -> tuple[str, bool]:
+    """``KIND[+wccn]`` (``class-mean+wccn``, ``global-mean``, ``none``, ...) -> (centring kind, projection)."""
+    from mocha_edge.space import KINDS
+
+    kind, _, extra = spec.partition("+")
+    if kind not in KINDS or extra not in ("", "wccn"):
+        raise EvalError(f"--space {spec!r}: expected one of {', '.join(KINDS)}, optionally +wccn")
+    return kind, extra == "wccn"
+
+
+def _model_space(student: Any, ds: Dataset, spec: str | None, name: str, log: Callable[[str], None]):
+    """The student's own vector space, or one fitted now on the training split (``spec``, see
+    :func:`parse_space`; default ``class-mean+wccn``)."""
     sp = getattr(student, "space", None)
-    if sp is not None and (centring is None or centring == sp.kind):
+    if sp is not None and spec is None:
         return sp
-    if sp is not None:
-        return build_space(sp.base_vectors, sp.base_cls, len(student.names), centring)
-    kind = centring or "class-mean"
-    log(f"{name}: no vector space in the model; fitting {kind} centring on {ds.source}'s training split")
-    return fit_space(student, ds, kind)
+    kind, proj = parse_space(spec or "class-mean+wccn")
+    if sp is None:
+        log(f"{name}: no vector space in the model; fitting {spec or 'class-mean+wccn'} on {ds.source}")
+    return fit_space(student, ds, kind, proj=proj)
 
 
 def detection_map(model: Any, ds: Dataset, split: str = "val", conf: float = 0.001) -> tuple[float, float]:
@@ -433,14 +473,23 @@ def detection_map(model: Any, ds: Dataset, split: str = "val", conf: float = 0.0
 
 
 def format_table(report: dict[str, Any]) -> str:
-    """Markdown table of a report's rows."""
-    lines = [
-        "| model | match | shots | mAP50 | ±95% | mAP50-95 | episodes |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    """Markdown table of a report's rows: the ranking (mAP) and, when measured, the decision at the
+    operating point (identity precision / recall / false identifications, ± 95 %)."""
+    ops = any("id_precision" in r for r in report["results"])
+    head = "| model | match | shots | mAP50 | ±95% | mAP50-95 |"
+    if ops:
+        head += " id precision | id recall | false IDs | detected |"
+    lines = [head + " episodes |", "|" + "---|" * (head.count("|"))]
+
+    def pm(r: dict[str, Any], k: str) -> str:
+        v, ci = r.get(k, float("nan")), r.get(f"ci95_{k}", float("nan"))
+        return "—" if not np.isfinite(v) else f"{v:.1f} ± {ci:.1f}"
+
     for r in report["results"]:
-        lines.append(
-            f"| {r['model']} | {r['match']} | {r['shots']} | {r['map50']:.1f} | {r['ci95_map50']:.1f} | "
-            f"{r['map50_95']:.1f} | {r['episodes']} |"
-        )
+        row = f"| {r['model']} | {r['match']} | {r['shots']} | {r['map50']:.1f} | {r['ci95_map50']:.1f} | {r['map50_95']:.1f} |"
+        if ops:
+            det = r.get("det_recall_novel", float("nan"))
+            row += f" {pm(r, 'id_precision')} | {pm(r, 'id_recall')} | {pm(r, 'false_id_rate')} | "
+            row += ("—" if not np.isfinite(det) else f"{det:.1f}") + " |"
+        lines.append(row + f" {r['episodes']} |")
     return "\n".join(lines)

@@ -391,20 +391,24 @@ class LiveEnroller:
 
     def enrol(self, name: str, vector: np.ndarray, coarse: int, where: str) -> bool:
         """Enrol one shot of ``name``; a one-line confirmation or warning. True when the bank changed."""
-        from mocha_edge.prototypes import BankError, PrototypeBank
+        from mocha_edge.prototypes import BankError, PrototypeBank, l2n
 
         if self.path is None:
             self.log("warning: live enrolment needs a bank file: start with --prototypes FILE")
             return False
         names = list(self.pipe.names)
         fingerprint = str(self.pipe.facts["model_fingerprint"])
+        space = getattr(self.pipe, "space", None)  # the model's matching space (centring + projection)
         bank = (
             copy.deepcopy(self.bank)
             if self.bank is not None
-            else PrototypeBank(int(self.pipe.dim), fingerprint, names, _precision(self.pipe))
-        )
+            else PrototypeBank(space.out_dim if space is not None else int(self.pipe.dim), fingerprint, names,
+                               _precision(self.pipe), space=space.fingerprint if space is not None else "none")
+        )  # fmt: skip
+        shot = space.centre(vector[None], coarse) if space is not None else l2n(vector[None])
         try:
-            bank.add(name, coarse, vector[None], append=name in bank.identities)
+            bank.add(name, coarse, shot, append=name in bank.identities,
+                     negatives=space.negatives if space is not None else None)  # fmt: skip
         except BankError as e:
             self.log(f"warning: enroll {name}: {e}")
             return False
@@ -420,6 +424,8 @@ class LiveEnroller:
         self.log(
             f"enrolled {name!r} ({names[coarse]}) from {where}: {k} shot{'s' * (k > 1)}, "
             f"{len(bank.identities)} identities, saved {self.path}"
+            + f" (threshold {bank.identities[name].threshold:.3f})"
+            * (space is not None)
         )
         return True
 
@@ -690,6 +696,8 @@ def run(
     iou: float = 0.7,
     mode: str = "conditional",
     gpu_stages: str = "auto",
+    threshold: float | None = None,
+    name_conf: float | None = None,
     pipeline_factory: PipelineFactory = make_pipeline,
     commands: Any | None = None,
     console: Console | None = None,
@@ -725,7 +733,9 @@ def run(
                 bank = PrototypeBank.load(bank_path)
             else:
                 console.log(f"{bank_path}: no bank yet; starting empty (live enrolments create it)")
-        pipe = pipeline_factory(model, backend=backend, conf=conf, iou=iou, mode=mode, gpu_stages=gpu_stages)
+        extra = {k: v for k, v in (("threshold", threshold), ("name_conf", name_conf)) if v is not None}
+        pipe = pipeline_factory(model, backend=backend, conf=conf, iou=iou, mode=mode, gpu_stages=gpu_stages,
+                                **extra)  # fmt: skip
         note = getattr(pipe, "gpu_stages_note", "")
         if note:
             console.log(note)
@@ -755,6 +765,10 @@ def run(
               "exists].")  # fmt: skip
 @click.option("--conf", default=0.25, show_default=True, help="Detection confidence threshold.")
 @click.option("--iou", default=0.7, show_default=True, help="NMS IoU threshold.")
+@click.option("--threshold", type=float, default=None, metavar="T",
+              help="One cosine threshold for every identity instead of the bank's own per-identity ones.")  # fmt: skip
+@click.option("--name-conf", type=float, default=None, metavar="C",
+              help="Detection confidence a detection needs to be named [default: 0.5].")  # fmt: skip
 @click.option("--mode", type=click.Choice(["conditional", "global"]), default="conditional", show_default=True,
               help="Match within the detected class, or against every prototype.")  # fmt: skip
 @click.option("--backend", type=click.Choice(["ort", "trt"]), default=None,
@@ -765,8 +779,9 @@ def run(
 @click.option("--max-frames", type=int, help="Stop after N frames.")
 @click.option("--fps-every", default=5.0, show_default=True, help="Seconds between FPS lines (0: none).")
 def run_cmd(model: Path, bank: Path | None, source: str | None, camera: int | None, csi: int | None,
-            save: Path | None, jsonl: Path | None, show: bool | None, conf: float, iou: float, mode: str,
-            backend: str | None, gpu_stages: str, max_frames: int | None, fps_every: float) -> None:  # fmt: skip
+            save: Path | None, jsonl: Path | None, show: bool | None, conf: float, iou: float,
+            threshold: float | None, name_conf: float | None, mode: str, backend: str | None, gpu_stages: str,
+            max_frames: int | None, fps_every: float) -> None:  # fmt: skip
     """Run the exported MODEL (.onnx from `mocha-edge export`, or a TensorRT .engine) on a live source:
     detect, match against the prototype bank, write/show the results, enrol new objects on the fly.
 
@@ -792,10 +807,13 @@ def run_cmd(model: Path, bank: Path | None, source: str | None, camera: int | No
         raise click.UsageError("give exactly one of --source, --camera, --csi")
     if max_frames is not None and max_frames < 1:
         raise click.BadParameter("must be >= 1", param_hint="--max-frames")
+    if threshold is not None and not -1.0 <= threshold <= 1.0:
+        raise click.BadParameter("a cosine in [-1, 1]", param_hint="--threshold")
     opts = RunOptions(save=save, jsonl=jsonl, show=show, max_frames=max_frames, fps_every=fps_every)
     summary = run(
         model, given[0], opts, bank_path=bank, backend=backend, conf=conf, iou=iou, mode=mode,
-        gpu_stages=gpu_stages, pipeline_factory=make_pipeline, commands=StdinCommands.start(), console=Console(),
+        gpu_stages=gpu_stages, threshold=threshold, name_conf=name_conf, pipeline_factory=make_pipeline,
+        commands=StdinCommands.start(), console=Console(),
     )  # fmt: skip
     click.echo(summary.line())
 

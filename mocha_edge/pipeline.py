@@ -155,8 +155,13 @@ class Pipeline:
         native_threads: int | None = None,
         gpu_stages: str = "auto",
         kernels: Any = None,
+        threshold: float | None = None,
+        name_conf: float | None = None,
+        space: Any = None,
     ) -> None:
         from mocha_edge import runtime
+        from mocha_edge.export.onnx import load_space
+        from mocha_edge.prototypes import NAME_CONF
 
         self.rt = runtime
         if isinstance(model, (str, Path)):
@@ -193,6 +198,13 @@ class Pipeline:
         if mode not in ("conditional", "global"):
             raise PipelineError(f"matching mode must be 'conditional' or 'global', not {mode!r}")
         self.facts = facts
+        # the matching space (centring + projection) the export ships beside the model (NAME.space.safetensors)
+        # (an engine object: ``space=`` or its ``.space``; a model file: the file its facts name)
+        if space is None:
+            space = (
+                load_space(facts, model) if isinstance(model, (str, Path)) else getattr(model, "space", None)
+            )
+        self.space = space
         self.imgsz = int(facts["imgsz"])
         self.strides = [float(s) for s in facts["strides"]]
         self.names = list(facts["names"])
@@ -211,9 +223,15 @@ class Pipeline:
         self.timings: dict[str, float] = {}
         self.gpu_stages, self.gpu_stages_note = self._device_stages(gpu_stages, kernels)
         self.identity_names: list[str] = []
-        self._protos = np.zeros((0, self.dim), np.float32)
+        self.match_dim = self.space.out_dim if self.space is not None else self.dim
+        self._protos = np.zeros((0, self.match_dim), np.float32)
         self._proto_cls = np.zeros(0, np.int64)
-        self.threshold = -np.inf
+        self._thresholds = np.zeros(0, np.float32)
+        self._means = None if self.space is None else self.space.matcher_means
+        self._proj = None if self.space is None else self.space.proj
+        # run --threshold: one cosine for every identity instead of the bank's own (None: the bank's)
+        self.threshold = None if threshold is None else float(threshold)
+        self.name_conf = NAME_CONF if name_conf is None else float(name_conf)
         if bank is not None:
             self.set_bank(bank)
 
@@ -254,13 +272,14 @@ class Pipeline:
             )
         precision = (self.facts.get("engine") or {}).get("precision", "fp32")
         bank.check(
-            self.facts["model_fingerprint"], self.dim, precision, source=str(self.facts.get("source", ""))
-        )
+            self.facts["model_fingerprint"], self.match_dim, precision, source=str(self.facts.get("source", "")),
+            space=self.space.fingerprint if self.space is not None else "none",
+        )  # fmt: skip
         p, names, coarse = bank.prototypes()
         self._protos = np.ascontiguousarray(p, np.float32)
         self._proto_cls = np.ascontiguousarray(coarse, np.int64)
+        self._thresholds = np.ascontiguousarray(bank.thresholds(), np.float32)
         self.identity_names = names
-        self.threshold = float(bank.threshold)
 
     def __call__(self, bgr: np.ndarray) -> Detections:
         if not isinstance(bgr, np.ndarray) or bgr.dtype != np.uint8 or bgr.ndim != 3 or bgr.shape[2] != 3:
@@ -286,7 +305,7 @@ class Pipeline:
         t3 = time.perf_counter()
         vectors = rt.pool(maps, boxes_lb, self.strides)
         t3b = time.perf_counter()
-        ident, sim = self._match(vectors, cls)
+        ident, sim = self._match(vectors, cls, scores)
         t4 = time.perf_counter()
         self.timings = {"pre": (t1 - t0) * 1e3, "infer": (t2 - t1) * 1e3, "post": (t3 - t2) * 1e3,
                         "pool": (t3b - t3) * 1e3, "match": (t4 - t3b) * 1e3}  # fmt: skip
@@ -295,13 +314,27 @@ class Pipeline:
     def _call_device(self, bgr: np.ndarray) -> Detections:
         boxes, scores, cls, vectors = self.gpu_stages(bgr, self.conf, self.iou)
         t3b = time.perf_counter()
-        ident, sim = self._match(vectors, cls)
+        ident, sim = self._match(vectors, cls, scores)
         self.timings = {**self.gpu_stages.timings, "match": (time.perf_counter() - t3b) * 1e3}
         return Detections(boxes, scores, cls, vectors, ident, sim)
 
-    def _match(self, vectors: np.ndarray, cls: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Identity index (-1: unknown or no bank) and cosine of each detection against the bank."""
+    def _match(
+        self, vectors: np.ndarray, cls: np.ndarray, scores: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Identity index (-1: unknown or no bank) and cosine of each detection against the bank, in the
+        model's matching space; a name needs the identity's threshold (or ``threshold`` for all) and a
+        detection confidence of at least ``name_conf``."""
         if not len(self._protos):
             return np.full(len(cls), -1, np.int64), np.full(len(cls), -np.inf, np.float32)
-        _, sim, ident = self.rt.match(vectors, cls, self._protos, self._proto_cls, self.mode, self.threshold)
+        per = None if self.threshold is not None else self._thresholds
+        one = -np.inf if self.threshold is None else self.threshold
+        _, sim, ident = self.rt.match(vectors, cls, self._protos, self._proto_cls, self.mode, one,
+                                      means=self._means, thresholds=per, proj=self._proj)  # fmt: skip
+        ident[np.asarray(scores) < self.name_conf] = -1
         return ident, sim
+
+    def to_space(self, vectors: np.ndarray, cls: np.ndarray) -> np.ndarray:
+        """Pooled vectors in the matching space (what a bank stores for them)."""
+        from mocha_edge.prototypes import l2n
+
+        return self.space.centre(vectors, cls) if self.space is not None else l2n(vectors)

@@ -645,7 +645,7 @@ class Trainer:
         # the matching space of the final student: centring means + shipped base vectors (mocha_edge.space)
         t0 = time.perf_counter()
         self.vector_space = self.fit_vector_space()
-        self.log(f"vector space: {self.vector_space.kind} centring, {len(self.vector_space.base_vectors)} base "
+        self.log(f"vector space: {self.vector_space.name}, {len(self.vector_space.base_vectors)} base "
                  f"vectors kept ({time.perf_counter() - t0:.1f} s)")  # fmt: skip
         self._save(cfg.epochs - 1)
         return TrainResult(self.out, self.ckpt_path, self.student_path, self.history)

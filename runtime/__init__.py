@@ -21,7 +21,7 @@ from mocha_edge.errors import MochaError
 _HERE = Path(__file__).resolve().parent
 _BUILD_INFO = _HERE / "_mocha_rt_build.json"
 _CUDA_LIB = _HERE / "_mocha_rt_cuda.so"
-ABI_VERSION = 2
+ABI_VERSION = 3
 MODES = {"conditional": 0, "global": 1}
 
 
@@ -71,7 +71,7 @@ def _load() -> ctypes.CDLL:
         "mrt_letterbox_ex": (_I, _args("PiisiiPP")),
         "mrt_decode_nms": (_I, _args("PPiiiPPiffiiddddiiPPPPP")),
         "mrt_pool": (_I, _args("PPPiPiP")),
-        "mrt_match": (_I, _args("PiiPPiPiPiPfiPPP")),
+        "mrt_match": (_I, _args("PiiPPiPiPiPiPfiPPP")),
         "mrt_set_threads": (None, _args("i")),
         "mrt_qsilu_table": (None, _args("fifiP")),
         "mrt_lut_u8": (None, _args("PPPz")),
@@ -276,20 +276,34 @@ def match(
     threads: int = 0,
     means: np.ndarray | None = None,
     thresholds: np.ndarray | None = None,
+    proj: np.ndarray | None = None,
 ) -> Match:
     """L2-normalise ``vectors (N, D)`` and find the nearest of the unit ``prototypes (M, D)``
     (``mocha_edge.prototypes.match`` rule; conditional: same class only). ``threads`` 0: automatic.
 
     ``means``: vector centring (``prototypes.centre_vectors``), ``(C, D)`` one mean per class or ``(1, D)``
-    one global mean; prototypes must be centred already. ``thresholds``: one per prototype, used instead of
-    ``threshold`` for the identity (``prototypes.decide``)."""
+    one global mean; prototypes must be centred already. ``proj``: a ``(D, D')`` linear projection applied
+    after centring (``l2n(u @ proj)``), prototypes are then ``(M, D')`` in the projected space.
+    ``thresholds``: one per prototype, used instead of ``threshold`` for the identity
+    (``prototypes.decide``)."""
     if mode not in MODES:
         raise NativeRuntimeError(f"matching mode must be 'conditional' or 'global', not {mode!r}")
     v = np.ascontiguousarray(np.asarray(vectors, np.float32))
     p = np.ascontiguousarray(np.asarray(prototypes, np.float32))
-    if v.ndim != 2 or p.ndim != 2 or (len(p) and p.shape[1] != v.shape[1]):
+    if v.ndim != 2 or p.ndim != 2:
         raise NativeRuntimeError(
             f"match: vectors {v.shape} and prototypes {p.shape} must be (N, D) and (M, D)"
+        )
+    pr = None if proj is None else _float_array(proj, "proj")
+    if pr is not None and (pr.ndim != 2 or pr.shape[0] != v.shape[1] or pr.shape[1] < 1):
+        raise NativeRuntimeError(
+            f"match: proj {pr.shape} must be ({v.shape[1]}, D') (D' >= 1) for {v.shape[1]}-d vectors"
+        )
+    d_match = v.shape[1] if pr is None else pr.shape[1]
+    if len(p) and p.shape[1] != d_match:
+        what = f"the projection's {d_match} columns" if pr is not None else f"the vectors' {d_match}"
+        raise NativeRuntimeError(
+            f"match: prototypes {p.shape} must be (M, {d_match}), {what} (vectors {v.shape})"
         )
     dc = np.ascontiguousarray(np.asarray(det_cls, np.int64).reshape(-1))
     pc = np.ascontiguousarray(np.asarray(proto_cls, np.int64).reshape(-1))
@@ -309,8 +323,9 @@ def match(
     n = len(v)
     idx, sim, ident = np.empty(n, np.int64), np.empty(n, np.float32), np.empty(n, np.int64)
     _check(_lib.mrt_match(v.ctypes.data, n, v.shape[1], dc.ctypes.data, p.ctypes.data, len(p), pc.ctypes.data,
-                          MODES[mode], _ptr(mu), 0 if mu is None else len(mu), _ptr(thr), float(threshold),
-                          int(threads), idx.ctypes.data, sim.ctypes.data, ident.ctypes.data))  # fmt: skip
+                          MODES[mode], _ptr(mu), 0 if mu is None else len(mu), _ptr(pr),
+                          0 if pr is None else d_match, _ptr(thr), float(threshold), int(threads), idx.ctypes.data, sim.ctypes.data,
+                          ident.ctypes.data))  # fmt: skip
     return Match(idx, sim, ident)
 
 
@@ -367,7 +382,7 @@ class CudaRuntime:
             "mrt_cuda_decode_nms_workspace": (ctypes.c_size_t, _args("iii")),
             "mrt_cuda_decode_nms": (_I, _args("PPiiiPPiffiiddddiiPzPPPPPP")),
             "mrt_cuda_pool": (_I, _args("PPPiPiPP")),
-            "mrt_cuda_match": (_I, _args("PiiPPiPiPiPfPPPP")),
+            "mrt_cuda_match": (_I, _args("PiiPPiPiPiPiPfPPPP")),
         }
         for name, (res, args) in sigs.items():
             fn = getattr(lib, name)
@@ -410,14 +425,18 @@ class CudaRuntime:
 
     def match(self, vectors: int, n: int, d: int, det_cls: int, prototypes: int, m: int, proto_cls: int,
               mode: str, threshold: float, idx: int, sim: int, identity: int, stream: int = 0, means: int = 0,
-              n_means: int = 0, thresholds: int = 0) -> None:  # fmt: skip
-        """``means`` (``n_means`` rows of ``d``: vector centring) and ``thresholds`` (``m``, per prototype):
-        device pointers, 0 for none."""
+              n_means: int = 0, thresholds: int = 0, proj: int = 0, d_out: int = 0) -> None:  # fmt: skip
+        """``means`` (``n_means`` rows of ``d``: vector centring), ``proj`` (``(d, d_out)`` projection;
+        prototypes are then ``(m, d_out)``) and ``thresholds`` (``m``, per prototype): device pointers, 0 for
+        none."""
         if means and n_means < 1:
             raise NativeRuntimeError(f"match: means given with n_means={n_means} (need 1 or one per class)")
+        if proj and d_out < 1:
+            raise NativeRuntimeError(f"match: proj given with d_out={d_out} (need its column count >= 1)")
         self._check(self.lib.mrt_cuda_match(vectors, n, d, det_cls, prototypes, m, proto_cls, MODES[mode],
-                                            means or None, n_means if means else 0, thresholds or None,
-                                            threshold, idx, sim, identity, stream))  # fmt: skip
+                                            means or None, n_means if means else 0, proj or None,
+                                            d_out if proj else 0, thresholds or None, threshold, idx, sim,
+                                            identity, stream))  # fmt: skip
 
 
 __all__ = ["CudaRuntime", "Match", "NativeRuntimeError", "RuntimeNotBuiltError", "build_info", "decode_nms",

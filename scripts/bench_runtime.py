@@ -7,7 +7,8 @@ ultralytics' own predictor on ultralytics' ONNX export (its ``results[0].speed``
 postprocess ms) and (b) ``mocha_edge.pipeline.Pipeline`` on the mocha-edge ONNX export (native letterbox,
 ONNX Runtime, native decode + NMS, native pooling). Printed: medians and the ratio of pre+post (ours
 includes box pooling). Then prototype matching, 100 detections x 1000 prototypes x D=448, conditional (80
-classes) and global, 1 thread and automatic, plain and with vector centring (80 per-class means) +
+classes) and global, 1 thread and automatic, plain, with vector centring (80 per-class means) +
+per-prototype thresholds, and with centring + a linear projection to D'=128 (prototypes 1000 x 128) +
 per-prototype thresholds (``--match-only``: only this). Without --pt, a YOLOv8n of random weights (BatchNorm statistics
 measured on coco8, class bias -3) stands in, built from ultralytics' bundled yaml (nothing downloaded).
 """
@@ -112,6 +113,9 @@ def bench_match(runs: int) -> None:
     pc, v, dc = g.integers(0, 80, 1000), g.normal(0, 1, (100, 448)).astype(np.float32), g.integers(0, 80, 100)
     means = g.normal(0, 0.1, (80, 448)).astype(np.float32)  # vector centring: one mean per class
     thr = g.uniform(0.0, 0.2, 1000).astype(np.float32)  # one threshold per prototype
+    proj = (g.normal(0, 1, (448, 128)) / np.sqrt(448)).astype(np.float32)  # linear projection to D'=128
+    pp = g.normal(0, 1, (1000, 128)).astype(np.float32)
+    pp /= np.linalg.norm(pp, axis=1, keepdims=True)
     for mode in ("conditional", "global"):
         t_np = median_ms(lambda mode=mode: np_match(v, dc, p, pc, mode), max(runs // 5, 5))
         t1 = median_ms(lambda mode=mode: rt.match(v, dc, p, pc, mode, threads=1), runs * 4)
@@ -119,9 +123,15 @@ def bench_match(runs: int) -> None:
         tc = median_ms(
             lambda mode=mode: rt.match(v, dc, p, pc, mode, threads=1, means=means, thresholds=thr), runs * 4
         )
+        tp = median_ms(
+            lambda mode=mode: rt.match(
+                v, dc, pp, pc, mode, threads=1, means=means, thresholds=thr, proj=proj
+            ),
+            runs * 4,
+        )
         print(f"  match {mode:11s} 100x1000x448: native {t1:.3f} ms (1 thread), {ta:.3f} ms (auto); "
-              f"NumPy {t_np:.3f} ms -> {t_np / ta:.1f}x; centred + per-prototype thresholds {tc:.3f} ms "
-              "(1 thread)")  # fmt: skip
+              f"NumPy {t_np:.3f} ms -> {t_np / ta:.1f}x; centred + per-prototype thresholds {tc:.3f} ms, "
+              f"centred + projection to 128 + per-prototype thresholds {tp:.3f} ms (1 thread)")  # fmt: skip
 
 
 def main() -> int:

@@ -92,10 +92,28 @@ def test_eval_cli_schema(synth_small: Path, synth_cache: Path, tiny_student: Pat
     }
     for x in rows:
         assert set(x) >= {"model", "match", "shots", "episodes", "map50", "map50_95", "ci95_map50"}
-        assert x["episodes"] == 3 and 0.0 <= x["map50_95"] <= x["map50"] <= 100.0 and x["ci95_map50"] >= 0.0
+        assert (
+            x["episodes"] == 3
+            and 0.0 <= x["map50_95"] <= x["map50"] + 1e-9 <= 100.0 + 1e-9
+            and x["ci95_map50"] >= 0.0
+        )
     teacher = [x for x in rows if x["model"] == "teacher"]
     assert all(x["map50"] > 0 for x in teacher)
-    assert "| model | match | shots |" in r.output
+    assert "| model | match | shots |" in r.output and "id precision" in r.output
+    # the operating point: every row but the floor has the open-set metrics, consistent with its counts
+    keys = {"id_precision", "id_recall", "id_f1", "false_id_rate", "det_recall_novel", "ci95_id_precision",
+            "ci95_id_recall", "ci95_false_id_rate", "counts", "space"}  # fmt: skip
+    for x in rows:
+        if x["model"] == "random_init":
+            assert not keys & set(x)
+            continue
+        assert keys <= set(x), sorted(set(x))
+        c = x["counts"]
+        assert c["right"] <= c["enrolled_named"] <= c["enrolled_detected"] <= c["enrolled_total"]
+        assert c["unenrolled_named"] <= c["unenrolled_detected"] <= c["unenrolled_total"] > 0
+    # the teacher row scores ground-truth boxes (confidence 1): every novel object is "detected"
+    assert all(x["det_recall_novel"] == 100.0 for x in teacher)
+    assert set(rep["anisotropy"]) == {"baseline", "teacher"} and rep["openset"]["run_conf"] == 0.25
 
 
 def test_eval_refuses_data_without_instances(coco8_yaml: Path, tiny_student: Path) -> None:

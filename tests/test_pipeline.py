@@ -181,9 +181,10 @@ def test_pipeline_identities_from_bank(random_model, coco8_dir: Path) -> None:
                          class_names=facts["names"])  # fmt: skip
     bank.add("first", int(d0.cls[0]), d0.vectors[:1])
     bank.add("second", int(d0.cls[2]), d0.vectors[2:3])
-    bank.threshold = 0.99
+    bank.set_threshold("first", 0.99)
+    bank.set_threshold("second", 0.99)
     for mode in ("conditional", "global"):
-        pipe = Pipeline(model, conf=0.2, bank=bank, mode=mode)
+        pipe = Pipeline(model, conf=0.2, bank=bank, mode=mode, name_conf=0.0)
         got = pipe(frames[k])
         assert pipe.identity_names == ["first", "second"]
         assert got.identity[0] == 0 and got.similarity[0] == pytest.approx(1.0, abs=1e-5)
@@ -196,6 +197,12 @@ def test_pipeline_identities_from_bank(random_model, coco8_dir: Path) -> None:
     other = PrototypeBank(dim=facts["vector_dim"], model_fingerprint="0" * 32, class_names=facts["names"])
     with pytest.raises(Exception, match="another model"):
         Pipeline(model, bank=other)
+    # the naming confidence: a detection below it keeps its similarity but gets no name
+    low = Pipeline(model, conf=0.2, bank=bank, name_conf=1.01)(frames[k])
+    assert (low.identity == -1).all() and np.isfinite(low.similarity).any()
+    # run --threshold: one cosine for all identities instead of the bank's
+    loose = Pipeline(model, conf=0.2, bank=bank, mode="global", name_conf=0.0, threshold=-1.0)(frames[k])
+    assert (loose.identity >= 0).all()
 
 
 def test_pipeline_input_follows_frame_size_changes(

@@ -393,6 +393,99 @@ def test_match_centring_and_thresholds_errors() -> None:
             rt.match(v, dc, p, pc, thresholds=bad)
 
 
+def _proj(rng: np.random.Generator, d: int, d_out: int) -> np.ndarray:
+    return (rng.normal(0, 1, (d, d_out)) / np.sqrt(d)).astype(np.float32)
+
+
+def _check_proj_match(v, dc, p, pc, mode, means, proj, thresholds, threads=0, threshold=0.1):
+    """C matcher with a linear projection (after optional centring) vs the NumPy reference."""
+    got = rt.match(v, dc, p, pc, mode, threshold, threads, means=means, thresholds=thresholds, proj=proj)
+    idx, sim = np_match(v, dc, p, pc, mode, means, proj)
+    np.testing.assert_array_equal(got.idx, idx)
+    np.testing.assert_allclose(got.sim, sim, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(
+        got.identity, decide(idx, got.sim, threshold if thresholds is None else thresholds)
+    )
+    return got
+
+
+@FAST
+@given(
+    n=st.integers(0, 30),
+    m=st.integers(0, 60),
+    d=st.sampled_from([1, 3, 16, 448]),
+    d_out=st.sampled_from([1, 2, 7, 15, 16, 17, 33, 128]),  # below, at and around the kernel's 16 columns
+    nc=st.sampled_from([1, 4, 80]),
+    centring=st.sampled_from(["none", "global", "per-class"]),
+    per_proto=st.booleans(),
+    mode=st.sampled_from(["conditional", "global"]),
+    threads=st.sampled_from([0, 1, 2]),
+    seed=st.integers(0, 999),
+)
+def test_match_projection_matches_reference(
+    n, m, d, d_out, nc, centring, per_proto, mode, threads, seed
+) -> None:
+    rng = np.random.default_rng(seed)
+    v = rng.normal(0, 1, (n, d)).astype(np.float32) * rng.uniform(0.01, 100)
+    p = _unit(rng.normal(0, 1, (m, d_out))) if m else np.zeros((0, d_out), np.float32)
+    means = None
+    if centring != "none":
+        means = rng.normal(0, 0.3, (nc if centring == "per-class" else 1, d)).astype(np.float32)
+    thr = rng.uniform(-0.2, 0.3, m).astype(np.float32) if per_proto else None
+    _check_proj_match(v, rng.integers(0, nc, n), p, rng.integers(0, nc, m), mode, means, _proj(rng, d, d_out), thr,
+                      threads)  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", ["conditional", "global"])
+@pytest.mark.parametrize("centring", [False, True])
+@pytest.mark.parametrize("per_proto", [False, True])
+def test_match_projection_at_size_any_thread_count(mode, centring, per_proto) -> None:
+    """100 x 448 -> 128 against 1000 prototypes (and a 131-wide projection: a column tail): the reference's
+    winners, and bit-identical results for 1, 2 and 3 threads (rows split differently)."""
+    rng = np.random.default_rng(7)
+    d = 448
+    v = rng.normal(0, 1, (100, d)).astype(np.float32)
+    dc, pc = rng.integers(0, 80, 100), rng.integers(0, 80, 1000)
+    means = _unit(rng.normal(0, 0.2, (80, d))) * 0.5 if centring else None
+    for d_out in (128, 131):
+        proj = _proj(rng, d, d_out)
+        p = _unit(rng.normal(0, 1, (1000, d_out)))
+        t = float(np.median(np_match(v, dc, p, pc, mode, means, proj)[1]))  # half the detections known
+        thr = rng.uniform(t - 0.03, t + 0.03, 1000).astype(np.float32) if per_proto else None
+        runs = [_check_proj_match(v, dc, p, pc, mode, means, proj, thr, threads, threshold=t)
+                for threads in (1, 2, 3)]  # fmt: skip
+        for got in runs[1:]:
+            for a, b in zip(got, runs[0]):
+                np.testing.assert_array_equal(a, b)
+        assert (runs[0].identity >= 0).any() and (runs[0].identity == -1).any()
+
+
+def test_match_projection_errors() -> None:
+    rng = np.random.default_rng(8)
+    d, d_out = 16, 8
+    v, dc = rng.normal(0, 1, (5, d)).astype(np.float32), rng.integers(0, 4, 5)
+    p, pc = _unit(rng.normal(0, 1, (10, d_out))), rng.integers(0, 4, 10)
+    proj = _proj(rng, d, d_out)
+    for bad in (np.zeros(d, np.float32), np.zeros((d + 1, d_out), np.float32), np.zeros((d, 0), np.float32),
+                np.zeros((1, d, d_out), np.float32)):  # fmt: skip
+        with pytest.raises(rt.NativeRuntimeError, match=r"proj .* must be \(16, D'\)"):
+            rt.match(v, dc, p, pc, proj=bad)
+    with pytest.raises(rt.NativeRuntimeError, match="proj must be a float32 array"):
+        rt.match(v, dc, p, pc, proj=proj.astype(np.int64))
+    with pytest.raises(rt.NativeRuntimeError, match=r"prototypes \(10, 16\) must be \(M, 8\)"):
+        rt.match(v, dc, _unit(rng.normal(0, 1, (10, d))), pc, proj=proj)
+    with pytest.raises(rt.NativeRuntimeError, match=r"prototypes \(10, 8\) must be \(M, 16\)"):
+        rt.match(v, dc, p, pc)  # projected prototypes without the projection
+    got = rt.match(v, dc, np.zeros((0, d), np.float32), np.zeros(0, np.int64), proj=proj)  # nothing to match
+    assert (got.idx == -1).all() and (got.sim == -np.inf).all()
+    # the C check itself (the binding never passes it): a projection of no columns
+    out = [np.empty(5, np.int64), np.empty(5, np.float32), np.empty(5, np.int64)]
+    dc64 = dc.astype(np.int64)
+    rc = rt._lib.mrt_match(v.ctypes.data, 5, d, dc64.ctypes.data, p.ctypes.data, 10, pc.ctypes.data, 0, None, 0,
+                           proj.ctypes.data, 0, None, 0.0, 1, *(o.ctypes.data for o in out))  # fmt: skip
+    assert rc != 0 and b"d_out=0" in rt._lib.mrt_last_error()
+
+
 # ------------------------------------------------------------------------------------------ build
 def test_missing_library_says_how_to_rebuild(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(rt, "_HERE", tmp_path)
@@ -510,16 +603,23 @@ def test_cuda_twins_match_c_library() -> None:
         dc = rng.integers(0, 80, 100)
         class_means = rng.normal(0, 0.1, (80, 448)).astype(np.float32)
         thr = rng.uniform(-0.1, 0.2, 1000).astype(np.float32)
-        variants = [(None, None), (class_means, thr), (class_means[:1], None), (None, thr)]
+        proj, p_proj = _proj(rng, 448, 128), _unit(rng.normal(0, 1, (1000, 128)))
+        proj37, p_proj37 = _proj(rng, 448, 37), _unit(rng.normal(0, 1, (1000, 37)))
+        variants = [(None, None, None), (class_means, thr, None), (class_means[:1], None, None), (None, thr, None),
+                    (None, None, proj), (class_means, thr, proj), (class_means[:1], None, proj37),
+                    (None, thr, proj37)]  # fmt: skip
         for mode in ("conditional", "global"):
-            for means, thresholds in variants:
-                want = rt.match(v, dc, p, pc, mode, 0.05, means=means, thresholds=thresholds)
+            for means, thresholds, pj in variants:
+                pm = p if pj is None else (p_proj if pj.shape[1] == 128 else p_proj37)
+                want = rt.match(v, dc, pm, pc, mode, 0.05, means=means, thresholds=thresholds, proj=pj)
                 outs = [np.zeros(100, np.int64), np.zeros(100, np.float32), np.zeros(100, np.int64)]
                 d_outs = [dev(o) for o in outs]
                 extra = {} if means is None else {"means": dev(means), "n_means": len(means)}
                 if thresholds is not None:
                     extra["thresholds"] = dev(thresholds)
-                cuda.match(dev(v), 100, 448, dev(dc.astype(np.int64)), dev(p), 1000, dev(pc.astype(np.int64)),
+                if pj is not None:
+                    extra.update(proj=dev(pj), d_out=pj.shape[1])
+                cuda.match(dev(v), 100, 448, dev(dc.astype(np.int64)), dev(pm), 1000, dev(pc.astype(np.int64)),
                            mode, 0.05, *d_outs, **extra)  # fmt: skip
                 idx, sim, ident = (host(d, o) for d, o in zip(d_outs, outs))
                 np.testing.assert_array_equal(idx, want.idx)

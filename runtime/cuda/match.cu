@@ -1,5 +1,6 @@
 // CUDA twin of src/match.c: one block per detection; the block L2-normalises its vector in shared memory
-// (centring: subtracts its class mean row and normalises again), threads take prototypes j = tid,
+// (centring: subtracts its class mean row and normalises again; projection: y = l2n(v @ proj), threads over
+// the output columns, y in shared memory after v), threads take prototypes j = tid,
 // tid + blockDim, ... (conditional: same class only), and a block reduction keeps the best (first index on
 // ties; any NaN -> idx -1, sim NaN; nothing eligible -> -1, -inf); identity by the scalar threshold or the
 // winner's own threshold.
@@ -41,10 +42,10 @@ __device__ float block_norm(double s, double *part) {
 
 __global__ void k_match(const float *__restrict__ vec, int d, const int64_t *__restrict__ det_cls,
                         const float *__restrict__ protos, int m, const int64_t *__restrict__ proto_cls, int cond,
-                        const float *__restrict__ means, int n_means, const float *__restrict__ thresholds,
-                        float threshold, int64_t *__restrict__ idx, float *__restrict__ sim,
-                        int64_t *__restrict__ identity) {
-    extern __shared__ float v[];
+                        const float *__restrict__ means, int n_means, const float *__restrict__ proj, int d_out,
+                        const float *__restrict__ thresholds, float threshold, int64_t *__restrict__ idx,
+                        float *__restrict__ sim, int64_t *__restrict__ identity) {
+    extern __shared__ float v[];  // d floats (+ d_out with a projection)
     __shared__ double part[THREADS];
     __shared__ Best bests[THREADS];
     const int i = blockIdx.x, t = threadIdx.x;
@@ -71,13 +72,29 @@ __global__ void k_match(const float *__restrict__ vec, int d, const int64_t *__r
         for (int k = t; k < d; k += THREADS) v[k] = v[k] / nrm2;
     }
     __syncthreads();
+    const float *w = v;  // the vector matched (dd entries)
+    int dd = d;
+    if (proj) {  // linear projection (block-uniform branch): y = l2n(v @ proj), threads over output columns
+        float *y = v + d;
+        s = 0.0;
+        for (int j = t; j < d_out; j += THREADS) {
+            float acc = 0.f;
+            for (int k = 0; k < d; k++) acc = fmaf(v[k], proj[(size_t)k * d_out + j], acc);
+            y[j] = acc;
+            s += (double)acc * acc;
+        }
+        const float nrm3 = block_norm(s, part);
+        for (int j = t; j < d_out; j += THREADS) y[j] = y[j] / nrm3;
+        __syncthreads();
+        w = y, dd = d_out;
+    }
     const int64_t c = cond ? det_cls[i] : 0;
     Best b = {-INFINITY, -1, 0};
     for (int j = t; j < m; j += THREADS) {
         if (cond && proto_cls[j] != c) continue;
-        const float *p = protos + (size_t)j * d;
+        const float *p = protos + (size_t)j * dd;
         float acc = 0.f;
-        for (int k = 0; k < d; k++) acc = fmaf(v[k], p[k], acc);
+        for (int k = 0; k < dd; k++) acc = fmaf(w[k], p[k], acc);
         if (acc != acc)
             b.nan = 1;
         else if (b.idx < 0 || acc > b.v)
@@ -106,8 +123,9 @@ __global__ void k_match(const float *__restrict__ vec, int d, const int64_t *__r
 
 extern "C" MRT_API int mrt_cuda_match(const float *vectors, int n, int d, const int64_t *det_cls,
                                       const float *prototypes, int m, const int64_t *proto_cls, int mode,
-                                      const float *means, int n_means, const float *thresholds, float threshold,
-                                      int64_t *idx, float *sim, int64_t *identity, void *stream) {
+                                      const float *means, int n_means, const float *proj, int d_out,
+                                      const float *thresholds, float threshold, int64_t *idx, float *sim,
+                                      int64_t *identity, void *stream) {
     MRT_CUDA_CHECK_ARG(n >= 0 && m >= 0 && d >= 1, "bad sizes n=%d m=%d d=%d", n, m, d);
     MRT_CUDA_CHECK_ARG(mode == MRT_MATCH_CONDITIONAL || mode == MRT_MATCH_GLOBAL, "matching mode %d unknown", mode);
     MRT_CUDA_CHECK_ARG(n == 0 || (vectors && idx && sim), "null pointer argument");
@@ -116,11 +134,14 @@ extern "C" MRT_API int mrt_cuda_match(const float *vectors, int n, int d, const 
     MRT_CUDA_CHECK_ARG(n_means >= 0 && (n_means == 0 || means), "bad vector centring means (n_means=%d)", n_means);
     const int centre = means && n_means > 0 && m > 0;  // nothing to match: the reference skips centring
     MRT_CUDA_CHECK_ARG(!centre || n_means == 1 || n == 0 || det_cls, "null class array (per-class means)");
-    MRT_CUDA_CHECK_ARG((size_t)d * sizeof(float) <= 40 * 1024, "vector size %d too large (max 10240)", d);
+    MRT_CUDA_CHECK_ARG(!proj || d_out >= 1, "bad projection output size d_out=%d", d_out);
+    const size_t floats = (size_t)d + (proj ? (size_t)d_out : 0);
+    MRT_CUDA_CHECK_ARG(floats * sizeof(float) <= 40 * 1024,
+                       "vector size %d (+ projection %d) too large (max 10240 in all)", d, proj ? d_out : 0);
     if (n == 0) return MRT_OK;
-    k_match<<<n, THREADS, sizeof(float) * d, (cudaStream_t)stream>>>(
+    k_match<<<n, THREADS, sizeof(float) * floats, (cudaStream_t)stream>>>(
         vectors, d, det_cls, prototypes, m, proto_cls, mode == MRT_MATCH_CONDITIONAL, means, centre ? n_means : 0,
-        thresholds, threshold, idx, sim, identity);
+        proj, proj ? d_out : 0, thresholds, threshold, idx, sim, identity);
     MRT_LAUNCHED();
     return MRT_OK;
 }

@@ -11,7 +11,8 @@
  *   decode_nms - DFL decode + single-label class-aware greedy NMS             (export/reference.py)
  *   pool       - box-area-mean/v2                                              (models/pooling.py)
  *   match      - cosine nearest prototype, conditional | global               (mocha_edge.prototypes.match)
- *                with optional vector centring and per-prototype thresholds   (prototypes.centre_vectors, decide)
+ *                with optional vector centring, linear projection and         (prototypes.centre_vectors,
+ *                per-prototype thresholds                                     decide)
  */
 #ifndef MOCHA_RT_H
 #define MOCHA_RT_H
@@ -23,7 +24,7 @@
 extern "C" {
 #endif
 
-#define MRT_ABI_VERSION 2
+#define MRT_ABI_VERSION 3
 
 #if defined(__GNUC__)
 #define MRT_API __attribute__((visibility("default")))
@@ -90,18 +91,22 @@ MRT_API int mrt_pool(const float *const *maps, const int *chw, const float *stri
              int n, float *out);
 
 /* ------------------------------------------------------------------------------------------ matching */
-/* vectors (n, d) (L2-normalised here), prototypes (m, d) unit rows. conditional: only prototypes whose
- * class equals the detection's; global: all. idx = argmax cosine (first on ties) or -1 when none is
- * eligible (sim -inf) or the best is not finite (NaN input: sim NaN); identity = idx if sim >= the
- * threshold else -1 (thresholds[idx], m floats, when thresholds is not NULL; else `threshold`). identity
- * may be NULL. threads <= 0: automatic.
+/* vectors (n, d) (L2-normalised here), prototypes (m, d) unit rows ((m, d_out) with a projection).
+ * conditional: only prototypes whose class equals the detection's; global: all. idx = argmax cosine (first
+ * on ties) or -1 when none is eligible (sim -inf) or the best is not finite (NaN input: sim NaN);
+ * identity = idx if sim >= the threshold else -1 (thresholds[idx], m floats, when thresholds is not NULL;
+ * else `threshold`). identity may be NULL. threads <= 0: automatic.
  * Vector centring (means not NULL, n_means >= 1): each vector x of class c becomes l2n(l2n(x) - means[r]),
  * means (n_means, d), r = c (per-class means; a class outside [0, n_means) is an error) or r = 0 when
  * n_means == 1 (one global mean); prototypes are given centred. means NULL / n_means 0: no centring.
- * Vectors are centred (and their classes checked) only when there are prototypes (m > 0). */
+ * Vectors are centred (and their classes checked) only when there are prototypes (m > 0).
+ * Linear projection (proj not NULL, (d, d_out) row-major, d_out >= 1): after centring (or the first
+ * normalisation), y = l2n(u @ proj), and matching happens in d_out dimensions against prototypes (m, d_out)
+ * given projected. proj NULL: no projection, d_out ignored. The projection's rows may be split over threads
+ * (same results for any thread count). */
 MRT_API int mrt_match(const float *vectors, int n, int d, const int64_t *det_cls, const float *prototypes, int m,
-              const int64_t *proto_cls, int mode, const float *means, int n_means, const float *thresholds,
-              float threshold, int threads, int64_t *idx, float *sim, int64_t *identity);
+              const int64_t *proto_cls, int mode, const float *means, int n_means, const float *proj, int d_out,
+              const float *thresholds, float threshold, int threads, int64_t *idx, float *sim, int64_t *identity);
 
 /* ------------------------------------------------------------------------------- CUDA twins (device) */
 /* Same rules, device pointers, asynchronous on `stream` (a cudaStream_t). Built only into
@@ -118,11 +123,13 @@ MRT_API int mrt_cuda_decode_nms(const float *box_dist, const float *cls_logits, 
 /* maps: host array of nlevels device pointers; chw, strides: host arrays; boxes, out: device. */
 MRT_API int mrt_cuda_pool(const float *const *maps, const int *chw, const float *strides, int nlevels,
                   const float *boxes, int n, float *out, void *stream);
-/* means, thresholds: device pointers (or NULL). A class outside [0, n_means) cannot be reported
- * synchronously: that detection gets idx -1, sim NaN, identity -1. */
+/* means, proj, thresholds: device pointers (or NULL). A class outside [0, n_means) cannot be reported
+ * synchronously: that detection gets idx -1, sim NaN, identity -1. d + d_out floats of shared memory per
+ * block: at most 10240 in all. */
 MRT_API int mrt_cuda_match(const float *vectors, int n, int d, const int64_t *det_cls, const float *prototypes, int m,
-                   const int64_t *proto_cls, int mode, const float *means, int n_means, const float *thresholds,
-                   float threshold, int64_t *idx, float *sim, int64_t *identity, void *stream);
+                   const int64_t *proto_cls, int mode, const float *means, int n_means, const float *proj,
+                   int d_out, const float *thresholds, float threshold, int64_t *idx, float *sim, int64_t *identity,
+                   void *stream);
 /* The archs the CUDA library was built for ("sm_87;sm_110"). */
 MRT_API const char *mrt_cuda_archs(void);
 
