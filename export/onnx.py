@@ -145,9 +145,12 @@ def load_space(facts: dict[str, Any], artefact: str | Path | None):
         return None
     if artefact is None:
         raise ExportError("the export names a vector space file but no artefact path was given to find it")
-    path = Path(artefact).with_name(str(vs["file"]))
-    if Path(str(vs["file"])).name != str(vs["file"]):
-        raise ExportError(f"{path}: vector space file must sit beside the export (got {vs['file']!r})")
+    name = str(vs["file"])
+    if not name or Path(name).name != name or name in (".", ".."):
+        raise ExportError(
+            f"{artefact}: its vector space file must sit beside the export (facts name {name!r})"
+        )
+    path = Path(artefact).with_name(name)
     try:
         sp = VectorSpace.load(path)
     except SpaceError as e:
