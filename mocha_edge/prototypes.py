@@ -173,8 +173,8 @@ class PrototypeBank:
             assert ident.views is not None
             pos.setdefault(c, []).append(ident.views @ p)
             k = len(ident.shots)
-            if k > 1:
-                pos[c].append(np.array([ident.shots[i] @ l2n(np.delete(ident.shots, i, 0).mean(0)) for i in range(k)]))
+            if k > 1:  # each shot against the prototype of the others (l2n of a sum = l2n of the mean)
+                pos[c].append((ident.shots * l2n(ident.shots.sum(0)[None] - ident.shots)).sum(1))
             neg.setdefault(c, []).extend(
                 self.identities[m].shots @ p for m in names if m != n and self.identities[m].coarse == c
             )
@@ -342,7 +342,9 @@ def centre_vectors(
         mu = np.asarray(means, np.float32).reshape(-1, u.shape[1])
         rows = np.zeros(len(u), np.int64) if len(mu) == 1 else np.asarray(cls, np.int64).reshape(-1)
         if len(rows) and (rows.min() < 0 or rows.max() >= len(mu)):
-            raise BankError(f"vector centring has {len(mu)} class means; a vector has class {int(rows.max())}")
+            raise BankError(
+                f"vector centring has {len(mu)} class means; a vector has class {int(rows.max())}"
+            )
         u = l2n(u - mu[rows])
     if proj is not None:
         u = l2n(u @ np.asarray(proj, np.float32))

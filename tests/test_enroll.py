@@ -124,11 +124,11 @@ def test_box_input_vectors_equal_embed(ckpt: Path, student: Student, support, tm
     assert "added 'my_mug': +2 shots" in r.output and "threshold" in r.output
     assert student.space is not None and student.space.kind == "class-mean"  # train ships a vector space
     b = PrototypeBank.load(bank)
-    b.check(student.fingerprint, student.dim, space=student.space.fingerprint)
+    b.check(student.fingerprint, student.space.out_dim, space=student.space.fingerprint)
     ident = b.identities["my_mug"]
     assert b.class_names[ident.coarse] == "mug" and not b.translator
     want = np.concatenate([expected(student, im1, [b1]), expected(student, im2, [b2])])
-    np.testing.assert_allclose(ident.shots, want, atol=1e-4)
+    np.testing.assert_allclose(ident.shots, want, atol=1e-3)
 
 
 def test_box_within_one_pixel_is_clipped(ckpt: Path, student: Student, support, tmp_path: Path) -> None:
@@ -137,7 +137,7 @@ def test_box_within_one_pixel_is_clipped(ckpt: Path, student: Student, support, 
     run(ckpt, "--bank", tmp_path / "b.bank", "--name", "a", "--class", "mug",
         "--image", im, f"--box=-0.5,-0.8,{w + 0.9},{h}")  # fmt: skip
     got = PrototypeBank.load(tmp_path / "b.bank").identities["a"].shots
-    np.testing.assert_allclose(got, expected(student, im, [[0, 0, w, h]]), atol=1e-4)
+    np.testing.assert_allclose(got, expected(student, im, [[0, 0, w, h]]), atol=1e-3)
 
 
 def test_yolo_label_input(ckpt: Path, student: Student, support, tmp_path: Path) -> None:
@@ -162,7 +162,7 @@ def test_yolo_label_input(ckpt: Path, student: Student, support, tmp_path: Path)
     h, w = read_bgr(img).shape[:2]
     box = (np.array([0.15, 0.2, 0.35, 0.4]) * [w, h, w, h]).tolist()
     assert b.class_names[b.identities["ball1"].coarse] == "ball"  # class 2 from the label
-    np.testing.assert_allclose(b.identities["ball1"].shots, expected(student, img, [box], 2), atol=1e-4)
+    np.testing.assert_allclose(b.identities["ball1"].shots, expected(student, img, [box], 2), atol=1e-3)
 
     # a MOCHA label holds a fine id (16), not a class of the model: refused, fine with --class
     err = one_error_line(run(ckpt, "--bank", bank, "--name", "y", "--image", src, ok=False))
@@ -181,7 +181,7 @@ def test_boxes_json_input(ckpt: Path, student: Student, support, tmp_path: Path)
     run(ckpt, "--bank", tmp_path / "b.bank", "--name", "j", "--boxes-json", tmp_path / "boxes.json")
     ident = PrototypeBank.load(tmp_path / "b.bank").identities["j"]
     want = np.concatenate([expected(student, local, [b1]), expected(student, im2, [b2])])
-    np.testing.assert_allclose(ident.shots, want, atol=1e-4)
+    np.testing.assert_allclose(ident.shots, want, atol=1e-3)
     assert ident.coarse == 0
 
     (tmp_path / "bad.json").write_text(json.dumps([{"image": "pics/one.jpg", "box": [1, 2, 3]}]))
@@ -207,7 +207,7 @@ def test_episode_input(ckpt: Path, student: Student, synth_small: Path, tmp_path
             assert b.class_names[b.identities[ds.fine_names[inst]].coarse] == ds.names[ds.idmap[int(inst)]]
     assert sorted(b.identities) == sorted(want) and len(want) == len(ds.novel_instances)
     for n, vs in want.items():
-        np.testing.assert_allclose(b.identities[n].shots, np.stack(vs), atol=1e-4)
+        np.testing.assert_allclose(b.identities[n].shots, np.stack(vs), atol=1e-3)
     assert f"{len(want)} identities" in r.output
 
     err = one_error_line(run(ckpt, "--bank", bank, "--episode", synth_small, "--shots", 3, ok=False))
@@ -242,7 +242,7 @@ def test_incremental_edits(ckpt: Path, student: Student, support, tmp_path: Path
 
     def reload() -> PrototypeBank:
         b = PrototypeBank.load(bank)
-        b.check(student.fingerprint, student.dim, space=student.space.fingerprint)
+        b.check(student.fingerprint, student.space.out_dim, space=student.space.fingerprint)
         return b
 
     r = run(ckpt, "--bank", bank, "--name", "A", "--class", "mug", "--image", a1, "--box", box_arg(ba1))
@@ -274,7 +274,7 @@ def test_incremental_edits(ckpt: Path, student: Student, support, tmp_path: Path
     )
     b = reload()
     assert len(b.identities["A"].shots) == 1
-    np.testing.assert_allclose(b.identities["A"].shots, expected(student, a3, [ba3]), atol=1e-4)
+    np.testing.assert_allclose(b.identities["A"].shots, expected(student, a3, [ba3]), atol=1e-3)
 
     r = run("--bank", bank, "--remove", "B", "--list")  # no model, no images
     assert "removed 'B'" in r.output and "1 identities" in r.output
@@ -381,14 +381,14 @@ def test_other_vector_size_is_refused(ckpt: Path, student: Student, support, tmp
     im, box = support[6][0]
     err = one_error_line(run(ckpt, "--bank", bank, "--name", "A", "--class", "mug",
                              "--image", im, "--box", box_arg(box), ok=False))  # fmt: skip
-    assert "7-d" in err and f"{student.dim}-d" in err
+    assert "7-d" in err and f"{student.space.out_dim}-d" in err  # the matching space's size
     assert bank.read_bytes() == before
 
 
 def test_precision_mismatch_only_warns(ckpt: Path, student: Student, support, bank_a: Path) -> None:
     b = PrototypeBank.load(bank_a)
     with pytest.warns(UserWarning, match="fp32"):
-        b.check(student.fingerprint, student.dim, precision="fp16")
+        b.check(student.fingerprint, student.space.out_dim, precision="fp16", space=student.space.fingerprint)
     b.precision = "fp16"
     b.save(bank_a)
     im, box = support[7][0]
