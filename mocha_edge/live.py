@@ -18,6 +18,8 @@ printed, and the exit code is 0: for a camera, Ctrl-C is the normal way to stop.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import contextlib
 import copy
 import json
@@ -364,13 +366,27 @@ def _precision(pipe: LivePipeline) -> str:
 
 
 class LiveEnroller:
-    """Adds shots to the bank while the loop runs: copy the bank, add, save atomically, hand it to the pipe."""
+    """Adds shots to the bank while the loop runs: copy the bank, add the shot, recalibrate, save atomically,
+    hand the new bank to the pipe.
+
+    With ``background`` (what ``run`` uses) the copy / recalibration / save run on one worker thread, in
+    submission order, so the frame loop never waits for them; :meth:`poll` (called by the loop before each
+    frame) hands finished banks to the pipe on the frame thread, and :meth:`close` waits for the rest."""
 
     def __init__(
-        self, pipe: LivePipeline, bank: PrototypeBank | None, path: Path | None, log: Callable[[str], None]
+        self,
+        pipe: LivePipeline,
+        bank: PrototypeBank | None,
+        path: Path | None,
+        log: Callable[[str], None],
+        background: bool = False,
     ) -> None:
         self.pipe, self.bank, self.path, self.log = pipe, bank, path, log
         self.enrolled: list[str] = []
+        self.background = background
+        self._latest = bank  # the bank after every submitted edit (the worker's view)
+        self._jobs: collections.deque[concurrent.futures.Future] = collections.deque()
+        self._worker: concurrent.futures.ThreadPoolExecutor | None = None
 
     def auto_name(self) -> str:
         have = self.bank.identities if self.bank is not None else {}
@@ -390,18 +406,32 @@ class LiveEnroller:
         return np.asarray(dets.vectors[i], np.float32), int(dets.cls[i]), float(dets.scores[i])
 
     def enrol(self, name: str, vector: np.ndarray, coarse: int, where: str) -> bool:
-        """Enrol one shot of ``name``; a one-line confirmation or warning. True when the bank changed."""
-        from mocha_edge.prototypes import BankError, PrototypeBank, l2n
+        """Enrol one shot of ``name`` (at once, or queued on the worker with ``background``); a one-line
+        confirmation or warning when it is done. True when the edit was made or queued."""
+        import numpy as np
 
         if self.path is None:
             self.log("warning: live enrolment needs a bank file: start with --prototypes FILE")
             return False
+        vec = np.array(vector, np.float32, copy=True)  # the frame's buffers move on
+        if not self.background:
+            self._apply(*self._edit(name, vec, coarse, where))
+            return True
+        if self._worker is None:
+            self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mocha-enrol")
+        self._jobs.append(self._worker.submit(self._edit, name, vec, coarse, where))
+        return True
+
+    def _edit(self, name: str, vector: np.ndarray, coarse: int, where: str) -> tuple[Any, str, str]:
+        """Copy the latest bank, add the shot (recalibrates), save it: ``(bank or None, name, message)``."""
+        from mocha_edge.prototypes import BankError, PrototypeBank, l2n
+
         names = list(self.pipe.names)
         fingerprint = str(self.pipe.facts["model_fingerprint"])
         space = getattr(self.pipe, "space", None)  # the model's matching space (centring + projection)
         bank = (
-            copy.deepcopy(self.bank)
-            if self.bank is not None
+            copy.deepcopy(self._latest)
+            if self._latest is not None
             else PrototypeBank(space.out_dim if space is not None else int(self.pipe.dim), fingerprint, names,
                                _precision(self.pipe), space=space.fingerprint if space is not None else "none")
         )  # fmt: skip
@@ -410,24 +440,46 @@ class LiveEnroller:
             bank.add(name, coarse, shot, append=name in bank.identities,
                      negatives=space.negatives if space is not None else None)  # fmt: skip
         except BankError as e:
-            self.log(f"warning: enroll {name}: {e}")
-            return False
+            return None, name, f"warning: enroll {name}: {e}"
+        assert self.path is not None
         try:
             bank.save(self.path)
         except OSError as e:
-            self.log(f"warning: enroll {name}: cannot save {self.path} ({e.strerror or e}); not enrolled")
-            return False
-        attach_bank(self.pipe, bank, self.path, self.log)
-        self.bank = bank
-        self.enrolled.append(name)
+            return (
+                None,
+                name,
+                f"warning: enroll {name}: cannot save {self.path} ({e.strerror or e}); not enrolled",
+            )
+        self._latest = bank
         k = len(bank.identities[name].shots)
-        self.log(
+        msg = (
             f"enrolled {name!r} ({names[coarse]}) from {where}: {k} shot{'s' * (k > 1)}, "
             f"{len(bank.identities)} identities, saved {self.path}"
             + f" (threshold {bank.identities[name].threshold:.3f})"
             * (space is not None)
         )
-        return True
+        return bank, name, msg
+
+    def _apply(self, bank: Any, name: str, msg: str) -> None:
+        """On the frame thread: hand a new bank to the pipe, or say why not."""
+        if bank is not None:
+            assert self.path is not None
+            attach_bank(self.pipe, bank, self.path, self.log)
+            self.bank = bank
+            self.enrolled.append(name)
+        self.log(msg)
+
+    def poll(self, wait: bool = False) -> None:
+        """Apply the finished background edits, in order (all of them with ``wait``)."""
+        while self._jobs and (wait or self._jobs[0].done()):
+            self._apply(*self._jobs.popleft().result())
+
+    def close(self) -> None:
+        """Wait for queued edits (the bank file is final afterwards) and stop the worker."""
+        self.poll(wait=True)
+        if self._worker is not None:
+            self._worker.shutdown()
+            self._worker = None
 
 
 # ------------------------------------------------------------------------------------------ loop
@@ -610,6 +662,7 @@ def run_loop(
             if frame is None:
                 summary.stopped = "end of source"
                 break
+            enroller.poll()  # banks the worker finished since the last frame
             t1 = time.perf_counter()
             dets = pipe(frame.image_bgr)
             t2 = time.perf_counter()
@@ -663,6 +716,7 @@ def run_loop(
         try:
             summary.seconds = time.perf_counter() - t_start
             summary.skipped, summary.reconnects = source.skipped, source.reconnects
+            enroller.close()
             summary.enrolled = list(enroller.enrolled)
             if window is not None:
                 window.close()
@@ -741,7 +795,8 @@ def run(
             console.log(note)
         if bank is not None:
             attach_bank(pipe, bank, bank_path or "", console.log)
-        enroller = LiveEnroller(pipe, bank, Path(bank_path) if bank_path is not None else None, console.log)
+        enroller = LiveEnroller(pipe, bank, Path(bank_path) if bank_path is not None else None, console.log,
+                                background=True)  # fmt: skip
         window = Window() if show else None
         return run_loop(src, pipe, opts, enroller, commands=commands, console=console, window=window)
     finally:

@@ -677,3 +677,40 @@ def test_end_to_end_with_the_real_pipeline(
             assert (
                 best["score"] == top["score"] and best["identity"] == "target" and best["similarity"] > 0.99
             )
+
+
+def test_background_enrolment_never_blocks_the_frame_loop(
+    synth_video: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`run`'s enroller copies, recalibrates and saves the bank on a worker thread: frames keep flowing while
+    a (slow) save is under way, the new bank reaches the pipe from a later frame, and the loop's end waits
+    for queued edits so the file is final."""
+    bank_path = tmp_path / "bg.bank"
+    save = PrototypeBank.save
+    window: list[float] = []
+
+    def slow_save(self, path):
+        window.append(time.perf_counter())
+        time.sleep(0.6)
+        save(self, path)
+        window.append(time.perf_counter())
+
+    monkeypatch.setattr(PrototypeBank, "save", slow_save)
+    calls: list[float] = []
+
+    class TimedPipe(FakePipe):
+        def __call__(self, bgr):
+            calls.append(time.perf_counter())
+            return super().__call__(bgr)
+
+    pipe, console = TimedPipe(delay=0.05), Quiet()
+    enroller = LiveEnroller(pipe, None, bank_path, console.log, background=True)
+    with open_source(str(synth_video)) as src:
+        summary = run_loop(src, pipe, RunOptions(handle_signals=False, fps_every=0), enroller,
+                           commands=Commands({2: ["enroll bg"], 4: ["enroll bg"]}), console=console)  # fmt: skip
+    assert len(window) == 4  # two saves, each timed
+    during = [t for t in calls if window[0] < t < window[1]]
+    assert len(during) >= 3, "the frame loop waited for the enrolment"
+    assert summary.enrolled == ["bg", "bg"] and pipe.bank is not None
+    assert len(PrototypeBank.load(bank_path).identities["bg"].shots) == 2
+    assert sum(line.startswith("enrolled 'bg'") for line in console.lines) == 2
