@@ -90,20 +90,12 @@ class TeacherCache:
     @classmethod
     def load(cls, path: str | Path) -> TeacherCache:
         """Read a cache file; a truncated, foreign or older-format file raises :class:`CacheError`."""
-        from safetensors import SafetensorError
-        from safetensors.numpy import load_file
+        from mocha_edge.utils import read_safetensors
 
         path = Path(path)
-        if not path.is_file():
-            raise CacheError(f"{path}: no teacher cache here (build one with `mocha-edge teach`)")
-        try:
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="numpy") as f:
-                meta = dict(f.metadata() or {})
-            t = load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CacheError(f"{path}: unreadable teacher cache ({str(e).splitlines()[0]})") from None
+        meta, t = read_safetensors(
+            path, CacheError, "teacher cache", "no teacher cache here (build one with `mocha-edge teach`)"
+        )
         if meta.get("format") != CACHE_FORMAT:
             raise CacheError(f"{path}: not a mocha-edge teacher cache (format {meta.get('format')!r})")
         splits = json.loads(meta["split_names"])

@@ -262,17 +262,12 @@ class PrototypeBank:
 
     @classmethod
     def load(cls, path: str | Path) -> PrototypeBank:
-        from safetensors import SafetensorError, safe_open
+        from mocha_edge.utils import read_safetensors
 
         path = Path(path)
-        if not path.is_file():
-            raise BankError(f"{path}: no prototype bank here (create one with `mocha-edge enroll`)")
-        try:
-            with safe_open(str(path), framework="numpy") as f:
-                meta = dict(f.metadata() or {})
-                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
-        except (SafetensorError, OSError) as e:
-            raise BankError(f"{path}: unreadable prototype bank ({str(e).splitlines()[0]})") from None
+        meta, tensors = read_safetensors(
+            path, BankError, "prototype bank", "no prototype bank here (create one with `mocha-edge enroll`)"
+        )
         fmt = meta.get("format")
         if fmt in OLD_BANK_FORMATS:
             raise BankError(

@@ -173,17 +173,11 @@ class VectorSpace:
 
     @classmethod
     def load(cls, path: str | Path) -> VectorSpace:
-        from safetensors import SafetensorError, safe_open
+        from mocha_edge.utils import read_safetensors
 
-        path = Path(path)
-        if not path.is_file():
-            raise SpaceError(f"{path}: vector space file missing (written by `mocha-edge export`)")
-        try:
-            with safe_open(str(path), framework="numpy") as f:
-                meta = dict(f.metadata() or {})
-                t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
-        except (SafetensorError, OSError) as e:
-            raise SpaceError(f"{path}: unreadable vector space ({str(e).splitlines()[0]})") from None
+        meta, t = read_safetensors(
+            path, SpaceError, "vector space", "vector space file missing (written by `mocha-edge export`)"
+        )
         return cls.from_tensors(t, meta, str(path))
 
 

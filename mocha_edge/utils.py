@@ -91,3 +91,25 @@ def offline_env() -> None:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("YOLO_OFFLINE", "1")  # ultralytics: no connectivity probe, no downloads
     os.environ.setdefault("YOLO_AUTOINSTALL", "false")  # ultralytics: never pip-install at run time
+
+
+def read_safetensors(
+    path: str | os.PathLike, error: type[Exception], what: str, missing: str
+) -> tuple[dict[str, str], dict[str, Any]]:
+    """``(metadata, tensors)`` of a safetensors file: plain arrays and strings, nothing in it can run code.
+
+    A missing file raises ``error("PATH: missing")``, an unreadable one ``error("PATH: unreadable WHAT
+    (reason)")`` — one line naming the file either way.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: {missing}")
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    except (SafetensorError, OSError, ValueError) as e:
+        raise error(f"{path}: unreadable {what} ({str(e).splitlines()[0]})") from None
+    return meta, tensors

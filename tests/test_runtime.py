@@ -256,12 +256,16 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
-def _check_match(v, dc, p, pc, mode, threshold=0.1, threads=0):
-    got = rt.match(v, dc, p, pc, mode, threshold, threads)
-    idx, sim = np_match(v, dc, p, pc, mode)
+def _check_match(v, dc, p, pc, mode, threshold=0.1, threads=0, means=None, thresholds=None, proj=None):
+    """C matcher (with optional centring, projection, per-prototype thresholds) vs the NumPy reference."""
+    got = rt.match(v, dc, p, pc, mode, threshold, threads, means=means, thresholds=thresholds, proj=proj)
+    idx, sim = np_match(v, dc, p, pc, mode, means, proj)
     np.testing.assert_array_equal(got.idx, idx)
-    np.testing.assert_allclose(got.sim, sim, rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(got.identity, np.where((idx >= 0) & (got.sim >= threshold), idx, -1))
+    atol = 1e-6 if means is None and proj is None else 1e-5
+    np.testing.assert_allclose(got.sim, sim, rtol=1e-5, atol=atol)
+    # identity decided on the C sims (no flaky ties at a threshold)
+    want = decide(idx, got.sim, threshold if thresholds is None else thresholds)
+    np.testing.assert_array_equal(got.identity, want)
     return got
 
 
@@ -316,18 +320,6 @@ def test_match_edge_cases_and_size() -> None:
         rt.match(v, dc[:5], p, pc, "global")
 
 
-def _check_centred_match(v, dc, p, pc, mode, means, thresholds, threads=0, threshold=0.1):
-    """C matcher with vector centring and (optionally) per-prototype thresholds vs the NumPy reference."""
-    got = rt.match(v, dc, p, pc, mode, threshold, threads, means=means, thresholds=thresholds)
-    idx, sim = np_match(v, dc, p, pc, mode, means)
-    np.testing.assert_array_equal(got.idx, idx)
-    np.testing.assert_allclose(got.sim, sim, rtol=1e-5, atol=1e-5)
-    # identity decided on the C sims (no flaky ties at a threshold)
-    want = decide(idx, got.sim, threshold if thresholds is None else thresholds)
-    np.testing.assert_array_equal(got.identity, want)
-    return got
-
-
 @FAST
 @given(
     n=st.integers(0, 30),
@@ -346,7 +338,7 @@ def test_match_centring_matches_reference(n, m, d, nc, per_class, per_proto, mod
     p = _unit(rng.normal(0, 1, (m, d))) if m else np.zeros((0, d), np.float32)
     means = (rng.normal(0, 0.3, (nc if per_class else 1, d))).astype(np.float32)
     thr = rng.uniform(-0.2, 0.3, m).astype(np.float32) if per_proto else None
-    _check_centred_match(v, rng.integers(0, nc, n), p, rng.integers(0, nc, m), mode, means, thr, threads)
+    _check_match(v, rng.integers(0, nc, n), p, rng.integers(0, nc, m), mode, 0.1, threads, means, thr)
 
 
 @pytest.mark.parametrize("mode", ["conditional", "global"])
@@ -364,7 +356,7 @@ def test_match_centring_and_thresholds_at_size(mode, threads, per_proto, per_cla
     means = _unit(rng.normal(0, 0.2, (80 if per_class else 1, d)) + common) * 0.9
     t = float(np.median(rt.match(v, dc, p, pc, mode, means=means).sim))  # half the detections known
     thr = rng.uniform(t - 0.03, t + 0.03, 1000).astype(np.float32) if per_proto else None
-    got = _check_centred_match(v, dc, p, pc, mode, means, thr, threads, threshold=t)
+    got = _check_match(v, dc, p, pc, mode, t, threads, means, thr)
     plain = rt.match(v, dc, p, pc, mode, t, threads)
     assert (got.idx != plain.idx).any()  # centring took effect
     assert (got.identity >= 0).any() and (got.identity == -1).any()
@@ -397,18 +389,6 @@ def _proj(rng: np.random.Generator, d: int, d_out: int) -> np.ndarray:
     return (rng.normal(0, 1, (d, d_out)) / np.sqrt(d)).astype(np.float32)
 
 
-def _check_proj_match(v, dc, p, pc, mode, means, proj, thresholds, threads=0, threshold=0.1):
-    """C matcher with a linear projection (after optional centring) vs the NumPy reference."""
-    got = rt.match(v, dc, p, pc, mode, threshold, threads, means=means, thresholds=thresholds, proj=proj)
-    idx, sim = np_match(v, dc, p, pc, mode, means, proj)
-    np.testing.assert_array_equal(got.idx, idx)
-    np.testing.assert_allclose(got.sim, sim, rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(
-        got.identity, decide(idx, got.sim, threshold if thresholds is None else thresholds)
-    )
-    return got
-
-
 @FAST
 @given(
     n=st.integers(0, 30),
@@ -432,8 +412,8 @@ def test_match_projection_matches_reference(
     if centring != "none":
         means = rng.normal(0, 0.3, (nc if centring == "per-class" else 1, d)).astype(np.float32)
     thr = rng.uniform(-0.2, 0.3, m).astype(np.float32) if per_proto else None
-    _check_proj_match(v, rng.integers(0, nc, n), p, rng.integers(0, nc, m), mode, means, _proj(rng, d, d_out), thr,
-                      threads)  # fmt: skip
+    _check_match(v, rng.integers(0, nc, n), p, rng.integers(0, nc, m), mode, 0.1, threads, means, thr,
+                 _proj(rng, d, d_out))  # fmt: skip
 
 
 @pytest.mark.parametrize("mode", ["conditional", "global"])
@@ -452,7 +432,7 @@ def test_match_projection_at_size_any_thread_count(mode, centring, per_proto) ->
         p = _unit(rng.normal(0, 1, (1000, d_out)))
         t = float(np.median(np_match(v, dc, p, pc, mode, means, proj)[1]))  # half the detections known
         thr = rng.uniform(t - 0.03, t + 0.03, 1000).astype(np.float32) if per_proto else None
-        runs = [_check_proj_match(v, dc, p, pc, mode, means, proj, thr, threads, threshold=t)
+        runs = [_check_match(v, dc, p, pc, mode, t, threads, means, thr, proj)
                 for threads in (1, 2, 3)]  # fmt: skip
         for got in runs[1:]:
             for a, b in zip(got, runs[0]):
