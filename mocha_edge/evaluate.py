@@ -26,7 +26,7 @@ import torch
 from mocha_edge.data.dataset import Dataset, Episode
 from mocha_edge.errors import MochaError
 from mocha_edge.openset import IdCounts, score_image, summarise
-from mocha_edge.prototypes import NAME_CONF, PrototypeBank, decide, l2n, match
+from mocha_edge.prototypes import NAME_CONF, PrototypeBank, decide, l2n, match, one_per_identity
 from mocha_edge.space import VectorSpace, anisotropy, build_space, fit_space
 
 IOUV = torch.linspace(0.5, 0.95, 10)
@@ -253,10 +253,12 @@ def _episode_openset(
     run_conf: float = RUN_CONF,
     threshold: float | None = None,
     name_conf: float = NAME_CONF,
+    unique: bool = True,
 ) -> IdCounts:
     """One open-set episode: a seeded half of each class's identities enrolled in a bank (its own
     calibrated thresholds, or ``threshold`` for all), the rest left in the queries as unenrolled objects;
-    detections at ``run``'s confidence, named from ``name_conf`` up; see :mod:`mocha_edge.openset`."""
+    detections at ``run``'s confidence, named from ``name_conf`` up, one detection per identity and image
+    (``unique``, as ``run`` does); see :mod:`mocha_edge.openset`."""
     assert ds.fine_names is not None and ds.idmap is not None
     space = views.space
     shots: dict[int, list[tuple[Path, int]]] = {}
@@ -293,6 +295,8 @@ def _episode_openset(
         keep = np.asarray(scores) >= run_conf
         idx, sim = match(np.asarray(vecs)[keep], np.asarray(cls)[keep], protos, proto_cls, mode, means, proj)
         ident = np.where(np.asarray(scores)[keep] >= name_conf, decide(idx, sim, thr), -1)
+        if unique:
+            ident = one_per_identity(ident, sim)
         det_names = [names[i] if i >= 0 else None for i in ident]
         gt_ident = [ds.fine_names[i] if i in enrolled else None for i in it.instance.tolist()]
         total += score_image(gt_px[p], gt_ident, np.asarray(boxes)[keep], np.asarray(scores)[keep], det_names)

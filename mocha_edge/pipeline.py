@@ -20,6 +20,7 @@ import numpy as np
 
 from mocha_edge.errors import MochaError
 from mocha_edge.export.contract import BOX_DIST, CLS_LOGITS, FEATURES
+from mocha_edge.prototypes import one_per_identity
 
 log = logging.getLogger(__name__)
 
@@ -323,7 +324,8 @@ class Pipeline:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Identity index (-1: unknown or no bank) and cosine of each detection against the bank, in the
         model's matching space; a name needs the identity's threshold (or ``threshold`` for all) and a
-        detection confidence of at least ``name_conf``."""
+        detection confidence of at least ``name_conf``; an identity names one detection per frame (the most
+        similar: a personal object is in one place at a time)."""
         if not len(self._protos):
             return np.full(len(cls), -1, np.int64), np.full(len(cls), -np.inf, np.float32)
         per = None if self.threshold is not None else self._thresholds
@@ -331,7 +333,7 @@ class Pipeline:
         _, sim, ident = self.rt.match(vectors, cls, self._protos, self._proto_cls, self.mode, one,
                                       means=self._means, thresholds=per, proj=self._proj)  # fmt: skip
         ident[np.asarray(scores) < self.name_conf] = -1
-        return ident, sim
+        return one_per_identity(ident, sim), sim
 
     def to_space(self, vectors: np.ndarray, cls: np.ndarray) -> np.ndarray:
         """Pooled vectors in the matching space (what a bank stores for them)."""

@@ -357,6 +357,21 @@ def decide(idx: np.ndarray, sim: np.ndarray, thresholds: np.ndarray | float) -> 
     return np.where((idx >= 0) & (np.asarray(sim) >= thr), idx, -1)
 
 
+def one_per_identity(ident: np.ndarray, sim: np.ndarray) -> np.ndarray:
+    """A personal object is in one place at a time: where several detections of a frame get the same
+    identity, only the most similar keeps it (first on ties); the others become unknown (-1)."""
+    ident = np.asarray(ident, np.int64).copy()
+    named = np.flatnonzero(ident >= 0)
+    if len(named) < 2:
+        return ident
+    order = named[np.lexsort((named, -np.asarray(sim, np.float64)[named]))]  # by similarity, then index
+    _, first = np.unique(ident[order], return_index=True)
+    keep = np.zeros(len(ident), bool)
+    keep[order[first]] = True
+    ident[(ident >= 0) & ~keep] = -1
+    return ident
+
+
 def match(
     vectors: np.ndarray,
     det_cls: np.ndarray,

@@ -334,3 +334,14 @@ def test_wccn_separates_identities_that_centring_leaves_mixed() -> None:
         return float(((x @ protos.T).argmax(1) == ids).mean())
 
     assert accuracy(white) > accuracy(plain) + 0.2
+
+
+def test_one_per_identity_keeps_the_most_similar_detection() -> None:
+    from mocha_edge.prototypes import one_per_identity
+
+    ident = np.array([0, 1, 0, -1, 1, 2, 0])
+    sim = np.array([0.5, 0.9, 0.7, 0.99, 0.9, 0.1, 0.6], np.float32)
+    # identity 0: the 0.7 detection; identity 1: a tie, the first; identity 2 alone; unknowns stay unknown
+    np.testing.assert_array_equal(one_per_identity(ident, sim), [-1, 1, 0, -1, -1, 2, -1])
+    np.testing.assert_array_equal(one_per_identity(np.array([-1, 3]), np.array([0.1, 0.2])), [-1, 3])
+    assert one_per_identity(np.zeros(0, np.int64), np.zeros(0)).shape == (0,)
