@@ -364,9 +364,10 @@ def enroll(model: Path | None, bank: Path, name: str | None, images: tuple[Path,
 
     Support boxes come from --box, YOLO label files, --boxes-json or a MOCHA --episode. A name already in
     the bank needs --add-shots or --replace. A bank made by another model, vector size or vector space is
-    refused. Each identity gets its own "unknown" threshold, calibrated from augmented views of its shots
-    against the model's shipped base-class vectors (aiming at 90 % precision; --list shows them,
-    --set-threshold overrides). The bank is written atomically, only after every support image was read.
+    refused. Each identity gets its own "unknown" threshold, recalibrated on every edit: per class, the lowest
+    cosine that accepts at most 0.5 % of the class's other objects (the model's shipped base vectors and the
+    other identities' shots); --list shows them, --set-threshold overrides. The bank is written atomically,
+    only after every support image was read.
 
     \b
     Examples:

@@ -1,9 +1,12 @@
 """Personal objects: a prototype bank (enrolment) and prototype matching.
 
-A bank holds, per identity, every enrolled shot's L2-normalised vector; the prototype is their normalised
-mean. It records the vector size and the fingerprint of the model that made it (student weights + pooling)
-and the precision; a bank is refused by another model or vector size, and a precision mismatch only warns.
-Files are safetensors (vectors) with JSON metadata, written atomically.
+A bank holds, per identity, every enrolled shot's unit vector in the model's matching space
+(:mod:`mocha_edge.space`), augmented views of the shots and its "unknown" threshold; the prototype is the
+normalised mean of the shots. Per enrolled class it keeps the model's shipped base vectors (the calibration
+negatives). It records the vector size, the matching space and the fingerprint of the model that made it
+(student weights + pooling + space) and the precision; a bank is refused by another model, vector size or
+space, and a precision mismatch only warns. Files are safetensors (vectors) with JSON metadata, written
+atomically.
 """
 
 from __future__ import annotations
@@ -404,8 +407,8 @@ def match(
 
 # ------------------------------------------------------------------------------------------ thresholds
 # The false-accept rate a bank's default thresholds allow against other objects of an identity's class (its
-# shipped base vectors and the other identities' shots): measured on the built-in benchmark to keep the
-# live precision at >= 85-90 % (README, "Identities at the operating point").
+# shipped base vectors and the other identities' shots): chosen on the built-in benchmark's tuning seed,
+# where it kept precision at 87-88 % (README, "Identities at the operating point").
 FAR_TARGET = 0.005
 # Detections below this confidence are shown but never named: partly hidden or poorly boxed objects pool
 # vectors of their surroundings (on the built-in benchmark they were most of the false names; README).
