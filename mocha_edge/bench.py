@@ -481,7 +481,9 @@ def run_bench(model: str | Path, opts: BenchOptions) -> dict[str, Any]:
     import shutil
     import tempfile
 
+    from mocha_edge.export.onnx import load_space
     from mocha_edge.pipeline import Pipeline
+    from mocha_edge.space import match_dim, space_id
     from mocha_edge.utils import offline_env
 
     offline_env()
@@ -502,12 +504,9 @@ def run_bench(model: str | Path, opts: BenchOptions) -> dict[str, Any]:
         skipped: list[str] = []
         for plan in _plan(model, opts, work):
             s, facts = plan["imgsz"], plan["facts"]
-            from mocha_edge.export.onnx import load_space
-
             sp = load_space(facts, plan["fp32"])
-            dim = sp.out_dim if sp is not None else int(facts["vector_dim"])
-            bank = synthetic_bank(dim, list(facts["names"]), opts.prototypes,
-                                  space=sp.fingerprint if sp is not None else "none")  # fmt: skip
+            bank = synthetic_bank(match_dim(sp, facts["vector_dim"]), list(facts["names"]), opts.prototypes,
+                                  space=space_id(sp))  # fmt: skip
             bank.model_fingerprint = facts["model_fingerprint"]
             candidates: list[tuple[str, str, Any]] = []
             for backend in opts.backends:

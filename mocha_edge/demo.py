@@ -197,12 +197,12 @@ def demo(out: Path, seed: int = 0, quick: bool = False, log: Callable[[str], Non
     export_report = stages.run("export", s_export, budget["export"])
 
     def s_run() -> dict[str, Any]:
+        from mocha_edge.data.synth_video import load_video_gt
         from mocha_edge.export.exporter import cpu_int8_artefact
         from mocha_edge.live import Console, RunOptions, run
+        from mocha_edge.openset import score_records
 
         model = cpu_int8_artefact(onnx) or onnx
-        from mocha_edge.data.synth_video import load_video_gt
-        from mocha_edge.openset import score_records
 
         summ = run(model, str(video), RunOptions(save=out / "demo_annotated.mp4", jsonl=out / "events.jsonl",
                                                  show=False, fps_every=0, handle_signals=False),

@@ -8,7 +8,6 @@ the bank edited in memory and written (atomically): a bad support item never lea
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import warnings
 from collections.abc import Sequence
@@ -20,6 +19,8 @@ import numpy as np
 
 from mocha_edge.data.readers import label_path
 from mocha_edge.prototypes import BankError, PrototypeBank
+from mocha_edge.space import match_dim, space_id, to_space
+from mocha_edge.utils import read_json
 
 if TYPE_CHECKING:
     from mocha_edge.data import Dataset, Episode
@@ -145,12 +146,7 @@ def supports_from_json(path: Path) -> list[Support]:
     Relative image paths are relative to the JSON file's folder.
     """
     path = Path(path)
-    try:
-        raw = json.loads(path.read_text())
-    except OSError as e:
-        raise BankError(f"{path}: cannot read ({e.strerror or e})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BankError(f"{path}: not valid JSON ({e})") from None
+    raw = read_json(path, BankError)
     if not isinstance(raw, list) or not raw:
         raise BankError(f"{path}: expected a non-empty list of {{image, box, class}} objects")
     out = []
@@ -260,10 +256,10 @@ def pixel_box(s: Support, width: int, height: int) -> np.ndarray:
 
 
 def embed_supports(
-    student: Student, supports: Sequence[Support], cls: str | None = None, views: bool = False
-) -> tuple[np.ndarray, list[int]] | tuple[np.ndarray, list[int], np.ndarray]:
-    """Read every image, check every box, embed: ``(vectors (n, D), coarse class id per support)``, plus
-    with ``views`` the vectors of each support's augmented views ``(n, V, D)`` (:func:`augmented_views`).
+    student: Student, supports: Sequence[Support], cls: str | None = None
+) -> tuple[np.ndarray, list[int], np.ndarray]:
+    """Read every image, check every box, embed: ``(vectors (n, D), coarse class id per support, vectors
+    of each support's augmented views (n, V, D))`` (:func:`augmented_views`; one batched pass per image).
 
     ``cls`` (``--class``) overrides every support's own class; a support with no class takes the class of
     the student's best-overlapping detection (IoU >= 0.5). Raises before returning anything on any problem.
@@ -305,21 +301,11 @@ def embed_supports(
                         f"pass --class NAME (one of: {', '.join(names)})"
                     )
                 ids[i] = int(dets.cls[int(iou.argmax())])
-        if views:
-            v, av = embed_views(student, bgr, boxes)
-            for i, x, a in zip(idx, v, av, strict=True):
-                vecs[i], aug[i] = x, a
-        else:
-            for i, x in zip(idx, student.embed(bgr, boxes), strict=True):
-                vecs[i] = x
+        v, av = embed_views(student, bgr, boxes)
+        for i, x, a in zip(idx, v, av, strict=True):
+            vecs[i], aug[i] = x, a
     out = (np.stack(vecs) if vecs else np.zeros((0, student.dim), np.float32)).astype(np.float32)
-    if views:
-        return (
-            out,
-            ids,
-            np.stack(aug).astype(np.float32) if aug else np.zeros((0, 0, student.dim), np.float32),
-        )
-    return out, ids
+    return out, ids, np.stack(aug).astype(np.float32) if aug else np.zeros((0, 0, student.dim), np.float32)
 
 
 # ------------------------------------------------------------------------------------------ bank
@@ -333,8 +319,8 @@ def _check_bank(bank: PrototypeBank, student: Student, keep_translator: bool, pa
         warnings.simplefilter("always")
         try:
             sp = getattr(student, "space", None)
-            bank.check(student.fingerprint, sp.out_dim if sp is not None else student.dim, precision="fp32",
-                       source=student.source, space=sp.fingerprint if sp is not None else "none")  # fmt: skip
+            bank.check(student.fingerprint, match_dim(sp, student.dim), precision="fp32", source=student.source,
+                       space=space_id(sp))  # fmt: skip
         except BankError as e:
             raise BankError(f"{path}: {e}") from None
     return [str(w.message) for w in caught]
@@ -472,17 +458,12 @@ def enroll(
             "plain ultralytics .pt): no centring, and thresholds come from the support shots alone"
         )
     if bank is None:
-        dim = sp.out_dim if sp is not None else student.dim
-        bank = PrototypeBank(dim, student.fingerprint, list(student.names), "fp32", keep_translator,
-                             space=sp.fingerprint if sp is not None else "none")  # fmt: skip
+        bank = PrototypeBank(match_dim(sp, student.dim), student.fingerprint, list(student.names), "fp32",
+                             keep_translator, space=space_id(sp))  # fmt: skip
         summary.created = True
     else:
         summary.warnings += _check_bank(bank, student, keep_translator, bank_path)
-    vectors, coarse, aug = embed_supports(student, supports, cls, views=True)  # type: ignore[misc]
-
-    def centred(v: np.ndarray, c: int) -> np.ndarray:
-        return sp.centre(v, c) if sp is not None else v
-
+    vectors, coarse, aug = embed_supports(student, supports, cls)
     for n in dict.fromkeys(idents):
         rows = [i for i, m in enumerate(idents) if m == n]
         classes = sorted({coarse[i] for i in rows})
@@ -491,8 +472,8 @@ def enroll(
             raise BankError(f"{n}: support boxes disagree on the coarse class ({seen}); pass --class")
         c = classes[0]
         existed = n in bank.identities
-        bank.add(n, c, centred(vectors[rows], c), replace=replace, append=add_shots,
-                 views=centred(aug[rows].reshape(-1, aug.shape[-1]), c),
+        bank.add(n, c, to_space(sp, vectors[rows], c), replace=replace, append=add_shots,
+                 views=to_space(sp, aug[rows].reshape(-1, aug.shape[-1]), c),
                  negatives=sp.negatives if sp is not None else None)  # fmt: skip
         (summary.updated if existed else summary.added).append(n)
         summary.new_shots[n] = len(rows)

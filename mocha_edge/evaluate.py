@@ -27,7 +27,16 @@ from mocha_edge.data.dataset import Dataset, Episode
 from mocha_edge.errors import MochaError
 from mocha_edge.openset import IdCounts, score_image, summarise
 from mocha_edge.prototypes import NAME_CONF, PrototypeBank, decide, l2n, match, one_per_identity
-from mocha_edge.space import VectorSpace, anisotropy, build_space, fit_space
+from mocha_edge.space import (
+    VectorSpace,
+    anisotropy,
+    build_space,
+    fit_space,
+    match_dim,
+    matcher_args,
+    space_id,
+    to_space,
+)
 
 IOUV = torch.linspace(0.5, 0.95, 10)
 RUN_CONF = 0.25  # `mocha-edge run`'s default confidence threshold (its NMS IoU 0.7 is eval's too)
@@ -190,14 +199,9 @@ def _episode_map(
             shots.setdefault(int(inst), []).append(views.support[(p, j)])
     inst_ids = sorted(shots)
     proto_cls = np.asarray([ds.idmap[i] for i in inst_ids], np.int64)
-    sp = views.space  # rank in the matching space when the view has one (prototypes: mean of unit shots)
-    if sp is not None:
-        protos = np.stack(
-            [l2n(sp.centre(np.stack(shots[i]), c).mean(0)) for i, c in zip(inst_ids, proto_cls)]
-        )
-    else:
-        protos = np.stack([l2n(np.stack([l2n(v) for v in shots[i]]).mean(0)) for i in inst_ids])
-    means, proj = (sp.matcher_means, sp.proj) if sp is not None else (None, None)
+    sp = views.space  # rank in the matching space (prototypes: normalised mean of the shots in it)
+    protos = np.stack([l2n(to_space(sp, np.stack(shots[i]), c).mean(0)) for i, c in zip(inst_ids, proto_cls)])
+    means, proj = matcher_args(sp)
     matcher = SimpleNamespace(iouv=IOUV)
     tps, confs, pcls, tcls = [], [], [], []
     for p in ep.query:
@@ -266,28 +270,19 @@ def _episode_openset(
         for j, inst in enumerate(items[p].instance.tolist()):
             shots.setdefault(int(inst), []).append((p, j))
     enrolled = enrolled_half(ds, list(shots), seed)
-    dim = space.out_dim if space is not None else len(next(iter(views.support.values())))
-    bank = PrototypeBank(dim, "eval", list(ds.names), space=space.fingerprint if space else "none")
-    neg_cache: dict[int, np.ndarray] = {}
-
-    def negatives(c: int) -> np.ndarray:
-        if c not in neg_cache:
-            neg_cache[c] = space.negatives(c) if space is not None else np.zeros((0, dim), np.float32)
-        return neg_cache[c]
-
-    def centred(v: np.ndarray, c: int) -> np.ndarray:
-        return space.centre(v, c) if space is not None else l2n(v)
-
+    dim = match_dim(space, len(next(iter(views.support.values()))))
+    bank = PrototypeBank(dim, "eval", list(ds.names), space=space_id(space))
     for inst in sorted(enrolled):
         c = int(ds.idmap[inst])
         vec = np.stack([views.support[k] for k in shots[inst]])
         aug = None
         if views.support_views is not None:
-            aug = centred(np.concatenate([views.support_views[k] for k in shots[inst]]), c)
-        bank.add(ds.fine_names[inst], c, centred(vec, c), views=aug, negatives=negatives)
+            aug = to_space(space, np.concatenate([views.support_views[k] for k in shots[inst]]), c)
+        bank.add(ds.fine_names[inst], c, to_space(space, vec, c), views=aug,
+                 negatives=space.negatives if space is not None else None)  # fmt: skip
     protos, names, proto_cls = bank.prototypes()
     thr = bank.thresholds() if threshold is None else np.full(len(names), threshold, np.float32)
-    means, proj = (space.matcher_means, space.proj) if space is not None else (None, None)
+    means, proj = matcher_args(space)
     total = IdCounts()
     for p in ep.query:
         it = items[p]
@@ -364,10 +359,8 @@ def evaluate(
             Student.random_init(models[first], seed), ds, support, query, conf, det_source=views[first]
         )
     if teacher_cache is not None:
-        views["teacher"] = _teacher_views(teacher_cache, ds, support, query)
-        if centring is not None:
-            kind, proj = parse_space(centring)
-            views["teacher"] = _teacher_views(teacher_cache, ds, support, query, kind, proj)
+        kind, proj = parse_space(centring or "class-mean+wccn")
+        views["teacher"] = _teacher_views(teacher_cache, ds, support, query, kind, proj)
 
     gt_px = _gt_pixels(ds, query)
     items = {it.path: it for it in ds.items()}

@@ -424,7 +424,8 @@ class LiveEnroller:
 
     def _edit(self, name: str, vector: np.ndarray, coarse: int, where: str) -> tuple[Any, str, str]:
         """Copy the latest bank, add the shot (recalibrates), save it: ``(bank or None, name, message)``."""
-        from mocha_edge.prototypes import BankError, PrototypeBank, l2n
+        from mocha_edge.prototypes import BankError, PrototypeBank
+        from mocha_edge.space import match_dim, space_id, to_space
 
         names = list(self.pipe.names)
         fingerprint = str(self.pipe.facts["model_fingerprint"])
@@ -432,10 +433,10 @@ class LiveEnroller:
         bank = (
             copy.deepcopy(self._latest)
             if self._latest is not None
-            else PrototypeBank(space.out_dim if space is not None else int(self.pipe.dim), fingerprint, names,
-                               _precision(self.pipe), space=space.fingerprint if space is not None else "none")
+            else PrototypeBank(match_dim(space, self.pipe.dim), fingerprint, names, _precision(self.pipe),
+                               space=space_id(space))
         )  # fmt: skip
-        shot = space.centre(vector[None], coarse) if space is not None else l2n(vector[None])
+        shot = to_space(space, vector[None], coarse)
         try:
             bank.add(name, coarse, shot, append=name in bank.identities,
                      negatives=space.negatives if space is not None else None)  # fmt: skip

@@ -21,6 +21,7 @@ import numpy as np
 from mocha_edge.errors import MochaError
 from mocha_edge.export.contract import BOX_DIST, CLS_LOGITS, FEATURES
 from mocha_edge.prototypes import one_per_identity
+from mocha_edge.space import match_dim, matcher_args, space_id
 
 log = logging.getLogger(__name__)
 
@@ -224,12 +225,11 @@ class Pipeline:
         self.timings: dict[str, float] = {}
         self.gpu_stages, self.gpu_stages_note = self._device_stages(gpu_stages, kernels)
         self.identity_names: list[str] = []
-        self.match_dim = self.space.out_dim if self.space is not None else self.dim
+        self.match_dim = match_dim(self.space, self.dim)
         self._protos = np.zeros((0, self.match_dim), np.float32)
         self._proto_cls = np.zeros(0, np.int64)
         self._thresholds = np.zeros(0, np.float32)
-        self._means = None if self.space is None else self.space.matcher_means
-        self._proj = None if self.space is None else self.space.proj
+        self._means, self._proj = matcher_args(self.space)
         # run --threshold: one cosine for every identity instead of the bank's own (None: the bank's)
         self.threshold = None if threshold is None else float(threshold)
         self.name_conf = NAME_CONF if name_conf is None else float(name_conf)
@@ -274,7 +274,7 @@ class Pipeline:
         precision = (self.facts.get("engine") or {}).get("precision", "fp32")
         bank.check(
             self.facts["model_fingerprint"], self.match_dim, precision, source=str(self.facts.get("source", "")),
-            space=self.space.fingerprint if self.space is not None else "none",
+            space=space_id(self.space),
         )  # fmt: skip
         p, names, coarse = bank.prototypes()
         self._protos = np.ascontiguousarray(p, np.float32)
@@ -334,9 +334,3 @@ class Pipeline:
                                       means=self._means, thresholds=per, proj=self._proj)  # fmt: skip
         ident[np.asarray(scores) < self.name_conf] = -1
         return one_per_identity(ident, sim), sim
-
-    def to_space(self, vectors: np.ndarray, cls: np.ndarray) -> np.ndarray:
-        """Pooled vectors in the matching space (what a bank stores for them)."""
-        from mocha_edge.prototypes import l2n
-
-        return self.space.centre(vectors, cls) if self.space is not None else l2n(vectors)

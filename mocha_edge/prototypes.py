@@ -113,7 +113,7 @@ class PrototypeBank:
             neg = self._rows(name, negatives(coarse), "negatives")
             if len(neg):
                 self.negatives[int(coarse)] = l2n(neg).astype(np.float16)
-        self.calibrate()
+        self.calibrate({int(coarse)})
 
     def _rows(self, name: str, x: np.ndarray, what: str) -> np.ndarray:
         v = np.asarray(x, np.float32)
@@ -132,7 +132,7 @@ class PrototypeBank:
         coarse = self.identities.pop(name).coarse
         if not any(i.coarse == coarse for i in self.identities.values()):
             self.negatives.pop(coarse, None)
-        self.calibrate()
+        self.calibrate({coarse})
 
     def set_threshold(self, name: str, value: float | None) -> None:
         """Fix ``name``'s threshold by hand (``None``: back to calibration)."""
@@ -143,7 +143,7 @@ class PrototypeBank:
         ident = self.identities[name]
         if value is None:
             ident.manual = False
-            self.calibrate()
+            self.calibrate({ident.coarse})
             return
         if not (np.isfinite(value) and -1.0 <= value <= 1.0):
             raise BankError(f"{name}: threshold {value!r} is not a cosine in [-1, 1]")
@@ -162,12 +162,13 @@ class PrototypeBank:
         """Each identity's threshold, in :meth:`prototypes` order."""
         return np.asarray([self.identities[n].threshold for n in sorted(self.identities)], np.float32)
 
-    def calibrate(self) -> None:
+    def calibrate(self, classes: set[int] | None = None) -> None:
         """Thresholds by :func:`calibrate_identity`, pooled per coarse class (one threshold for every
         identity of a class; hand-set ones excepted): negatives = the similarities of the class's base
         vectors the bank holds and of the other identities' shots to each identity's prototype; positives
-        (reported) = each identity's augmented views and, with >1 shot, each shot left out."""
-        names = sorted(self.identities)
+        (reported) = each identity's augmented views and, with >1 shot, each shot left out. A class's
+        threshold depends on that class alone: an edit recalibrates only the ``classes`` it touched."""
+        names = sorted(n for n, i in self.identities.items() if classes is None or i.coarse in classes)
         pos: dict[int, list[np.ndarray]] = {}
         neg: dict[int, list[np.ndarray]] = {}
         for n in names:

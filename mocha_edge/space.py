@@ -296,4 +296,28 @@ def anisotropy(vectors: np.ndarray, cls: np.ndarray, space: VectorSpace | None =
 
 
 __all__ = ["BASE_PER_CLASS", "DEFAULT_KIND", "KINDS", "PROJ_DIM", "SpaceError", "VectorSpace", "anisotropy",
-           "build_space", "fit_space", "space_path", "wccn"]  # fmt: skip
+           "build_space", "fit_space", "match_dim", "matcher_args", "space_id", "space_path", "to_space",
+           "wccn"]  # fmt: skip
+
+
+# ------------------------------------------------------------------------------- models without a space
+# A model made before vector spaces (or a plain ultralytics .pt, or the translator's space) has none: these
+# give the plain unit-vector space in its place, so callers need no branch of their own.
+def to_space(space: VectorSpace | None, vectors: np.ndarray, cls: np.ndarray | int) -> np.ndarray:
+    """Vectors as the matcher compares them: ``space.centre`` or, without a space, unit vectors."""
+    return space.centre(vectors, cls) if space is not None else l2n(vectors)
+
+
+def match_dim(space: VectorSpace | None, raw_dim: int) -> int:
+    """Size of the vectors a bank holds for a model whose pooled vectors have ``raw_dim``."""
+    return space.out_dim if space is not None else int(raw_dim)
+
+
+def space_id(space: VectorSpace | None) -> str:
+    """The space's fingerprint as banks record it (``"none"`` without a space)."""
+    return space.fingerprint if space is not None else "none"
+
+
+def matcher_args(space: VectorSpace | None) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """``(means, proj)`` for the matchers."""
+    return (space.matcher_means, space.proj) if space is not None else (None, None)

@@ -171,6 +171,7 @@ class Trainer:
         self.out = Path(cfg.out)
         self.ckpt_path = self.out / "last.ckpt"
         self.student_path = self.out / "student.pt"
+        self.vector_space: Any = None  # fitted when the run ends (fit_vector_space)
 
     # ----------------------------------------------------------------------------- set-up
     def _setup(self, resume_state: dict | None) -> None:
@@ -574,9 +575,7 @@ class Trainer:
                 "channels": "RGB",
             },
             "dataset_fingerprint": self.ds_fingerprint,
-            "vector_space": None
-            if getattr(self, "vector_space", None) is None
-            else self.vector_space.to_state(),
+            "vector_space": None if self.vector_space is None else self.vector_space.to_state(),
         }
 
     def _save(self, epoch: int) -> None:

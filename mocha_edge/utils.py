@@ -113,3 +113,14 @@ def read_safetensors(
     except (SafetensorError, OSError, ValueError) as e:
         raise error(f"{path}: unreadable {what} ({str(e).splitlines()[0]})") from None
     return meta, tensors
+
+
+def read_json(path: str | os.PathLike, error: type[Exception]) -> Any:
+    """A JSON file (plain data), or ``error("PATH: cannot read (...)" / "PATH: not valid JSON (...)")``."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except OSError as e:
+        raise error(f"{path}: cannot read ({e.strerror or e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path}: not valid JSON ({str(e).splitlines()[0]})") from None

@@ -269,21 +269,36 @@ def _check_match(v, dc, p, pc, mode, threshold=0.1, threads=0, means=None, thres
     return got
 
 
-@FAST
-@given(
+def _proj(rng: np.random.Generator, d: int, d_out: int) -> np.ndarray:
+    return (rng.normal(0, 1, (d, d_out)) / np.sqrt(d)).astype(np.float32)
+
+
+@settings(max_examples=120, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(  # three tests' worth of examples: the plain, centred and projected matchers in one property
     n=st.integers(0, 30),
     m=st.integers(0, 60),
     d=st.sampled_from([1, 3, 16, 448]),
+    # no projection, or below, at and around the projection kernel's 16 columns
+    d_out=st.sampled_from([None, 1, 2, 7, 15, 16, 17, 33, 128]),
     nc=st.sampled_from([1, 4, 80]),
+    centring=st.sampled_from(["none", "global", "per-class"]),
+    per_proto=st.booleans(),
     mode=st.sampled_from(["conditional", "global"]),
-    threads=st.sampled_from([0, 1, 3]),
+    threads=st.sampled_from([0, 1, 2, 3]),
     seed=st.integers(0, 999),
 )
-def test_match_matches_reference(n, m, d, nc, mode, threads, seed) -> None:
+def test_match_matches_reference(n, m, d, d_out, nc, centring, per_proto, mode, threads, seed) -> None:
+    """Plain, centred (one mean or per class), projected, with per-prototype thresholds: C vs NumPy."""
     rng = np.random.default_rng(seed)
     v = rng.normal(0, 1, (n, d)).astype(np.float32) * rng.uniform(0.01, 100)
-    p = _unit(rng.normal(0, 1, (m, d))) if m else np.zeros((0, d), np.float32)
-    _check_match(v, rng.integers(0, nc, n), p, rng.integers(0, nc, m), mode, threads=threads)
+    width = d if d_out is None else d_out
+    p = _unit(rng.normal(0, 1, (m, width))) if m else np.zeros((0, width), np.float32)
+    means = None
+    if centring != "none":
+        means = rng.normal(0, 0.3, (nc if centring == "per-class" else 1, d)).astype(np.float32)
+    thr = rng.uniform(-0.2, 0.3, m).astype(np.float32) if per_proto else None
+    proj = None if d_out is None else _proj(rng, d, d_out)
+    _check_match(v, rng.integers(0, nc, n), p, rng.integers(0, nc, m), mode, 0.1, threads, means, thr, proj)
 
 
 def test_match_edge_cases_and_size() -> None:
@@ -318,27 +333,6 @@ def test_match_edge_cases_and_size() -> None:
         rt.match(v, dc, p, pc, "nearest")
     with pytest.raises(rt.NativeRuntimeError, match="classes"):
         rt.match(v, dc[:5], p, pc, "global")
-
-
-@FAST
-@given(
-    n=st.integers(0, 30),
-    m=st.integers(0, 60),
-    d=st.sampled_from([1, 3, 16, 448]),
-    nc=st.sampled_from([1, 4, 80]),
-    per_class=st.booleans(),
-    per_proto=st.booleans(),
-    mode=st.sampled_from(["conditional", "global"]),
-    threads=st.sampled_from([0, 1, 2]),
-    seed=st.integers(0, 999),
-)
-def test_match_centring_matches_reference(n, m, d, nc, per_class, per_proto, mode, threads, seed) -> None:
-    rng = np.random.default_rng(seed)
-    v = rng.normal(0, 1, (n, d)).astype(np.float32) * rng.uniform(0.01, 100)
-    p = _unit(rng.normal(0, 1, (m, d))) if m else np.zeros((0, d), np.float32)
-    means = (rng.normal(0, 0.3, (nc if per_class else 1, d))).astype(np.float32)
-    thr = rng.uniform(-0.2, 0.3, m).astype(np.float32) if per_proto else None
-    _check_match(v, rng.integers(0, nc, n), p, rng.integers(0, nc, m), mode, 0.1, threads, means, thr)
 
 
 @pytest.mark.parametrize("mode", ["conditional", "global"])
@@ -383,37 +377,6 @@ def test_match_centring_and_thresholds_errors() -> None:
     for bad in (np.zeros(9, np.float32), np.zeros((10, 1), np.float32)):
         with pytest.raises(rt.NativeRuntimeError, match=r"thresholds .* one per prototype \(10,\)"):
             rt.match(v, dc, p, pc, thresholds=bad)
-
-
-def _proj(rng: np.random.Generator, d: int, d_out: int) -> np.ndarray:
-    return (rng.normal(0, 1, (d, d_out)) / np.sqrt(d)).astype(np.float32)
-
-
-@FAST
-@given(
-    n=st.integers(0, 30),
-    m=st.integers(0, 60),
-    d=st.sampled_from([1, 3, 16, 448]),
-    d_out=st.sampled_from([1, 2, 7, 15, 16, 17, 33, 128]),  # below, at and around the kernel's 16 columns
-    nc=st.sampled_from([1, 4, 80]),
-    centring=st.sampled_from(["none", "global", "per-class"]),
-    per_proto=st.booleans(),
-    mode=st.sampled_from(["conditional", "global"]),
-    threads=st.sampled_from([0, 1, 2]),
-    seed=st.integers(0, 999),
-)
-def test_match_projection_matches_reference(
-    n, m, d, d_out, nc, centring, per_proto, mode, threads, seed
-) -> None:
-    rng = np.random.default_rng(seed)
-    v = rng.normal(0, 1, (n, d)).astype(np.float32) * rng.uniform(0.01, 100)
-    p = _unit(rng.normal(0, 1, (m, d_out))) if m else np.zeros((0, d_out), np.float32)
-    means = None
-    if centring != "none":
-        means = rng.normal(0, 0.3, (nc if centring == "per-class" else 1, d)).astype(np.float32)
-    thr = rng.uniform(-0.2, 0.3, m).astype(np.float32) if per_proto else None
-    _check_match(v, rng.integers(0, nc, n), p, rng.integers(0, nc, m), mode, 0.1, threads, means, thr,
-                 _proj(rng, d, d_out))  # fmt: skip
 
 
 @pytest.mark.parametrize("mode", ["conditional", "global"])

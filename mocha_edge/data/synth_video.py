@@ -46,6 +46,7 @@ from mocha_edge.data.synth import (
     instance_table,
 )
 from mocha_edge.errors import DataError
+from mocha_edge.utils import read_json
 
 __all__ = ["VIDEO_GT_FORMAT", "enrolled_instances", "load_video_gt", "synthesize_video"]
 
@@ -542,12 +543,7 @@ def load_video_gt(path: str | Path) -> dict[str, Any]:
     def bad(msg: str) -> DataError:
         return DataError(f"{path}: {msg}")
 
-    try:
-        doc = json.loads(path.read_text())
-    except OSError as e:
-        raise bad(f"cannot read ({e.strerror or e})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise bad(f"not valid JSON ({str(e).splitlines()[0]})") from None
+    doc = read_json(path, DataError)
     if not isinstance(doc, dict):
         raise bad("not a video ground-truth object")
     if doc.get("format") != VIDEO_GT_FORMAT:
