@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mocha_edge.deploy.config import DEFAULT_WORKSPACE_GB
 from mocha_edge.errors import ExportError
 from mocha_edge.utils import write_json_atomic
 
@@ -39,7 +40,7 @@ class ExportOptions:
     batch: int = 1
     dynamic: bool = False
     keep_translator: bool = False
-    workspace_gb: float = 4.0
+    workspace_gb: float = DEFAULT_WORKSPACE_GB  # the one default (deploy/config.py)
     data: Path | None = None  # dataset for the accuracy report
     episodes: int = 50
     parity_images: int = 20
@@ -109,7 +110,6 @@ def run_export(ckpt: Path, opts: ExportOptions, log: Callable[[str], None] = pri
         export_translator,
         write_facts_for,
     )
-
     from mocha_edge.infer import Student
 
     if opts.fmt not in ("onnx", "engine"):
@@ -223,7 +223,6 @@ def _report(ckpt: Path, dest: Path, models: dict[str, Any], extra: dict[str, dic
             opts: ExportOptions, log: Callable[[str], None]) -> dict[str, Any]:  # fmt: skip
     from mocha_edge.export.onnx import OnnxStudent, parity
     from mocha_edge.export.report import accuracy_report, format_report, model_latency
-
     from mocha_edge.infer import Student, read_bgr
 
     ds = None

@@ -9,10 +9,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from mocha_edge.export import contract
-from mocha_edge.models.pooling import POOLING
 from torch import nn
 
+from mocha_edge.deploy.config import EXPORT_FORMAT, NMS_TOP_K
+from mocha_edge.export import contract
+from mocha_edge.models.pooling import POOLING
 from mocha_edge.utils import atomic_path, keep_sys_path, write_json_atomic
 
 
@@ -75,7 +76,7 @@ def deployment_facts(student, batch: int, dynamic: bool) -> dict[str, Any]:
     """What the runtime needs besides the graph (read it instead of retyping flags)."""
     head = student.model.model[-1]
     return {
-        "format": "mocha-edge-export/1",
+        "format": EXPORT_FORMAT,
         "contract": {"input": contract.INPUT, "outputs": list(contract.OUTPUTS), "opset": contract.OPSET},
         "imgsz": student.imgsz,
         "batch": "dynamic" if dynamic else batch,
@@ -88,6 +89,7 @@ def deployment_facts(student, batch: int, dynamic: bool) -> dict[str, Any]:
         "vector_dim": sum(student.channels),
         "model_fingerprint": student.fingerprint,
         "source": student.source,
+        "postprocess": {"nms_top_k": NMS_TOP_K},  # candidates kept by score before NMS (C and CUDA)
         # matching space (mocha_edge.space): centring means + base vectors in NAME.space.safetensors
         "vector_space": {"kind": "none", "fingerprint": "none", "file": None}
         if getattr(student, "space", None) is None
@@ -133,33 +135,6 @@ def read_facts(path: str | Path) -> dict[str, Any]:
         raise ExportError(f"{side}: missing (the deployment facts written by `mocha-edge export`)") from None
     except json.JSONDecodeError as e:
         raise ExportError(f"{side}: not valid JSON ({e.msg}, line {e.lineno})") from None
-
-
-def load_space(facts: dict[str, Any], artefact: str | Path | None):
-    """The vector space an export names in its facts (``None`` when it has none), checked against them."""
-    from mocha_edge.errors import ExportError
-    from mocha_edge.space import SpaceError, VectorSpace
-
-    vs = facts.get("vector_space") or {"kind": "none", "file": None}
-    if vs.get("file") is None:
-        return None
-    if artefact is None:
-        raise ExportError("the export names a vector space file but no artefact path was given to find it")
-    name = str(vs["file"])
-    if not name or Path(name).name != name or name in (".", ".."):
-        raise ExportError(
-            f"{artefact}: its vector space file must sit beside the export (facts name {name!r})"
-        )
-    path = Path(artefact).with_name(name)
-    try:
-        sp = VectorSpace.load(path)
-    except SpaceError as e:
-        raise ExportError(str(e)) from None
-    if sp.fingerprint != vs.get("fingerprint"):
-        raise ExportError(
-            f"{path}: vector space {sp.fingerprint} is not the one the export names ({vs.get('fingerprint')})"
-        )
-    return sp
 
 
 class RawStudent:
@@ -209,7 +184,6 @@ class RawStudent:
     def embed_batch(self, images: list, boxes: list) -> list:
         """Vectors of given boxes (pixels of each BGR image), pooled from the graph's maps."""
         from mocha_edge.export import reference as ref
-
         from mocha_edge.infer import to_letterbox
 
         out = []
@@ -223,7 +197,6 @@ class RawStudent:
     def detect(self, images: list, conf: float = 0.25, iou: float = 0.7, max_det: int = 300) -> list:
         """Same contract as :meth:`mocha_edge.infer.Student.detect`, one image at a time."""
         from mocha_edge.export import reference as ref
-
         from mocha_edge.infer import Detections, from_letterbox
 
         out = []
@@ -255,6 +228,7 @@ def ort_session(
     CPU, ORT on 2 threads: pre 0.80-1.00 ms with 2 native threads vs 1.11-1.24 ms spinning with 1, the same
     inference time (22/29 ms both ways); allow_spinning=0 instead cost 3-4 ms of inference."""
     import onnxruntime as ort
+
     from mocha_edge.export.fuse import inference_session
 
     so = ort.SessionOptions()

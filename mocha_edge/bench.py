@@ -18,11 +18,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from mocha_edge.errors import MochaError
+
+if TYPE_CHECKING:
+    from mocha_edge.deploy.config import DeployConfig
 from mocha_edge.utils import atomic_path, write_json_atomic
 
 STAGES = ("capture", "pre", "infer", "post", "pool", "match")
@@ -35,7 +38,7 @@ class BenchError(MochaError):
 
 @dataclass
 class BenchOptions:
-    backends: tuple[str, ...] = ("torch", "ort", "trt")
+    backends: tuple[str, ...] = ("torch", "torch-cuda", "ort", "trt")  # registry engine names
     precisions: tuple[str, ...] = ("fp32", "fp16", "int8")
     imgsz: tuple[int, ...] = ()  # default: the model's own size
     frames: int = 100
@@ -79,38 +82,24 @@ def default_source() -> str:
 def load_frames(
     source: str, n: int, log: Callable[[str], None] = print
 ) -> tuple[list[np.ndarray], list[float]]:
-    """Decode up to ``n`` frames (cycling a short source): ``(frames, capture ms per frame)``."""
-    import cv2
+    """Up to ``n`` frames from ``source``, opened exactly as ``run`` opens it (image, folder, video,
+    ``rtsp://``, ``v4l2://``, ``csi://``, with their options): ``(frames, capture ms per frame)``."""
+    from mocha_edge.deploy.sources import SourceError, open_source
 
-    p = Path(source)
     frames: list[np.ndarray] = []
     times: list[float] = []
-    if p.is_dir() or p.suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp", ".webp"):
-        files = sorted(f for f in (p.iterdir() if p.is_dir() else [p]) if f.suffix.lower() in
-                       (".jpg", ".jpeg", ".png", ".bmp", ".webp"))  # fmt: skip
-        if not files:
-            raise BenchError(f"{source}: no images")
-        for f in files[:n]:
-            t = time.perf_counter()
-            img = cv2.imread(str(f), cv2.IMREAD_COLOR)
-            dt = (time.perf_counter() - t) * 1e3
-            if img is None:
-                log(f"warning: {f}: unreadable image, skipped")
-                continue
-            frames.append(img)
-            times.append(dt)
-    elif p.is_file():
-        cap = cv2.VideoCapture(str(p))
-        while len(frames) < n:
-            t = time.perf_counter()
-            ok, img = cap.read()
-            if not ok:
-                break
-            times.append((time.perf_counter() - t) * 1e3)
-            frames.append(img)
-        cap.release()
-    else:
-        raise BenchError(f"{source}: no such file or folder")
+    try:
+        with open_source(source, warn=lambda m: log(f"warning: {m}")) as src:
+            it = iter(src)
+            while len(frames) < n:
+                t = time.perf_counter()
+                frame = next(it, None)
+                if frame is None:
+                    break
+                times.append((time.perf_counter() - t) * 1e3)
+                frames.append(frame.image_bgr)
+    except SourceError as e:
+        raise BenchError(str(e)) from None
     if not frames:
         raise BenchError(f"{source}: no readable frame")
     return frames, times
@@ -305,98 +294,25 @@ def device_name() -> str:
     return out
 
 
-# ------------------------------------------------------------------------------------------------ engines
-class TorchEngine:
-    """The student's PyTorch graph up to the raw head outputs, as a pipeline engine (``run(x) -> dict``)."""
+def artefact_for(engine: str, precision: str, plan: dict[str, Any]) -> Path | None:
+    """The file engine ``engine`` runs at ``precision`` for one bench plan (None: not a configuration here).
 
-    def __init__(self, ckpt: str | Path, imgsz: int, device: str = "cpu", half: bool = False) -> None:
-        import torch
+    PyTorch runs the checkpoint at FP32; ONNX Runtime the FP32 or the INT8 (Q/DQ) ONNX; TensorRT its FP16 or
+    INT8 engine built beside the ONNX."""
+    from mocha_edge.deploy.engines import engine_spec
 
-        from mocha_edge.export import contract
-        from mocha_edge.export.onnx import RawHead
-        from mocha_edge.infer import Student
-
-        self.torch = torch
-        st = Student.load(ckpt, device=device)
-        self.net = RawHead(st.model.fuse(verbose=False)).eval()  # Conv+BN folded, as ultralytics predicts
-        if half:
-            self.net = self.net.half()
-        self.device, self.half = device, half
-        self.input_shape = (1, 3, imgsz, imgsz)
-        self.dtype = np.float16 if half else np.float32
-        self.names = list(contract.OUTPUTS)
-
-    def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        t = self.torch.from_numpy(x).to(self.device)
-        with self.torch.inference_mode():
-            outs = self.net(t)
-        return {n: o.float().cpu().numpy() for n, o in zip(self.names, outs)}
+    spec = engine_spec(engine)
+    for cand in (plan.get("ckpt") if precision == "fp32" else None, plan.get(precision),
+                 plan.get(f"{precision}_engine")):  # fmt: skip
+        if cand is not None and Path(cand).suffix.lower() in spec.suffixes:
+            return Path(cand)
+    return None
 
 
-class TorchCudaEngine(TorchEngine):
-    """:class:`TorchEngine` on a CUDA GPU with device-resident buffers: also a *device engine*
-    (``mocha_edge.device_stages``), so the CUDA pre/post kernels read and write its tensors in place. Its
-    own CUDA stream; buffers are torch tensors, other device memory comes from ``export.trt.cuda_backend``."""
-
-    def __init__(self, ckpt: str | Path, imgsz: int, half: bool = False) -> None:
-        super().__init__(ckpt, imgsz, device="cuda", half=half)
-        from mocha_edge.export import contract
-        from mocha_edge.export.trt import cuda_backend
-
-        torch = self.torch
-        self.cuda = cuda_backend()
-        self._stream = torch.cuda.Stream()
-        self.stream = int(self._stream.cuda_stream)
-        dt = torch.float16 if half else torch.float32
-        self._x = torch.zeros(self.input_shape, dtype=dt, device="cuda")
-        with torch.inference_mode():
-            outs = self.net(self._x)
-        self._out = {n: torch.empty_like(o, dtype=torch.float32) for n, o in zip(self.names, outs)}
-        bufs = {contract.INPUT: self._x, **self._out}
-        self.device = {n: int(t.data_ptr()) for n, t in bufs.items()}
-        self.device_shapes = {n: tuple(t.shape) for n, t in bufs.items()}
-        self.device_dtypes = {n: np.dtype(np.float16 if t.dtype == torch.float16 else np.float32)
-                              for n, t in bufs.items()}  # fmt: skip
-        torch.cuda.synchronize()
-
-    def enqueue_device(self) -> None:
-        """Queue the graph on the engine's stream: reads the input buffer, writes the output buffers."""
-        torch = self.torch
-        with torch.cuda.stream(self._stream), torch.inference_mode():
-            for n, o in zip(self.names, self.net(self._x)):
-                self._out[n].copy_(o)
-
-    def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        torch = self.torch
-        with torch.cuda.stream(self._stream):
-            self._x.copy_(torch.from_numpy(np.ascontiguousarray(x)))
-        self.enqueue_device()
-        self._stream.synchronize()
-        return {n: o.cpu().numpy() for n, o in self._out.items()}
-
-
-def _available(backend: str) -> tuple[bool, str]:
-    if backend == "torch":
-        return True, ""
-    if backend == "ort":
-        try:
-            import onnxruntime  # noqa: F401
-        except ImportError:
-            return False, "onnxruntime not installed"
-        return True, ""
-    if backend == "trt":
-        try:
-            import tensorrt  # noqa: F401
-        except ImportError:
-            return False, "TensorRT not installed (it comes with JetPack)"
-        return True, ""
-    return False, f"unknown backend {backend!r}"
-
-
-def _ckpt_of(model: Path, facts: dict[str, Any] | None) -> Path | None:
+def _ckpt_of(model: Path, facts: DeployConfig | None) -> Path | None:
     if model.suffix in (".ckpt", ".pt"):
         return model
-    src = Path(str((facts or {}).get("source", "")))
+    src = Path(facts.source if facts is not None else "")
     return src if src.suffix in (".ckpt", ".pt") and src.is_file() else None
 
 
@@ -408,15 +324,15 @@ def _ultralytics_pt(ckpt: Path) -> Path | None:
 
 def _plan(model: Path, opts: BenchOptions, work: Path) -> list[dict[str, Any]]:
     """Per input size: the FP32 ONNX, the INT8 ONNX (if any), engines, the checkpoint and its facts."""
+    from mocha_edge.deploy.config import DeployConfig
     from mocha_edge.export.exporter import ExportOptions, artefact_path, cpu_int8_artefact, run_export
-    from mocha_edge.export.onnx import read_facts
     from mocha_edge.infer import Student
 
     if not model.exists():
         raise BenchError(f"{model}: no such model")
     if model.suffix == ".onnx":
-        facts = read_facts(model)
-        base_sizes = [int(facts["imgsz"])]
+        facts = DeployConfig.for_model(model)
+        base_sizes = [facts.imgsz]
     elif model.suffix in (".ckpt", ".pt"):
         facts = None
         base_sizes = [Student.load(model).imgsz]
@@ -427,7 +343,7 @@ def _plan(model: Path, opts: BenchOptions, work: Path) -> list[dict[str, Any]]:
     plans = []
     for s in opts.imgsz or base_sizes:
         p: dict[str, Any] = {"imgsz": int(s), "ckpt": ckpt}
-        onnx = model if model.suffix == ".onnx" and int(s) == int(facts["imgsz"]) else None  # type: ignore[index]
+        onnx = model if model.suffix == ".onnx" and int(s) == facts.imgsz else None  # type: ignore[union-attr]
         if onnx is None or (want_int8 and cpu_int8_artefact(onnx) is None):
             if ckpt is None:
                 raise BenchError(f"{model}: imgsz {s} needs the checkpoint it was exported from (not found)")
@@ -440,18 +356,21 @@ def _plan(model: Path, opts: BenchOptions, work: Path) -> list[dict[str, Any]]:
         for prec in ("fp16", "int8"):
             if (eng := artefact_path(onnx, prec, "engine")).is_file():
                 p[f"{prec}_engine"] = eng
-        p["facts"] = read_facts(onnx)
+        p["facts"] = DeployConfig.for_model(onnx)
         plans.append(p)
     return plans
 
 
-def _ort(path: Path, imgsz: int, opts: BenchOptions):
-    """An ONNX Runtime engine with ``opts.threads`` or, by default, the faster of 1 / all cores."""
-    from mocha_edge.pipeline import OrtEngine
+def _make_engine(name: str, path: Path, imgsz: int, opts: BenchOptions):
+    """Engine ``name`` on ``path`` from the registry; ONNX Runtime with ``opts.threads`` or, by default, the
+    faster of 1 / all cores on this machine."""
+    from mocha_edge.deploy.engines import create_engine
 
-    if opts.threads:
-        return OrtEngine(path, threads=opts.threads)
-    return _fastest_engine(path, np.zeros((1, 3, imgsz, imgsz), np.float32))
+    if name == "ort" and not opts.threads:
+        return _fastest_engine(path, np.zeros((1, 3, imgsz, imgsz), np.float32))
+    if name in ("torch", "torch-cuda"):
+        return create_engine(name, path, imgsz=imgsz)
+    return create_engine(name, path, threads=opts.threads)
 
 
 def _fastest_engine(path: Path, x: np.ndarray, rounds: int = 5, per_round: int = 8):
@@ -459,10 +378,10 @@ def _fastest_engine(path: Path, x: np.ndarray, rounds: int = 5, per_round: int =
     rounds interleaved so both settings see the same machine load; the engine with the lower median."""
     import os
 
-    from mocha_edge.pipeline import OrtEngine
+    from mocha_edge.deploy.engines import create_engine
 
     cores = os.cpu_count() or 1
-    engines = {th: OrtEngine(path, threads=th) for th in sorted({1, cores})}
+    engines = {th: create_engine("ort", path, threads=th) for th in sorted({1, cores})}
     times: dict[int, list[float]] = {th: [] for th in engines}
     for eng in engines.values():
         for _ in range(3):
@@ -481,8 +400,9 @@ def run_bench(model: str | Path, opts: BenchOptions) -> dict[str, Any]:
     import shutil
     import tempfile
 
-    from mocha_edge.export.onnx import load_space
-    from mocha_edge.pipeline import Pipeline
+    from mocha_edge.deploy.config import load_space
+    from mocha_edge.deploy.engines import availability
+    from mocha_edge.deploy.pipeline import Pipeline
     from mocha_edge.space import match_dim, space_id
     from mocha_edge.utils import offline_env
 
@@ -505,30 +425,21 @@ def run_bench(model: str | Path, opts: BenchOptions) -> dict[str, Any]:
         for plan in _plan(model, opts, work):
             s, facts = plan["imgsz"], plan["facts"]
             sp = load_space(facts, plan["fp32"])
-            bank = synthetic_bank(match_dim(sp, facts["vector_dim"]), list(facts["names"]), opts.prototypes,
+            bank = synthetic_bank(match_dim(sp, facts.vector_dim), list(facts.names), opts.prototypes,
                                   space=space_id(sp))  # fmt: skip
-            bank.model_fingerprint = facts["model_fingerprint"]
+            bank.model_fingerprint = facts.model_fingerprint
             candidates: list[tuple[str, str, Any]] = []
-            for backend in opts.backends:
-                ok, why = _available(backend)
-                if not ok:
-                    skipped.append(f"{backend}: {why}")
+            for avail in availability(list(opts.backends)):
+                backend = avail["name"]
+                if not avail["available"]:
+                    skipped.append(f"{backend}: {avail['reason']}")
                     continue
                 for prec in opts.precisions:
-                    if backend == "torch" and prec == "fp32" and plan["ckpt"] is not None:
-                        candidates.append((backend, prec, lambda p=plan: TorchEngine(p["ckpt"], p["imgsz"])))
-                    elif backend == "ort" and prec == "fp32":
-                        candidates.append((backend, prec, lambda p=plan: _ort(p["fp32"], p["imgsz"], opts)))
-                    elif backend == "ort" and prec == "int8" and "int8" in plan:
-                        candidates.append((backend, prec, lambda p=plan: _ort(p["int8"], p["imgsz"], opts)))
-                    elif backend == "trt" and f"{prec}_engine" in plan:
-                        from mocha_edge.export.trt import TrtEngine
-
-                        candidates.append((backend, prec, lambda p=plan, q=prec: TrtEngine(p[f"{q}_engine"])))
-                    else:
-                        skipped.append(
-                            f"{backend} {prec} {s}: no artefact / not a deployment configuration here"
-                        )
+                    art = artefact_for(backend, prec, plan)
+                    if art is None:
+                        skipped.append(f"{backend} {prec} {s}: no artefact / not a deployment configuration here")
+                        continue
+                    candidates.append((backend, prec, lambda b=backend, a=art, z=s: _make_engine(b, a, z, opts)))
             ref_cache: dict[str, dict[str, float]] = {}
             for backend, prec, make in candidates:
                 log(f"bench {backend} {prec} {s} ...")
@@ -537,7 +448,7 @@ def run_bench(model: str | Path, opts: BenchOptions) -> dict[str, Any]:
                                 space=sp)  # fmt: skip
                 times = time_pipeline(pipe, frames, opts.warmup)
                 row = row_from_times(backend, prec, s, times, capture)
-                row["threads"] = getattr(engine, "threads", None)
+                row["threads"] = engine.threads
                 row["pre_post_on"] = "gpu" if pipe.gpu_stages is not None else "cpu"
                 if opts.reference and backend in ("torch", "ort"):
                     key = "pt" if backend == "torch" else "onnx"

@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from mocha_edge import __version__
+from mocha_edge.deploy.config import DEFAULT_WORKSPACE_GB
 from mocha_edge.errors import MochaError
 
 
@@ -45,7 +46,7 @@ def cli() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the facts as JSON.")
 def info(as_json: bool) -> None:
     """Print versions and capabilities: Python, torch, ultralytics, ONNX Runtime providers, TensorRT,
-    CUDA device, native runtime.
+    CUDA device, native runtime, and every engine with whether it runs here (and why not).
 
     \b
     Example:
@@ -59,9 +60,13 @@ def info(as_json: bool) -> None:
 
         click.echo(json.dumps(facts, indent=2))
         return
+    engines = facts.pop("engines")
     width = max(map(len, facts))
     for k, v in facts.items():
         click.echo(f"{k:<{width}}  {v}")
+    click.echo("engines (run --backend NAME):")
+    for e in engines:
+        click.echo(f"  {e['name']:<11} {'yes' if e['available'] else 'no ':<4}{e['reason']}")
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -507,7 +512,8 @@ def eval_cmd(dataset: Path, models: tuple[str, ...], shots: str, episodes: int, 
 @click.option(
     "--keep-translator", is_flag=True, help="Also write translator.onnx (vectors -> teacher space)."
 )
-@click.option("--workspace", default=4.0, show_default=True, help="TensorRT builder workspace limit (GiB).")
+@click.option("--workspace", default=DEFAULT_WORKSPACE_GB, show_default=True,
+              help="TensorRT builder workspace limit (GiB).")  # fmt: skip
 @click.option(
     "--data",
     "dataset",
@@ -549,14 +555,16 @@ def _csv(value: str | None, cast=str) -> tuple:
 
 @cli.command("bench")
 @click.argument("model", required=False, type=click.Path(path_type=Path))
-@click.option("--backend", default="torch,ort,trt", show_default=True,
-              help="Backends to try (those absent on this machine are listed as skipped).")  # fmt: skip
+@click.option("--backend", default="torch,torch-cuda,ort,trt", show_default=True,
+              help="Registry engines to try, comma-separated (those that cannot run here are listed as skipped "
+                   "with the reason; `mocha-edge info` lists them).")  # fmt: skip
 @click.option("--precision", default="fp32,fp16,int8", show_default=True, help="Precisions to try.")
 @click.option("--imgsz", default=None, help="Input sizes, e.g. 320,640 [default: the model's].")
 @click.option("--frames", default=100, show_default=True, help="Timed frames per row (after warm-up).")
 @click.option("--warmup", default=10, show_default=True)
 @click.option(
-    "--source", default=None, help="Images / folder / video [default: ultralytics' bundled photos]."
+    "--source", default=None, help="Any source `run` opens: image, folder, video, rtsp://, v4l2://, csi:// "
+    "[default: ultralytics' bundled photos]."
 )
 @click.option(
     "--calib", type=click.Path(path_type=Path), help="Calibration data for INT8 rows of a checkpoint."
@@ -597,6 +605,12 @@ def bench_cmd(model: Path | None, backend: str, precision: str, imgsz: str | Non
         return
     if model is None:
         raise click.UsageError("give MODEL (or --compare A.json B.json)")
+    from mocha_edge.deploy.engines import list_engines
+
+    unknown = [b for b in _csv(backend) if b not in list_engines()]
+    if unknown:
+        raise click.BadParameter(f"unknown engine {', '.join(unknown)}; engines: {', '.join(list_engines())}",
+                                 param_hint="--backend")  # fmt: skip
     opts = BenchOptions(
         backends=_csv(backend), precisions=_csv(precision), imgsz=_csv(imgsz, int), frames=frames,
         warmup=warmup, source=source, calib=str(calib) if calib else None, prototypes=prototypes, mode=mode,
@@ -641,6 +655,6 @@ if __name__ == "__main__":
     main()
 
 
-from mocha_edge.live import run_cmd  # noqa: E402 - registered last: `mocha-edge run`, the live loop
+from mocha_edge.deploy.live import run_cmd  # noqa: E402 - registered last: `mocha-edge run`, the live loop
 
 cli.add_command(run_cmd, "run")

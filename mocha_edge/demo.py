@@ -198,8 +198,8 @@ def demo(out: Path, seed: int = 0, quick: bool = False, log: Callable[[str], Non
 
     def s_run() -> dict[str, Any]:
         from mocha_edge.data.synth_video import load_video_gt
+        from mocha_edge.deploy.live import Console, RunOptions, run
         from mocha_edge.export.exporter import cpu_int8_artefact
-        from mocha_edge.live import Console, RunOptions, run
         from mocha_edge.openset import score_records
 
         model = cpu_int8_artefact(onnx) or onnx

@@ -6,6 +6,7 @@ import importlib
 import importlib.metadata
 import platform
 import sys
+from typing import Any
 
 
 def _version(dist: str) -> str | None:
@@ -22,11 +23,12 @@ def _try_import(module: str) -> tuple[object | None, str | None]:
         return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
-def gather() -> dict[str, str]:
-    """Collect versions and capabilities as ``{label: value}`` (strings, ready to print or dump as JSON)."""
+def gather() -> dict[str, Any]:
+    """Collect versions and capabilities as ``{label: value}`` (strings, ready to print or dump as JSON), and
+    ``"engines"``: every registered engine with whether it can run here and, when not, why."""
     from mocha_edge import __version__
 
-    out: dict[str, str] = {
+    out: dict[str, Any] = {
         "mocha-edge": __version__,
         "python": f"{platform.python_version()} ({sys.executable})",
         "platform": f"{platform.system()} {platform.machine()}",
@@ -74,4 +76,7 @@ def gather() -> dict[str, str]:
         )
     except Exception as e:  # missing .so: the error says how to rebuild it
         out["native runtime"] = f"not built ({str(e).splitlines()[0]})"
+    from mocha_edge.deploy.engines import availability
+
+    out["engines"] = [{k: e[k] for k in ("name", "available", "reason")} for e in availability()]
     return out

@@ -287,8 +287,9 @@ def test_score_records_against_video_ground_truth() -> None:
 
 
 def test_export_names_its_space_and_load_space_checks_it(tmp_path: Path) -> None:
-    from mocha_edge.export.onnx import load_space
+    from dataclasses import replace
 
+    from mocha_edge.deploy.config import SpaceRef, load_space
     from mocha_edge.errors import ExportError
     from mocha_edge.space import space_path
 
@@ -301,17 +302,15 @@ def test_export_names_its_space_and_load_space_checks_it(tmp_path: Path) -> None
     model = tmp_path / "student.int8.onnx"
     assert space_path(model).name == "student.space.safetensors"
     sp.save(space_path(model))
-    facts = {
-        "vector_space": {"kind": sp.kind, "fingerprint": sp.fingerprint, "file": "student.space.safetensors"}
-    }
-    assert load_space(facts, model).fingerprint == sp.fingerprint
-    assert load_space({"vector_space": {"kind": "none", "file": None}}, model) is None
+    ref = SpaceRef(sp.kind, sp.fingerprint, "student.space.safetensors")
+    assert load_space(ref, model).fingerprint == sp.fingerprint
+    assert load_space(SpaceRef(), model) is None
     with pytest.raises(ExportError, match="not the one the export names"):
-        load_space({"vector_space": {**facts["vector_space"], "fingerprint": "class-mean:0"}}, model)
+        load_space(replace(ref, fingerprint="class-mean:0"), model)
     with pytest.raises(ExportError, match="beside the export"):
-        load_space({"vector_space": {**facts["vector_space"], "file": "../student.space.safetensors"}}, model)
+        load_space(replace(ref, file="../student.space.safetensors"), model)
     with pytest.raises(ExportError, match="missing"):
-        load_space({"vector_space": {**facts["vector_space"], "file": "other.safetensors"}}, model)
+        load_space(replace(ref, file="other.safetensors"), model)
 
 
 def test_wccn_separates_identities_that_centring_leaves_mixed() -> None:

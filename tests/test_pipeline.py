@@ -9,11 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from mocha_edge.export.onnx import OnnxStudent, export_onnx
 
 from mocha_edge import runtime as rt
+from mocha_edge.deploy.engines import EngineError
+from mocha_edge.deploy.pipeline import Detections, Pipeline, PipelineError
+from mocha_edge.export.onnx import OnnxStudent, export_onnx
 from mocha_edge.infer import Student, read_bgr
-from mocha_edge.pipeline import Detections, Pipeline, PipelineError
 
 CONF = 0.05  # the small test student's top scores are 0.2-0.4
 
@@ -54,7 +55,7 @@ def _random_yolo(imgsz: int):
         if isinstance(m, torch.nn.BatchNorm2d):
             m.momentum = None
             m.reset_running_stats()
-    photos = sorted((REPO.parent / "shared" / "data" / "coco8").glob("images/*/*.jpg"))
+    photos = sorted((REPO / "tests" / "data" / "coco8").glob("images/*/*.jpg"))
     x = np.stack([letterbox(read_bgr(p), imgsz)[0] for p in photos])
     yolo.model.train()
     with torch.no_grad():
@@ -167,7 +168,6 @@ def test_pipeline_matches_reference_path(exported: Path, synth_small: Path, coco
 
 def test_pipeline_identities_from_bank(random_model, coco8_dir: Path) -> None:
     from mocha_edge.export.onnx import read_facts
-
     from mocha_edge.prototypes import PrototypeBank, one_per_identity
 
     _, model = random_model
@@ -224,13 +224,14 @@ def test_pipeline_input_follows_frame_size_changes(
 
 
 def test_pipeline_takes_any_engine(exported: Path, synth_small: Path) -> None:
-    """The backend hook: an object with input_shape, dtype and run(x) (e.g. export.trt.TrtEngine)."""
-    from mocha_edge.export.onnx import read_facts
+    """The engine hook: any HostEngine (input_shape, dtype, run(x)), e.g. a registry engine."""
+    from mocha_edge.deploy.config import DeployConfig
+    from mocha_edge.deploy.engines import HostEngine
 
     base = Pipeline(exported, conf=CONF)
 
-    class Wrapped:
-        facts = read_facts(exported)
+    class Wrapped(HostEngine):
+        facts = DeployConfig.for_model(exported)
         input_shape = base.engine.input_shape
         dtype = np.float32
         calls = 0
@@ -252,8 +253,12 @@ def test_pipeline_errors(exported: Path, tmp_path: Path) -> None:
     shutil.copy(exported, lone)
     with pytest.raises(PipelineError, match=r"lone\.onnx: no lone\.json beside it"):
         Pipeline(lone)
-    with pytest.raises(PipelineError, match="backend"):
+    with pytest.raises(EngineError, match="unknown engine 'tvm'; engines: ort, trt, torch, torch-cuda"):
         Pipeline(exported, backend="tvm")
+    with pytest.raises(EngineError, match=r"the trt engine runs \.engine files, not \.onnx"):
+        Pipeline(exported, backend="trt")
+    with pytest.raises(PipelineError, match="not an engine"):
+        Pipeline(object())  # type: ignore[arg-type]
     with pytest.raises(PipelineError, match="matching mode"):
         Pipeline(exported, mode="nearest")
     with pytest.raises(PipelineError, match="uint8"):

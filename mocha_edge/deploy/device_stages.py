@@ -4,15 +4,7 @@ The frame goes up once as uint8 (3 bytes a pixel instead of the input tensor's 1
 native runtime letterbox it straight into the engine's input buffer, decode + NMS and pool its outputs where
 the engine wrote them; only the detections and their vectors come back. Matching stays on the CPU (C).
 
-A *device engine* has, besides the pipeline's ``input_shape`` / ``dtype`` / ``facts``:
-
-- ``cuda``: an :class:`mocha_edge.export.trt.CudaBackend` (malloc, pinned host memory, copies, sync),
-- ``stream``: the CUDA stream (int) its work is queued on,
-- ``device``: ``{contract name: device pointer}`` for the input and every output (contiguous),
-- ``device_shapes``, ``device_dtypes``: their shapes and NumPy dtypes,
-- ``enqueue_device()``: queue one inference reading ``device[INPUT]`` and writing the outputs (async).
-
-``export.trt.TrtEngine`` is one. Every call below is asynchronous on that stream; the stage timings
+The engine is a :class:`~mocha_edge.deploy.engines.DeviceEngine` (TensorRT, PyTorch CUDA). Every call below is asynchronous on that stream; the stage timings
 synchronise it at each stage boundary, so they are honest wall times.
 """
 
@@ -23,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from mocha_edge.deploy.config import NMS_TOP_K, DeployConfig
+from mocha_edge.deploy.engines.base import DeviceEngine
 from mocha_edge.errors import MochaError
 from mocha_edge.export import contract
 from mocha_edge.export.contract import BOX_DIST, CLS_LOGITS, FEATURES
@@ -32,15 +26,9 @@ class DeviceStagesError(MochaError):
     """The engine or the CUDA runtime cannot host the pipeline's stages on the GPU."""
 
 
-def is_device_engine(engine: Any) -> bool:
-    """Whether ``engine`` exposes device buffers and an enqueue that reads them (see the module doc)."""
-    need = ("cuda", "stream", "device", "device_shapes", "device_dtypes", "enqueue_device")
-    return all(hasattr(engine, a) for a in need)
-
-
 def unsupported_reason(engine: Any) -> str | None:
     """Why ``engine``'s buffers cannot feed the CUDA kernels (None when they can)."""
-    if not is_device_engine(engine):
+    if not isinstance(engine, DeviceEngine):
         return f"{type(engine).__name__} keeps its buffers on the host"
     names = [contract.INPUT, *contract.OUTPUTS]
     missing = [n for n in names if n not in engine.device]
@@ -61,7 +49,7 @@ class DeviceStages:
     """Letterbox, decode + NMS and pooling with the CUDA kernels on a device engine's own buffers."""
 
     def __init__(
-        self, engine: Any, kernels: Any, facts: dict[str, Any], max_det: int, max_nms: int = 30000
+        self, engine: DeviceEngine, kernels: Any, facts: DeployConfig, max_det: int, max_nms: int = NMS_TOP_K
     ) -> None:
         why = unsupported_reason(engine)
         if why:
@@ -87,7 +75,7 @@ class DeviceStages:
         self.level_hw = [(h, w) for _, h, w in self.chw]
         if sum(h * w for h, w in self.level_hw) != self.anchors:
             raise DeviceStagesError(f"feature maps {self.level_hw} do not add up to {self.anchors} anchors")
-        self.strides = [float(s) for s in facts["strides"]]
+        self.strides = list(facts.strides)
         self.dim = int(sum(c for c, _, _ in self.chw))
         self.max_det, self.max_nms = int(max_det), int(max_nms)
         self.ws_bytes = int(kernels.decode_nms_workspace(self.anchors, self.nc, self.max_nms))
@@ -99,7 +87,7 @@ class DeviceStages:
         self.h_bf = self._pinned((k, 4), np.float32)
         self.h_sc, self.h_cls = self._pinned((k,), np.float32), self._pinned((k,), np.int64)
         self.h_n, self.h_vec = self._pinned((1,), np.int32), self._pinned((k, self.dim), np.float32)
-        self.zero_copy = bool(getattr(engine, "zero_copy", False))
+        self.zero_copy = bool(engine.zero_copy)
         self._frame_bytes = 0
         self._h_frame: np.ndarray | None = None
         self._d_frame = 0

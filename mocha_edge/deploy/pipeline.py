@@ -1,10 +1,11 @@
 """The deployment pipeline: BGR frame -> detections with object vectors and personal identities.
 
-Data flows one way: native letterbox -> engine (ONNX Runtime, or anything with ``input_shape``, ``dtype``,
-``run(x) -> {name: array}`` such as ``export.trt.TrtEngine``) -> native decode + NMS -> native box pooling
--> native prototype matching. Only NumPy and the native runtime (``mocha_edge.runtime``) run per frame: no
-PyTorch, no Python loop per detection. Model facts (input size, strides, class names, vector size,
-fingerprint) come from the export's ``NAME.json`` sidecar.
+Data flows one way: native letterbox -> engine (any registered engine, ``mocha_edge.deploy.engines``) ->
+native decode + NMS -> native box pooling -> native prototype matching. Only NumPy and the native runtime
+(``mocha_edge.runtime``) run per frame: no PyTorch, no Python loop per detection. With a device engine
+(TensorRT, PyTorch CUDA) pre/post-processing runs as CUDA kernels on its buffers
+(``mocha_edge.deploy.device_stages``). Model facts (input size, strides, class names, vector size,
+fingerprint, NMS bound) come from the export's typed sidecar (:class:`~mocha_edge.deploy.config.DeployConfig`).
 """
 
 from __future__ import annotations
@@ -14,14 +15,19 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from mocha_edge.deploy.config import DeployConfig
+from mocha_edge.deploy.engines import DeviceEngine, HostEngine, create_engine, engine_for
 from mocha_edge.errors import MochaError
 from mocha_edge.export.contract import BOX_DIST, CLS_LOGITS, FEATURES
 from mocha_edge.prototypes import one_per_identity
 from mocha_edge.space import match_dim, matcher_args, space_id
+
+if TYPE_CHECKING:
+    from mocha_edge.prototypes import PrototypeBank
 
 log = logging.getLogger(__name__)
 
@@ -46,98 +52,17 @@ class Detections:
         return len(self.scores)
 
 
-class Engine(Protocol):
-    """What the pipeline needs from an inference backend."""
+class LivePipeline(Protocol):
+    """What the loop needs of :class:`Pipeline` (tests inject fakes)."""
 
-    input_shape: tuple[int, ...]
-    dtype: Any
+    names: list[str]  # coarse class names
+    dim: int  # vector size
+    facts: DeployConfig  # the export's deployment config
+    timings: dict[str, float]  # ms of the last frame: pre, infer, post, pool, match
+    identity_names: list[str]  # what Detections.identity indexes (the bank's prototypes() order)
 
-    def run(self, x: np.ndarray) -> dict[str, np.ndarray]: ...
-
-
-def default_providers() -> list[str]:
-    """ONNX Runtime's CUDA provider when this build has it (a GPU build), then the CPU."""
-    import onnxruntime as ort
-
-    have = ort.get_available_providers()
-    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in have]
-
-
-class OrtEngine:
-    """ONNX Runtime on the CPU (or another provider) with the export contract's names.
-
-    Inputs are bound with I/O binding and outputs written into preallocated arrays (no per-frame
-    allocation) when the graph has static shapes; graph optimisation is ORT_ENABLE_ALL; a uint8 Q/DQ
-    graph's SiLUs run as the native runtime's fused ``QSiLU`` op (``fuse_silu``; ``export/fuse.py``)."""
-
-    def __init__(
-        self,
-        path: str | Path,
-        threads: int | None = None,
-        providers: list[str] | None = None,
-        stop_spinning: bool = True,
-        fuse_silu: bool = True,
-    ) -> None:
-        from mocha_edge.export import contract
-        from mocha_edge.export.onnx import ort_session
-
-        self.path = Path(path)
-        try:
-            self.session = ort_session(
-                self.path, providers or default_providers(), threads, fuse_silu, stop_spinning
-            )
-        except Exception as e:
-            raise PipelineError(
-                f"{self.path}: ONNX Runtime cannot load it ({str(e).splitlines()[0]})"
-            ) from None
-        inp = {i.name: i for i in self.session.get_inputs()}
-        if contract.INPUT not in inp:
-            raise PipelineError(f"{self.path}: no input named {contract.INPUT!r} (not a mocha-edge export)")
-        outs = {o.name: o for o in self.session.get_outputs()}
-        missing = [n for n in contract.OUTPUTS if n not in outs]
-        if missing:
-            raise PipelineError(f"{self.path}: outputs {missing} missing (not a mocha-edge export)")
-        shape = inp[contract.INPUT].shape
-        self.dtype = np.float16 if inp[contract.INPUT].type == "tensor(float16)" else np.float32
-        self.input_shape = tuple(d if isinstance(d, int) else 1 for d in shape)
-        self._names = list(contract.OUTPUTS)
-        self._static = all(isinstance(d, int) for o in outs.values() for d in o.shape) and all(
-            isinstance(d, int) for d in shape
-        )
-        self._io = None
-        if self._static:
-            types = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
-            self._out = {n: np.empty(outs[n].shape, types.get(outs[n].type, np.float32)) for n in self._names}
-            self._io = self.session.io_binding()
-            for n, a in self._out.items():
-                self._io.bind_output(n, "cpu", 0, a.dtype, list(a.shape), a.ctypes.data)
-        self._input = contract.INPUT
-        self.threads = threads  # intra-op threads asked for (None: ONNX Runtime's default)
-        # CPU threads this engine keeps busy between runs (the pipeline sizes its native thread pool around it):
-        # none when its pool stops spinning after each run or it computes on a GPU
-        providers = self.session.get_providers()
-        self.cpu_threads = (
-            int(threads or os.cpu_count() or 1)
-            if providers[0] == "CPUExecutionProvider" and not stop_spinning
-            else 0
-        )
-
-    def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        """``x`` ``(B, 3, S, S)`` -> ``{output name: array}`` (arrays are reused by the next call)."""
-        if self._io is None:
-            return dict(zip(self._names, self.session.run(self._names, {self._input: x})))
-        self._io.bind_input(self._input, "cpu", 0, x.dtype, list(x.shape), x.ctypes.data)
-        self.session.run_with_iobinding(self._io)
-        return self._out
-
-
-def _facts_of(model: Path) -> dict[str, Any]:
-    from mocha_edge.export.onnx import read_facts
-
-    side = model.with_suffix(".json")
-    if not side.is_file():
-        raise PipelineError(f"{model}: no {side.name} beside it (export the model with `mocha-edge export`)")
-    return read_facts(model)  # a broken file: read_facts' own one-line ExportError
+    def set_bank(self, bank: PrototypeBank) -> None: ...
+    def __call__(self, bgr: np.ndarray) -> Any: ...
 
 
 class Pipeline:
@@ -145,15 +70,15 @@ class Pipeline:
 
     def __init__(
         self,
-        model: str | Path | Engine,
-        backend: str = "ort",
+        model: str | Path | HostEngine,
+        backend: str | None = None,
         conf: float = 0.25,
         iou: float = 0.7,
         max_det: int = 300,
         bank: Any = None,
         mode: str = "conditional",
         threads: int | None = None,
-        facts: dict[str, Any] | None = None,
+        facts: DeployConfig | None = None,
         native_threads: int | None = None,
         gpu_stages: str = "auto",
         kernels: Any = None,
@@ -161,8 +86,10 @@ class Pipeline:
         name_conf: float | None = None,
         space: Any = None,
     ) -> None:
+        """``model``: an exported file run by the registry engine ``backend`` (default: the engine for its
+        suffix, ``engine_for``), or an engine object. ``facts``/``space`` override the engine's own."""
         from mocha_edge import runtime
-        from mocha_edge.export.onnx import load_space
+        from mocha_edge.deploy.config import load_space
         from mocha_edge.prototypes import NAME_CONF
 
         self.rt = runtime
@@ -170,47 +97,39 @@ class Pipeline:
             path = Path(model)
             if not path.is_file():
                 raise PipelineError(f"{path}: no such model file")
-            if backend == "trt" or path.suffix == ".engine":
-                backend = "trt"  # an engine's facts live in NAME.engine.json, read by TrtEngine
-            else:
-                facts = facts or _facts_of(path)
-            if backend == "ort":
-                self.engine: Engine = OrtEngine(path, threads=threads)
-            elif backend == "trt":
-                from mocha_edge.export.trt import TrtEngine
-
-                self.engine = TrtEngine(path)
-                facts = facts or self.engine.facts
-            else:
-                raise PipelineError(f"backend must be 'ort' or 'trt', not {backend!r}")
-        else:
+            self.engine: HostEngine = create_engine(backend or engine_for(path), path, threads=threads)
+        elif isinstance(model, HostEngine):
             self.engine = model
-            facts = facts or getattr(model, "facts", None)
-            if facts is None:
-                raise PipelineError("an engine object needs deployment facts (pass facts= or give it .facts)")
+        else:
+            raise PipelineError(f"{type(model).__name__} is not an engine (mocha_edge.deploy.engines.HostEngine)")
+        facts = facts or self.engine.facts
+        if facts is None:
+            if isinstance(model, (str, Path)):
+                side = Path(model).with_suffix(".json").name
+                raise PipelineError(f"{model}: no {side} beside it (export the model with `mocha-edge export`)")
+            raise PipelineError("the engine has no deployment facts: pass facts= (a DeployConfig)")
+        if space is None:
+            space = self.engine.space
+            if space is None and isinstance(model, (str, Path)) and facts.vector_space.file is not None:
+                space = load_space(facts, model)
         # letterbox and global matching split rows over threads (process-wide setting). Default: the cores the
         # engine leaves free between runs, + this one (ORT with its pool's spinning stopped leaves them all;
         # while it spins, a 2nd native thread made the 640-px letterbox slower: 1.58 vs 1.28 ms)
         if native_threads is None:
             cores = os.cpu_count() or 1
-            busy = getattr(self.engine, "cpu_threads", cores)
+            busy = self.engine.cpu_threads
             native_threads = min(4, cores, max(1, cores - busy + 1))
         self.native_threads = int(native_threads)
         runtime.set_threads(self.native_threads)
         if mode not in ("conditional", "global"):
             raise PipelineError(f"matching mode must be 'conditional' or 'global', not {mode!r}")
         self.facts = facts
-        # the matching space (centring + projection) the export ships beside the model (NAME.space.safetensors)
-        # (an engine object: ``space=`` or its ``.space``; a model file: the file its facts name)
-        if space is None:
-            space = (
-                load_space(facts, model) if isinstance(model, (str, Path)) else getattr(model, "space", None)
-            )
         self.space = space
-        self.imgsz = int(facts["imgsz"])
-        self.strides = [float(s) for s in facts["strides"]]
-        self.names = list(facts["names"])
-        self.dim = int(facts["vector_dim"])
+        self.imgsz = facts.imgsz
+        self.strides = list(facts.strides)
+        self.names = list(facts.names)
+        self.dim = facts.vector_dim
+        self.nms_top_k = facts.nms_top_k
         self.conf, self.iou, self.max_det, self.mode = float(conf), float(iou), int(max_det), mode
         shape = tuple(self.engine.input_shape)
         if len(shape) != 4 or shape[1:] != (3, self.imgsz, self.imgsz):
@@ -239,7 +158,7 @@ class Pipeline:
     def _device_stages(self, want: str, kernels: Any) -> tuple[Any, str]:
         """GPU pre/post stages for a device engine (``want``: auto | on | off) and a line saying where the
         stages run. ``auto`` falls back to the C kernels only for a reason it logs as a warning."""
-        from mocha_edge import device_stages as ds
+        from mocha_edge.deploy import device_stages as ds
         from mocha_edge.runtime import RuntimeNotBuiltError
 
         if want not in ("auto", "on", "off"):
@@ -253,11 +172,11 @@ class Pipeline:
             except RuntimeNotBuiltError as e:
                 why = str(e)
         if why is None:
-            stages = ds.DeviceStages(self.engine, kernels, self.facts, self.max_det)
+            stages = ds.DeviceStages(self.engine, kernels, self.facts, self.max_det, self.nms_top_k)
             return stages, "pre/post-processing: CUDA kernels on the engine's device buffers"
         if want == "on":
             raise PipelineError(f"GPU pre/post-processing unavailable: {why}")
-        if ds.is_device_engine(self.engine):  # a GPU engine whose stages must fall back: say so loudly
+        if isinstance(self.engine, DeviceEngine):  # a GPU engine whose stages must fall back: say so loudly
             log.warning("pre/post-processing on the CPU, not the GPU: %s", why)
         return None, f"pre/post-processing: C kernels on the CPU ({why})"
 
@@ -271,11 +190,8 @@ class Pipeline:
             raise PipelineError(
                 "the prototype bank holds translated vectors; the pipeline matches pooled vectors"
             )
-        precision = (self.facts.get("engine") or {}).get("precision", "fp32")
-        bank.check(
-            self.facts["model_fingerprint"], self.match_dim, precision, source=str(self.facts.get("source", "")),
-            space=space_id(self.space),
-        )  # fmt: skip
+        bank.check(self.facts.model_fingerprint, self.match_dim, self.facts.precision, source=self.facts.source,
+                   space=space_id(self.space))  # fmt: skip
         p, names, coarse = bank.prototypes()
         self._protos = np.ascontiguousarray(p, np.float32)
         self._proto_cls = np.ascontiguousarray(coarse, np.int64)
@@ -301,7 +217,7 @@ class Pipeline:
         maps = [out[n][0] for n in FEATURES]
         boxes, boxes_lb, scores, cls = rt.decode_nms(
             out[BOX_DIST][0], out[CLS_LOGITS][0], [m.shape[1:] for m in maps], self.strides, self.conf,
-            self.iou, self.max_det, r, pad, bgr.shape,
+            self.iou, self.max_det, r, pad, bgr.shape, max_nms=self.nms_top_k,
         )  # fmt: skip
         t3 = time.perf_counter()
         vectors = rt.pool(maps, boxes_lb, self.strides)
