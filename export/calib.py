@@ -1,7 +1,7 @@
 """Calibration images for INT8: a deterministic sample of a dataset, its content key and its batches.
 
 Used by both INT8 paths: ONNX Runtime's static Q/DQ quantisation (``export/quantize.py``) and TensorRT's
-implicit calibrator (``export/trt.py``). DEPLOY.md: calibrate on ≥ 500 representative images in shuffled
+implicit calibrator (``export/trt.py``). docs/deploy.md: calibrate on ≥ 500 representative images in shuffled
 batches, and key every calibration cache by model *and* data, so :meth:`CalibrationSet.hash` changes when
 any image, the input size or the preprocessing rule changes.
 """
@@ -119,7 +119,7 @@ def select_calibration(data: str | Path | Dataset, n: int = ADVISED, seed: int =
             taken[split] = len(pick)
     if not chosen:
         raise CalibrationError(f"{ds.source}: no train or val images to calibrate on")
-    rng.shuffle(chosen)  # shuffled batches (DEPLOY.md), deterministic for a given seed
+    rng.shuffle(chosen)  # shuffled batches (docs/deploy.md), deterministic for a given seed
     if len(chosen) < n:
         warnings.warn(
             f"calibration: only {len(chosen)} images in {ds.source} (asked for {n}); "

@@ -2,7 +2,7 @@
 
 ONNX Runtime's static quantisation (``quantize_static``, QDQ format) with **symmetric** INT8 for both
 activations and weights (zero-point 0, as TensorRT requires — ORT's default is asymmetric activations),
-per-channel weights, MinMax calibration (entropy calibration lost 10-20 % mAP for TensorRT users, DEPLOY.md).
+per-channel weights, MinMax calibration (entropy calibration lost 10-20 % mAP for TensorRT users, docs/deploy.md).
 The head's last convolutions (box distributions and class logits) stay in float: they mix box geometry
 and scores, which INT8 rounds badly.
 """
@@ -13,8 +13,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
-from mocha_edge.export import contract
 
+from mocha_edge.export import contract
 from mocha_edge.utils import atomic_path, keep_sys_path
 
 

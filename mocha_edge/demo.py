@@ -203,7 +203,7 @@ def demo(out: Path, seed: int = 0, quick: bool = False, log: Callable[[str], Non
         from mocha_edge.openset import score_records
 
         model = cpu_int8_artefact(onnx) or onnx
-
+        (out / "events.jsonl").unlink(missing_ok=True)  # the log appends: a rerun of this stage starts afresh
         summ = run(model, str(video), RunOptions(save=out / "demo_annotated.mp4", jsonl=out / "events.jsonl",
                                                  show=False, fps_every=0, handle_signals=False),
                    bank_path=bank, console=Console())  # fmt: skip

@@ -4,7 +4,7 @@
 
 For imgsz 640 and 320, on a 1080x810 frame (a coco8 photo resized), the same model runs through (a)
 ultralytics' own predictor on ultralytics' ONNX export (its ``results[0].speed``: preprocess / inference /
-postprocess ms) and (b) ``mocha_edge.pipeline.Pipeline`` on the mocha-edge ONNX export (native letterbox,
+postprocess ms) and (b) ``mocha_edge.deploy.pipeline.Pipeline`` on the mocha-edge ONNX export (native letterbox,
 ONNX Runtime, native decode + NMS, native pooling). Printed: medians and the ratio of pre+post (ours
 includes box pooling). Then prototype matching, 100 detections x 1000 prototypes x D=448, conditional (80
 classes) and global, 1 thread and automatic, plain, with vector centring (80 per-class means) +
@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-COCO8 = Path(os.environ.get("MOCHA_EDGE_SHARED_DATA", REPO.parent / "shared" / "data")) / "coco8"
+COCO8 = REPO / "tests" / "data" / "coco8"  # the real photos shipped with the tests
 
 
 def random_yolo(imgsz: int = 640, bias: float = -3.0):
@@ -61,11 +61,11 @@ def median_ms(fn, runs: int) -> float:
 
 
 def bench_frame(pt: Path, imgsz: int, frame: np.ndarray, runs: int, work: Path, conf: float) -> None:
-    from mocha_edge.export.onnx import export_onnx
     from ultralytics import YOLO
 
+    from mocha_edge.deploy.pipeline import Pipeline
+    from mocha_edge.export.onnx import export_onnx
     from mocha_edge.infer import Student
-    from mocha_edge.pipeline import Pipeline
 
     ul = YOLO(str(pt))
     names = [ul.model.names[i] for i in range(len(ul.model.names))]
@@ -151,7 +151,7 @@ def main() -> int:
 
     photo = sorted(COCO8.glob("images/*/*.jpg"))
     if not photo:
-        sys.exit(f"error: {COCO8}: no coco8 photos (set MOCHA_EDGE_SHARED_DATA)")
+        sys.exit(f"error: {COCO8}: no coco8 photos (run from a full checkout of the repository)")
     frame = cv2.resize(read_bgr(photo[0]), (1080, 810), interpolation=cv2.INTER_LINEAR)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

@@ -17,7 +17,7 @@ os.environ["YOLO_AUTOINSTALL"] = "false"
 from tiny_models import tiny_clip_dir, tiny_llava_dir  # noqa: F401  (session fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("MOCHA_EDGE_SHARED_DATA", REPO.parent / "shared" / "data"))
+COCO8 = REPO / "tests" / "data" / "coco8"  # shipped with the repository: licence in tests/data/README.md
 
 
 def coco_names() -> list[str]:
@@ -30,18 +30,15 @@ def coco_names() -> list[str]:
 
 @pytest.fixture(scope="session")
 def coco8_dir() -> Path:
-    """The real photographs in ../shared/data/coco8 (read in place, never copied into the repo)."""
-    d = SHARED_DATA / "coco8"
-    if not (d / "images").is_dir():
-        pytest.fail(
-            f"{d} not found: tests need ../shared/data beside the checkout (or MOCHA_EDGE_SHARED_DATA)"
-        )
-    return d
+    """The real photographs in tests/data/coco8 (8 COCO train2017 images; read in place, never modified)."""
+    if not (COCO8 / "images").is_dir():
+        pytest.fail(f"{COCO8} not found: the test photos ship with the repository (tests/data/README.md)")
+    return COCO8
 
 
 @pytest.fixture(scope="session")
 def coco8_yaml(coco8_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A data YAML pointing at the shared coco8 folder, with COCO's 80 class names."""
+    """A data YAML pointing at tests/data/coco8, with COCO's 80 class names."""
     p = tmp_path_factory.mktemp("coco8") / "coco8.yaml"
     p.write_text(
         yaml.safe_dump(
