@@ -3,19 +3,26 @@
 The C library (portable C11, libm + pthread) is always built and installed as
 ``mocha_edge/runtime/_mocha_rt*.so`` (loaded with ctypes; no Python or PyTorch headers involved); a failed
 C build fails the install. The CUDA twin ``_mocha_rt_cuda.so`` is built with nvcc when nvcc exists and
-nvidia-smi sees a GPU (for that GPU's arch), or for the archs in ``MOCHA_EDGE_CUDA_ARCHS="87;110"``
-(forces a CUDA build, e.g. in a Jetson Docker build without a GPU); ``MOCHA_EDGE_CUDA=0`` disables it.
-What was built is written to ``_mocha_rt_build.json`` beside the library and read by ``mocha-edge info``.
+nvidia-smi sees a GPU (for that GPU's arch), or for the archs in ``MOCHA_EDGE_CUDA_ARCHS`` (forces a
+CUDA build, e.g. in a Jetson Docker build without a GPU: ``87`` for Orin; Thor is ``110`` from CUDA 13.0,
+``101`` on CUDA 12.8/12.9, and JetPack 6's CUDA 12.6 has neither). A forced arch that the installed nvcc
+cannot build (``nvcc --list-gpu-arch``) stops the install with the list it can build; suggestions name only
+those (``runtime/cuda_archs.py``). ``MOCHA_EDGE_CUDA=0`` disables it. nvcc runs with ``-fmad=false``: no
+mul+add contraction into FMA, as the C build's ``-ffp-contract=off``, so the CUDA twins equal the C library
+bit for bit. What was built is written to ``_mocha_rt_build.json`` beside the library and read by
+``mocha-edge info``.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
@@ -34,6 +41,21 @@ C_FLAGS = [
     "-Wall",
     "-Wextra",
 ]
+
+
+def _load_cuda_archs() -> ModuleType:
+    """runtime/cuda_archs.py, loaded by path (the package is not built yet)."""
+    spec = importlib.util.spec_from_file_location("_mocha_edge_cuda_archs", RUNTIME / "cuda_archs.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+_archs = _load_cuda_archs()
+nvcc_archs = _archs.nvcc_archs
+suggested_archs = _archs.suggested_archs
+check_forced_archs = _archs.check_forced_archs
+force_hint = _archs.force_hint
 
 
 def _say(msg: str) -> None:
@@ -65,23 +87,31 @@ def cuda_plan() -> tuple[list[str], str]:
     if os.environ.get("MOCHA_EDGE_CUDA", "").strip() == "0":
         return [], "disabled by MOCHA_EDGE_CUDA=0"
     forced = os.environ.get("MOCHA_EDGE_CUDA_ARCHS", "").strip()
+    nvcc = shutil.which("nvcc")
     if forced:
         archs = [a.strip().removeprefix("sm_") for a in forced.replace(",", ";").split(";") if a.strip()]
+        archs = list(dict.fromkeys(archs))
         bad = [a for a in archs if not a.isdigit()]
         if bad:
-            raise SystemExit(f"MOCHA_EDGE_CUDA_ARCHS={forced!r}: expected numbers like '87;110', got {bad}")
+            raise SystemExit(
+                f"MOCHA_EDGE_CUDA_ARCHS={forced!r}: expected arch numbers separated by ';' (compute_87 in "
+                f"`nvcc --list-gpu-arch` is 87), got {bad}"
+            )
+        if nvcc is not None:  # without nvcc, build_extension stops with its own message
+            check_forced_archs(archs, nvcc_archs(nvcc))
         return archs, f"MOCHA_EDGE_CUDA_ARCHS={forced}"
-    if shutil.which("nvcc") is None:
+    if nvcc is None:
         return [], "nvcc not found"
     arch, why = _gpu_arch()
     return ([arch], why) if arch else ([], why)
 
 
 def nvcc_command(archs: list[str], out: str) -> list[str]:
-    """The nvcc line that builds the CUDA twin for ``archs``."""
+    """The nvcc line that builds the CUDA twin for ``archs``; ``-fmad=false`` keeps mul+add uncontracted
+    (no FMA), as ``-ffp-contract=off`` does for the C library, so both round alike."""
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
     sources = sorted(str(p) for p in (RUNTIME / "cuda").glob("*.cu"))
-    return ["nvcc", "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC,-fvisibility=hidden",
+    return ["nvcc", "-O3", "-std=c++17", "-fmad=false", "-shared", "-Xcompiler", "-fPIC,-fvisibility=hidden",
             f"-I{RUNTIME / 'include'}", f"-DMRT_CUDA_ARCHS=\"{';'.join('sm_' + a for a in archs)}\"",
             *gencode, *sources, "-o", out]  # fmt: skip
 
@@ -122,7 +152,13 @@ class BuildRuntime(build_ext):
         else:
             (out_dir / CUDA_LIB).unlink(missing_ok=True)
             info["cuda"] = {"built": False, "why": why}
-            _say(f"CUDA library not built: {why}")
+            nvcc = shutil.which("nvcc")
+            hint = (
+                f"; to build it without a GPU: {force_hint(nvcc)}"
+                if nvcc and "MOCHA_EDGE_CUDA=0" not in why
+                else ""
+            )
+            _say(f"CUDA library not built: {why}{hint}")
         (out_dir / BUILD_INFO).write_text(json.dumps(info, indent=2) + "\n")
 
     def copy_extensions_to_source(self) -> None:

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import ctypes
 import json
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
-from mocha_edge.export.contract import letterbox_gains
 
+from mocha_edge.deploy.config import NMS_TOP_K
 from mocha_edge.errors import MochaError
+from mocha_edge.export.contract import letterbox_gains
+from mocha_edge.runtime.cuda_archs import force_hint
 
 _HERE = Path(__file__).resolve().parent
 _BUILD_INFO = _HERE / "_mocha_rt_build.json"
@@ -178,13 +181,14 @@ def decode_nms(
     r: float = 1.0,
     pad: tuple[float, float] = (0.0, 0.0),
     frame_shape: tuple[int, ...] | None = None,
-    max_nms: int = 30000,
+    max_nms: int = NMS_TOP_K,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Raw head outputs of one image (``(4·R, A)`` DFL logits, ``(nc, A)`` logits; a leading batch of 1 is
     accepted) -> ``(boxes_frame (n, 4), boxes_letterbox (n, 4), scores (n,), classes (n,) int64)``, sorted
     by score (``export/reference.py`` decode + nms, then ``from_letterbox``: per-axis gains of the rounded
     resized size, ``contract.letterbox_gains``). ``frame_shape`` (h, w, ...) defaults to the letterbox itself
-    (boxes_frame == boxes_letterbox clipped)."""
+    (boxes_frame == boxes_letterbox clipped). Only the ``max_nms`` best candidates by score (ties: lower
+    anchor index first, as the CUDA twin) go into NMS."""
     bd, cl = _f32(box_dist, "box_dist", 2), _f32(cls_logits, "cls_logits", 2)
     if bd.shape[0] % 4 or bd.shape[1] != cl.shape[1]:
         raise NativeRuntimeError(f"decode_nms: box_dist {bd.shape} and cls_logits {cl.shape} do not match")
@@ -372,7 +376,7 @@ class CudaRuntime:
             why = build_info().get("cuda", {}).get("why", "not built")
             raise RuntimeNotBuiltError(
                 f"{path}: the CUDA runtime was not built ({why}); rebuild with nvcc on PATH and a GPU visible, "
-                "or MOCHA_EDGE_CUDA_ARCHS='87;110' pip install -e ."
+                f"or {force_hint(shutil.which('nvcc'))}"
             )
         self.lib = lib = ctypes.CDLL(str(path))
         sigs = {
@@ -399,7 +403,9 @@ class CudaRuntime:
                   stream: int = 0) -> None:  # fmt: skip
         self._check(self.lib.mrt_cuda_letterbox(bgr, h, w, row_stride, size, int(half), out, stream))
 
-    def decode_nms_workspace(self, num_anchors: int, nc: int, max_nms: int = 30000) -> int:
+    def decode_nms_workspace(self, num_anchors: int, nc: int, max_nms: int = NMS_TOP_K) -> int:
+        """Device bytes :meth:`decode_nms` needs: linear in the anchors, plus the IoU bitmask of the
+        ``max_nms`` candidates (``max_nms²/8``: 2 MiB at 4096); 0 when CUDA cannot size its sort."""
         return int(self.lib.mrt_cuda_decode_nms_workspace(num_anchors, nc, max_nms))
 
     def decode_nms(self, box_dist: int, cls_logits: int, num_anchors: int, reg_max: int, nc: int,

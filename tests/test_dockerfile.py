@@ -165,6 +165,39 @@ def test_cuda_arch_87_is_set_before_the_install(instrs: list[Instr]) -> None:
     assert max(copies) < inst, "the install must come after every COPY"
 
 
+# CUDA of the l4t-jetpack images (L4T r36.x = JetPack 6), and the CUDA versions whose nvcc builds each Jetson
+# arch (`nvcc --list-gpu-arch`): Xavier sm_72 until 12.x, Orin sm_87 from 11.4, Thor sm_101 in 12.8-12.9,
+# renamed sm_110 in 13.0.
+L4T_CUDA = {"r36.2": (12, 2), "r36.3": (12, 2), "r36.4": (12, 6)}
+ARCH_CUDA = {
+    "72": ((10, 0), (13, 0)),
+    "87": ((11, 4), None),
+    "101": ((12, 8), (13, 0)),
+    "110": ((13, 0), None),
+}
+
+
+def test_cuda_archs_are_buildable_by_the_images_cuda(instrs: list[Instr]) -> None:
+    """MOCHA_EDGE_CUDA_ARCHS names only archs the base image's nvcc builds (setup.py would stop otherwise):
+    JetPack 6's CUDA 12.6 has no Thor arch."""
+    args: dict[str, str] = {}
+    for x in instrs:
+        if x.keyword == "ARG":
+            args.update(assignments(x))
+    tag = re.fullmatch(r"(r\d+\.\d+)\.\d+", args["L4T_TAG"])
+    assert tag and tag.group(1) in L4T_CUDA, f"unknown L4T tag {args['L4T_TAG']}: add its CUDA to L4T_CUDA"
+    cuda = L4T_CUDA[tag.group(1)]
+    assert f"cuda-python>={cuda[0]}.{cuda[1]}," in args["CUDA_PYTHON"]  # the pin names the same CUDA
+    (env,) = [x for x in instrs if x.keyword == "ENV" and "MOCHA_EDGE_CUDA_ARCHS" in assignments(x)]
+    for arch in re.split(r"[;, ]+", assignments(env)["MOCHA_EDGE_CUDA_ARCHS"].strip()):
+        arch = arch.removeprefix("sm_")
+        assert arch in ARCH_CUDA, f"sm_{arch}: not a Jetson arch this test knows"
+        lo, hi = ARCH_CUDA[arch]
+        assert lo <= cuda and (hi is None or cuda < hi), (
+            f"sm_{arch} cannot be built by CUDA {cuda[0]}.{cuda[1]}"
+        )
+
+
 def test_jetpack_opencv_is_kept_and_pip_cannot_replace_it(instrs: list[Instr]) -> None:
     inst = install_index(instrs)
     apt = first(

@@ -3,6 +3,8 @@ the CUDA twins against the C library on random inputs."""
 
 from __future__ import annotations
 
+import importlib.util
+import inspect
 import shutil
 import subprocess
 from pathlib import Path
@@ -11,9 +13,10 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from mocha_edge.export import reference as ref
 
 from mocha_edge import runtime as rt
+from mocha_edge.deploy.config import NMS_TOP_K
+from mocha_edge.export import reference as ref
 from mocha_edge.infer import from_letterbox
 from mocha_edge.infer import letterbox as cv2_letterbox
 from mocha_edge.prototypes import decide
@@ -170,6 +173,51 @@ def test_decode_nms_edge_cases() -> None:
     assert (bf >= 0).all() and (bf[:, [0, 2]] <= 30).all() and (bf[:, [1, 3]] <= 40).all()
 
 
+def _ref_top_k(bd, cl, shapes, strides, conf: float, iou: float, max_det: int, k: int):
+    """The reference NMS run on the k best candidates only, picked here: score desc, then lower anchor."""
+    boxes, scores = ref.decode(bd, cl, shapes, strides)
+    best = scores.max(1)
+    cand = np.flatnonzero(best > conf)
+    top = np.sort(cand[np.lexsort((cand, -best[cand]))][:k])
+    return ref.nms(boxes[top], scores[top], conf, iou, max_det, max_nms=len(top))
+
+
+def _assert_decode_equals(got, want) -> None:
+    for g, w in zip(got[1:], want):  # boxes_letterbox, scores, classes
+        np.testing.assert_array_equal(g, w)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("k", [1, 7, 100, 1000])
+def test_decode_nms_keeps_only_the_max_nms_best(k: int, tied: bool) -> None:
+    """NMS sees only the max_nms best candidates by score (a cut inside a run of equal scores keeps the lower
+    anchors): the result equals the reference NMS over exactly those."""
+    shapes, strides = [(40, 40), (20, 20), (10, 10)], [8.0, 16.0, 32.0]
+    bd, cl = _raw(np.random.default_rng(k), shapes, 5, mean=-2.0)
+    if tied:
+        cl = np.round(cl / 2) * 2  # a few distinct scores, each shared by hundreds of anchors
+    max_det = cl.shape[1]  # never the limit: the k best decide alone
+    got = rt.decode_nms(bd, cl, shapes, strides, 0.001, 0.5, max_det, max_nms=k)
+    _assert_decode_equals(got, _ref_top_k(bd, cl, shapes, strides, 0.001, 0.5, max_det, k))
+    full = rt.decode_nms(bd, cl, shapes, strides, 0.001, 0.5, max_det, max_nms=cl.shape[1])
+    assert len(got[2]) <= k and len(got[2]) < len(full[2])  # the bound dropped boxes NMS over all keeps
+
+
+def test_decode_nms_default_max_nms_is_the_deployed_top_k() -> None:
+    """Without max_nms the decode keeps the deployment's NMS_TOP_K best (not 30000): on a head with more
+    candidates than that, equal to the reference over the NMS_TOP_K best only."""
+    assert NMS_TOP_K == 4096
+    assert inspect.signature(rt.decode_nms).parameters["max_nms"].default == NMS_TOP_K
+    assert inspect.signature(rt.CudaRuntime.decode_nms_workspace).parameters["max_nms"].default == NMS_TOP_K
+    shapes, strides = [(64, 64), (32, 32), (16, 16)], [8.0, 16.0, 32.0]
+    bd, cl = _raw(np.random.default_rng(4), shapes, 3, mean=0.0)
+    max_det = cl.shape[1]
+    got = rt.decode_nms(bd, cl, shapes, strides, 0.001, 0.7, max_det)
+    _assert_decode_equals(got, _ref_top_k(bd, cl, shapes, strides, 0.001, 0.7, max_det, NMS_TOP_K))
+    full = rt.decode_nms(bd, cl, shapes, strides, 0.001, 0.7, max_det, max_nms=cl.shape[1])
+    assert len(got[2]) < len(full[2])
+
+
 def test_decode_nms_rejects_bad_input() -> None:
     bd, cl = _raw(np.random.default_rng(0), [(4, 4)], 2)
     with pytest.raises(rt.NativeRuntimeError, match="do not match"):
@@ -239,6 +287,7 @@ def test_pool_edge_cases() -> None:
 
 def test_pool_matches_torch_rule() -> None:
     import torch
+
     from mocha_edge.models.pooling import box_mean_pool
 
     rng = np.random.default_rng(2)
@@ -450,34 +499,81 @@ def test_info_reports_the_build() -> None:
     assert line.startswith("C yes")
 
 
+def _setup_py(monkeypatch: pytest.MonkeyPatch):
+    """setup.py as a module (its setup() call made a no-op), run from the repository root like pip does."""
+    import setuptools
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(setuptools, "setup", lambda **_: None)
+    spec = importlib.util.spec_from_file_location("mocha_edge_setup_py", REPO / "setup.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 @pytest.mark.skipif(
-    shutil.which("nvcc") is None, reason="nvcc not installed: the CUDA twins cannot be compiled here"
+    shutil.which("nvcc") is None,
+    reason=(
+        "nvcc not installed: the CUDA twins cannot be compiled here (install a CUDA toolkit, e.g. "
+        "`apt-get install cuda-toolkit-13-0` from NVIDIA's CUDA apt repository, and put its bin/ on PATH)"
+    ),
 )
-def test_cuda_twins_compile_for_orin_and_thor(tmp_path: Path) -> None:
-    """All .cu files build into one shared library with sm_87 (Orin) and sm_110 (Thor) code in one go."""
+def test_cuda_twins_compile_for_jetson_archs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """setup.py's own nvcc line (with -fmad=false) builds all .cu files into one shared library for the Jetson
+    archs the local nvcc has: Orin sm_87 and Thor (sm_110 on CUDA 13, sm_101 on CUDA 12.8/12.9)."""
+    from mocha_edge.runtime.cuda_archs import nvcc_archs, suggested_archs
+
+    setup_py = _setup_py(monkeypatch)
+    archs = suggested_archs(nvcc_archs(shutil.which("nvcc")))
+    assert "87" in archs, archs
     out = tmp_path / "libmocha_rt_cuda.so"
-    cmd = ["nvcc", "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC,-fvisibility=hidden",
-           f"-I{REPO / 'runtime' / 'include'}", "-gencode=arch=compute_87,code=sm_87",
-           "-gencode=arch=compute_110,code=sm_110", *sorted(map(str, (REPO / "runtime" / "cuda").glob("*.cu"))),
-           "-o", str(out)]  # fmt: skip
+    cmd = setup_py.nvcc_command(archs, str(out))
+    assert "-fmad=false" in cmd
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "warning" not in res.stderr.lower(), res.stderr[-3000:]
     syms = subprocess.run(["nm", "-D", "--defined-only", str(out)], capture_output=True, text=True).stdout
     for fn in ("mrt_cuda_letterbox", "mrt_cuda_decode_nms", "mrt_cuda_decode_nms_workspace", "mrt_cuda_pool",
-               "mrt_cuda_match", "mrt_last_error"):  # fmt: skip
+               "mrt_cuda_match", "mrt_cuda_archs", "mrt_last_error"):  # fmt: skip
         assert f" T {fn}\n" in syms
+    assert ";".join(f"sm_{a}" for a in archs).encode() in out.read_bytes()  # mrt_cuda_archs()
     cuobjdump = shutil.which("cuobjdump")
     if cuobjdump:
         elf = subprocess.run([cuobjdump, "--list-elf", str(out)], capture_output=True, text=True).stdout
-        assert "sm_87" in elf and "sm_110" in elf
+        assert all(f"sm_{a}" in elf for a in archs), elf
 
 
 # ------------------------------------------------------------------------------------------ GPU
 @pytest.mark.gpu
+def test_cuda_decode_nms_workspace_is_bounded_by_the_top_k() -> None:
+    """At 1280 px (33,600 anchors) the top-k bound leaves the IoU bitmask at 4096² bits: exactly the bytes of
+    the layout in decode_nms.cu (256-byte aligned parts: float4 boxes, float64 shifted boxes, scores, mask),
+    2 MiB where max_nms 30000 took 113 MB."""
+    cuda = rt.CudaRuntime()
+    na = 160 * 160 + 80 * 80 + 40 * 40
+
+    def per_candidate(k: int) -> int:  # the parts sized by min(na, max_nms)
+        def aligned(x: int) -> int:
+            return (x + 255) // 256 * 256
+
+        k = min(k, na)
+        return sum(aligned(b) for b in (16 * k, 32 * k, 4 * k, 8 * k * ((k + 63) // 64)))
+
+    base = cuda.decode_nms_workspace(na, 80, 1)  # anchor-sized parts + CUB's sort, a 1-candidate mask
+    assert base > 0, cuda.lib.mrt_last_error().decode()
+    ws = cuda.decode_nms_workspace(na, 80)
+    assert ws - base == per_candidate(NMS_TOP_K) - per_candidate(1) == 2_309_120
+    assert ws < 8 * 2**20
+    old = cuda.decode_nms_workspace(na, 80, 30000)
+    assert old - base == per_candidate(30000) - per_candidate(1) > 112 * 10**6
+
+
+@pytest.mark.gpu
 def test_cuda_twins_match_c_library() -> None:
     """Each CUDA twin on device buffers (cuda-python) equals the C library on the same random inputs."""
-    cudart = pytest.importorskip("cuda.bindings.runtime")
+    cudart = pytest.importorskip(
+        "cuda.bindings.runtime", reason="cuda-python not installed (pip install cuda-python)"
+    )
     cuda = rt.CudaRuntime()
 
     def ok(ret):
@@ -514,17 +610,24 @@ def test_cuda_twins_match_c_library() -> None:
             np.testing.assert_array_equal(host(d_out, out), want)
         # decode + NMS
         shapes, strides = [(80, 80), (40, 40), (20, 20)], [8.0, 16.0, 32.0]
-        for nc, conf in [(1, 0.25), (80, 0.25), (3, 0.001)]:
+        # (all 8400 anchors are candidates at conf 0.001 with max_det 8400: the top-k alone decides, and a
+        # cut of 100 inside runs of equal scores must keep the same lower anchors as the C heap)
+        cases = [(1, 0.25, NMS_TOP_K, 300, False), (80, 0.25, NMS_TOP_K, 300, False),
+                 (3, 0.001, NMS_TOP_K, 8400, False), (3, 0.001, 100, 8400, True)]  # fmt: skip
+        for nc, conf, max_nms, max_det, tied in cases:
             bd, cl = _raw(rng, shapes, nc)
-            want = rt.decode_nms(bd, cl, shapes, strides, conf, 0.7, 300, 0.5, (0.0, 80.0), (960, 1280))
+            if tied:
+                cl = np.round(cl / 2) * 2
+            want = rt.decode_nms(bd, cl, shapes, strides, conf, 0.7, max_det, 0.5, (0.0, 80.0), (960, 1280),
+                                 max_nms=max_nms)  # fmt: skip
             na = bd.shape[1]
-            ws = cuda.decode_nms_workspace(na, nc, 30000)
+            ws = cuda.decode_nms_workspace(na, nc, max_nms)
             d_ws = dev(np.zeros(ws, np.uint8))
-            outs = [np.zeros((300, 4), np.float32), np.zeros((300, 4), np.float32), np.zeros(300, np.float32),
-                    np.zeros(300, np.int64), np.zeros(1, np.int32)]  # fmt: skip
+            outs = [np.zeros((max_det, 4), np.float32), np.zeros((max_det, 4), np.float32),
+                    np.zeros(max_det, np.float32), np.zeros(max_det, np.int64), np.zeros(1, np.int32)]  # fmt: skip
             d_outs = [dev(o) for o in outs]
-            cuda.decode_nms(dev(bd), dev(cl), na, 16, nc, shapes, strides, conf, 0.7, 300, 30000, 0.5, (0.0, 80.0),
-                            (960, 1280), d_ws, ws, *d_outs)  # fmt: skip
+            cuda.decode_nms(dev(bd), dev(cl), na, 16, nc, shapes, strides, conf, 0.7, max_det, max_nms, 0.5,
+                            (0.0, 80.0), (960, 1280), d_ws, ws, *d_outs)  # fmt: skip
             got = [host(p, o) for p, o in zip(d_outs, outs)]
             n = int(got[4][0])
             assert n == len(want[2])

@@ -33,11 +33,6 @@ def attach_bank(
         log(f"warning: {path}: {w.message}")
 
 
-def _precision(pipe: LivePipeline) -> str:
-    """The precision the deployed model computes vectors at (an engine's build facts; ONNX: fp32)."""
-    return str((pipe.facts.get("engine") or {}).get("precision", "fp32"))
-
-
 class LiveEnroller:
     """Adds shots to the bank while the loop runs: copy the bank, add the shot, recalibrate, save atomically,
     hand the new bank to the pipe.
@@ -101,12 +96,12 @@ class LiveEnroller:
         from mocha_edge.space import match_dim, space_id, to_space
 
         names = list(self.pipe.names)
-        fingerprint = str(self.pipe.facts["model_fingerprint"])
+        fingerprint = self.pipe.facts.model_fingerprint
         space = getattr(self.pipe, "space", None)  # the model's matching space (centring + projection)
         bank = (
             copy.deepcopy(self._latest)
             if self._latest is not None
-            else PrototypeBank(match_dim(space, self.pipe.dim), fingerprint, names, _precision(self.pipe),
+            else PrototypeBank(match_dim(space, self.pipe.dim), fingerprint, names, self.pipe.facts.precision,
                                space=space_id(space))
         )  # fmt: skip
         shot = to_space(space, vector[None], coarse)

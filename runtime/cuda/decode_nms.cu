@@ -1,7 +1,8 @@
 // CUDA twin of src/decode_nms.c: per-anchor best class + exact score test (one thread per anchor, keys
 // written for every anchor, so no atomics decide the order), a CUB radix sort of (score desc, anchor asc)
-// keys, DFL decoding of the max_nms best, a bitmask of IoU > iou over candidate pairs (float64, the
-// reference's formula) and a one-block greedy walk over the mask. Results equal the C library's.
+// keys (the C heap's order), DFL decoding of only the max_nms best (top-k), a bitmask of IoU > iou over
+// those candidate pairs (float64, the reference's formula; max_nms^2 bits) and a one-block greedy walk over
+// the mask. Results equal the C library's.
 #include <cub/device/device_radix_sort.cuh>
 #include <math.h>
 

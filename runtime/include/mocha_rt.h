@@ -72,7 +72,8 @@ MRT_API int mrt_letterbox_ex(const uint8_t *bgr, int h, int w, ptrdiff_t row_str
 /* --------------------------------------------------------------------------------------- decode+NMS */
 /* One image. box_dist (4*reg_max, A) DFL logits, cls_logits (nc, A) logits, both float32 contiguous.
  * shapes: nlevels (h, w) pairs, strides: nlevels floats, sum h*w == A (anchors level by level, row-major).
- * Keeps anchors whose best-class sigmoid score (float32) > conf, the max_nms best, greedy class-aware NMS
+ * Keeps anchors whose best-class sigmoid score (float32) > conf, then only the max_nms best of them (top-k
+ * by score, ties: lower anchor index first; the CUDA twin picks the same set), greedy class-aware NMS
  * (IoU > iou suppresses, class offset MRT_MAX_WH), at most max_det kept, sorted by score (ties: anchor
  * order). Writes n <= max_det rows: boxes_lb (n, 4) xyxy letterbox pixels, boxes_frame (n, 4) xyxy frame
  * pixels ((b - pad) / gain per axis, clipped to [0, frame_w] x [0, frame_h]; gain_x = new_w / frame_w and
@@ -111,7 +112,9 @@ MRT_API int mrt_match(const float *vectors, int n, int d, const int64_t *det_cls
 /* ------------------------------------------------------------------------------- CUDA twins (device) */
 /* Same rules, device pointers, asynchronous on `stream` (a cudaStream_t). Built only into
  * libmocha_rt_cuda. mrt_cuda_decode_nms needs a device workspace of mrt_cuda_decode_nms_workspace()
- * bytes and writes the detection count to the device int *n_out; shapes and strides are host arrays. */
+ * bytes (linear in the anchors, plus an IoU bitmask of min(A, max_nms)^2 bits: 2 MiB at max_nms 4096, the
+ * Python default) and writes the detection count to the device int *n_out; shapes and strides are host
+ * arrays. */
 MRT_API int mrt_cuda_letterbox(const uint8_t *bgr, int h, int w, ptrdiff_t row_stride, int size, int half, void *out,
                        void *stream);
 MRT_API size_t mrt_cuda_decode_nms_workspace(int num_anchors, int nc, int max_nms);
@@ -130,7 +133,7 @@ MRT_API int mrt_cuda_match(const float *vectors, int n, int d, const int64_t *de
                    const int64_t *proto_cls, int mode, const float *means, int n_means, const float *proj,
                    int d_out, const float *thresholds, float threshold, int64_t *idx, float *sim, int64_t *identity,
                    void *stream);
-/* The archs the CUDA library was built for ("sm_87;sm_110"). */
+/* The archs the CUDA library was built for (e.g. "sm_87;sm_110"). */
 MRT_API const char *mrt_cuda_archs(void);
 
 #ifdef __cplusplus
