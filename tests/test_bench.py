@@ -49,7 +49,11 @@ def test_percentiles() -> None:
 def test_bench_rows_schema_and_reference(bench_result: dict) -> None:
     rows = {(r["backend"], r["precision"]) for r in bench_result["rows"]}
     assert {("torch", "fp32"), ("ort", "fp32"), ("ort", "int8")} <= rows
-    assert any(s.startswith("trt") for s in bench_result["skipped"])  # no TensorRT here: listed, not faked
+    skipped = bench_result["skipped"]
+    assert any(
+        s.startswith("trt: TensorRT is not installed") for s in skipped
+    )  # listed with the reason, not faked
+    assert any(s.startswith("torch-cuda: ") and "CUDA" in s for s in skipped)  # the registry's reason
     assert isinstance(bench_result["device"], str) and bench_result["frames"] == 4
     for r in bench_result["rows"]:
         for k, t in ROW_KEYS.items():
@@ -92,3 +96,27 @@ def test_bench_cli_errors(tmp_path: Path) -> None:
     assert r.exit_code == 1 and "missing.onnx" in r.output
     r = CliRunner().invoke(cli, ["bench"])
     assert r.exit_code != 0 and "MODEL" in r.output
+
+
+def test_bench_opens_frames_like_run(tmp_path: Path, synth_small: Path) -> None:
+    """bench reads frames through run's source opener: same URIs, same one-line errors."""
+    from mocha_edge.bench import BenchError, load_frames
+    from mocha_edge.deploy.sources import SourceError, open_source
+
+    folder = synth_small.parent / "novel" / "images"
+    frames, times = load_frames(str(folder), 3)
+    with open_source(str(folder)) as src:
+        want = [f.image_bgr for _, f in zip(range(3), src)]
+    assert len(frames) == len(times) == 3 and all(np.array_equal(a, b) for a, b in zip(frames, want))
+    video = tmp_path / "clip.avi"
+    w = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 48))
+    for i in range(5):
+        w.write(np.full((48, 64, 3), 40 * i, np.uint8))
+    w.release()
+    assert len(load_frames(str(video), 10)[0]) == 5  # a short video ends the list
+    for uri in ("v4l2:///dev/video97", "csi://0?width=abc", str(tmp_path / "none.mp4")):
+        with pytest.raises(SourceError) as run_err:
+            open_source(uri, warn=lambda m: None).close()
+        with pytest.raises(BenchError) as bench_err:
+            load_frames(uri, 2)
+        assert str(bench_err.value) == str(run_err.value)
