@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from mocha_edge.export.exporter import cpu_int8_artefact
 from mocha_edge.export.onnx import ort_session
 

@@ -9,6 +9,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+
+from mocha_edge.data import Dataset, load_dataset
+from mocha_edge.errors import MochaError
 from mocha_edge.export.calib import (
     ADVISED,
     PREPROCESS,
@@ -17,9 +20,6 @@ from mocha_edge.export.calib import (
     model_hash,
     select_calibration,
 )
-
-from mocha_edge.data import Dataset, load_dataset
-from mocha_edge.errors import MochaError
 from mocha_edge.infer import letterbox, read_bgr
 
 

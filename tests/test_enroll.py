@@ -63,7 +63,6 @@ def variants(ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, 
     """``other``: same architecture, perturbed weights (another model); ``translator``: the same student
     plus a (random) 16-d translator."""
     from mocha_edge.models.translator import Translator
-
     from mocha_edge.train import load_checkpoint
 
     d = tmp_path_factory.mktemp("variants")

@@ -12,11 +12,11 @@ import onnxruntime as ort
 import pytest
 import torch
 from click.testing import CliRunner
+
+from mocha_edge.cli import cli
 from mocha_edge.export import contract
 from mocha_edge.export.onnx import OnnxStudent, RawHead, export_onnx, parity
 from mocha_edge.export.reference import decode, nms, pool
-
-from mocha_edge.cli import cli
 from mocha_edge.infer import Student, read_bgr
 
 
@@ -137,8 +137,8 @@ def test_int8_qdq_is_symmetric_and_keeps_the_head_float(
     student_ckpt: Path, synth_small: Path, tmp_path: Path
 ) -> None:
     import onnx
-    from mocha_edge.export.quantize import head_output_convs, quantize_int8, zero_points
 
+    from mocha_edge.export.quantize import head_output_convs, quantize_int8, zero_points
     from mocha_edge.infer import letterbox
 
     st = Student.load(student_ckpt)
@@ -168,8 +168,9 @@ def test_int8_qdq_is_symmetric_and_keeps_the_head_float(
         assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.95
     assert not list(tmp_path.glob("*.pre.onnx")) and not list(tmp_path.glob(".*.tmp"))
 
-    from mocha_edge.export.quantize import activations_to_uint8
     from onnx import numpy_helper
+
+    from mocha_edge.export.quantize import activations_to_uint8
 
     twin = activations_to_uint8(q, tmp_path / "m_int8_u8.onnx")
     tm = onnx.load(str(twin))

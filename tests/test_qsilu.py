@@ -12,6 +12,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from onnx import TensorProto, helper
+
+from mocha_edge import runtime as rt
 from mocha_edge.export.fuse import (
     DOMAIN,
     OP,
@@ -22,9 +25,6 @@ from mocha_edge.export.fuse import (
     inference_session,
     session_model,
 )
-from onnx import TensorProto, helper
-
-from mocha_edge import runtime as rt
 
 
 def _reference_table(xs: float, xz: int, ys: float, yz: int) -> np.ndarray:
@@ -40,7 +40,10 @@ def test_api_slots_match_the_installed_onnxruntime() -> None:
     65, 69, 94, 96, 99). Slots 85-91 (kernel info/context) sit between verified neighbours."""
     lib = glob.glob(os.path.join(os.path.dirname(ort.__file__), "capi", "libonnxruntime.so*"))
     if not lib:
-        pytest.skip("this onnxruntime build has no separate libonnxruntime.so")
+        pytest.skip(
+            "this onnxruntime build has no separate libonnxruntime.so "
+            "(the PyPI wheel ships one: pip install --force-reinstall onnxruntime)"
+        )
     L = ctypes.CDLL(lib[0])
 
     class Base(ctypes.Structure):

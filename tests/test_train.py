@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from mocha_edge.models.pooling import box_mean_pool, head_channels
-from mocha_edge.models.translator import Translator
 
 from mocha_edge.cli import cli
 from mocha_edge.errors import CacheError
 from mocha_edge.losses import local_alignment_loss, relational_loss
+from mocha_edge.models.pooling import box_mean_pool, head_channels
+from mocha_edge.models.translator import Translator
 from mocha_edge.student import build_student, decode_cls, encode_cls
 from mocha_edge.train import TrainConfig, Trainer, TrainError, load_checkpoint, train
 
