@@ -22,11 +22,17 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from mocha_edge import live
 from mocha_edge.cli import cli
-from mocha_edge.live import Console, LiveEnroller, RunOptions, detection_records, gui_available, run_loop
-from mocha_edge.prototypes import BankError, PrototypeBank
-from mocha_edge.sources import (
+from mocha_edge.deploy import live
+from mocha_edge.deploy.live import (
+    Console,
+    LiveEnroller,
+    RunOptions,
+    detection_records,
+    gui_available,
+    run_loop,
+)
+from mocha_edge.deploy.sources import (
     Backoff,
     SourceError,
     camera_uri,
@@ -36,6 +42,7 @@ from mocha_edge.sources import (
     open_source,
     parse_uri,
 )
+from mocha_edge.prototypes import BankError, PrototypeBank
 
 REPO = Path(__file__).resolve().parents[1]
 JSONL_KEYS = {"source", "frame", "t", "box_xyxy", "cls", "score", "identity", "similarity"}
@@ -51,7 +58,7 @@ class FakePipe:
 
     def __init__(self, delay: float = 0.0) -> None:
         self.names = ["mug", "toy"]
-        self.facts = {"model_fingerprint": "fake-model"}
+        self.facts = SimpleNamespace(model_fingerprint="fake-model", precision="fp32")  # a DeployConfig's fields
         self.bank: PrototypeBank | None = None
         self.identity_names: list[str] = []
         self.delay = delay
@@ -59,7 +66,7 @@ class FakePipe:
         self.calls = 0
 
     def set_bank(self, bank: PrototypeBank) -> None:
-        bank.check(self.facts["model_fingerprint"], self.dim)
+        bank.check(self.facts.model_fingerprint, self.dim)
         self.bank, self.identity_names = bank, bank.prototypes()[1]
 
     def __call__(self, bgr: np.ndarray) -> SimpleNamespace:
@@ -561,7 +568,7 @@ DRIVER = textwrap.dedent(
     """
     import sys, time
     sys.path.insert(0, {tests!r})
-    import mocha_edge.live as live
+    import mocha_edge.deploy.live as live
     from test_run import FakePipe
 
     live.make_pipeline = lambda model, **kw: FakePipe(delay=0.03)
@@ -623,11 +630,8 @@ def test_end_to_end_with_the_real_pipeline(
     path (`mocha_edge.enroll`), then `mocha-edge run` the ONNX model with that bank over a folder and a
     video: outputs complete, and the enrolled box is found again and named, with cosine ~1 (the ONNX
     pipeline's vectors agree with enrolment's)."""
-    if not (REPO / "mocha_edge" / "pipeline.py").exists():
-        pytest.skip("mocha_edge/pipeline.py (the Pipeline this command runs) is not in this checkout yet")
-    from mocha_edge.export.onnx import export_onnx
-
     from mocha_edge.enroll import enroll
+    from mocha_edge.export.onnx import export_onnx
     from mocha_edge.infer import Student
 
     onnx = export_onnx(Student.load(student_ckpt), tmp_path / "student.onnx")

@@ -1,19 +1,20 @@
 """``mocha-edge run``: the live loop. Source -> pipeline -> outputs, with live enrolment and fault handling.
 
 One frame at a time: read (``mocha_edge.deploy.sources``), detect + embed + match (the injected pipeline), then
-the outputs: JSON lines (one per detection, flushed every frame), an annotated video (written under a
-temporary name and renamed when the run ends, however it ends), a window when a display exists, and an
-FPS line with per-stage milliseconds.
+the outputs, opened by URI (``--sink``, repeatable; ``mocha_edge.deploy.sinks``): JSON lines (one per
+detection, appended, flushed every frame, optionally rotated), annotated videos (written under a temporary
+name and renamed when the run ends, however it ends); a window when a display exists, and an FPS line with
+per-stage milliseconds.
 
 Live enrolment: ``enroll NAME`` on standard input (read by a background thread, never blocking the loop)
 enrols the top-scoring detection of the next frame as a new shot of NAME; key ``e`` in the window does
 the same for the frame shown (the name is asked on the terminal, or ``obj-N``). The bank is saved
 atomically and the pipeline matches against it from the next frame.
 
-Stopping: end of a file source, ``--max-frames``, key ``q``/Esc, a ``quit`` line, or Ctrl-C / SIGINT /
-SIGTERM. A signal during frame processing is noted and the loop stops after that frame; a signal while
-waiting for a frame stops the wait. Either way the video is finalised, the JSON lines closed, a summary
-printed, and the exit code is 0: for a camera, Ctrl-C is the normal way to stop.
+Stopping: end of a file source (or its read error: ``stopped: error: ...`` in the summary), ``--max-frames``,
+key ``q``/Esc, a ``quit`` line, or Ctrl-C / SIGINT / SIGTERM. A signal during frame processing is noted and
+the loop stops after that frame; a signal while waiting for a frame stops the wait. Either way every output
+is finalised, a summary printed, and the exit code is 0: for a camera, Ctrl-C is the normal way to stop.
 """
 
 from __future__ import annotations
@@ -32,7 +33,18 @@ from mocha_edge.deploy.console import COMMANDS_HELP, Console, StdinCommands
 from mocha_edge.deploy.display import Window, annotate, gui_available
 from mocha_edge.deploy.engines import engine_for, list_engines
 from mocha_edge.deploy.enroller import LiveEnroller, attach_bank
-from mocha_edge.deploy.sinks import DEFAULT_FPS, VIDEO_FOURCC, JsonlSink, VideoSink, detection_records
+from mocha_edge.deploy.sinks import (
+    JsonlSink,
+    Sink,
+    SinkReport,
+    SinkURI,
+    VideoSink,
+    check_sink,
+    detection_records,
+    open_sinks,
+    parse_sink,
+    sink_paths,
+)
 from mocha_edge.errors import MochaError
 
 if TYPE_CHECKING:  # numpy, the bank and the sources load with the command, not with the CLI
@@ -54,10 +66,13 @@ PipelineFactory = Callable[..., "LivePipeline"]
 # ------------------------------------------------------------------------------------------ loop
 @dataclass
 class RunOptions:
-    """Outputs and limits of one run."""
+    """Outputs and limits of one run. ``sinks``: output URIs (``mocha_edge.deploy.sinks``); ``save`` and
+    ``jsonl`` are aliases (``--save P`` = ``--sink P``, ``--jsonl P`` = ``--sink P?kind=detections``, both
+    taken as plain paths)."""
 
     save: Path | None = None
     jsonl: Path | None = None
+    sinks: list[str] = field(default_factory=list)
     show: bool | None = None  # None: a window when a display exists
     max_frames: int | None = None
     fps_every: float = 5.0  # seconds between FPS lines (0: none)
@@ -76,7 +91,8 @@ class RunSummary:
     skipped: int = 0
     reconnects: int = 0
     enrolled: list[str] = field(default_factory=list)
-    video: Path | None = None
+    outputs: list[SinkReport] = field(default_factory=list)  # one per sink, in order
+    video: Path | None = None  # the first video written, and the first JSON lines (kept for callers)
     video_frames: int = 0
     jsonl: Path | None = None
     jsonl_lines: int = 0
@@ -96,11 +112,25 @@ class RunSummary:
             parts.append(f"{self.reconnects} reconnect attempts")
         if self.enrolled:
             parts.append("enrolled " + ", ".join(self.enrolled))
-        if self.video is not None:
-            parts.append(f"wrote {self.video} ({self.video_frames} frames)")
-        if self.jsonl is not None:
-            parts.append(f"wrote {self.jsonl} ({self.jsonl_lines} lines)")
+        parts.extend(r.line() for r in self.outputs)
         return "; ".join(parts)
+
+    def add_output(self, report: SinkReport) -> None:
+        """Record what one sink wrote (the first video / JSON lines also fill the older fields)."""
+        self.outputs.append(report)
+        if report.kind == "video" and report.written and self.video is None:
+            self.video, self.video_frames = report.path, report.count
+        if report.kind == "jsonl" and self.jsonl is None:
+            self.jsonl, self.jsonl_lines = report.path, report.count
+
+
+def sink_uris(opts: RunOptions) -> list[SinkURI]:
+    """The outputs of ``opts``, parsed and checked (one-line :class:`~mocha_edge.deploy.sinks.SinkError`
+    naming the URI otherwise): ``--save``, ``--jsonl``, then every ``--sink`` in order."""
+    uris = [parse_sink(str(opts.save), alias="--save")] if opts.save is not None else []
+    uris += [parse_sink(str(opts.jsonl), alias="--jsonl")] if opts.jsonl is not None else []
+    uris += [parse_sink(s) for s in opts.sinks]
+    return [check_sink(u) for u in uris]
 
 
 class _Stop:
@@ -181,8 +211,9 @@ def run_loop(
 
     console = console or Console()
     summary = RunSummary(source.name)
-    video = VideoSink(opts.save, source.fps or DEFAULT_FPS) if opts.save is not None else None
-    jsonl = JsonlSink(opts.jsonl) if opts.jsonl is not None else None
+    sinks: list[Sink] = open_sinks(sink_uris(opts), camera=source.name, fps=source.fps)
+    need_records = any(s.needs_records for s in sinks)
+    need_image = window is not None or any(s.needs_image for s in sinks)
     stop = _Stop()
     if opts.handle_signals:
         stop.install()
@@ -229,7 +260,8 @@ def run_loop(
             finally:
                 stop.interruptible = False
             if frame is None:
-                summary.stopped = "end of source"
+                ended = getattr(source, "ended", None)
+                summary.stopped = ended if ended and ended != "end" else "end of source"
                 break
             enroller.poll()  # banks the worker finished since the last frame
             t1 = time.perf_counter()
@@ -247,28 +279,26 @@ def run_loop(
             pending.clear()
             summary.frames += 1
             summary.detections += len(dets.scores)
-            if jsonl is not None:
-                jsonl.write(detection_records(frame, dets, list(pipe.names), names))
-            if video is not None or window is not None:
-                shown = annotate(frame.image_bgr, dets, list(pipe.names), names)
-                if video is not None:
-                    video.write(shown)
-                if window is not None:
-                    key = window.show(shown)
-                    if key == "closed" or key in (27, ord("q")):
-                        stop.requested = stop.requested or ("window closed" if key == "closed" else "key q")
-                    elif key == ord("e"):
-                        top = enroller.top(dets)
-                        if top is None:
-                            console.log(f"key e: no detection in frame {frame.index} to enrol")
-                        elif commands is not None and getattr(commands, "interactive", False):
-                            awaiting = (top[0], top[1], f"frame {frame.index}")
-                            console.log(
-                                f"key e: {pipe.names[top[1]]} ({top[2]:.2f}) from frame {frame.index}: "
-                                f"type its name and Enter (empty: {enroller.auto_name()})"
-                            )
-                        else:
-                            enroller.enrol(enroller.auto_name(), top[0], top[1], f"frame {frame.index}")
+            records = detection_records(frame, dets, list(pipe.names), names) if need_records else []
+            shown = annotate(frame.image_bgr, dets, list(pipe.names), names) if need_image else None
+            for sink in sinks:
+                sink.write(frame, records, shown)
+            if window is not None and shown is not None:
+                key = window.show(shown)
+                if key == "closed" or key in (27, ord("q")):
+                    stop.requested = stop.requested or ("window closed" if key == "closed" else "key q")
+                elif key == ord("e"):
+                    top = enroller.top(dets)
+                    if top is None:
+                        console.log(f"key e: no detection in frame {frame.index} to enrol")
+                    elif commands is not None and getattr(commands, "interactive", False):
+                        awaiting = (top[0], top[1], f"frame {frame.index}")
+                        console.log(
+                            f"key e: {pipe.names[top[1]]} ({top[2]:.2f}) from frame {frame.index}: "
+                            f"type its name and Enter (empty: {enroller.auto_name()})"
+                        )
+                    else:
+                        enroller.enrol(enroller.auto_name(), top[0], top[1], f"frame {frame.index}")
             meter.add(pipe.timings, (t1 - t0) * 1e3, (time.perf_counter() - t2) * 1e3)
             report = meter.report(frame.index)
             if report is not None:
@@ -289,12 +319,15 @@ def run_loop(
             summary.enrolled = list(enroller.enrolled)
             if window is not None:
                 window.close()
-            if jsonl is not None:
-                jsonl.close()
-                summary.jsonl, summary.jsonl_lines = jsonl.path, jsonl.lines
-            if video is not None and video.close():
-                summary.video, summary.video_frames = video.path, video.frames
+            failed: BaseException | None = None
+            for sink in sinks:  # each one finalised even when another fails
+                try:
+                    summary.add_output(sink.close())
+                except Exception as e:
+                    failed = failed or e
             console.end()
+            if failed is not None:
+                raise failed
         finally:
             stop.restore()
     return summary
@@ -344,8 +377,7 @@ def run(
         raise RunError(f"--show: {why}")
     if show is None:
         show = ok
-    if opts.save is not None and Path(opts.save).suffix.lower() not in VIDEO_FOURCC:
-        raise RunError(f"{opts.save}: --save needs one of {', '.join(VIDEO_FOURCC)}")
+    sink_paths(sink_uris(opts), str(source).strip())  # bad outputs fail before the source and the model open
     if mode not in ("conditional", "global"):
         raise RunError(f"--mode must be conditional or global, not {mode!r}")
     src = open_source(source, warn=lambda m: console.log(f"warning: {m}"), **(source_options or {}))
@@ -378,13 +410,17 @@ def run(
 @click.option("--prototypes", "bank", type=click.Path(path_type=Path),
               help="Prototype bank (.safetensors) to match against; created by live enrolment when missing. "
               "Without it: detection only.")  # fmt: skip
-@click.option("--source", help="Image, folder, video, rtsp://..., v4l2:///dev/videoN, csi://N (see above).")
+@click.option("--source", help="Image, folder, video (files: ?loop=1&realtime=1), rtsp://..., v4l2:///dev/videoN, "
+              "csi://N (see above).")  # fmt: skip
 @click.option("--camera", type=int, metavar="N", help="Shorthand for --source v4l2:///dev/videoN.")
 @click.option("--csi", type=int, metavar="N", help="Shorthand for --source csi://N (Jetson CSI camera).")
-@click.option("--save", type=click.Path(path_type=Path), help="Annotated video (.mp4/.avi/.mkv/.mov).")
-@click.option(
-    "--jsonl", type=click.Path(path_type=Path), help="One JSON line per detection, flushed per frame."
-)
+@click.option("--sink", "sinks", multiple=True, metavar="URI",
+              help="An output, repeatable: x.jsonl[?rotate=100MB&keep=5] (JSON lines, appended), out.mp4 / "
+                   ".avi / .mkv (annotated video); {camera} in the path: the source's name (see above).")  # fmt: skip
+@click.option("--save", type=click.Path(path_type=Path), metavar="PATH",
+              help="Annotated video (.mp4/.avi/.mkv/.mov); = --sink PATH.")  # fmt: skip
+@click.option("--jsonl", type=click.Path(path_type=Path), metavar="PATH",
+              help="One JSON line per detection, appended, flushed per frame; = --sink PATH?kind=detections.")  # fmt: skip
 @click.option("--show/--no-show", default=None, help="Window with the annotated frames [default: when a display "
               "exists].")  # fmt: skip
 @click.option("--conf", default=0.25, show_default=True, help="Detection confidence threshold.")
@@ -404,7 +440,7 @@ def run(
 @click.option("--max-frames", type=int, help="Stop after N frames.")
 @click.option("--fps-every", default=5.0, show_default=True, help="Seconds between FPS lines (0: none).")
 def run_cmd(model: Path, bank: Path | None, source: str | None, camera: int | None, csi: int | None,
-            save: Path | None, jsonl: Path | None, show: bool | None, conf: float, iou: float,
+            sinks: tuple[str, ...], save: Path | None, jsonl: Path | None, show: bool | None, conf: float, iou: float,
             threshold: float | None, name_conf: float | None, mode: str, backend: str | None, gpu_stages: str,
             max_frames: int | None, fps_every: float) -> None:  # fmt: skip
     """Run the exported MODEL (.onnx from `mocha-edge export`, or a TensorRT .engine) on a live source:
@@ -412,15 +448,21 @@ def run_cmd(model: Path, bank: Path | None, source: str | None, camera: int | No
 
     \b
     Sources: photo.jpg, a folder of images, clip.mp4, rtsp://..., v4l2:///dev/video0, csi://0
-      (camera options: csi://0?width=1280&height=720&fps=60&flip=2).
+      (camera options: csi://0?width=1280&height=720&fps=60&flip=2; files: clip.mp4?loop=1&realtime=1
+      to go round and be paced at the file's rate, fps=N for images and folders [default: 10]).
+    Outputs (--sink URI, repeatable): events.jsonl (one line per detection, appended; ?rotate=100MB
+      rotates, keeping 5 old files, ?keep=N), out.mp4 / out.avi / out.mkv (annotated video);
+      cam-{camera}.jsonl: {camera} is the source's name. A file's read error ends the run with
+      "stopped: error: ..." in the summary, not as an ordinary end.
     Live enrolment: type `enroll NAME` + Enter: the top detection of the next frame becomes a shot of
       NAME (bank saved at once, used from the next frame); key `e` in the window does the same; `quit` stops.
     Faults: a lost camera reconnects (backoff 0.5 s to 8 s); unreadable images are skipped with a warning.
-    Ctrl-C / SIGTERM stop cleanly (video finalised, JSON lines closed, summary printed), exit code 0.
+    Ctrl-C / SIGTERM stop cleanly (outputs finalised, summary printed), exit code 0.
 
     \b
     Examples:
       mocha-edge run student.onnx --prototypes my.bank --source clip.mp4 --save out.mp4 --jsonl events.jsonl
+      mocha-edge run student.onnx --source 'clip.mp4?loop=1&realtime=1' --sink 'd-{camera}.jsonl?rotate=10MB'
       mocha-edge run student.engine --backend trt --prototypes my.bank --csi 0
       mocha-edge run student.onnx --camera 0 --no-show --jsonl events.jsonl --max-frames 100
     """
@@ -434,7 +476,8 @@ def run_cmd(model: Path, bank: Path | None, source: str | None, camera: int | No
         raise click.BadParameter("must be >= 1", param_hint="--max-frames")
     if threshold is not None and not -1.0 <= threshold <= 1.0:
         raise click.BadParameter("a cosine in [-1, 1]", param_hint="--threshold")
-    opts = RunOptions(save=save, jsonl=jsonl, show=show, max_frames=max_frames, fps_every=fps_every)
+    opts = RunOptions(save=save, jsonl=jsonl, sinks=list(sinks), show=show, max_frames=max_frames,
+                      fps_every=fps_every)  # fmt: skip
     summary = run(
         model, given[0], opts, bank_path=bank, backend=backend, conf=conf, iou=iou, mode=mode,
         gpu_stages=gpu_stages, threshold=threshold, name_conf=name_conf, pipeline_factory=make_pipeline,
@@ -459,4 +502,5 @@ __all__ = [
     "run",
     "run_cmd",
     "run_loop",
+    "sink_uris",
 ]

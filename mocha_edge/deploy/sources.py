@@ -10,12 +10,17 @@
 | ``rtsp://host/path`` (also ``rtsps``, ``http``, ``https``) | a network stream (OpenCV's FFmpeg backend) |
 
 Cameras take options as a query: ``csi://0?width=1280&height=720&fps=60&flip=2``,
-``v4l2:///dev/video0?width=640&height=480&fps=30``.
+``v4l2:///dev/video0?width=640&height=480&fps=30``. Files (images, folders, videos) take
+``?loop=1`` (start again at the end; frame indices and times keep increasing), ``?realtime=1`` (paced:
+frame i is not delivered before t0 + i/fps, fps being the video's rate, else ``fps=`` or 10) and ``fps=``
+(overrides the rate): ``clip.mp4?loop=1&realtime=1``. A file whose real name holds ``?`` is found first.
 
 Live sources (cameras, streams) reconnect when a read fails: a warning, then exponential backoff (0.5 s
-doubling to 8 s by default) until frames come back; frame numbering continues across the gap. Files end.
-The capture object is made by an injectable factory (``capture_factory``), so tests drive the reconnect
-logic with a simulated camera.
+doubling to 8 s by default) until frames come back; frame numbering continues across the gap. Files end,
+and say how in ``Source.ended``: ``"end"``, or ``"error: ..."`` when a video's reads fail before the
+frame count its container gives (up to ``MAX_BAD_FRAMES`` unreadable frames in a row are skipped with a
+warning; more, or a file cut short, is the error). The capture object is made by an injectable factory
+(``capture_factory``), and pacing uses the injected ``clock`` / ``sleep``, so tests simulate both.
 """
 
 from __future__ import annotations
@@ -35,6 +40,10 @@ from mocha_edge.errors import MochaError
 STREAM_SCHEMES = ("rtsp", "rtsps", "http", "https")
 SCHEMES = ("file", "v4l2", "csi", *STREAM_SCHEMES)
 CAMERA_OPTIONS = {"csi": ("width", "height", "fps", "flip"), "v4l2": ("width", "height", "fps")}
+FILE_KINDS = ("image", "folder", "video")
+FILE_OPTIONS = ("loop", "realtime", "fps")
+DEFAULT_FILE_FPS = 10.0  # pace of ?realtime=1 for images and folders without fps=
+MAX_BAD_FRAMES = 50  # unreadable video frames in a row skipped before the read is an error
 CSI_DEFAULTS = {"width": 1920, "height": 1080, "fps": 30, "flip": 0}
 ARGUS_RESTART = "sudo systemctl restart nvargus-daemon"
 ARGUS_ERROR = "Failed to create CaptureSession"
@@ -63,11 +72,19 @@ class SourceURI:
     text: str  # as the user wrote it
     kind: str
     location: str  # file/folder path, device path, sensor id, or URL
-    options: dict[str, int] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)  # ints, except a file's fps (float)
 
     @property
     def live(self) -> bool:
         return self.kind in ("v4l2", "csi", "stream")
+
+    @property
+    def loop(self) -> bool:
+        return bool(self.options.get("loop"))
+
+    @property
+    def realtime(self) -> bool:
+        return bool(self.options.get("realtime"))
 
 
 def camera_uri(n: int) -> str:
@@ -80,13 +97,26 @@ def csi_uri(n: int) -> str:
     return f"csi://{int(n)}"
 
 
-def _options(kind: str, query: str, text: str) -> dict[str, int]:
-    allowed = CAMERA_OPTIONS.get(kind, ())
-    out: dict[str, int] = {}
+def _options(kind: str, query: str, text: str) -> dict[str, Any]:
+    allowed = FILE_OPTIONS if kind in FILE_KINDS else CAMERA_OPTIONS.get(kind, ())
+    out: dict[str, Any] = {}
     for k, v in parse_qsl(query, keep_blank_values=True):
         if k not in allowed:
             valid = ", ".join(allowed) or "none"
             raise SourceError(f"{text}: unknown option {k!r} (valid for {kind}: {valid})")
+        if k in ("loop", "realtime"):
+            if v not in ("0", "1"):
+                raise SourceError(f"{text}: option {k}={v!r} must be 0 or 1")
+            out[k] = int(v)
+            continue
+        if k == "fps" and kind in FILE_KINDS:
+            try:
+                out[k] = float(v)
+            except ValueError:
+                raise SourceError(f"{text}: option fps={v!r} must be a number") from None
+            if not 0.0 < out[k] <= 1000.0:
+                raise SourceError(f"{text}: option fps={v} out of range (0, 1000]")
+            continue
         try:
             out[k] = int(v)
         except ValueError:
@@ -99,7 +129,7 @@ def _options(kind: str, query: str, text: str) -> dict[str, int]:
 
 
 def parse_uri(text: str) -> SourceURI:
-    """Parse a source address (see the module doc); unknown schemes list the valid ones."""
+    """Parse a source address (see the module doc); unknown schemes and options are one-line errors."""
     text = str(text).strip()
     if not text:
         raise SourceError("empty --source")
@@ -123,15 +153,19 @@ def parse_uri(text: str) -> SourceURI:
         raise SourceError(
             f"{text}: unknown source scheme {scheme!r} (valid: {', '.join(SCHEMES)}, or a path)"
         )
-    path = Path(parts.path if scheme == "file" else text).expanduser()
+    body = text.split("://", 1)[1] if scheme == "file" else text  # file://clip.mp4, file:///abs/clip.mp4
+    query = ""
+    if "?" in body and not Path(body).expanduser().exists():  # a real name may hold "?": checked first
+        body, _, query = body.rpartition("?")
+    path = Path(body).expanduser()
     if str(path).startswith("/dev/video"):
-        return SourceURI(text, "v4l2", str(path))
+        return SourceURI(text, "v4l2", str(path), _options("v4l2", query, text))
     if path.is_dir():
-        return SourceURI(text, "folder", str(path))
+        return SourceURI(text, "folder", str(path), _options("folder", query, text))
     if not path.exists():
         raise SourceError(f"{path}: no such file or folder")
     kind = "image" if path.suffix.lower() in IMAGE_SUFFIXES else "video"
-    return SourceURI(text, kind, str(path))
+    return SourceURI(text, kind, str(path), _options(kind, query, text))
 
 
 def csi_pipeline(
@@ -228,9 +262,29 @@ class Backoff:
     retries: int | None = None
 
 
+class Pacer:
+    """``?realtime=1``: :meth:`wait` holds frame ``i`` until ``t0 + i / fps`` (t0: the first call). A clock
+    that jumps back (more than a frame early) restarts the schedule from now instead of stalling."""
+
+    def __init__(self, fps: float, clock: Callable[[], float], sleep: Callable[[float], None]) -> None:
+        self.period, self.clock, self.sleep = 1.0 / float(fps), clock, sleep
+        self.t0: float | None = None
+
+    def wait(self, index: int) -> None:
+        now = self.clock()
+        if self.t0 is None:
+            self.t0 = now - index * self.period
+        delay = self.t0 + index * self.period - now
+        if delay > self.period * 1.001:  # the clock went back
+            self.t0, delay = now - index * self.period, 0.0
+        if delay > 0:
+            self.sleep(delay)
+
+
 class Source:
     """An iterable of :class:`Frame` with ``name``, ``live``, ``fps`` (None when unknown), counters of
-    ``skipped`` files and ``reconnects``, and :meth:`close`. Use as a context manager."""
+    ``skipped`` files/frames and ``reconnects``, ``ended`` (None while frames may come; ``"end"`` or
+    ``"error: ..."`` once the iteration is over), and :meth:`close`. Use as a context manager."""
 
     name: str
     live: bool = False
@@ -239,6 +293,7 @@ class Source:
     def __init__(self) -> None:
         self.skipped = 0
         self.reconnects = 0
+        self.ended: str | None = None
 
     def __iter__(self) -> Iterator[Frame]:
         raise NotImplementedError
@@ -254,12 +309,23 @@ class Source:
 
 
 class ImageSource(Source):
-    """One image file, or every image of a folder (sorted). Unreadable files: a warning each, skipped."""
+    """One image file, or every image of a folder (sorted). Unreadable files: a warning each, skipped.
+    ``?loop=1`` goes round again (files re-read, warnings only on the first round); ``?realtime=1`` paces
+    at ``fps=`` (10 by default). ``Frame.t`` is ``index / fps`` when a rate is set, else 0."""
 
-    def __init__(self, uri: SourceURI, warn: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        uri: SourceURI,
+        warn: Callable[[str], None],
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         super().__init__()
         self.name = uri.text
-        self.warn = warn
+        self.warn, self.sleep, self.clock = warn, sleep, clock
+        self.loop, self.realtime = uri.loop, uri.realtime
+        fps = uri.options.get("fps")
+        self.fps = float(fps) if fps else (DEFAULT_FILE_FPS if self.realtime else None)
         root = Path(uri.location)
         if uri.kind == "folder":
             self.paths = sorted(
@@ -274,22 +340,37 @@ class ImageSource(Source):
     def __iter__(self) -> Iterator[Frame]:
         from mocha_edge.data.images import ImageReadError, read_rgb
 
-        index = 0
-        for p in self.paths:
-            try:
-                rgb = read_rgb(p)
-            except ImageReadError as e:
-                if self.single:
-                    raise SourceError(f"{p}: {e}") from None
-                self.warn(f"{p}: {e} (skipped)")
-                self.skipped += 1
-                continue
-            yield Frame(np.ascontiguousarray(rgb[..., ::-1]), index, 0.0, str(p))
-            index += 1
+        self.ended = None
+        pacer = Pacer(self.fps, self.clock, self.sleep) if self.realtime and self.fps else None
+        index, first = 0, True
+        while True:
+            delivered = 0
+            for p in self.paths:
+                try:
+                    rgb = read_rgb(p)
+                except ImageReadError as e:
+                    if self.single:
+                        self.ended = f"error: {p}: {e}"
+                        raise SourceError(f"{p}: {e}") from None
+                    if first:
+                        self.warn(f"{p}: {e} (skipped)")
+                        self.skipped += 1
+                    continue
+                if pacer is not None:
+                    pacer.wait(index)
+                t = index / self.fps if self.fps else 0.0
+                yield Frame(np.ascontiguousarray(rgb[..., ::-1]), index, t, str(p))
+                index += 1
+                delivered += 1
+            first = False
+            if not self.loop or delivered == 0:
+                break
+        self.ended = "end"
 
 
 class CaptureSource(Source):
-    """A video file (ends at its last frame) or a live camera/stream (reconnects; see the module doc)."""
+    """A video file (ends at its last frame, or goes round with ``?loop=1``; see the module doc for read
+    errors) or a live camera/stream (reconnects)."""
 
     def __init__(
         self,
@@ -339,46 +420,114 @@ class CaptureSource(Source):
             return f"cannot open stream {u.location} (check the address, credentials and network)"
         return f"{u.location}: cannot open as a video (unsupported format or corrupt file)"
 
-    def _fps(self) -> float | None:
-        if "fps" in self.uri.options:
-            return float(self.uri.options["fps"])
-        if self.uri.kind == "csi":
-            return float(CSI_DEFAULTS["fps"])
+    def _get(self, prop: str) -> float | None:
+        """A ``cv2.CAP_PROP_*`` value of the capture; None when it has none (a simulated camera)."""
         get = getattr(self.cap, "get", None)
         if get is None:
             return None
         import cv2
 
-        fps = float(get(cv2.CAP_PROP_FPS) or 0.0)
-        return fps if 0.0 < fps <= 1000.0 else None
+        try:
+            return float(get(getattr(cv2, f"CAP_PROP_{prop}")) or 0.0)
+        except Exception:
+            return None
 
-    def _read(self) -> np.ndarray | None:
+    def _fps(self) -> float | None:
+        if "fps" in self.uri.options:
+            return float(self.uri.options["fps"])
+        if self.uri.kind == "csi":
+            return float(CSI_DEFAULTS["fps"])
+        fps = self._get("FPS")
+        return fps if fps is not None and 0.0 < fps <= 1000.0 else None
+
+    def _frame_count(self) -> int | None:
+        """The container's frame count (exact from an mp4/avi index, estimated for some), None if unknown."""
+        n = self._get("FRAME_COUNT")
+        return int(n) if n is not None and 0 < n < 1e12 else None
+
+    def _read(self) -> tuple[np.ndarray | None, str | None]:
+        """``(image, None)``, ``(None, None)`` for no frame, ``(None, message)`` for a read that raised."""
         cap = self.cap
         if cap is None or not cap.isOpened():
-            return None
+            return None, None
         try:
             ok, img = cap.read()
-        except Exception as e:  # cv2.error from a backend: treated as a lost frame
-            self.warn(f"{self.name}: read failed ({str(e).strip().splitlines()[-1]}){argus_hint(str(e))}")
-            return None
+        except Exception as e:  # cv2.error from a backend: a lost frame, with its message
+            msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            return None, f"{msg}{argus_hint(str(e))}"
         if not ok or img is None or img.size == 0:
-            return None
-        return img
+            return None, None
+        return img, None
 
     def __iter__(self) -> Iterator[Frame]:
+        return self._live() if self.live else self._file()
+
+    def _file(self) -> Iterator[Frame]:
+        """A video file: passes over it (one, or endless with ``?loop=1``), paced with ``?realtime=1``."""
+        self.ended = None
+        pacer = Pacer(self.fps or DEFAULT_FILE_FPS, self.clock, self.sleep) if self.uri.realtime else None
+        index, offset = 0, 0  # frames delivered; frames of the earlier passes (for Frame.t)
+        while True:
+            count, pos, bad, bad_at, delivered = self._frame_count(), 0, 0, 0, 0
+            first_err: str | None = None  # the first message of a stretch of failed reads
+            while True:
+                img, err = self._read()
+                if img is not None:
+                    if bad:
+                        last = f"-{pos - 1}" if bad > 1 else ""
+                        self.warn(
+                            f"{self.name}: frame{'s' if bad > 1 else ''} {bad_at}{last} unreadable (skipped)"
+                        )
+                        self.skipped, bad = self.skipped + bad, 0
+                    if pacer is not None:
+                        pacer.wait(index)
+                    t = (offset + pos) / self.fps if self.fps else 0.0
+                    yield Frame(img, index, t, self.name)
+                    index, pos, delivered = index + 1, pos + 1, delivered + 1
+                    continue
+                if not bad and err is None and (count is None or pos >= count - 1):
+                    break  # the end (a count one frame off is an estimate's rounding, not an error)
+                if not bad:
+                    bad_at, first_err = pos, err
+                bad, pos, first_err = bad + 1, pos + 1, first_err or err
+                if bad >= MAX_BAD_FRAMES or (count is not None and pos >= count):
+                    of = f" of {count}" if count is not None else ""
+                    why = f" ({first_err})" if first_err else " (cut short or damaged)"
+                    self.ended = f"error: read failed at frame {bad_at}{of}{why}"
+                    self.warn(f"{self.name}: read failed at frame {bad_at}{of}{why}; stopping")
+                    return
+            offset += pos
+            if not self.uri.loop or delivered == 0:
+                break
+            self._release()
+            try:
+                self.cap = self._open()
+                why = "" if self.cap.isOpened() else "cannot reopen the file to loop"
+            except SourceError as e:
+                why = str(e)
+            if why:
+                self.ended = f"error: {why}"
+                self.warn(f"{self.name}: {why}; stopping")
+                return
+        self.ended = "end"
+
+    def _live(self) -> Iterator[Frame]:
+        """A camera or stream: frames until closed; a failed read reconnects with backoff."""
+        self.ended = None
         index, failures, delay = 0, 0, self.backoff.initial
         while True:
-            img = self._read()
+            img, err = self._read()
             if img is not None:
                 failures, delay = 0, self.backoff.initial
-                t = self.clock() if self.live else (index / self.fps if self.fps else 0.0)
-                yield Frame(img, index, t, self.name)
+                yield Frame(img, index, self.clock(), self.name)
                 index += 1
                 continue
-            if not self.live:
-                return  # end of the file
+            if err is not None:
+                self.warn(f"{self.name}: read failed ({err})")
             if self.backoff.retries is not None and failures >= self.backoff.retries:
-                raise SourceError(f"camera {self.name} lost: no frame after {failures} reconnection attempts")
+                msg = f"camera {self.name} lost: no frame after {failures} reconnection attempts"
+                self.ended = f"error: {msg}"
+                raise SourceError(msg)
             hint = f" (if it stays lost: `{ARGUS_RESTART}`)" if self.uri.kind == "csi" else ""
             state = "lost" if failures == 0 else f"still lost (attempt {failures + 1})"
             self.warn(f"camera {self.name} {state}, reconnecting in {delay:g}s{hint}")
@@ -414,10 +563,11 @@ def open_source(
     clock: Callable[[], float] = time.time,
 ) -> Source:
     """Open the source at ``uri`` (checked now: a missing file or a camera that will not start raises
-    :class:`SourceError`); iterate the result for :class:`Frame` objects; ``close()`` it when done."""
+    :class:`SourceError`); iterate the result for :class:`Frame` objects; ``close()`` it when done.
+    ``sleep`` / ``clock``: reconnect backoff, ``?realtime=1`` pacing and live frame times (tests fake them)."""
     u = uri if isinstance(uri, SourceURI) else parse_uri(uri)
     if u.kind in ("image", "folder"):
-        return ImageSource(u, warn)
+        return ImageSource(u, warn, sleep, clock)
     return CaptureSource(u, warn, capture_factory, backoff, sleep, clock)
 
 
@@ -427,6 +577,7 @@ __all__ = [
     "CaptureSource",
     "Frame",
     "ImageSource",
+    "Pacer",
     "Source",
     "SourceError",
     "SourceURI",
