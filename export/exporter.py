@@ -157,7 +157,7 @@ def run_export(ckpt: Path, opts: ExportOptions, log: Callable[[str], None] = pri
             log(f"wrote {int8_path}")
 
     if opts.fmt == "engine":
-        from mocha_edge.export.trt import TrtEngine, build_engine
+        from mocha_edge.export.trt import build_engine
 
         for prec in precisions_for(opts):
             eng = build_engine(
@@ -169,12 +169,13 @@ def run_export(ckpt: Path, opts: ExportOptions, log: Callable[[str], None] = pri
             extra[prec] = {"artefact": Path(eng).name, "backend": "tensorrt"}
             log(f"wrote {eng}")
         if opts.report:
+            from mocha_edge.deploy.engines import create_engine
             from mocha_edge.export import contract
             from mocha_edge.export.onnx import RawStudent, read_facts
 
             models["fp32"] = OnnxStudent(dest)
             for prec in precisions_for(opts):
-                eng = TrtEngine(arts[f"{prec}_engine"])
+                eng = create_engine("trt", arts[f"{prec}_engine"])
                 models[prec] = RawStudent(
                     lambda x, e=eng: [e.run(x)[n] for n in contract.OUTPUTS], read_facts(dest), prec
                 )
