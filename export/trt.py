@@ -14,7 +14,7 @@ it). :class:`TrtEngine` refuses an engine whose facts do not match this machine.
 
 INT8 (:func:`int8_mode`): a Q/DQ ONNX (``export/quantize.py``) is built as quantised on TensorRT 10 (which
 deprecates implicit calibration); TensorRT 8.x, given images, calibrates the float ONNX itself, with MinMax
-by default (entropy calibration lost 10-20 % mAP for YOLO users, DEPLOY.md). The calibration cache
+by default (entropy calibration lost 10-20 % mAP for YOLO users, docs/deploy.md). The calibration cache
 ``NAME.calib`` carries a key of model, images, imgsz, batch, TensorRT version and algorithm: a stale cache
 is refused, never reused. The head's output convolutions, the path from them to the raw outputs and any
 score op (sigmoid, DFL softmax) stay in higher precision.
@@ -25,7 +25,6 @@ else pycuda. CUDA graphs need cuda-python.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import shlex
@@ -37,14 +36,17 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from mocha_edge.export import contract
 
+from mocha_edge.deploy.config import DEFAULT_WORKSPACE_GB
 from mocha_edge.errors import MissingDependencyError, MochaError
+from mocha_edge.export import contract
 from mocha_edge.utils import atomic_path
 
 if TYPE_CHECKING:
     import onnx
     import tensorrt
+
+    from mocha_edge.deploy.cuda import CudaBackend
     from mocha_edge.export.calib import CalibrationSet
 
 log = logging.getLogger(__name__)
@@ -52,7 +54,6 @@ log = logging.getLogger(__name__)
 MIN_TRT = (8, 5)
 NO_TRT = (11, 0)  # TensorRT 11 removed weak typing (FP16/INT8 builder flags, calibrators)
 PRECISIONS = ("fp16", "int8")
-DEFAULT_WORKSPACE_GB = 1.0  # plenty for nano/small detectors; safe on 4 GB Jetsons (DEPLOY.md: OOM at build)
 CALIB_MAGIC = b"MOCHA-EDGE-CALIB/1\n"
 ENGINE_FORMAT = "mocha-edge-engine/1"
 TENSORRT_MISSING = (
@@ -160,6 +161,14 @@ def cuda_graph_supported(trt_version: str) -> bool:
     return io_api(trt_version) == "tensors"
 
 
+def calibration_profile_needed(trt_version: str, has_profile: bool) -> bool:
+    """Whether an implicit-INT8 build sets a calibration profile (``set_calibration_profile``): only with an
+    optimisation profile (a dynamic ONNX input), and only before TensorRT 10, which deprecates the call
+    (without it TensorRT calibrates at the first profile's opt shape, the batch the calibrator serves;
+    ultralytics skips the call on 10 for the same reason)."""
+    return bool(has_profile) and check_trt_version(trt_version)[0] < 10
+
+
 def workspace_bytes(gb: float) -> int:
     """Builder workspace limit in bytes (``set_memory_pool_limit(MemoryPoolType.WORKSPACE, ...)``)."""
     if not gb > 0:
@@ -261,7 +270,7 @@ def layers_kept_high_precision(onnx_model: onnx.ModelProto | str | Path, precisi
     """ONNX node name -> ``"fp32"`` / ``"fp16"``: the nodes an engine of ``precision`` must not lower.
 
     * Score ops (sigmoid that is not half of a SiLU, softmax such as DFL's) and everything after them:
-      ``"fp32"`` (DEPLOY.md: keep the head's sigmoid and anything mixing box pixels with 0-1 scores high).
+      ``"fp32"`` (docs/deploy.md: keep the head's sigmoid and anything mixing box pixels with 0-1 scores high).
     * INT8 only: the head's output convolutions (first Conv on each path back from ``box_dist`` /
       ``cls_logits`` or from a score op, as ``export/quantize.py::head_output_convs``) and the nodes from
       them to those outputs: ``"fp16"`` (they carry the logits that the sigmoid / DFL softmax read).
@@ -567,6 +576,8 @@ def require_tensorrt() -> ModuleType:
         raise MissingDependencyError(TENSORRT_MISSING) from None
     if not hasattr(trt, "Builder"):  # e.g. only the `tensorrt-stubs` type stubs (a namespace package)
         raise MissingDependencyError(TENSORRT_MISSING + " (only type stubs were found)")
+    from mocha_edge.deploy.cuda import cuda_backend
+
     cuda = cuda_backend()
     if cuda.device_count() < 1:
         raise NoCudaDevice(
@@ -574,232 +585,6 @@ def require_tensorrt() -> ModuleType:
             "(check the driver, `nvidia-smi` / `tegrastats`, and CUDA_VISIBLE_DEVICES)"
         )
     return trt
-
-
-class CudaBackend:
-    """The few CUDA runtime calls the engine and the calibrator need (pointers are ints)."""
-
-    name = "none"
-    graphs = False  # can capture a stream into a CUDA graph
-
-    def device_count(self) -> int:
-        raise NotImplementedError
-
-    def device_info(self) -> tuple[str, str, bool]:
-        """``(GPU name, "major.minor" compute capability, integrated)`` of the current device."""
-        raise NotImplementedError
-
-    def stream(self) -> int:
-        raise NotImplementedError
-
-    def malloc(self, nbytes: int) -> int:
-        raise NotImplementedError
-
-    def host(self, nbytes: int, mapped: bool) -> tuple[np.ndarray, int | None]:
-        """Pinned host bytes; with ``mapped`` also their device address (zero-copy, integrated GPUs)."""
-        raise NotImplementedError
-
-    def htod(self, dst: int, src: np.ndarray, stream: int | None = None) -> None:
-        raise NotImplementedError
-
-    def dtoh(self, dst: np.ndarray, src: int, stream: int | None = None) -> None:
-        raise NotImplementedError
-
-    def sync(self, stream: int) -> None:
-        raise NotImplementedError
-
-    def capture_begin(self, stream: int) -> None:
-        raise NotImplementedError(f"{self.name}: no CUDA graph capture")
-
-    def capture_end(self, stream: int) -> Any:
-        raise NotImplementedError(f"{self.name}: no CUDA graph capture")
-
-    def launch(self, graph: Any, stream: int) -> None:
-        raise NotImplementedError(f"{self.name}: no CUDA graph capture")
-
-    def close(self) -> None:
-        """Free everything this backend allocated."""
-
-
-class _CudaPython(CudaBackend):
-    """cuda-python's runtime API (``cuda.bindings.runtime``; ``cuda.cudart`` before 12.6)."""
-
-    name = "cuda-python"
-    graphs = True
-
-    def __init__(self, rt: Any) -> None:
-        self.rt = rt
-        self._free: list[tuple[Any, Any]] = []
-        self._keep: dict[int, Any] = {}
-
-    def _ok(self, res: Any) -> Any:
-        err, *rest = res if isinstance(res, tuple) else (res,)
-        if int(err) != 0:
-            msg = self.rt.cudaGetErrorString(err)[1]
-            raise MochaError(f"CUDA error {int(err)}: {msg.decode() if isinstance(msg, bytes) else msg}")
-        return rest[0] if len(rest) == 1 else rest
-
-    def device_count(self) -> int:
-        err, n = self.rt.cudaGetDeviceCount()
-        return int(n) if int(err) == 0 else 0
-
-    def device_info(self) -> tuple[str, str, bool]:
-        dev = self._ok(self.rt.cudaGetDevice())
-        p = self._ok(self.rt.cudaGetDeviceProperties(dev))
-        name = p.name.split(b"\0", 1)[0].decode() if isinstance(p.name, bytes) else str(p.name)
-        return name, f"{p.major}.{p.minor}", bool(p.integrated)
-
-    def stream(self) -> int:
-        s = self._ok(self.rt.cudaStreamCreateWithFlags(self.rt.cudaStreamNonBlocking))
-        self._keep[int(s)] = s
-        self._free.append((self.rt.cudaStreamDestroy, s))
-        return int(s)
-
-    def malloc(self, nbytes: int) -> int:
-        ptr = self._ok(self.rt.cudaMalloc(max(int(nbytes), 1)))
-        self._free.append((self.rt.cudaFree, ptr))
-        return int(ptr)
-
-    def host(self, nbytes: int, mapped: bool) -> tuple[np.ndarray, int | None]:
-        import ctypes
-
-        flags = self.rt.cudaHostAllocMapped if mapped else self.rt.cudaHostAllocDefault
-        ptr = int(self._ok(self.rt.cudaHostAlloc(max(int(nbytes), 1), flags)))
-        self._free.append((self.rt.cudaFreeHost, ptr))
-        arr = np.ctypeslib.as_array((ctypes.c_uint8 * max(int(nbytes), 1)).from_address(ptr))[:nbytes]
-        dev = int(self._ok(self.rt.cudaHostGetDevicePointer(ptr, 0))) if mapped else None
-        return arr, dev
-
-    def _s(self, stream: int | None) -> Any:
-        return self._keep.get(stream, 0) if stream is not None else 0
-
-    def htod(self, dst: int, src: np.ndarray, stream: int | None = None) -> None:
-        kind = self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice
-        if stream is None:
-            self._ok(self.rt.cudaMemcpy(dst, src.ctypes.data, src.nbytes, kind))
-        else:
-            self._ok(self.rt.cudaMemcpyAsync(dst, src.ctypes.data, src.nbytes, kind, self._s(stream)))
-
-    def dtoh(self, dst: np.ndarray, src: int, stream: int | None = None) -> None:
-        kind = self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
-        if stream is None:
-            self._ok(self.rt.cudaMemcpy(dst.ctypes.data, src, dst.nbytes, kind))
-        else:
-            self._ok(self.rt.cudaMemcpyAsync(dst.ctypes.data, src, dst.nbytes, kind, self._s(stream)))
-
-    def sync(self, stream: int) -> None:
-        self._ok(self.rt.cudaStreamSynchronize(self._s(stream)))
-
-    def capture_begin(self, stream: int) -> None:
-        mode = self.rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
-        self._ok(self.rt.cudaStreamBeginCapture(self._s(stream), mode))
-
-    def capture_end(self, stream: int) -> Any:
-        graph = self._ok(self.rt.cudaStreamEndCapture(self._s(stream)))
-        self._free.append((self.rt.cudaGraphDestroy, graph))
-        exe = self._ok(self.rt.cudaGraphInstantiateWithFlags(graph, 0))  # same call on CUDA 11.4+ and 12+
-        self._free.append((self.rt.cudaGraphExecDestroy, exe))
-        return exe
-
-    def launch(self, graph: Any, stream: int) -> None:
-        self._ok(self.rt.cudaGraphLaunch(graph, self._s(stream)))
-
-    def close(self) -> None:
-        while self._free:
-            fn, h = self._free.pop()
-            with contextlib.suppress(Exception):
-                fn(h)
-        self._keep.clear()
-
-
-class _PyCuda(CudaBackend):
-    """pycuda's driver API on the device's primary context (the one TensorRT's runtime calls use)."""
-
-    name = "pycuda"
-    graphs = False
-
-    def __init__(self, drv: Any) -> None:
-        self.drv = drv
-        drv.init()
-        self._ctx: Any = None
-        self._keep: list[Any] = []
-        self._streams: dict[int, Any] = {}
-
-    def device_count(self) -> int:
-        return int(self.drv.Device.count())
-
-    def _context(self) -> None:
-        if self._ctx is None:
-            self._ctx = self.drv.Device(0).retain_primary_context()
-            self._ctx.push()
-
-    def device_info(self) -> tuple[str, str, bool]:
-        d = self.drv.Device(0)
-        major, minor = d.compute_capability()
-        return str(d.name()), f"{major}.{minor}", bool(d.get_attribute(self.drv.device_attribute.INTEGRATED))
-
-    def stream(self) -> int:
-        self._context()
-        s = self.drv.Stream()
-        self._streams[int(s.handle)] = s
-        return int(s.handle)
-
-    def malloc(self, nbytes: int) -> int:
-        self._context()
-        buf = self.drv.mem_alloc(max(int(nbytes), 1))
-        self._keep.append(buf)
-        return int(buf)
-
-    def host(self, nbytes: int, mapped: bool) -> tuple[np.ndarray, int | None]:
-        self._context()
-        flags = self.drv.host_alloc_flags.DEVICEMAP if mapped else 0
-        arr = self.drv.pagelocked_empty(max(int(nbytes), 1), np.uint8, mem_flags=flags)
-        self._keep.append(arr)
-        return arr[:nbytes], (int(arr.base.get_device_pointer()) if mapped else None)
-
-    def htod(self, dst: int, src: np.ndarray, stream: int | None = None) -> None:
-        if stream is None:
-            self.drv.memcpy_htod(dst, src)
-        else:
-            self.drv.memcpy_htod_async(dst, src, self._streams[stream])
-
-    def dtoh(self, dst: np.ndarray, src: int, stream: int | None = None) -> None:
-        if stream is None:
-            self.drv.memcpy_dtoh(dst, src)
-        else:
-            self.drv.memcpy_dtoh_async(dst, src, self._streams[stream])
-
-    def sync(self, stream: int) -> None:
-        self._streams[stream].synchronize()
-
-    def close(self) -> None:
-        self._keep.clear()
-        self._streams.clear()
-        if self._ctx is not None:
-            with contextlib.suppress(Exception):
-                self._ctx.pop()
-            self._ctx = None
-
-
-def cuda_backend() -> CudaBackend:
-    """cuda-python when installed (CUDA graphs), else pycuda; a clear error when neither is."""
-    try:
-        from cuda.bindings import runtime as rt  # cuda-python >= 12.6
-    except ImportError:
-        try:
-            from cuda import cudart as rt  # older cuda-python (JetPack 5's CUDA 11.4: cuda-python 11.8)
-        except ImportError:
-            rt = None
-    if rt is not None:
-        return _CudaPython(rt)
-    try:
-        import pycuda.driver as drv
-    except ImportError:
-        raise MissingDependencyError(
-            "TensorRT from Python needs cuda-python or pycuda for GPU buffers: pip install cuda-python "
-            "(matching the CUDA major version) or pip install pycuda"
-        ) from None
-    return _PyCuda(drv)
 
 
 def make_calibrator(
@@ -914,6 +699,8 @@ def build_engine(
     require_tensorrt()
     import tensorrt as trt
 
+    from mocha_edge.deploy.cuda import cuda_backend
+
     cuda = cuda_backend()
     version = str(trt.__version__)
     flags = builder_flags(precision, version)
@@ -1001,7 +788,7 @@ def build_engine(
             calib, imgsz, calib_batch, calibration_cache_path(dest), key, cached, cuda, calib_algorithm
         )
         config.int8_calibrator = calibrator
-        if profile is not None:
+        if calibration_profile_needed(version, profile is not None):
             cprof = builder.create_optimization_profile()
             fixed = trt.Dims([calib_batch, 3, imgsz, imgsz])
             cprof.set_shape(contract.INPUT, fixed, fixed, fixed)
@@ -1053,272 +840,3 @@ def build_engine(
     with atomic_path(sidecar_path(dest)) as tmp:
         tmp.write_text(json.dumps({**facts, "engine": build}, indent=2) + "\n")
     return dest
-
-
-# ------------------------------------------------------------------------------------------- running
-class _IO:
-    """One engine's I/O: names, dtypes and shapes, and the calls that differ between TensorRT APIs."""
-
-    api = ""
-    names: list[str]
-    inputs: list[str]
-    dtypes: dict[str, np.dtype]
-    shapes: dict[str, tuple[int, ...]]
-
-    @property
-    def outputs(self) -> list[str]:
-        return [n for n in self.names if n not in self.inputs]
-
-    def set_input_shape(self, name: str, shape: Sequence[int]) -> None:
-        raise NotImplementedError
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        raise NotImplementedError
-
-    def set_address(self, name: str, ptr: int) -> None:
-        raise NotImplementedError
-
-    def enqueue(self, stream: int) -> bool:
-        raise NotImplementedError
-
-
-def _dims(d: Any) -> tuple[int, ...]:
-    """A TensorRT ``Dims`` as a tuple (``Dims`` indexes like a tuple)."""
-    return tuple(int(d[i]) for i in range(len(d)))
-
-
-class _TensorIO(_IO):
-    """TensorRT ≥ 8.6: name-based tensors, ``execute_async_v3`` (the only API in TensorRT 10)."""
-
-    api = "tensors"
-
-    def __init__(self, engine: tensorrt.ICudaEngine, context: tensorrt.IExecutionContext) -> None:
-        import tensorrt as trt
-
-        self.ctx = context
-        self.names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-        self.inputs = [n for n in self.names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        self.dtypes = {n: np.dtype(trt.nptype(engine.get_tensor_dtype(n))) for n in self.names}
-        self.shapes = {n: _dims(engine.get_tensor_shape(n)) for n in self.names}
-
-    def set_input_shape(self, name: str, shape: Sequence[int]) -> None:
-        if not self.ctx.set_input_shape(name, tuple(shape)):
-            raise MochaError(f"TensorRT refused input shape {tuple(shape)} for {name}")
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return _dims(self.ctx.get_tensor_shape(name))
-
-    def set_address(self, name: str, ptr: int) -> None:
-        if not self.ctx.set_tensor_address(name, ptr):
-            raise MochaError(f"TensorRT refused the buffer address of {name}")
-
-    def enqueue(self, stream: int) -> bool:
-        return bool(self.ctx.execute_async_v3(stream))
-
-
-class _BindingIO(_IO):
-    """TensorRT 8.5: binding indices, ``execute_async_v2``. These calls are gone from TensorRT 10 (and
-    from its type stubs), hence ``Any``."""
-
-    api = "bindings"
-
-    def __init__(self, engine: Any, context: Any) -> None:
-        import tensorrt as trt
-
-        self.ctx = context
-        self.names = [engine.get_binding_name(i) for i in range(engine.num_bindings)]
-        self.inputs = [n for i, n in enumerate(self.names) if engine.binding_is_input(i)]
-        self.dtypes = {n: np.dtype(trt.nptype(engine.get_binding_dtype(i))) for i, n in enumerate(self.names)}
-        self.shapes = {n: tuple(engine.get_binding_shape(i)) for i, n in enumerate(self.names)}
-        self.addr: dict[str, int] = {}
-
-    def set_input_shape(self, name: str, shape: Sequence[int]) -> None:
-        if not self.ctx.set_binding_shape(self.names.index(name), tuple(shape)):
-            raise MochaError(f"TensorRT refused input shape {tuple(shape)} for {name}")
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.ctx.get_binding_shape(self.names.index(name)))
-
-    def set_address(self, name: str, ptr: int) -> None:
-        self.addr[name] = ptr
-
-    def enqueue(self, stream: int) -> bool:
-        ptrs = [self.addr[n] for n in self.names]
-        return bool(self.ctx.execute_async_v2(bindings=ptrs, stream_handle=stream))
-
-
-class TrtEngine:
-    """A built engine, checked against this machine and ready to run (one stream, pinned buffers).
-
-    Static shapes are captured into a CUDA graph (copies + enqueue, TensorRT ≥ 8.6 with cuda-python);
-    otherwise plain enqueue, with the reason in ``graph_note``. ``warmup`` runs happen in ``__init__``.
-    On an integrated GPU (Jetson) the buffers are mapped host memory: no copies at all.
-    """
-
-    def __init__(self, path: str | Path, warmup: int = 10, cuda_graph: bool = True) -> None:
-        self.path = Path(path)
-        self.facts = load_sidecar(self.path)
-        build = self.facts["engine"]
-        require_tensorrt()
-        import tensorrt as trt
-
-        self.cuda = cuda_backend()
-        gpu, cc, integrated = self.cuda.device_info()
-        version = str(trt.__version__)
-        check_sidecar(build, version, gpu, cc)
-        fix = f"rebuild it here: {build.get('command') or GENERIC_REBUILD}"
-        self._logger = trt.Logger(trt.Logger.WARNING)
-        self._runtime = trt.Runtime(self._logger)
-        engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
-        if engine is None:
-            raise EngineMismatch(f"{self.path}: TensorRT {version} could not load it (see its log); {fix}")
-        self._engine = engine
-        context = engine.create_execution_context()
-        self.io: _IO = (
-            _TensorIO(engine, context) if io_api(version) == "tensors" else _BindingIO(engine, context)
-        )
-        want = set(contract.OUTPUTS)
-        if self.io.inputs != [contract.INPUT] or set(self.io.outputs) != want:
-            raise EngineMismatch(
-                f"{self.path}: I/O {self.io.inputs} -> {self.io.outputs} is not the export contract "
-                f"({contract.INPUT} -> {', '.join(contract.OUTPUTS)})"
-            )
-        self.output_names: list[str] = list(contract.OUTPUTS)
-        self.dtype = self.io.dtypes[contract.INPUT]
-        dyn = build.get("dynamic_shapes")
-        declared = self.io.shapes[contract.INPUT]
-        self.dynamic = bool(dyn)
-        if dyn:  # a batch range: buffers for the largest
-            self.input_shape: tuple[int, ...] = tuple(dyn["max"])
-        elif any(d < 0 for d in declared):  # dynamic ONNX built for one fixed shape
-            self.input_shape = tuple(int(d) for d in build["input"]["shape"])
-        else:
-            self.input_shape = declared
-        self.min_batch = int(dyn["min"][0]) if dyn else self.input_shape[0]
-        self.zero_copy = integrated
-        self.stream = self.cuda.stream()
-
-        if any(d < 0 for d in declared):
-            self.io.set_input_shape(contract.INPUT, self.input_shape)
-        self.host: dict[str, np.ndarray] = {}
-        self.device: dict[str, int] = {}
-        for n in self.io.names:
-            shp = self.io.shape(n) if n != contract.INPUT else self.input_shape
-            if any(d < 0 for d in shp):
-                raise EngineMismatch(f"{self.path}: shape of {n} unresolved {shp}; {fix}")
-            nbytes = int(np.prod(shp)) * self.io.dtypes[n].itemsize
-            raw, mapped = self.cuda.host(nbytes, mapped=integrated)
-            self.host[n] = raw.view(self.io.dtypes[n]).reshape(shp)
-            self.device[n] = mapped if mapped is not None else self.cuda.malloc(nbytes)
-            self.io.set_address(n, self.device[n])
-
-        self.graph: Any = None
-        self.device_graph: Any = None  # the enqueue alone, for callers that own the device buffers
-        self.graph_note = self._capture() if cuda_graph else "disabled by the caller"
-        if self.graph is None:
-            log.info("%s: plain enqueue, no CUDA graph (%s)", self.path.name, self.graph_note)
-        zeros = np.zeros(self.input_shape, self.dtype)
-        for _ in range(int(warmup)):
-            self.run(zeros)
-
-    def _enqueue(self, shape: Sequence[int]) -> None:
-        """Copies in, inference, copies out on the stream (not synchronised)."""
-        if not self.zero_copy:
-            self.cuda.htod(self.device[contract.INPUT], self.host[contract.INPUT][: shape[0]], self.stream)
-        if not self.io.enqueue(self.stream):
-            raise MochaError(f"{self.path}: TensorRT enqueue failed (see its log)")
-        if not self.zero_copy:
-            for n in self.output_names:
-                view = self.host[n][: shape[0]]
-                self.cuda.dtoh(view, self.device[n], self.stream)
-
-    def _capture(self) -> str:
-        """Capture one static-shape run into a CUDA graph; the reason when not."""
-        if self.dynamic:
-            return "dynamic input shape"
-        if self.io.api != "tensors":
-            return "TensorRT < 8.6 (binding API)"
-        if not self.cuda.graphs:
-            return f"{self.cuda.name} has no graph capture (install cuda-python)"
-        try:
-            self._enqueue(self.input_shape)  # TensorRT needs one enqueue before capture
-            self.cuda.sync(self.stream)
-            self.cuda.capture_begin(self.stream)
-            try:
-                self._enqueue(self.input_shape)
-            finally:
-                graph = self.cuda.capture_end(self.stream)
-            self.graph = graph
-            if self.zero_copy:  # no copies in the graph: it is the enqueue alone
-                self.device_graph = graph
-            else:
-                self.cuda.capture_begin(self.stream)
-                try:
-                    self.io.enqueue(self.stream)
-                finally:
-                    self.device_graph = self.cuda.capture_end(self.stream)
-        except Exception as e:
-            self.graph = self.device_graph = None
-            return f"capture failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
-        return "captured"
-
-    # -- device-engine interface (mocha_edge.device_stages: the CUDA pre/post kernels use these buffers)
-    @property
-    def device_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Shapes of the device buffers (the input at its largest batch)."""
-        return {n: tuple(int(d) for d in a.shape) for n, a in self.host.items()}
-
-    @property
-    def device_dtypes(self) -> dict[str, np.dtype]:
-        return dict(self.io.dtypes)
-
-    def enqueue_device(self) -> None:
-        """Queue one inference on the device buffers as they are: no copies (the caller wrote the input on
-        the device and reads the outputs there); a CUDA graph of the enqueue alone when shapes are static."""
-        if self.device_graph is not None:
-            self.cuda.launch(self.device_graph, self.stream)
-            return
-        if self.dynamic:
-            self.io.set_input_shape(contract.INPUT, self.input_shape)
-        if not self.io.enqueue(self.stream):
-            raise MochaError(f"{self.path}: TensorRT enqueue failed (see its log)")
-
-    def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        """Outputs by contract name for a preprocessed ``(B, 3, S, S)`` input (copies, safe to keep)."""
-        x = np.asarray(x)
-        s = self.input_shape
-        b = x.shape[0] if x.ndim == 4 else -1
-        ok = x.ndim == 4 and tuple(x.shape[1:]) == tuple(s[1:])
-        ok = ok and (self.min_batch <= b <= s[0] if self.dynamic else b == s[0])
-        if not ok:
-            want = f"({self.min_batch}..{s[0]}, {s[1]}, {s[2]}, {s[3]})" if self.dynamic else str(tuple(s))
-            raise MochaError(
-                f"{self.path.name}: input shape {tuple(x.shape)} does not fit the engine's {want}"
-            )
-        shape = (b, *s[1:])
-        np.copyto(self.host[contract.INPUT][:b], x, casting="same_kind")
-        if self.graph is not None:
-            self.cuda.launch(self.graph, self.stream)
-        else:
-            if self.dynamic:
-                self.io.set_input_shape(contract.INPUT, shape)
-            self._enqueue(shape)
-        self.cuda.sync(self.stream)
-        out = {}
-        for n in self.output_names:
-            shp = self.io.shape(n) if self.dynamic else self.host[n].shape
-            out[n] = self.host[n].reshape(-1)[: int(np.prod(shp))].reshape(shp).copy()
-        return out
-
-    def close(self) -> None:
-        """Free the context, the engine, then the GPU and pinned memory (in that order)."""
-        self.graph = None
-        for k in ("io", "_engine", "_runtime"):
-            self.__dict__.pop(k, None)
-        self.cuda.close()
-
-    def __enter__(self) -> TrtEngine:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

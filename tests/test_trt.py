@@ -1,10 +1,11 @@
 """TensorRT engines (export/trt.py) without TensorRT: every decision function, the keyed calibration
 cache, the build-facts checks, the clear errors, and a fake ``tensorrt`` module (only attributes the real
 API has; checked against the ``tensorrt-stubs`` package when it is installed) that drives ``build_engine``
-and ``TrtEngine`` far enough to see every call they make for TensorRT 8.5, 8.6 and 10.x."""
+and ``TrtEngine`` (``mocha_edge.deploy.engines.trt``) far enough to see every call they make for TensorRT 8.5, 8.6 and 10.x."""
 
 from __future__ import annotations
 
+import ctypes
 import enum
 import importlib.metadata
 import json
@@ -20,12 +21,16 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
+from onnx import TensorProto, helper
+
+from mocha_edge.deploy import cuda as CU
+from mocha_edge.deploy.config import DeployConfig
+from mocha_edge.deploy.engines import DeviceEngine
+from mocha_edge.deploy.engines import trt as E
+from mocha_edge.errors import MissingDependencyError, MochaError
 from mocha_edge.export import contract
 from mocha_edge.export import trt as T
 from mocha_edge.export.calib import model_hash, select_calibration
-from onnx import TensorProto, helper
-
-from mocha_edge.errors import MissingDependencyError, MochaError
 
 REPO = Path(__file__).resolve().parents[1]
 IMGSZ = 64
@@ -36,9 +41,9 @@ IMGSZ = 64
 def onnx_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A random-weight YOLOv8n student exported at 64 px: static batch 1, and dynamic batch."""
     import torch
-    from mocha_edge.export.onnx import export_onnx
     from ultralytics.nn.tasks import DetectionModel
 
+    from mocha_edge.export.onnx import export_onnx
     from mocha_edge.infer import Student
 
     torch.manual_seed(0)
@@ -130,6 +135,16 @@ def test_versions_and_flags() -> None:
         T.workspace_bytes(0)
 
 
+def test_calibration_profile_only_before_tensorrt_10() -> None:
+    for v in ("8.5.2.2", "8.6.1.6"):
+        assert T.calibration_profile_needed(v, has_profile=True)
+        assert not T.calibration_profile_needed(v, has_profile=False)  # static ONNX: no profile at all
+    for v in ("10.0.1.6", "10.3.0.30", "10.13.0"):  # deprecated in 10 (internal errors)
+        assert not T.calibration_profile_needed(v, has_profile=True)
+    with pytest.raises(T.EngineBuildError, match="too old"):
+        T.calibration_profile_needed("8.4.3", True)
+
+
 def test_shape_profile() -> None:
     S = IMGSZ
     assert T.shape_profile([1, 3, S, S], S) is None  # fully static ONNX: no profile
@@ -146,7 +161,7 @@ def test_shape_profile() -> None:
         T.shape_profile([1, 3, S, S], S, batch=4, dynamic=True)
     with pytest.raises(T.EngineBuildError, match="fixed batch of 1"):
         T.shape_profile([1, 3, S, S], S, batch=2)
-    with pytest.raises(T.EngineBuildError, match="is a fixed one"):  # DEPLOY.md: dynamic engines at one shape
+    with pytest.raises(T.EngineBuildError, match="is a fixed one"):  # docs/deploy.md: dynamic at one shape
         T.shape_profile(["batch", 3, S, S], S, batch=1, dynamic=True)
     with pytest.raises(T.EngineBuildError, match="re-export at 128"):
         T.shape_profile([1, 3, S, S], 128)
@@ -296,7 +311,7 @@ def test_missing_sidecar_is_refused_with_the_rebuild_command(tmp_path: Path) -> 
     with pytest.raises(
         T.EngineMismatch, match=r"s\.fp16\.engine\.json are missing.*mocha-edge export .* --format engine"
     ):
-        T.TrtEngine(eng)  # refused before TensorRT is even needed
+        E.TrtEngine(eng)  # refused before TensorRT is even needed
     T.sidecar_path(eng).write_text(json.dumps({"imgsz": 64, "names": ["a"]}))  # ONNX facts, no build facts
     with pytest.raises(T.EngineMismatch, match="no engine build facts"):
         T.load_sidecar(eng)
@@ -322,24 +337,249 @@ def test_without_cuda_binding_or_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     for mod in ("cuda", "cuda.bindings", "cuda.cudart", "pycuda", "pycuda.driver"):
         monkeypatch.setitem(sys.modules, mod, None)
     with pytest.raises(MissingDependencyError, match="cuda-python or pycuda"):
-        T.cuda_backend()
+        CU.cuda_backend()
     monkeypatch.setitem(sys.modules, "tensorrt", make_fake_trt("10.3.0"))
-    monkeypatch.setattr(T, "cuda_backend", lambda: FakeCuda(devices=0))
+    monkeypatch.setattr(CU, "cuda_backend", lambda: FakeCuda(devices=0))
     with pytest.raises(T.NoCudaDevice, match="no CUDA GPU"):
         T.require_tensorrt()
 
 
 def test_cuda_python_backend_without_a_gpu() -> None:
-    pytest.importorskip("cuda.bindings.runtime", reason="cuda-python not installed")
-    cuda = T.cuda_backend()
+    pytest.importorskip("cuda.bindings.runtime", reason="cuda-python not installed (pip install cuda-python)")
+    cuda = CU.cuda_backend()
     assert cuda.name == "cuda-python" and cuda.graphs
     if cuda.device_count() > 0:
         pytest.skip("a GPU is visible here: this checks the no-GPU path")
     assert cuda.device_count() == 0  # the driver's error is read as "no GPU", not raised
 
 
+# ------------------------------------------------------------------------------- CUDA memory and streams
+def test_memory_plan_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    def plan(*args: Any) -> tuple[str, str]:
+        p = CU.memory_plan(*args)
+        return p.engine, p.frame
+
+    assert plan(False, "8.9") == ("device", "copy")  # discrete GPU
+    for cc in ("7.2", "8.7", "11.0"):  # Xavier, Orin, Thor: I/O coherent, pinned memory cached on the CPU
+        assert plan(True, cc) == ("device", "mapped"), cc
+    for cc in ("5.3", "6.2"):  # Nano, TX2: pinned memory uncached on CPU and GPU
+        assert plan(True, cc) == ("device", "copy"), cc
+    for integrated, cc in ((False, "9.0"), (True, "8.7"), (True, "6.2")):  # the switch, to compare
+        assert plan(integrated, cc, "device") == ("device", "copy")
+        assert plan(integrated, cc, "mapped") == ("mapped", "mapped")
+    assert "I/O coherent" in CU.memory_plan(True, "8.7").reason
+    with pytest.raises(ValueError, match="auto, device, mapped"):
+        plan(True, "8.7", "zero-copy")
+    with pytest.raises(ValueError, match=r"major\.minor"):
+        plan(True, "sm_87")
+    monkeypatch.delenv(CU.MEMORY_ENV, raising=False)
+    assert CU.memory_choice() == "auto" and CU.memory_choice("device") == "device"
+    monkeypatch.setenv(CU.MEMORY_ENV, " Mapped ")
+    assert CU.memory_choice() == "mapped" and CU.memory_choice("device") == "device"  # the argument wins
+    with pytest.raises(MochaError, match="memory must be one of"):
+        CU.memory_choice("gpu")
+
+
+class FakeRt:
+    """The cuda-python runtime calls ``_CudaPython`` makes, on host memory; records each call's stream."""
+
+    cudaHostAllocDefault, cudaHostAllocMapped, cudaStreamNonBlocking = 0, 2, 1
+
+    class cudaMemcpyKind(enum.IntEnum):
+        cudaMemcpyHostToDevice = 1
+        cudaMemcpyDeviceToHost = 2
+
+    class cudaStream_t:  # like cuda-python's: made from an int handle, int() gives it back
+        def __init__(self, init_value: int = 0) -> None:
+            self.handle = int(init_value)
+
+        def __int__(self) -> int:
+            return self.handle
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Any]] = []  # (call, stream argument)
+        self.mem: dict[int, np.ndarray] = {}
+        self.freed: list[tuple[str, int]] = []
+        self.made = 0x7000
+
+    def _alloc(self, n: int) -> tuple[int, int]:
+        a = np.zeros(n, np.uint8)
+        self.mem[a.ctypes.data] = a
+        return 0, a.ctypes.data
+
+    def cudaGetErrorString(self, err: Any) -> tuple[int, bytes]:
+        return 0, b"fake error"
+
+    def cudaStreamCreateWithFlags(self, flags: int) -> tuple[int, Any]:
+        self.made += 0x10
+        return 0, self.cudaStream_t(self.made)
+
+    def cudaStreamDestroy(self, stream: Any) -> tuple[int]:
+        return (0,)
+
+    def cudaMalloc(self, n: int) -> tuple[int, int]:
+        return self._alloc(n)
+
+    def cudaHostAlloc(self, n: int, flags: int) -> tuple[int, int]:
+        return self._alloc(n)
+
+    def cudaHostGetDevicePointer(self, ptr: int, flags: int) -> tuple[int, int]:
+        return 0, ptr
+
+    def cudaFree(self, ptr: int) -> tuple[int]:
+        self.freed.append(("device", int(ptr)))
+        return (0,)
+
+    def cudaFreeHost(self, ptr: int) -> tuple[int]:
+        self.freed.append(("host", int(ptr)))
+        return (0,)
+
+    def cudaMemcpyAsync(self, dst: int, src: int, n: int, kind: Any, stream: Any) -> tuple[int]:
+        self.calls.append(("copy", stream))
+        ctypes.memmove(dst, src, n)
+        return (0,)
+
+    def cudaStreamSynchronize(self, stream: Any) -> tuple[int]:
+        self.calls.append(("sync", stream))
+        return (0,)
+
+
+def test_cuda_python_queues_on_any_stream() -> None:
+    """A stream another library made (PyTorch's, non-blocking) is used as it is: copies and syncs on it,
+    never on the legacy stream 0 the kernels are not on."""
+    rt = FakeRt()
+    cuda = CU._CudaPython(rt)
+    own = cuda.stream()
+    dev = cuda.malloc(16)
+    src, dst = np.arange(16, dtype=np.uint8), np.zeros(16, np.uint8)
+    torch_stream = 0xBEEF  # a handle the backend did not create
+    cuda.htod(dev, src, torch_stream)
+    cuda.dtoh(dst, dev, torch_stream)
+    cuda.sync(torch_stream)
+    assert [(c, int(s)) for c, s in rt.calls] == [("copy", 0xBEEF), ("copy", 0xBEEF), ("sync", 0xBEEF)]
+    assert np.array_equal(dst, src) and cuda.stream_problem(torch_stream) is None
+    rt.calls.clear()
+    cuda.sync(own)  # its own stream: the object it created
+    assert rt.calls == [("sync", cuda._keep[own])]
+
+
+def test_cuda_python_stream_handle_on_the_real_binding() -> None:
+    rt = pytest.importorskip("cuda.bindings.runtime", reason="cuda-python not installed")
+    assert int(CU._CudaPython(rt)._s(0xBEEF)) == 0xBEEF  # cudaStream_t(int): no GPU needed
+
+
+def test_cuda_python_free() -> None:
+    rt = FakeRt()
+    cuda = CU._CudaPython(rt)
+    dev = cuda.malloc(64)
+    arr, mapped = cuda.host(64, mapped=True)
+    cuda.free(dev)
+    cuda.free_host(arr[:10])  # a view from its start: the same allocation
+    assert rt.freed == [("device", dev), ("host", arr.ctypes.data)] and mapped == arr.ctypes.data
+    with pytest.raises(MochaError, match="already freed"):
+        cuda.free(dev)
+    cuda.close()  # nothing freed twice
+    assert rt.freed == [("device", dev), ("host", arr.ctypes.data)]
+
+
+class FakeDrv:
+    """The pycuda.driver calls ``_PyCuda`` makes, on host memory."""
+
+    class host_alloc_flags:  # pycuda's name
+        DEVICEMAP = 2
+
+    class Context:
+        syncs = 0
+
+        @classmethod
+        def synchronize(cls) -> None:
+            cls.syncs += 1
+
+    class _Ctx:
+        def push(self) -> None: ...
+
+        def pop(self) -> None: ...
+
+    class Device:
+        def __init__(self, n: int) -> None: ...
+
+        def retain_primary_context(self) -> Any:
+            return FakeDrv._Ctx()
+
+    class Stream:
+        made = 0x9000
+
+        def __init__(self) -> None:
+            FakeDrv.Stream.made += 0x10
+            self.handle = FakeDrv.Stream.made
+            self.syncs = 0
+
+        def synchronize(self) -> None:
+            self.syncs += 1
+
+    class _Alloc:
+        def __init__(self, n: int) -> None:
+            self.buf = np.zeros(n, np.uint8)
+            self.__array_interface__ = self.buf.__array_interface__
+            self.freed = False
+
+        def __int__(self) -> int:
+            return self.buf.ctypes.data
+
+        def free(self) -> None:
+            self.freed = True
+
+        def get_device_pointer(self) -> int:
+            return self.buf.ctypes.data
+
+    def __init__(self) -> None:
+        self.copies: list[Any] = []
+        self.allocs: list[FakeDrv._Alloc] = []
+
+    def init(self) -> None: ...
+
+    def mem_alloc(self, n: int) -> Any:
+        self.allocs.append(self._Alloc(n))
+        return self.allocs[-1]
+
+    def pagelocked_empty(self, n: int, dtype: Any, mem_flags: int = 0) -> np.ndarray:
+        self.allocs.append(self._Alloc(n))
+        return np.asarray(self.allocs[-1])
+
+    def memcpy_htod_async(self, dst: int, src: np.ndarray, stream: Any) -> None:
+        self.copies.append(stream)
+
+
+def test_pycuda_refuses_a_foreign_stream() -> None:
+    """pycuda cannot wrap another library's stream handle: a clear error, never the legacy stream 0."""
+    drv = FakeDrv()
+    cuda = CU._PyCuda(drv)
+    own = cuda.stream()
+    dev = cuda.malloc(8)
+    cuda.htod(dev, np.zeros(8, np.uint8), own)
+    assert drv.copies == [cuda._streams[own]] and cuda.stream_problem(own) is None
+    why = cuda.stream_problem(0xBEEF)
+    assert why is not None and "pip install cuda-python" in why
+    for call in (lambda: cuda.htod(dev, np.zeros(8, np.uint8), 0xBEEF), lambda: cuda.sync(0xBEEF)):
+        with pytest.raises(MochaError, match="did not create"):
+            call()
+    assert len(drv.copies) == 1
+
+
+def test_pycuda_free() -> None:
+    drv = FakeDrv()
+    cuda = CU._PyCuda(drv)
+    dev = cuda.malloc(8)
+    arr, mapped = cuda.host(8, mapped=True)
+    cuda.free(dev)
+    cuda.free_host(arr)
+    assert [a.freed for a in drv.allocs] == [True, True] and mapped == arr.ctypes.data
+    with pytest.raises(MochaError, match="already freed"):
+        cuda.free_host(arr)
+
+
 # ----------------------------------------------------------------------------- a fake TensorRT
-class FakeCuda(T.CudaBackend):
+class FakeCuda(CU.CudaBackend):
     """GPU memory as NumPy arrays keyed by fake device pointers; graph capture records and replays."""
 
     name = "fake-cuda"
@@ -348,6 +588,7 @@ class FakeCuda(T.CudaBackend):
         self.devices, self.integrated, self.graphs = devices, integrated, graphs
         self.mem: dict[int, np.ndarray] = {}
         self.log: list[str] = []
+        self.allocs: list[tuple[Any, ...]] = []  # ("host", mapped) / ("malloc",)
         self._next = 0x1000
         self._capture: list[Any] | None = None
 
@@ -373,11 +614,19 @@ class FakeCuda(T.CudaBackend):
         return 7
 
     def malloc(self, nbytes: int) -> int:
+        self.allocs.append(("malloc",))
         return self._ptr(np.zeros(nbytes, np.uint8))
 
     def host(self, nbytes: int, mapped: bool) -> tuple[np.ndarray, int | None]:
+        self.allocs.append(("host", mapped))
         arr = np.zeros(nbytes, np.uint8)
         return arr, (self._ptr(arr) if mapped else None)
+
+    def free(self, ptr: int) -> None:
+        del self.mem[ptr]
+
+    def free_host(self, arr: np.ndarray) -> None:
+        self.log.append("free_host")
 
     def htod(self, dst: int, src: np.ndarray, stream: int | None = None) -> None:
         def f() -> None:
@@ -419,6 +668,9 @@ class _Recorder:
 
 
 NC, C = 3, 4
+# the export facts of the fake engines' model (imgsz 32, three levels of C channels, DFL of 16 bins)
+FAKE_FACTS = DeployConfig(imgsz=32, names=["a", "b", "c"], strides=[8.0, 16.0, 32.0], channels=[C] * 3,
+                          reg_max=16, vector_dim=3 * C, model_fingerprint="fake-model")  # fmt: skip
 OUT_SHAPES = {  # per image, imgsz 32 (A = 16 + 4 + 1 anchors)
     "box_dist": (64, 21),
     "cls_logits": (NC, 21),
@@ -805,8 +1057,10 @@ def fake_trt(monkeypatch: pytest.MonkeyPatch):
     def install(version: str, **cuda_kw: Any) -> tuple[types.ModuleType, FakeCuda]:
         cuda = FakeCuda(**cuda_kw)
         mod = make_fake_trt(version, cuda)
+        monkeypatch.delenv(CU.MEMORY_ENV, raising=False)
         monkeypatch.setitem(sys.modules, "tensorrt", mod)
-        monkeypatch.setattr(T, "cuda_backend", lambda: cuda)
+        monkeypatch.setattr(CU, "cuda_backend", lambda: cuda)  # export/trt.py looks it up here
+        monkeypatch.setattr(E, "cuda_backend", lambda: cuda)  # the engine imported it
         return mod, cuda
 
     return install
@@ -883,20 +1137,23 @@ def test_build_int8_implicit_with_keyed_cache(
         T.build_engine(onnx_pair[0], tmp_path / "x.int8.engine", precision="int8")
 
 
+@pytest.mark.parametrize("version", ["8.5.2.2", "8.6.1.6", "10.3.0.30"])
 def test_build_dynamic_int8_profiles(
-    onnx_pair: tuple[Path, Path], synth_small: Path, fake_trt, tmp_path: Path
+    version: str, onnx_pair: tuple[Path, Path], synth_small: Path, fake_trt, tmp_path: Path
 ) -> None:
-    mod, _ = fake_trt("10.3.0.30")
+    mod, _ = fake_trt(version)
     calib = select_calibration(synth_small, n=6, seed=0)
     dest = T.build_engine(
         onnx_pair[1], tmp_path / "d.int8.engine", "int8", calib=calib, batch=4, dynamic=True
     )
     S = IMGSZ
+    old = version.startswith("8.")  # TensorRT 10 deprecates set_calibration_profile: not called there
     assert mod._rec.names("profile") == [
         ("images", (1, 3, S, S), (2, 3, S, S), (4, 3, S, S)),
-        ("images", (2, 3, S, S), (2, 3, S, S), (2, 3, S, S)),  # calibration profile at the opt batch
+        *([("images", (2, 3, S, S), (2, 3, S, S), (2, 3, S, S))] if old else []),  # calibration, opt batch
     ]
-    assert mod._rec.names("calibration_profile") == [()] and mod._rec.names("calib_batch_size") == [(2,)]
+    assert mod._rec.names("calibration_profile") == ([()] if old else [])
+    assert mod._rec.names("calib_batch_size") == [(2,)]  # the opt batch, the shape 10 calibrates at
     assert len(mod._rec.names("calib_batch")) == 3
     b = json.loads(T.sidecar_path(dest).read_text())["engine"]
     assert b["dynamic_shapes"]["max"] == [4, 3, S, S] and b["input"]["shape"] == [-1, 3, S, S]
@@ -956,7 +1213,7 @@ def write_engine(tmp_path: Path, version: str, batch: int = 1, dynamic: bool = F
     eng.write_bytes(b"FAKEPLAN" + (b"-1" if dynamic else str(batch).encode()))
     prof = {"min": [1, 3, 32, 32], "opt": [2, 3, 32, 32], "max": [4, 3, 32, 32]} if dynamic else None
     side = sidecar_for(engine=eng, trt_version=version, gpu_name="Fake GPU", dynamic_shapes=prof)
-    T.sidecar_path(eng).write_text(json.dumps({"imgsz": 32, "engine": side}))
+    T.sidecar_path(eng).write_text(json.dumps({**FAKE_FACTS.to_dict(), "engine": side}))
     return eng
 
 
@@ -968,21 +1225,22 @@ def expected(x: np.ndarray) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.parametrize(
-    ("version", "integrated", "note", "enqueue"),
+    ("version", "integrated", "memory", "note", "enqueue"),
     [
-        ("10.3.0.30", False, "captured", "enqueue_v3"),
-        ("8.6.1.6", True, "captured", "enqueue_v3"),
-        ("8.5.2.2", False, "TensorRT < 8.6 (binding API)", "enqueue_v2"),
+        ("10.3.0.30", False, "auto", "captured", "enqueue_v3"),
+        ("8.6.1.6", True, "mapped", "captured", "enqueue_v3"),
+        ("8.6.1.6", True, "auto", "captured", "enqueue_v3"),
+        ("8.5.2.2", False, "auto", "TensorRT < 8.6 (binding API)", "enqueue_v2"),
     ],
 )
 def test_engine_runs_static(
-    version: str, integrated: bool, note: str, enqueue: str, fake_trt, tmp_path: Path
+    version: str, integrated: bool, memory: str, note: str, enqueue: str, fake_trt, tmp_path: Path
 ) -> None:
     _, cuda = fake_trt(version, integrated=integrated)
-    eng = T.TrtEngine(write_engine(tmp_path, version, batch=2), warmup=3)
+    eng = E.TrtEngine(write_engine(tmp_path, version, batch=2), warmup=3, memory=memory)
     assert eng.input_shape == (2, 3, 32, 32) and eng.dtype == np.float32
     assert eng.output_names == list(contract.OUTPUTS) and eng.io.api == T.io_api(version)
-    assert eng.graph_note == note and eng.zero_copy is integrated
+    assert eng.graph_note == note and eng.zero_copy is (memory == "mapped")
     assert cuda.log.count(enqueue) >= 1 and cuda.log.count(enqueue) + cuda.log.count("graph") >= 3  # warm-up
     rng = np.random.default_rng(0)
     for _ in range(2):  # graph replays must read the new input each time
@@ -990,7 +1248,7 @@ def test_engine_runs_static(
         out = eng.run(x)
         for n, want in expected(x).items():
             np.testing.assert_allclose(out[n], want, rtol=1e-5)
-    if integrated:
+    if eng.zero_copy:
         assert "htod" not in cuda.log and "dtoh" not in cuda.log  # zero-copy mapped buffers
     with pytest.raises(
         MochaError, match=r"input shape \(1, 3, 32, 32\) does not fit the engine's \(2, 3, 32, 32\)"
@@ -1005,11 +1263,11 @@ def test_engine_device_interface(version: str, integrated: bool, fake_trt, tmp_p
     """What the GPU pre/post stages use: device buffers by contract name with shapes and dtypes, and an
     enqueue that reads the input where it is and leaves the outputs on the device (a CUDA graph of the
     enqueue alone when the engine captured one; no host copies either way)."""
-    from mocha_edge.device_stages import is_device_engine, unsupported_reason
+    from mocha_edge.deploy.device_stages import unsupported_reason
 
     _, cuda = fake_trt(version, integrated=integrated)
-    eng = T.TrtEngine(write_engine(tmp_path, version), warmup=1)
-    assert is_device_engine(eng) and unsupported_reason(eng) is None
+    eng = E.TrtEngine(write_engine(tmp_path, version), warmup=1)
+    assert isinstance(eng, DeviceEngine) and unsupported_reason(eng) is None
     assert eng.device_shapes[contract.INPUT] == (1, 3, 32, 32) and eng.device_shapes["p5"] == (1, C, 1, 1)
     assert all(eng.device_dtypes[n] == np.float32 for n in [contract.INPUT, *contract.OUTPUTS])
     assert (eng.device_graph is not None) == (eng.graph_note == "captured")
@@ -1029,9 +1287,43 @@ def test_engine_device_interface(version: str, integrated: bool, fake_trt, tmp_p
             np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
+@pytest.mark.parametrize(
+    ("integrated", "memory", "env", "kind"),
+    [
+        (False, None, None, "device"),
+        (True, None, None, "device"),  # Jetson: device memory, the only kind the iGPU caches
+        (True, None, "mapped", "mapped"),  # the switch from the environment, to compare
+        (True, "mapped", None, "mapped"),
+        (True, "device", "mapped", "device"),  # the argument wins over the environment
+        (False, "mapped", None, "mapped"),
+    ],
+)
+def test_engine_allocates_per_the_memory_plan(
+    integrated: bool, memory: str | None, env: str | None, kind: str, fake_trt, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    _, cuda = fake_trt("10.3.0.30", integrated=integrated)
+    if env is not None:
+        monkeypatch.setenv(CU.MEMORY_ENV, env)
+    eng = E.TrtEngine(write_engine(tmp_path, "10.3.0.30"), warmup=1, memory=memory)
+    assert eng.memory == CU.memory_plan(integrated, "8.7", memory or env or "auto")
+    assert eng.memory.engine == kind and eng.zero_copy is (kind == "mapped")
+    n = 1 + len(contract.OUTPUTS)
+    if kind == "mapped":  # zero-copy: mapped pinned memory, no device allocation, no copies
+        assert cuda.allocs == [("host", True)] * n and "htod" not in cuda.log
+    else:  # device memory, with pinned host buffers copied to and from it
+        assert sorted(cuda.allocs) == [("host", False)] * n + [("malloc",)] * n
+        assert "htod" in cuda.log and "dtoh" in cuda.log
+    x = np.full((1, 3, 32, 32), 0.5, np.float32)
+    np.testing.assert_allclose(eng.run(x)["p4"], expected(x)["p4"])
+    monkeypatch.setenv(CU.MEMORY_ENV, "zero")
+    with pytest.raises(MochaError, match=r"MOCHA_EDGE_CUDA_MEMORY must be one of auto, device, mapped"):
+        E.TrtEngine(write_engine(tmp_path, "10.3.0.30"), warmup=1)
+
+
 def test_engine_runs_dynamic_without_graph(fake_trt, tmp_path: Path) -> None:
     fake_trt("10.3.0.30")
-    eng = T.TrtEngine(write_engine(tmp_path, "10.3.0.30", dynamic=True), warmup=1)
+    eng = E.TrtEngine(write_engine(tmp_path, "10.3.0.30", dynamic=True), warmup=1)
     assert eng.graph is None and eng.graph_note == "dynamic input shape" and eng.input_shape == (4, 3, 32, 32)
     for b in (1, 3, 4):
         x = np.full((b, 3, 32, 32), 0.5, np.float32)
@@ -1050,7 +1342,7 @@ def test_engine_from_dynamic_onnx_at_a_fixed_shape(fake_trt, tmp_path: Path) -> 
         dynamic_shapes=None, input={"name": "images", "shape": [2, 3, 32, 32], "dtype": "float32"}
     )
     T.sidecar_path(eng_path).write_text(json.dumps(doc))
-    eng = T.TrtEngine(eng_path, warmup=1)
+    eng = E.TrtEngine(eng_path, warmup=1)
     assert eng.input_shape == (2, 3, 32, 32) and not eng.dynamic and eng.graph_note == "captured"
     x = np.ones((2, 3, 32, 32), np.float32)
     np.testing.assert_allclose(eng.run(x)["box_dist"], expected(x)["box_dist"])
@@ -1062,13 +1354,13 @@ def test_engine_refuses_other_tensorrt_before_loading(fake_trt, tmp_path: Path) 
     with pytest.raises(
         T.EngineMismatch, match=r"built with TensorRT 8\.6\.1\.6, this machine has 10\.3\.0\.30.*--fp16"
     ):
-        T.TrtEngine(eng)
+        E.TrtEngine(eng)
     assert mod._rec.names("runtime") == []
 
 
 def test_no_graph_without_capture_support(fake_trt, tmp_path: Path) -> None:
     fake_trt("10.3.0.30", graphs=False)
-    eng = T.TrtEngine(write_engine(tmp_path, "10.3.0.30"), warmup=1, cuda_graph=True)
+    eng = E.TrtEngine(write_engine(tmp_path, "10.3.0.30"), warmup=1, cuda_graph=True)
     assert eng.graph is None and "no graph capture" in eng.graph_note
     x = np.ones((1, 3, 32, 32), np.float32)
     np.testing.assert_allclose(eng.run(x)["p3"], expected(x)["p3"])
@@ -1099,7 +1391,8 @@ def test_mypy_against_tensorrt_stubs(tmp_path: Path) -> None:
     bad = subprocess.run([sys.executable, "-m", "mypy", "--config-file", str(cfg), str(probe)],
                          capture_output=True, text=True, env=env, cwd=tmp_path)  # fmt: skip
     assert bad.returncode == 1 and '"IBuilderConfig" has no attribute "nope"' in bad.stdout, bad.stdout
-    res = subprocess.run([sys.executable, "-m", "mypy", "--config-file", str(cfg), "export/trt.py"],
+    res = subprocess.run([sys.executable, "-m", "mypy", "--config-file", str(cfg), "export/trt.py",
+                          "mocha_edge/deploy/engines/trt.py"],
                          capture_output=True, text=True, env=env, cwd=REPO)  # fmt: skip
     assert res.returncode == 0, res.stdout + res.stderr
 

@@ -9,7 +9,6 @@ import threading
 from typing import TYPE_CHECKING, TextIO
 
 if TYPE_CHECKING:
-
     pass
 
 COMMANDS_HELP = "commands: `enroll NAME` (top detection of the next frame), `quit`, `help`"

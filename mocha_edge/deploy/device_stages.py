@@ -4,8 +4,9 @@ The frame goes up once as uint8 (3 bytes a pixel instead of the input tensor's 1
 native runtime letterbox it straight into the engine's input buffer, decode + NMS and pool its outputs where
 the engine wrote them; only the detections and their vectors come back. Matching stays on the CPU (C).
 
-The engine is a :class:`~mocha_edge.deploy.engines.DeviceEngine` (TensorRT, PyTorch CUDA). Every call below is asynchronous on that stream; the stage timings
-synchronise it at each stage boundary, so they are honest wall times.
+The engine is a :class:`~mocha_edge.deploy.engines.DeviceEngine` (TensorRT, PyTorch CUDA). Every call below is
+asynchronous on the engine's stream (copies, kernels and syncs alike, also when another library created
+it); the stage timings synchronise it at each stage boundary, so they are honest wall times.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from mocha_edge.deploy.config import NMS_TOP_K, DeployConfig
+from mocha_edge.deploy.cuda import MemoryPlan, memory_choice, memory_plan
 from mocha_edge.deploy.engines.base import DeviceEngine
 from mocha_edge.errors import MochaError
 from mocha_edge.export import contract
@@ -42,11 +44,16 @@ def unsupported_reason(engine: Any) -> str | None:
         return f"outputs {bad} are not float32 (the CUDA decode and pooling read float32)"
     if np.dtype(engine.device_dtypes[contract.INPUT]) not in (np.dtype(np.float32), np.dtype(np.float16)):
         return f"input dtype {engine.device_dtypes[contract.INPUT]} (float32 or float16 expected)"
-    return None
+    return engine.cuda.stream_problem(engine.stream)  # copies, kernels and syncs all go on its stream
 
 
 class DeviceStages:
-    """Letterbox, decode + NMS and pooling with the CUDA kernels on a device engine's own buffers."""
+    """Letterbox, decode + NMS and pooling with the CUDA kernels on a device engine's own buffers.
+
+    The frame staging follows the engine's :class:`~mocha_edge.deploy.cuda.MemoryPlan` (``engine.memory``,
+    a :class:`~mocha_edge.deploy.engines.trt.TrtEngine` has one), else the plan for this GPU and
+    ``$MOCHA_EDGE_CUDA_MEMORY``: kept in :attr:`memory`.
+    """
 
     def __init__(
         self, engine: DeviceEngine, kernels: Any, facts: DeployConfig, max_det: int, max_nms: int = NMS_TOP_K
@@ -87,7 +94,12 @@ class DeviceStages:
         self.h_bf = self._pinned((k, 4), np.float32)
         self.h_sc, self.h_cls = self._pinned((k,), np.float32), self._pinned((k,), np.int64)
         self.h_n, self.h_vec = self._pinned((1,), np.int32), self._pinned((k, self.dim), np.float32)
-        self.zero_copy = bool(engine.zero_copy)
+        plan = engine.memory  # the plan the engine's buffers follow (None: this GPU's default plan)
+        if plan is None:
+            _, cc, integrated = self.cuda.device_info()
+            plan = memory_plan(integrated, cc, memory_choice())
+        self.memory: MemoryPlan = plan
+        self.zero_copy = plan.frame == "mapped"  # the frame is read in place: nothing uploaded
         self._frame_bytes = 0
         self._h_frame: np.ndarray | None = None
         self._d_frame = 0
@@ -98,9 +110,16 @@ class DeviceStages:
         return raw.view(dtype).reshape(shape)
 
     def _frame_buffer(self, nbytes: int) -> tuple[np.ndarray, int]:
-        """Pinned staging for a frame (grown when a bigger frame arrives) and its device address; mapped
-        memory on an integrated GPU (Jetson), so nothing is copied there."""
+        """Pinned staging for a frame and its device address; mapped memory when the plan says so (an
+        I/O-coherent Jetson), so nothing is copied there. Grown when a bigger frame arrives: the old staging
+        is freed once the stream is idle."""
         if nbytes > self._frame_bytes:
+            if self._h_frame is not None:
+                self.cuda.sync(self.stream)
+                if not self.zero_copy:
+                    self.cuda.free(self._d_frame)
+                self.cuda.free_host(self._h_frame)
+                self._h_frame, self._d_frame, self._frame_bytes = None, 0, 0
             raw, mapped = self.cuda.host(nbytes, mapped=self.zero_copy)
             self._h_frame = raw
             self._d_frame = mapped if mapped is not None else self.cuda.malloc(nbytes)

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from mocha_edge.deploy.pipeline import LivePipeline
     from mocha_edge.prototypes import PrototypeBank
 
+
 def attach_bank(
     pipe: LivePipeline, bank: PrototypeBank, path: Path | str, log: Callable[[str], None]
 ) -> None:

@@ -101,12 +101,16 @@ class Pipeline:
         elif isinstance(model, HostEngine):
             self.engine = model
         else:
-            raise PipelineError(f"{type(model).__name__} is not an engine (mocha_edge.deploy.engines.HostEngine)")
+            raise PipelineError(
+                f"{type(model).__name__} is not an engine (mocha_edge.deploy.engines.HostEngine)"
+            )
         facts = facts or self.engine.facts
         if facts is None:
             if isinstance(model, (str, Path)):
                 side = Path(model).with_suffix(".json").name
-                raise PipelineError(f"{model}: no {side} beside it (export the model with `mocha-edge export`)")
+                raise PipelineError(
+                    f"{model}: no {side} beside it (export the model with `mocha-edge export`)"
+                )
             raise PipelineError("the engine has no deployment facts: pass facts= (a DeployConfig)")
         if space is None:
             space = self.engine.space

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from mocha_edge.deploy.config import DeployConfig
-    from mocha_edge.deploy.cuda import CudaBackend
+    from mocha_edge.deploy.cuda import CudaBackend, MemoryPlan
     from mocha_edge.space import VectorSpace
 
 
@@ -62,7 +62,7 @@ class DeviceEngine(HostEngine):
     stream handle (int) all its work is queued on (copies, kernels and syncs of the GPU stages go there
     too); ``device``: ``{contract name: device pointer}`` for the input and every output (contiguous);
     ``device_shapes`` / ``device_dtypes``: their shapes and NumPy dtypes; ``zero_copy``: the input is mapped
-    host memory (nothing to upload).
+    host memory (nothing to upload); ``memory``: the :class:`~mocha_edge.deploy.cuda.MemoryPlan` it follows.
     """
 
     cuda: CudaBackend
@@ -71,6 +71,7 @@ class DeviceEngine(HostEngine):
     device_shapes: dict[str, tuple[int, ...]]
     device_dtypes: dict[str, Any]
     zero_copy: bool = False
+    memory: MemoryPlan | None = None  # the memory plan its buffers follow (None: the GPU's default plan)
 
     @abstractmethod
     def enqueue_device(self) -> None:

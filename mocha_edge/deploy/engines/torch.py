@@ -21,7 +21,9 @@ class TorchEngine(HostEngine):
 
     name = "torch"
 
-    def __init__(self, ckpt: str | Path, imgsz: int | None = None, device: str = "cpu", half: bool = False) -> None:
+    def __init__(
+        self, ckpt: str | Path, imgsz: int | None = None, device: str = "cpu", half: bool = False
+    ) -> None:
         import torch
 
         from mocha_edge.deploy.config import DeployConfig
@@ -38,13 +40,13 @@ class TorchEngine(HostEngine):
         self.net = RawHead(st.model.fuse(verbose=False)).eval()  # Conv+BN folded, as ultralytics predicts
         if half:
             self.net = self.net.half()
-        self.device, self.half = device, half
+        self.torch_device, self.half = device, half
         self.input_shape = (1, 3, imgsz, imgsz)
         self.dtype = np.float16 if half else np.float32
         self.names = list(contract.OUTPUTS)
 
     def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        t = self.torch.from_numpy(x).to(self.device)
+        t = self.torch.from_numpy(x).to(self.torch_device)
         with self.torch.inference_mode():
             outs = self.net(t)
         return {n: o.float().cpu().numpy() for n, o in zip(self.names, outs)}
@@ -53,7 +55,9 @@ class TorchEngine(HostEngine):
 class TorchCudaEngine(TorchEngine, DeviceEngine):
     """:class:`TorchEngine` on a CUDA GPU with device-resident buffers: also a *device engine*
     (``mocha_edge.deploy.device_stages``), so the CUDA pre/post kernels read and write its tensors in place. Its
-    own CUDA stream; buffers are torch tensors, other device memory comes from ``export.trt.cuda_backend``."""
+    own CUDA stream (PyTorch's, non-blocking: the GPU stages queue their copies, kernels and syncs on that
+    handle too, which needs cuda-python); buffers are torch tensors, other device memory comes from
+    ``mocha_edge.deploy.cuda.cuda_backend``."""
 
     name = "torch-cuda"
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from mocha_edge.deploy.config import DeployConfig
-from mocha_edge.deploy.cuda import cuda_backend
+from mocha_edge.deploy.cuda import MemoryPlan, cuda_backend, memory_choice, memory_plan
 from mocha_edge.deploy.engines.base import DeviceEngine
 from mocha_edge.errors import MochaError
 from mocha_edge.export import contract
@@ -130,12 +130,18 @@ class TrtEngine(DeviceEngine):
 
     Static shapes are captured into a CUDA graph (copies + enqueue, TensorRT ≥ 8.6 with cuda-python);
     otherwise plain enqueue, with the reason in ``graph_note``. ``warmup`` runs happen in ``__init__``.
-    On an integrated GPU (Jetson) the buffers are mapped host memory: no copies at all.
+    ``memory`` (``auto`` | ``device`` | ``mapped``; default ``$MOCHA_EDGE_CUDA_MEMORY``, else ``auto``) picks
+    the :class:`~mocha_edge.deploy.cuda.MemoryPlan`, kept in :attr:`memory`: device memory with pinned
+    host copies, or mapped pinned memory (zero-copy, ``zero_copy``). ``auto`` puts the buffers in device
+    memory, also on a Jetson, where the iGPU caches nothing else (docs/jetson.md, "Memory types").
     """
 
     name = "trt"
+    memory: MemoryPlan
 
-    def __init__(self, path: str | Path, warmup: int = 10, cuda_graph: bool = True) -> None:
+    def __init__(
+        self, path: str | Path, warmup: int = 10, cuda_graph: bool = True, memory: str | None = None
+    ) -> None:
         self.path = Path(path)
         doc = load_sidecar(self.path)
         self.facts = DeployConfig.from_dict(doc, sidecar_path(self.path))
@@ -176,7 +182,9 @@ class TrtEngine(DeviceEngine):
         else:
             self.input_shape = declared
         self.min_batch = int(dyn["min"][0]) if dyn else self.input_shape[0]
-        self.zero_copy = integrated
+        self.memory = memory_plan(integrated, cc, memory_choice(memory))
+        self.zero_copy = self.memory.engine == "mapped"
+        log.info("%s: %s", self.path.name, self.memory.reason)
         self.stream = self.cuda.stream()
 
         if any(d < 0 for d in declared):
@@ -188,10 +196,13 @@ class TrtEngine(DeviceEngine):
             if any(d < 0 for d in shp):
                 raise EngineMismatch(f"{self.path}: shape of {n} unresolved {shp}; {fix}")
             nbytes = int(np.prod(shp)) * self.io.dtypes[n].itemsize
-            raw, mapped = self.cuda.host(nbytes, mapped=integrated)
+            raw, mapped = self.cuda.host(nbytes, mapped=self.zero_copy)
             self.host[n] = raw.view(self.io.dtypes[n]).reshape(shp)
             self.device[n] = mapped if mapped is not None else self.cuda.malloc(nbytes)
             self.io.set_address(n, self.device[n])
+        # the device-engine interface (device_stages): buffer shapes (the input at its largest batch), dtypes
+        self.device_shapes = {n: tuple(int(d) for d in a.shape) for n, a in self.host.items()}
+        self.device_dtypes = dict(self.io.dtypes)
 
         self.graph: Any = None
         self.device_graph: Any = None  # the enqueue alone, for callers that own the device buffers
@@ -244,15 +255,6 @@ class TrtEngine(DeviceEngine):
         return "captured"
 
     # -- device-engine interface (mocha_edge.deploy.device_stages: the CUDA pre/post kernels use these buffers)
-    @property
-    def device_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Shapes of the device buffers (the input at its largest batch)."""
-        return {n: tuple(int(d) for d in a.shape) for n, a in self.host.items()}
-
-    @property
-    def device_dtypes(self) -> dict[str, np.dtype]:
-        return dict(self.io.dtypes)
-
     def enqueue_device(self) -> None:
         """Queue one inference on the device buffers as they are: no copies (the caller wrote the input on
         the device and reads the outputs there); a CUDA graph of the enqueue alone when shapes are static."""
