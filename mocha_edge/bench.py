@@ -437,9 +437,13 @@ def run_bench(model: str | Path, opts: BenchOptions) -> dict[str, Any]:
                 for prec in opts.precisions:
                     art = artefact_for(backend, prec, plan)
                     if art is None:
-                        skipped.append(f"{backend} {prec} {s}: no artefact / not a deployment configuration here")
+                        skipped.append(
+                            f"{backend} {prec} {s}: no artefact / not a deployment configuration here"
+                        )
                         continue
-                    candidates.append((backend, prec, lambda b=backend, a=art, z=s: _make_engine(b, a, z, opts)))
+                    candidates.append(
+                        (backend, prec, lambda b=backend, a=art, z=s: _make_engine(b, a, z, opts))
+                    )
             ref_cache: dict[str, dict[str, float]] = {}
             for backend, prec, make in candidates:
                 log(f"bench {backend} {prec} {s} ...")

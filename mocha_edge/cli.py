@@ -563,8 +563,10 @@ def _csv(value: str | None, cast=str) -> tuple:
 @click.option("--frames", default=100, show_default=True, help="Timed frames per row (after warm-up).")
 @click.option("--warmup", default=10, show_default=True)
 @click.option(
-    "--source", default=None, help="Any source `run` opens: image, folder, video, rtsp://, v4l2://, csi:// "
-    "[default: ultralytics' bundled photos]."
+    "--source",
+    default=None,
+    help="Any source `run` opens: image, folder, video, rtsp://, v4l2://, csi:// "
+    "[default: ultralytics' bundled photos].",
 )
 @click.option(
     "--calib", type=click.Path(path_type=Path), help="Calibration data for INT8 rows of a checkpoint."

@@ -58,7 +58,9 @@ class FakePipe:
 
     def __init__(self, delay: float = 0.0) -> None:
         self.names = ["mug", "toy"]
-        self.facts = SimpleNamespace(model_fingerprint="fake-model", precision="fp32")  # a DeployConfig's fields
+        self.facts = SimpleNamespace(
+            model_fingerprint="fake-model", precision="fp32"
+        )  # a DeployConfig's fields
         self.bank: PrototypeBank | None = None
         self.identity_names: list[str] = []
         self.delay = delay
