@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from mocha_edge.cli import cli
 from mocha_edge.data import load_dataset
 from mocha_edge.data.check import check_dataset
-from mocha_edge.data.images import ImageReadError, read_rgb
+from mocha_edge.data.images import ImageReadError, image_size, read_rgb
 from mocha_edge.errors import DataError
 
 
@@ -97,6 +97,24 @@ def test_coco_json_missing_images(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------- bad input
+def _bomb_png(width: int = 20000, height: int = 10000) -> bytes:
+    """A tiny PNG whose header declares ``width`` × ``height`` pixels (200 MP: past PIL's bomb limit)."""
+    import io
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    ihdr = data[12:29]  # type + 13 bytes of IHDR
+    ihdr[4:12] = struct.pack(">II", width, height)
+    data[12:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(ihdr)) & 0xFFFFFFFF)
+    return bytes(data)
+
+
 @pytest.fixture
 def broken_yolo(coco8_dir: Path, tmp_path: Path) -> Path:
     """A YOLO dataset with one of every problem `data check` must report."""
@@ -121,7 +139,12 @@ def broken_yolo(coco8_dir: Path, tmp_path: Path) -> Path:
         "99 0.5 0.5 0.2 0.2\n"  # class id out of range
         "1 1.5 0.5 0.2 0.2\n"  # coordinates outside [0, 1]
         "1 0.5 0.5 0.2 0.2\n"  # fine
+        "0 nan 0.5 0.2 0.2\n"  # NaN coordinate
+        "nan 0.5 0.5 0.2 0.2\n"  # NaN class id
+        "1 0.5 inf 0.2 0.2\n"  # infinite coordinate
     )
+    (root / "images" / "train" / "bomb.png").write_bytes(_bomb_png())
+    (root / "labels" / "train" / "bomb.txt").write_text(good_lbl)
     shutil.copy(src[3], root / "images" / "train" / "nolabel.jpg")
     (root / "data.yaml").write_text(
         yaml.safe_dump({"path": ".", "train": "images/train", "val": "images/val", "names": ["a", "b"]})
@@ -147,10 +170,13 @@ def test_data_check_reports_every_problem(broken_yolo: Path) -> None:
     assert "expected 5 columns" in line_for("badlabels.txt:1")
     assert "out of range 0..1" in line_for("badlabels.txt:2")
     assert "outside [0, 1]" in line_for("badlabels.txt:3")
+    for n in (5, 6, 7):
+        assert "NaN or infinite value" in line_for(f"badlabels.txt:{n}")
+    assert "decompression bomb" in line_for(str(root / "images/train/bomb.png"))
     assert "no label file" in line_for(str(root / "images/train/nolabel.jpg"))
     assert "val split: folder or list not found" in line_for(str(root / "images/val"))
     # coco8 labels have ids up to 79 but the YAML says 2 classes: each bad row reported, no crash
-    assert "train: 4 images usable, 3 broken" in out
+    assert "train: 4 images usable, 4 broken" in out
     ds = load_dataset(broken_yolo)
     bad = next(it for it in ds.items() if it.path.name == "badlabels.jpg")
     assert bad.cls.tolist() == [1]  # only the valid row survives
@@ -196,6 +222,12 @@ def test_read_rgb_errors(tmp_path: Path) -> None:
         read_rgb(p)
     with pytest.raises(ImageReadError, match="cannot read"):
         read_rgb(tmp_path / "missing.png")
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(_bomb_png())
+    assert len(bomb.read_bytes()) < 100
+    for fn in (read_rgb, image_size):
+        with pytest.raises(ImageReadError, match="decompression bomb"):
+            fn(bomb)
 
 
 # ------------------------------------------------------------------------------------------- MOCHA layout

@@ -35,7 +35,11 @@ def read_rgb(path: str | Path) -> np.ndarray:
                 arr = np.asarray(im.convert("RGB"))
     except (UnidentifiedImageError, ImportError):  # ImportError: ultralytics' HEIF hook without pi-heif
         raise ImageReadError("not a readable image (unknown or corrupt format)") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as e:
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        raise ImageReadError(
+            f"declares more than {Image.MAX_IMAGE_PIXELS:,} pixels (a decompression bomb?); refused"
+        ) from None
+    except (OSError, SyntaxError, ValueError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         if "truncated" in msg.lower():
             msg = "truncated image file"
@@ -47,7 +51,13 @@ def read_rgb(path: str | Path) -> np.ndarray:
 
 def image_size(path: str | Path) -> tuple[int, int]:
     """``(width, height)`` after EXIF orientation, reading only the header."""
-    with Image.open(path) as im:
+    try:
+        im = Image.open(path)
+    except Image.DecompressionBombError:
+        raise ImageReadError(
+            f"declares more than {Image.MAX_IMAGE_PIXELS:,} pixels (a decompression bomb?); refused"
+        ) from None
+    with im:
         w, h = im.size
         try:
             orient = im.getexif().get(0x0112, 1)

@@ -8,6 +8,7 @@ dataset that cannot be located at all raises :class:`~mocha_edge.errors.DataErro
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -164,6 +165,9 @@ def _parse_label_file(
             nums = [float(v) for v in vals]
         except ValueError:
             problems.append(Problem(where, f"not a number in {line.strip()!r}"))
+            continue
+        if not all(math.isfinite(v) for v in nums):  # float() accepts "nan" and "inf"
+            problems.append(Problem(where, f"NaN or infinite value in {line.strip()!r}"))
             continue
         if len(nums) == 5:
             cx, cy, w, h = nums[1:]
@@ -444,6 +448,9 @@ def _load_coco(jsons: list[Path]) -> Dataset:
                     x, y, bw, bh = (float(v) for v in a["bbox"])
                 except (KeyError, TypeError, ValueError):
                     problems.append(Problem(where, "bbox must be [x, y, width, height]"))
+                    continue
+                if not all(math.isfinite(v) for v in (x, y, bw, bh)):
+                    problems.append(Problem(where, "NaN or infinite value in bbox"))
                     continue
                 if bw <= 0 or bh <= 0:
                     problems.append(Problem(where, f"zero-size box (w={bw:g}, h={bh:g})"))
