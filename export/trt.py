@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mocha_edge.deploy.config import DEFAULT_WORKSPACE_GB
+from mocha_edge.deploy.config import DEFAULT_WORKSPACE_GB, sidecar_path
 from mocha_edge.errors import MissingDependencyError, MochaError
 from mocha_edge.export import contract
 from mocha_edge.utils import atomic_path
@@ -366,12 +366,6 @@ def default_engine_path(onnx_path: str | Path, precision: str) -> Path:
     _check_precision(precision)
     p = Path(onnx_path)
     return p.with_name(f"{p.stem}.{precision}.engine")
-
-
-def sidecar_path(engine_path: str | Path) -> Path:
-    """The engine's facts file ``NAME.engine.json`` (never the ``NAME.json`` of an ONNX beside it)."""
-    p = Path(engine_path)
-    return p.with_name(p.name + ".json")
 
 
 def calibration_cache_path(engine_path: str | Path) -> Path:

@@ -95,3 +95,18 @@ def student_ckpt(synth_small: Path, synth_cache: Path, tmp_path_factory: pytest.
     cfg = TrainConfig(data=str(synth_small), out=str(out / "d"), model=str(base.checkpoint), teacher_cache=str(synth_cache),
                       epochs=1, schedule="joint", imgsz=128, batch=8, workers=0, val_every=0)  # fmt: skip
     return train(cfg, progress=False).checkpoint
+
+
+@pytest.fixture
+def setup_py(monkeypatch: pytest.MonkeyPatch):
+    """setup.py as a module (its setup() call made a no-op), run from the repository root like pip does."""
+    import importlib.util
+
+    import setuptools
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(setuptools, "setup", lambda **_: None)
+    spec = importlib.util.spec_from_file_location("mocha_edge_setup_py", REPO / "setup.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

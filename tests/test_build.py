@@ -4,14 +4,12 @@ the CUDA versions this machine does not have; the real one is asked where it is 
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 from pathlib import Path
 from types import ModuleType
 
 import pytest
-import setuptools
 
 from mocha_edge import runtime as rt
 from mocha_edge.runtime import cuda_archs
@@ -27,17 +25,6 @@ CUDA_13_0 = (
 )
 LISTINGS = {"12.6": CUDA_12_6, "12.9": CUDA_12_9, "13.0": CUDA_13_0, "broken": None}
 NO_NVCC = "nvcc not installed: install the CUDA toolkit (NVIDIA's cuda-nvcc package) and put nvcc on PATH"
-
-
-@pytest.fixture
-def setup_py(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
-    """setup.py as a module (its setup() call made a no-op), run from the repository root like pip does."""
-    monkeypatch.chdir(REPO)
-    monkeypatch.setattr(setuptools, "setup", lambda **_: None)
-    spec = importlib.util.spec_from_file_location("mocha_edge_setup_py", REPO / "setup.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def fake_nvcc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, listing: str | None) -> Path:

@@ -3,7 +3,6 @@ the CUDA twins against the C library on random inputs."""
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
 import shutil
 import subprocess
@@ -499,18 +498,6 @@ def test_info_reports_the_build() -> None:
     assert line.startswith("C yes")
 
 
-def _setup_py(monkeypatch: pytest.MonkeyPatch):
-    """setup.py as a module (its setup() call made a no-op), run from the repository root like pip does."""
-    import setuptools
-
-    monkeypatch.chdir(REPO)
-    monkeypatch.setattr(setuptools, "setup", lambda **_: None)
-    spec = importlib.util.spec_from_file_location("mocha_edge_setup_py", REPO / "setup.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.mark.skipif(
     shutil.which("nvcc") is None,
     reason=(
@@ -518,12 +505,11 @@ def _setup_py(monkeypatch: pytest.MonkeyPatch):
         "`apt-get install cuda-toolkit-13-0` from NVIDIA's CUDA apt repository, and put its bin/ on PATH)"
     ),
 )
-def test_cuda_twins_compile_for_jetson_archs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cuda_twins_compile_for_jetson_archs(tmp_path: Path, setup_py) -> None:
     """setup.py's own nvcc line (with -fmad=false) builds all .cu files into one shared library for the Jetson
     archs the local nvcc has: Orin sm_87 and Thor (sm_110 on CUDA 13, sm_101 on CUDA 12.8/12.9)."""
     from mocha_edge.runtime.cuda_archs import nvcc_archs, suggested_archs
 
-    setup_py = _setup_py(monkeypatch)
     archs = suggested_archs(nvcc_archs(shutil.which("nvcc")))
     assert "87" in archs, archs
     out = tmp_path / "libmocha_rt_cuda.so"

@@ -174,10 +174,13 @@ class DeployConfig:
         """The config beside an exported model: ``NAME.json`` for ``NAME.onnx``, ``NAME.engine.json`` for an
         engine."""
         model = Path(model)
-        side = (
-            model.with_name(model.name + ".json") if model.suffix == ".engine" else model.with_suffix(".json")
-        )
-        return cls.read(side)
+        return cls.read(sidecar_path(model) if model.suffix == ".engine" else model.with_suffix(".json"))
+
+
+def sidecar_path(engine_path: str | Path) -> Path:
+    """An engine's facts file ``NAME.engine.json`` (never the ``NAME.json`` of an ONNX beside it)."""
+    p = Path(engine_path)
+    return p.with_name(p.name + ".json")
 
 
 def load_space(ref: DeployConfig | SpaceRef, artefact: str | Path | None) -> VectorSpace | None:

@@ -92,10 +92,6 @@ class RunSummary:
     reconnects: int = 0
     enrolled: list[str] = field(default_factory=list)
     outputs: list[SinkReport] = field(default_factory=list)  # one per sink, in order
-    video: Path | None = None  # the first video written, and the first JSON lines (kept for callers)
-    video_frames: int = 0
-    jsonl: Path | None = None
-    jsonl_lines: int = 0
 
     @property
     def fps(self) -> float:
@@ -115,13 +111,30 @@ class RunSummary:
         parts.extend(r.line() for r in self.outputs)
         return "; ".join(parts)
 
-    def add_output(self, report: SinkReport) -> None:
-        """Record what one sink wrote (the first video / JSON lines also fill the older fields)."""
-        self.outputs.append(report)
-        if report.kind == "video" and report.written and self.video is None:
-            self.video, self.video_frames = report.path, report.count
-        if report.kind == "jsonl" and self.jsonl is None:
-            self.jsonl, self.jsonl_lines = report.path, report.count
+    def _first(self, kind: str) -> SinkReport | None:
+        return next((r for r in self.outputs if r.kind == kind and (r.written or kind == "jsonl")), None)
+
+    @property
+    def video(self) -> Path | None:
+        """The first video written (None: none)."""
+        r = self._first("video")
+        return r.path if r is not None else None
+
+    @property
+    def video_frames(self) -> int:
+        r = self._first("video")
+        return r.count if r is not None else 0
+
+    @property
+    def jsonl(self) -> Path | None:
+        """The first JSON-lines output (None: none)."""
+        r = self._first("jsonl")
+        return r.path if r is not None else None
+
+    @property
+    def jsonl_lines(self) -> int:
+        r = self._first("jsonl")
+        return r.count if r is not None else 0
 
 
 def sink_uris(opts: RunOptions) -> list[SinkURI]:
@@ -322,7 +335,7 @@ def run_loop(
             failed: BaseException | None = None
             for sink in sinks:  # each one finalised even when another fails
                 try:
-                    summary.add_output(sink.close())
+                    summary.outputs.append(sink.close())
                 except Exception as e:
                     failed = failed or e
             console.end()

@@ -114,8 +114,8 @@ class Pipeline:
             raise PipelineError("the engine has no deployment facts: pass facts= (a DeployConfig)")
         if space is None:
             space = self.engine.space
-            if space is None and isinstance(model, (str, Path)) and facts.vector_space.file is not None:
-                space = load_space(facts, model)
+            if space is None and isinstance(model, (str, Path)):
+                space = load_space(facts, model)  # None when the export names no space
         # letterbox and global matching split rows over threads (process-wide setting). Default: the cores the
         # engine leaves free between runs, + this one (ORT with its pool's spinning stopped leaves them all;
         # while it spins, a 2nd native thread made the 640-px letterbox slower: 1.58 vs 1.28 ms)

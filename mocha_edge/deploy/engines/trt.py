@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mocha_edge.deploy.config import DeployConfig
+from mocha_edge.deploy.config import DeployConfig, sidecar_path
 from mocha_edge.deploy.cuda import MemoryPlan, cuda_backend, memory_choice, memory_plan
 from mocha_edge.deploy.engines.base import DeviceEngine
 from mocha_edge.errors import MochaError
@@ -25,7 +25,6 @@ from mocha_edge.export.trt import (
     io_api,
     load_sidecar,
     require_tensorrt,
-    sidecar_path,
 )
 
 if TYPE_CHECKING:
