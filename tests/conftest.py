@@ -17,6 +17,22 @@ os.environ["YOLO_AUTOINSTALL"] = "false"
 from tiny_models import tiny_clip_dir, tiny_llava_dir  # noqa: F401  (session fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
+# Opt-in for developers running test files one at a time: the slow session fixtures (synth_small, synth_cache,
+# student_ckpt) are built once in this folder and reused by later pytest processes. Unset (CI): built per session.
+SHARED = Path(os.environ["MOCHA_EDGE_TEST_SHARED"]) if os.environ.get("MOCHA_EDGE_TEST_SHARED") else None
+
+
+def _shared_dir(tmp_path_factory: pytest.TempPathFactory, name: str) -> tuple[Path, bool]:
+    """(folder for fixture ``name``, already built?) — the shared folder when MOCHA_EDGE_TEST_SHARED is set."""
+    if SHARED is None:
+        return tmp_path_factory.mktemp(name), False
+    d = SHARED / name
+    return d, (d / ".done").is_file()
+
+
+def _mark_done(d: Path) -> None:
+    if SHARED is not None:
+        (d / ".done").write_text("ok\n")
 COCO8 = REPO / "tests" / "data" / "coco8"  # shipped with the repository: licence in tests/data/README.md
 
 
@@ -53,8 +69,13 @@ def synth_small(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small built-in benchmark (shared by the session; tests must not modify it)."""
     from mocha_edge.data.synth import synthesize
 
-    out = tmp_path_factory.mktemp("synth") / "bench"
-    return synthesize(out, seed=3, n_train=48, n_val=12, n_query=10, support_per_instance=5, progress=False)
+    d, done = _shared_dir(tmp_path_factory, "synth")
+    out = d / "bench"
+    if done:
+        return out / "dataset.yaml"
+    path = synthesize(out, seed=3, n_train=48, n_val=12, n_query=10, support_per_instance=5, progress=False)
+    _mark_done(d)
+    return path
 
 
 @pytest.fixture
@@ -72,7 +93,10 @@ def synth_cache(synth_small: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     from mocha_edge.teach import teach
     from mocha_edge.teachers import get_teacher
 
-    out = tmp_path_factory.mktemp("cache") / "teacher.safetensors"
+    d, done = _shared_dir(tmp_path_factory, "cache")
+    out = d / "teacher.safetensors"
+    if done:
+        return out
     teach(
         load_dataset(synth_small),
         get_teacher("builtin", epochs=2, progress=False),
@@ -80,6 +104,7 @@ def synth_cache(synth_small: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         d_t=32,
         progress=False,
     )
+    _mark_done(d)
     return out
 
 
@@ -89,12 +114,17 @@ def student_ckpt(synth_small: Path, synth_cache: Path, tmp_path_factory: pytest.
     on the 22 val + query images, top scores 0.2-0.4) + 1 joint distill epoch, at 128 px."""
     from mocha_edge.train import TrainConfig, train
 
-    out = tmp_path_factory.mktemp("exportstudent")
+    out, done = _shared_dir(tmp_path_factory, "exportstudent")
+    if done:
+        return Path((out / ".done").read_text().strip())
     base = train(TrainConfig(data=str(synth_small), out=str(out / "b"), stage="base", epochs=60, imgsz=128, batch=8,
                              workers=0, val_every=0, lr_student=2e-3), progress=False)  # fmt: skip
     cfg = TrainConfig(data=str(synth_small), out=str(out / "d"), model=str(base.checkpoint), teacher_cache=str(synth_cache),
                       epochs=1, schedule="joint", imgsz=128, batch=8, workers=0, val_every=0)  # fmt: skip
-    return train(cfg, progress=False).checkpoint
+    ckpt = train(cfg, progress=False).checkpoint
+    if SHARED is not None:
+        (out / ".done").write_text(f"{ckpt}\n")
+    return ckpt
 
 
 @pytest.fixture
