@@ -128,15 +128,13 @@ class Student:
         """From a mocha-edge ``.ckpt`` (EMA student + translator) or a plain ultralytics ``.pt``."""
         path = Path(path)
         if path.suffix == ".ckpt":
-            from ultralytics.nn.tasks import DetectionModel
-
             from mocha_edge.models.translator import Translator
+            from mocha_edge.student import detection_model
             from mocha_edge.train import load_checkpoint
 
             state = load_checkpoint(path)
             names = [state["names"][i] for i in range(len(state["names"]))]
-            model = DetectionModel(state["student_yaml"], nc=len(names), verbose=False)
-            model.load_state_dict(state["ema"])
+            model = detection_model(state["student_yaml"], len(names), str(path), state=state["ema"])
             tr = None
             if translator:
                 if state["translator"] is None:
@@ -157,14 +155,9 @@ class Student:
                 raise ModelError(
                     f"{path}: an ultralytics checkpoint carries no translator; use the run's last.ckpt"
                 )
-            from ultralytics.nn.tasks import load_checkpoint as ul_load
+            from mocha_edge.student import load_ultralytics_pt
 
-            try:
-                model, ckpt = ul_load(str(path), device="cpu")
-            except Exception as e:
-                raise ModelError(
-                    f"{path}: not an ultralytics checkpoint ({str(e).splitlines()[0]})"
-                ) from None
+            model, ckpt = load_ultralytics_pt(path)
             names = [model.names[i] for i in range(len(model.names))]
             imgsz = int((ckpt.get("train_args") or {}).get("imgsz") or 640)
             return cls(model, names, imgsz, None, device, str(path))
@@ -173,10 +166,10 @@ class Student:
     @classmethod
     def random_init(cls, like: Student, seed: int = 0) -> Student:
         """Same architecture as ``like``, freshly initialised (the floor of the evaluation)."""
-        from ultralytics.nn.tasks import DetectionModel
+        from mocha_edge.student import detection_model
 
         torch.manual_seed(seed)
-        model = DetectionModel(like.model.yaml, nc=len(like.names), verbose=False)
+        model = detection_model(like.model.yaml, len(like.names), like.source)
         return cls(model, like.names, like.imgsz, None, str(like.device), "random_init")
 
     # ----------------------------------------------------------------------------------- pre

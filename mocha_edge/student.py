@@ -15,7 +15,10 @@ loss, EMA, validator). Two things are ours:
 
 from __future__ import annotations
 
+import copy
+import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -34,33 +37,211 @@ class StudentError(MochaError):
 
 
 # --------------------------------------------------------------------------------------------- model
+# What a YOLO model config may contain (every key in ultralytics' shipped detect configs plus those it adds
+# when it builds a model). Anything else in a config we did not write ourselves is refused.
+CONFIG_KEYS = frozenset(
+    {"nc", "scales", "scale", "backbone", "head", "activation", "depth_multiple", "width_multiple",
+     "max_channels", "end2end", "reg_max", "kpt_shape", "yaml_file", "ch", "channels", "text_model"}
+)  # fmt: skip
+MAX_LAYERS = 1024
+MAX_INT = 1 << 20  # channel counts, repeats, indices: larger is not a YOLO, it is a memory bomb
+
+
+def _literal(v: Any, where: str) -> None:
+    """Only plain numbers, strings, booleans, None and lists of them may appear in a layer's arguments."""
+    if isinstance(v, (list, tuple)):
+        for x in v:
+            _literal(x, where)
+    elif isinstance(v, bool) or v is None or isinstance(v, str):
+        return
+    elif isinstance(v, (int, float)):
+        if not math.isfinite(v) or abs(v) > MAX_INT:
+            raise StudentError(f"{where}: argument {v!r} out of range")
+    else:
+        raise StudentError(f"{where}: argument of type {type(v).__name__} is not allowed")
+
+
+def _activation(spec: Any, source: str) -> None:
+    """``[torch.]nn.Name(literal, ...)`` naming a torch.nn module class, nothing else (ultralytics eval()s it)."""
+    import ast
+
+    where = f"{source}: model config activation {str(spec)[:80]!r}"
+    if not isinstance(spec, str) or len(spec) > 200:
+        raise StudentError(f"{where}: not a torch.nn activation")
+    try:
+        call = ast.parse(spec.strip(), mode="eval").body
+    except SyntaxError:
+        raise StudentError(f"{where}: not a torch.nn activation") from None
+    if not isinstance(call, ast.Call):
+        raise StudentError(f"{where}: not a torch.nn activation")
+    chain, node = [], call.func
+    while isinstance(node, ast.Attribute):
+        chain.append(node.attr)
+        node = node.value
+    chain.append(node.id if isinstance(node, ast.Name) else "?")
+    cls = getattr(torch.nn, chain[0], None) if chain[1:] in (["nn"], ["nn", "torch"]) else None
+    if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
+        raise StudentError(f"{where}: not a torch.nn activation")
+    for arg in [*call.args, *(k.value for k in call.keywords)]:
+        if not isinstance(arg, ast.Constant) and not (
+            isinstance(arg, ast.UnaryOp) and isinstance(arg.operand, ast.Constant)
+        ):
+            raise StudentError(f"{where}: arguments must be literals")
+
+
+def _layer_class(name: Any, where: str) -> None:
+    """The layer name must resolve, as ultralytics resolves it, to a torch.nn.Module class."""
+    import torchvision
+    from ultralytics.nn import tasks
+
+    if not isinstance(name, str) or not name.replace(".", "").replace("_", "").isalnum():
+        raise StudentError(f"{where}: layer {str(name)[:60]!r} is not a model layer")
+    if name.startswith("nn."):
+        obj = getattr(torch.nn, name[3:], None)
+    elif name.startswith("torchvision.ops."):
+        obj = getattr(torchvision.ops, name[16:], None)
+    else:
+        obj = vars(tasks).get(name)
+    if not (isinstance(obj, type) and issubclass(obj, torch.nn.Module)):
+        raise StudentError(f"{where}: layer {name!r} is not a model layer")
+
+
+def check_model_config(cfg: Any, source: str) -> dict[str, Any]:
+    """Validate a YOLO model config taken from a file someone may have crafted; returns it unchanged.
+
+    Ultralytics builds a model from such a dict by evaluating strings in it (``activation`` goes through
+    ``eval()``, a layer name is looked up in a module's globals and called). So only what a YOLO config may
+    contain passes: known keys, plain values, layers ``[from, repeats, torch.nn.Module class, literal args]``
+    and an activation of the form ``nn.SiLU()``. Anything else is a :class:`StudentError` naming ``source``.
+    """
+    if not isinstance(cfg, dict):
+        raise StudentError(f"{source}: model config is a {type(cfg).__name__}, not a mapping")
+    extra = sorted(str(k) for k in cfg if k not in CONFIG_KEYS)
+    if extra:
+        raise StudentError(
+            f"{source}: model config has keys a YOLO config does not: {', '.join(extra)[:200]}"
+        )
+    for key, val in cfg.items():
+        if key in ("backbone", "head"):
+            continue
+        if key == "activation":
+            _activation(val, source)
+        elif key == "scales":
+            if not isinstance(val, dict):
+                raise StudentError(f"{source}: model config scales must be a mapping")
+            for k, v in val.items():
+                if not isinstance(k, str) or not isinstance(v, list):
+                    raise StudentError(f"{source}: model config scale {str(k)[:20]!r} is malformed")
+                _literal(v, f"{source}: model config scale {k!r}")
+        else:
+            _literal(val, f"{source}: model config {key}")
+    layers = [*(cfg.get("backbone") or []), *(cfg.get("head") or [])]
+    if not layers or len(layers) > MAX_LAYERS:
+        raise StudentError(f"{source}: model config has {len(layers)} layers")
+    for i, row in enumerate(layers):
+        where = f"{source}: model config layer {i}"
+        if not isinstance(row, (list, tuple)) or len(row) != 4:
+            raise StudentError(f"{where}: expected [from, repeats, module, args]")
+        frm, n, module, args = row
+        if not all(
+            isinstance(f, int) and not isinstance(f, bool) for f in (frm if isinstance(frm, list) else [frm])
+        ):
+            raise StudentError(f"{where}: 'from' must be layer indices")
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 64:
+            raise StudentError(f"{where}: repeats {n!r} out of range")
+        _layer_class(module, where)
+        if not isinstance(args, list):
+            raise StudentError(f"{where}: args must be a list")
+        _literal([frm, args], where)
+    return cfg
+
+
+def detection_model(
+    cfg: Any, nc: int, source: str, state: dict[str, torch.Tensor] | None = None, verbose: bool = False
+) -> torch.nn.Module:
+    """An ultralytics DetectionModel built from a checked config (:func:`check_model_config`), with ``state``
+    loaded when given; every problem is a one-line :class:`StudentError` naming ``source``."""
+    from ultralytics.nn.tasks import DetectionModel
+
+    cfg = check_model_config(copy.deepcopy(cfg), source)
+    try:
+        model = DetectionModel(cfg, nc=nc, verbose=verbose)
+    except Exception as e:
+        raise StudentError(f"{source}: cannot build the model from its config ({_first_line(e)})") from None
+    if state is not None:
+        try:
+            model.load_state_dict(state)
+        except Exception as e:
+            raise StudentError(f"{source}: weights do not fit the model config ({_first_line(e)})") from None
+    return model
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return (lines[0] if lines else type(e).__name__)[:200]
+
+
+def safe_load_enabled() -> bool:
+    """Ultralytics' restricted loading is on unless the user turned it off (ULTRALYTICS_SAFE_LOAD=0)."""
+    return os.environ.get("ULTRALYTICS_SAFE_LOAD", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def load_ultralytics_pt(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """``(DetectionModel, checkpoint dict)`` from an ultralytics ``.pt``, unpickled through ultralytics'
+    restricted loader (known model classes only, weights_only) and rebuilt from its checked config.
+
+    A ``.pt`` is a pickle: on torch < 2.6 the restricted loader cannot restrict and unpickling can run code
+    (README "Model files are code"); that is said once, in a warning."""
+    from ultralytics.nn.tasks import DetectionModel, _SafeLoad, torch_safe_load
+
+    spec = str(path)
+    if not Path(spec).is_file():
+        raise StudentError(f"{spec}: checkpoint not found (no download at run time: pass a local .pt)")
+    safe = safe_load_enabled()
+    if not safe or not _SafeLoad.SUPPORTED:
+        why = "ULTRALYTICS_SAFE_LOAD=0" if not safe else f"torch {torch.__version__} < 2.6"
+        warnings.warn(
+            f"{spec}: unpickled without restrictions ({why}); load only .pt files you trust", stacklevel=2
+        )
+    try:
+        ckpt, _ = torch_safe_load(spec, safe_only=safe)
+    except Exception as e:
+        raise StudentError(f"{spec}: not a loadable ultralytics checkpoint ({_first_line(e)})") from None
+    loaded = (ckpt.get("ema") or ckpt.get("model")) if isinstance(ckpt, dict) else None
+    if not isinstance(loaded, DetectionModel) or type(loaded).__name__ != "DetectionModel":
+        raise StudentError(f"{spec}: a {type(loaded).__name__}, not a detect model")
+    names = getattr(loaded, "names", None)
+    model = detection_model(loaded.yaml, int(loaded.yaml.get("nc") or len(names or [])), spec,
+                            state=loaded.float().state_dict())  # fmt: skip
+    model.names = names
+    model.args = getattr(loaded, "args", None)
+    return model, ckpt
+
+
 def build_student(spec: str | Path, names: list[str], verbose: bool = False) -> torch.nn.Module:
     """An ultralytics DetectionModel for ``names`` from a ``.yaml`` config or a ``.pt`` checkpoint.
 
-    A checkpoint whose class count differs keeps every weight whose shape still fits (ultralytics'
-    transfer convention); the classification layers of the head start fresh.
+    Both are checked before ultralytics sees them (:func:`check_model_config`). A checkpoint whose class
+    count differs keeps every weight whose shape still fits (ultralytics' transfer convention); the
+    classification layers of the head start fresh.
     """
-    from ultralytics.nn.tasks import DetectionModel, load_checkpoint
+    from ultralytics.nn.tasks import yaml_model_load
 
     spec = str(spec)
     nc = len(names)
     if spec.endswith((".yaml", ".yml")):
         try:
-            model = DetectionModel(spec, nc=nc, verbose=verbose)
+            cfg = yaml_model_load(spec)
         except FileNotFoundError:
             raise StudentError(
                 f"{spec}: no such model config (ultralytics names like yolov8n.yaml also work)"
             ) from None
-    elif spec.endswith(".pt"):
-        if not Path(spec).is_file():
-            raise StudentError(f"{spec}: checkpoint not found (no download at run time: pass a local .pt)")
-        try:
-            loaded, _ = load_checkpoint(spec, device="cpu")
         except Exception as e:
-            raise StudentError(f"{spec}: not an ultralytics checkpoint ({str(e).splitlines()[0]})") from None
-        if not isinstance(loaded, DetectionModel) or type(loaded).__name__ != "DetectionModel":
-            raise StudentError(f"{spec}: a {type(loaded).__name__}, not a detect model")
-        model = DetectionModel(loaded.yaml, nc=nc, verbose=verbose)
+            raise StudentError(f"{spec}: unreadable model config ({_first_line(e)})") from None
+        model = detection_model(cfg, nc, spec, verbose=verbose)
+    elif spec.endswith(".pt"):
+        loaded, _ = load_ultralytics_pt(spec)
+        model = detection_model(loaded.yaml, nc, spec, verbose=verbose)
         model.load(loaded, verbose=verbose)
     else:
         raise StudentError(f"{spec}: expected an ultralytics .yaml config or .pt checkpoint")

@@ -236,10 +236,10 @@ class Trainer:
 
         # student (+ translator)
         if resume_state is not None:
-            from ultralytics.nn.tasks import DetectionModel
+            from mocha_edge.student import detection_model
 
-            model = DetectionModel(resume_state["student_yaml"], nc=self.k, verbose=False)
-            model.load_state_dict(resume_state["student"])
+            model = detection_model(resume_state["student_yaml"], self.k, str(self.ckpt_path),
+                                    state=resume_state["student"])  # fmt: skip
             model.names = dict(enumerate(self.names))
         else:
             model = self._initial_student(build_student)
@@ -309,10 +309,9 @@ class Trainer:
                 raise TrainError(
                     f"{spec}: trained for classes {state['names']}, this dataset has {self.names}"
                 )
-            from ultralytics.nn.tasks import DetectionModel
+            from mocha_edge.student import detection_model
 
-            model = DetectionModel(state["student_yaml"], nc=self.k, verbose=False)
-            model.load_state_dict(state["ema"])
+            model = detection_model(state["student_yaml"], self.k, spec, state=state["ema"])
             model.names = dict(enumerate(self.names))
             return model
         if cfg.stage == "distill" and spec.endswith((".yaml", ".yml")):
