@@ -21,10 +21,15 @@ and say how in ``Source.ended``: ``"end"``, or ``"error: ..."`` when a video's r
 frame count its container gives (up to ``MAX_BAD_FRAMES`` unreadable frames in a row are skipped with a
 warning; more, or a file cut short, is the error). The capture object is made by an injectable factory
 (``capture_factory``), and pacing uses the injected ``clock`` / ``sleep``, so tests simulate both.
+
+Credentials never leave the source: ``Source.name`` (hence ``Frame.source_name``, the JSON-lines records,
+the reconnect warnings and the run summary) is the URI through :func:`redact_uri`
+(``rtsp://admin:***@cam1/live``, ``?token=***``); only the capture factory gets the real URI.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -47,6 +52,11 @@ MAX_BAD_FRAMES = 50  # unreadable video frames in a row skipped before the read 
 CSI_DEFAULTS = {"width": 1920, "height": 1080, "fps": 30, "flip": 0}
 ARGUS_RESTART = "sudo systemctl restart nvargus-daemon"
 ARGUS_ERROR = "Failed to create CaptureSession"
+SECRET_PARAMS = ("password", "passwd", "pass", "pwd", "token", "key", "secret", "auth")
+_SECRET_NAMES = "|".join(SECRET_PARAMS)
+_SECRET_PARAM = re.compile(rf"(^|[&;])((?:[A-Za-z0-9]*[_-])?(?:{_SECRET_NAMES}))=([^&;#]*)", re.IGNORECASE)
+REDACTED = "***"
+LOCAL_SCHEMES = ("file", "v4l2", "csi")  # no credentials: a ":" and "@" there belong to a name
 
 
 class SourceError(MochaError):
@@ -203,6 +213,24 @@ def argus_hint(message: str) -> str:
     return f" (Argus: run `{ARGUS_RESTART}`)" if ARGUS_ERROR in message else ""
 
 
+def redact_uri(uri: str) -> str:
+    """``uri`` fit to print: the password of ``scheme://user:password@host`` and the values of query
+    parameters named like a secret (:data:`SECRET_PARAMS`, also as a suffix: ``api_key``, ``access-token``)
+    become ``***``; everything else is kept as written. Plain paths come back unchanged."""
+    text = str(uri)
+    scheme, sep, rest = text.partition("://")
+    if not sep or not re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*", scheme):
+        return text
+    userinfo, at, host = rest.rpartition("@")  # the last "@": a password may hold "/", "?" or "@" unescaped
+    if at and ":" in userinfo and scheme.lower() not in LOCAL_SCHEMES:  # (an "@" further on, in a path or query, redacts too much, never too little)
+        rest = f"{userinfo.split(':', 1)[0]}:{REDACTED}@{host}"
+    head, q, query = rest.partition("?")
+    if q:
+        query, h, fragment = query.partition("#")
+        query = _SECRET_PARAM.sub(lambda m: f"{m.group(1)}{m.group(2)}={REDACTED}", query) + h + fragment
+    return f"{scheme}{sep}{head}{q}{query}"
+
+
 # ------------------------------------------------------------------------------------------ sources
 class Capture(Protocol):
     """What a source needs of ``cv2.VideoCapture`` (a simulated camera implements the same)."""
@@ -321,7 +349,7 @@ class ImageSource(Source):
         clock: Callable[[], float] = time.time,
     ) -> None:
         super().__init__()
-        self.name = uri.text
+        self.name = redact_uri(uri.text)
         self.warn, self.sleep, self.clock = warn, sleep, clock
         self.loop, self.realtime = uri.loop, uri.realtime
         fps = uri.options.get("fps")
@@ -382,24 +410,31 @@ class CaptureSource(Source):
         clock: Callable[[], float] = time.time,
     ) -> None:
         super().__init__()
-        self.uri, self.name, self.live = uri, uri.text, uri.live
+        self.uri, self.name, self.live = uri, redact_uri(uri.text), uri.live
         self.warn, self.factory, self.sleep, self.clock = warn, capture_factory, sleep, clock
         self.backoff = backoff or Backoff()
         self.cap: Capture | None = None
         self.cap = self._open()
         if not self.cap.isOpened():
             self.cap.release()
-            raise SourceError(self._open_failure())
+            raise SourceError(self._scrub(self._open_failure()))
         self.fps = self._fps()
+
+    def _scrub(self, message: str) -> str:
+        """``message`` with the real URI (as given, and its location) replaced by the redacted one."""
+        for secret in sorted({self.uri.text, self.uri.location}, key=len, reverse=True):
+            if secret:
+                message = message.replace(secret, redact_uri(secret))
+        return message
 
     def _open(self) -> Capture:
         try:
             return self.factory(self.uri)
-        except SourceError:
-            raise
+        except SourceError as e:
+            raise SourceError(self._scrub(str(e))) from None
         except Exception as e:  # cv2.error and friends: one line, with the Argus fix when it applies
             msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-            raise SourceError(f"cannot open {self.name}: {msg}{argus_hint(str(e))}") from None
+            raise SourceError(self._scrub(f"cannot open {self.name}: {msg}{argus_hint(str(e))}")) from None
 
     def _open_failure(self) -> str:
         u = self.uri
@@ -454,7 +489,7 @@ class CaptureSource(Source):
             ok, img = cap.read()
         except Exception as e:  # cv2.error from a backend: a lost frame, with its message
             msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-            return None, f"{msg}{argus_hint(str(e))}"
+            return None, self._scrub(f"{msg}{argus_hint(str(e))}")
         if not ok or img is None or img.size == 0:
             return None, None
         return img, None
@@ -588,4 +623,5 @@ __all__ = [
     "has_gstreamer",
     "open_source",
     "parse_uri",
+    "redact_uri",
 ]
