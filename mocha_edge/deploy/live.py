@@ -12,13 +12,32 @@ the same for the frame shown (the name is asked on the terminal, or ``obj-N``). 
 atomically and the pipeline matches against it from the next frame.
 
 Stopping: end of a file source (or its read error: ``stopped: error: ...`` in the summary), ``--max-frames``,
-key ``q``/Esc, a ``quit`` line, or Ctrl-C / SIGINT / SIGTERM. A signal during frame processing is noted and
-the loop stops after that frame; a signal while waiting for a frame stops the wait. Either way every output
-is finalised, a summary printed, and the exit code is 0: for a camera, Ctrl-C is the normal way to stop.
+key ``q``/Esc, a ``quit`` line, or Ctrl-C / SIGINT / SIGTERM / SIGHUP. SIGHUP is what a process gets when
+its terminal goes away (an SSH session dropped): its default, ending the process, is made clean here, so a
+recording is finalised rather than left as a hidden ``.partial`` file (run under ``nohup`` or ``setsid``
+to keep going instead). A signal during frame processing is noted and the loop stops after that frame; a
+signal while waiting for a frame stops the wait. Either way every output is finalised, a summary printed,
+and the exit code is 0: for a camera, Ctrl-C is the normal way to stop. A terminal that went away only
+ends the log lines (:class:`~mocha_edge.deploy.console.Console`).
+
+Faults (safe to leave running): an exception while handling one frame does not end the run. Each step is
+isolated: the pipeline, the detection records, the annotation, every sink's ``write``, the window, the
+live enrolment. A fault is counted under its kind, ``STAGE: ExceptionType`` (``pipeline: RuntimeError``,
+``sink events.jsonl: SinkError``), logged at once with its message the first time, then at most one line
+per kind per minute with the count since; the summary lists the counts. What can still be written is: after
+a pipeline fault the videos and the window get the frame without boxes (a recording keeps its timeline) and
+the detection outputs skip it (an ``enroll`` waits for the next frame); a failing sink never stops the
+others. A run that can no longer do any work ends instead, so a supervisor restarts it: when every frame
+has been *lost* (its detections could not be made, or no output took it) for ``--fail-after`` seconds
+(30) and at least 50 frames in a row, the outputs are finalised, the summary printed
+(``stopped: failing: ...``) and the exit code is 3 (:data:`EXIT_FAILING`; 1 is kept for what cannot start,
+so ``RestartPreventExitStatus=1`` can tell them apart). Occasional faults, however many, never end it:
+one good frame starts the count again. The source's own end or error, and Ctrl-C, behave as above.
 """
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 import time
@@ -54,10 +73,25 @@ if TYPE_CHECKING:  # numpy, the bank and the sources load with the command, not 
     from mocha_edge.deploy.sources import Source
 
 STAGES = ("pre", "infer", "post", "pool", "match")
+FAULT_REPORT_EVERY = 60.0  # seconds: at most one summary line per fault kind in this time
+FAIL_AFTER = 30.0  # seconds of nothing but lost frames before the run gives up (--fail-after)
+FAIL_FRAMES = 50  # ... and at least this many lost frames in a row (a slow source is not judged on a few)
+EXIT_FAILING = 3  # exit code of a run that gave up (persistent faults); 1: it could not start
 
 
 class RunError(MochaError):
     """The live loop cannot start (bad output path, no display for --show, ...)."""
+
+
+class RunFailed(RunError):
+    """Every frame faulted for too long (see the module doc): the outputs are finalised; ``summary`` says
+    what the run did."""
+
+    exit_code = EXIT_FAILING
+
+    def __init__(self, message: str, summary: RunSummary) -> None:
+        super().__init__(message)
+        self.summary = summary
 
 
 PipelineFactory = Callable[..., "LivePipeline"]
@@ -76,7 +110,9 @@ class RunOptions:
     show: bool | None = None  # None: a window when a display exists
     max_frames: int | None = None
     fps_every: float = 5.0  # seconds between FPS lines (0: none)
-    handle_signals: bool = True  # SIGINT/SIGTERM stop the loop cleanly (main thread only)
+    handle_signals: bool = True  # SIGINT/SIGTERM/SIGHUP stop the loop cleanly (main thread only)
+    fail_after: float = FAIL_AFTER  # give up after this many seconds of lost frames only (0: never)
+    fail_frames: int = FAIL_FRAMES  # ... and at least this many of them in a row
 
 
 @dataclass
@@ -92,6 +128,10 @@ class RunSummary:
     reconnects: int = 0
     enrolled: list[str] = field(default_factory=list)
     outputs: list[SinkReport] = field(default_factory=list)  # one per sink, in order
+    faults: dict[str, int] = field(
+        default_factory=dict
+    )  # per kind ("STAGE: ExceptionType"), in first-seen order
+    lost: int = 0  # frames whose detections could not be made or that no output took
 
     @property
     def fps(self) -> float:
@@ -108,6 +148,9 @@ class RunSummary:
             parts.append(f"{self.reconnects} reconnect attempts")
         if self.enrolled:
             parts.append("enrolled " + ", ".join(self.enrolled))
+        if self.faults:
+            kinds = ", ".join(f"{k} x{n}" for k, n in self.faults.items())
+            parts.append(f"faults: {kinds} ({self.lost} frame{'s' * (self.lost != 1)} lost)")
         parts.extend(r.line() for r in self.outputs)
         return "; ".join(parts)
 
@@ -146,8 +189,14 @@ def sink_uris(opts: RunOptions) -> list[SinkURI]:
     return [check_sink(u) for u in uris]
 
 
+def _stop_signals() -> tuple[signal.Signals, ...]:
+    """The signals that stop the loop cleanly: SIGINT, SIGTERM, and SIGHUP where it exists (POSIX)."""
+    hup = getattr(signal, "SIGHUP", None)
+    return (signal.SIGINT, signal.SIGTERM) + ((hup,) if hup is not None else ())
+
+
 class _Stop:
-    """SIGINT/SIGTERM handling: while ``interruptible`` (waiting for a frame) a signal raises
+    """SIGINT/SIGTERM/SIGHUP handling: while ``interruptible`` (waiting for a frame) a signal raises
     KeyboardInterrupt; otherwise it is only noted and the loop stops after the current frame."""
 
     def __init__(self) -> None:
@@ -168,13 +217,82 @@ class _Stop:
     def install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
             return
-        for s in (signal.SIGINT, signal.SIGTERM):
+        for s in _stop_signals():
             self._old[s] = signal.signal(s, self._handler)
 
     def restore(self) -> None:
         for s, h in self._old.items():
             signal.signal(s, h)
         self._old.clear()
+
+
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(e).split())
+    return text[: limit - 3] + "..." if len(text) > limit else text
+
+
+class FaultLog:
+    """Per-frame faults: counted per kind (``STAGE: ExceptionType``); the first of a kind is logged at once
+    with its message, later ones at most once per ``every`` seconds per kind, as one line with the count
+    since the last line. Also tracks the streak of lost frames behind the give-up rule (module doc)."""
+
+    def __init__(
+        self,
+        log: Callable[[str], None],
+        every: float = FAULT_REPORT_EVERY,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.log, self.every, self.clock = log, every, clock
+        self.counts: dict[str, int] = {}
+        self._since: dict[str, int] = {}  # faults of the kind not yet in a log line
+        self._logged_at: dict[str, float] = {}
+        self.last = ""  # the latest fault, as logged
+        self.streak = 0  # lost frames in a row
+        self.streak_t0 = 0.0  # clock when the streak began
+
+    def record(self, stage: str, e: Exception, frame: int | None) -> None:
+        """Count ``e``, raised by ``stage`` on frame number ``frame`` (None: between frames), and log it as
+        the rate allows."""
+        kind = f"{stage}: {type(e).__name__}"
+        msg = _one_line(e) or "(no message)"
+        self.last = f"{kind}: {msg}"
+        now = self.clock()
+        n = self.counts.get(kind, 0) + 1
+        self.counts[kind] = n
+        if n == 1:
+            self._logged_at[kind], self._since[kind] = now, 0
+            where = f"frame {frame}: " if frame is not None else ""
+            self.log(
+                f"warning: {where}{kind}: {msg} (the run goes on; this fault's repeats are "
+                f"summarised at most every {self.every:g} s)"
+            )
+            return
+        self._since[kind] += 1
+        if now - self._logged_at[kind] >= self.every:
+            since, ago = self._since[kind], now - self._logged_at[kind]
+            self._logged_at[kind], self._since[kind] = now, 0
+            last = f"frame {frame}: " if frame is not None else ""
+            self.log(f"warning: {kind}: {since} more in the last {ago:.0f} s ({n} in all; last: {last}{msg})")
+
+    def attempt(self, stage: str, frame: int | None, fn: Callable[..., Any], *args: Any) -> tuple[bool, Any]:
+        """``(True, fn(*args))``, or ``(False, None)`` with the exception recorded (only ``Exception``:
+        KeyboardInterrupt and SystemExit go through)."""
+        try:
+            return True, fn(*args)
+        except Exception as e:
+            self.record(stage, e, frame)
+            return False, None
+
+    def frame_done(self, lost: bool) -> float:
+        """Note whether the frame just handled was lost; the seconds the streak of lost frames has lasted."""
+        now = self.clock()
+        if not lost:
+            self.streak = 0
+            return 0.0
+        if self.streak == 0:
+            self.streak_t0 = now
+        self.streak += 1
+        return now - self.streak_t0
 
 
 class _Meter:
@@ -218,12 +336,17 @@ def run_loop(
     """Run ``pipe`` on every frame of ``source`` and write the outputs; see the module doc.
 
     ``commands`` has ``poll() -> list[str]`` (and ``interactive``); ``window`` has ``show(img) -> key``
-    and ``close()``. Outputs are finalised whatever stops the loop; errors propagate after that.
+    and ``close()``. Outputs are finalised whatever stops the loop; errors propagate after that. A fault
+    while handling a frame is counted and the loop goes on (module doc); :class:`RunFailed` (after the
+    outputs are finalised) when every frame has been lost for ``opts.fail_after`` seconds and
+    ``opts.fail_frames`` frames.
     """
     from mocha_edge.deploy.sources import SourceError
 
     console = console or Console()
     summary = RunSummary(source.name)
+    faults = FaultLog(console.log)
+    failing = ""  # why the run gives up (persistent faults)
     sinks: list[Sink] = open_sinks(sink_uris(opts), camera=source.name, fps=source.fps)
     need_records = any(s.needs_records for s in sinks)
     need_image = window is not None or any(s.needs_image for s in sinks)
@@ -244,7 +367,9 @@ def run_loop(
                 if awaiting is not None:
                     vec, coarse, where = awaiting
                     awaiting = None
-                    enroller.enrol(line or enroller.auto_name(), vec, coarse, where)
+                    faults.attempt(
+                        "enrol", None, enroller.enrol, line or enroller.auto_name(), vec, coarse, where
+                    )
                     continue
                 words = line.split(maxsplit=1)
                 if not words:
@@ -276,43 +401,64 @@ def run_loop(
                 ended = getattr(source, "ended", None)
                 summary.stopped = ended if ended and ended != "end" else "end of source"
                 break
-            enroller.poll()  # banks the worker finished since the last frame
+            # banks the worker finished since the last frame
+            faults.attempt("enrol", frame.index, enroller.poll)
             t1 = time.perf_counter()
-            dets = pipe(frame.image_bgr)
+            ok, dets = faults.attempt("pipeline", frame.index, pipe, frame.image_bgr)
             t2 = time.perf_counter()
-            names = pipe.identity_names  # those this frame was matched against (before any enrolment)
-            for name in pending:
-                top = enroller.top(dets)
-                if top is None:
-                    console.log(
-                        f"warning: enroll {name}: no detection in frame {frame.index}; nothing enrolled"
-                    )
-                else:
-                    enroller.enrol(name, top[0], top[1], f"frame {frame.index}")
-            pending.clear()
             summary.frames += 1
-            summary.detections += len(dets.scores)
-            records = detection_records(frame, dets, list(pipe.names), names) if need_records else []
-            shown = annotate(frame.image_bgr, dets, list(pipe.names), names) if need_image else None
-            for sink in sinks:
-                sink.write(frame, records, shown)
+            records: list[dict[str, Any]] | None = None  # None: the detection outputs skip this frame
+            shown: np.ndarray | None = None
+            if ok:
+                names = pipe.identity_names  # those this frame was matched against (before any enrolment)
+                for name in pending:
+                    faults.attempt(
+                        "enrol", frame.index, _enrol_top, enroller, dets, name, frame.index, console
+                    )
+                pending.clear()
+                summary.detections += len(dets.scores)
+                ok, records = (
+                    faults.attempt(
+                        "records", frame.index, detection_records, frame, dets, list(pipe.names), names
+                    )
+                    if need_records
+                    else (True, [])
+                )
+                if need_image:
+                    done, shown = faults.attempt(
+                        "annotate", frame.index, annotate, frame.image_bgr, dets, list(pipe.names), names
+                    )
+                    ok = ok and done
+            if shown is None and need_image:
+                shown = frame.image_bgr  # no boxes: the pipeline or the drawing failed (counted above)
+            delivered = 0
+            for sink in sinks:  # each one isolated: a full disk under one never stops the others
+                if records is None and sink.needs_records:
+                    continue
+                done, _ = faults.attempt(
+                    f"sink {sink.path}", frame.index, sink.write, frame, records or [], shown
+                )
+                delivered += done
             if window is not None and shown is not None:
-                key = window.show(shown)
+                shown_ok, key = faults.attempt("window", frame.index, window.show, shown)
+                delivered += shown_ok
                 if key == "closed" or key in (27, ord("q")):
                     stop.requested = stop.requested or ("window closed" if key == "closed" else "key q")
                 elif key == ord("e"):
-                    top = enroller.top(dets)
-                    if top is None:
-                        console.log(f"key e: no detection in frame {frame.index} to enrol")
-                    elif commands is not None and getattr(commands, "interactive", False):
-                        awaiting = (top[0], top[1], f"frame {frame.index}")
-                        console.log(
-                            f"key e: {pipe.names[top[1]]} ({top[2]:.2f}) from frame {frame.index}: "
-                            f"type its name and Enter (empty: {enroller.auto_name()})"
-                        )
-                    else:
-                        enroller.enrol(enroller.auto_name(), top[0], top[1], f"frame {frame.index}")
-            meter.add(pipe.timings, (t1 - t0) * 1e3, (time.perf_counter() - t2) * 1e3)
+                    _, named = faults.attempt("enrol", frame.index, _key_e, enroller, dets, frame.index, pipe,
+                                              commands, console)  # fmt: skip
+                    awaiting = named or awaiting
+            lost = not ok or ((bool(sinks) or window is not None) and delivered == 0)
+            summary.lost += lost
+            streak_s = faults.frame_done(lost)
+            if 0 < opts.fail_after <= streak_s and faults.streak >= max(1, opts.fail_frames):
+                failing = (
+                    f"every frame lost for {streak_s:.0f} s ({faults.streak} in a row); last: {faults.last}"
+                )
+                summary.stopped = f"failing: {failing}"
+                break
+            if ok:
+                meter.add(pipe.timings, (t1 - t0) * 1e3, (time.perf_counter() - t2) * 1e3)
             report = meter.report(frame.index)
             if report is not None:
                 console.status(report)
@@ -338,12 +484,49 @@ def run_loop(
                     summary.outputs.append(sink.close())
                 except Exception as e:
                     failed = failed or e
+            summary.faults = dict(faults.counts)
             console.end()
             if failed is not None:
                 raise failed
         finally:
             stop.restore()
+    if failing:
+        raise RunFailed(f"{source.name}: giving up: {failing}", summary)
     return summary
+
+
+def _enrol_top(enroller: LiveEnroller, dets: Any, name: str, index: int, console: Console) -> None:
+    """``enroll NAME``: the top detection of frame ``index`` becomes a shot of ``name``."""
+    top = enroller.top(dets)
+    if top is None:
+        console.log(f"warning: enroll {name}: no detection in frame {index}; nothing enrolled")
+    else:
+        enroller.enrol(name, top[0], top[1], f"frame {index}")
+
+
+def _key_e(
+    enroller: LiveEnroller,
+    dets: Any,
+    index: int,
+    pipe: LivePipeline,
+    commands: Any,
+    console: Console,
+) -> tuple[np.ndarray, int, str] | None:
+    """Key ``e``: enrol the top detection of the frame shown as ``obj-N``, or, on a terminal, return it:
+    it waits for its name (the next stdin line)."""
+    top = enroller.top(dets) if dets is not None else None
+    if top is None:
+        why = "" if dets is not None else " (its processing failed)"
+        console.log(f"key e: no detection in frame {index} to enrol{why}")
+    elif commands is not None and getattr(commands, "interactive", False):
+        console.log(
+            f"key e: {pipe.names[top[1]]} ({top[2]:.2f}) from frame {index}: "
+            f"type its name and Enter (empty: {enroller.auto_name()})"
+        )
+        return top[0], top[1], f"frame {index}"
+    else:
+        enroller.enrol(enroller.auto_name(), top[0], top[1], f"frame {index}")
+    return None
 
 
 def make_pipeline(model: str | Path, **kwargs: Any) -> LivePipeline:
@@ -452,10 +635,13 @@ def run(
                    "(auto: when the engine and the CUDA build allow; the reason is printed when not).")  # fmt: skip
 @click.option("--max-frames", type=int, help="Stop after N frames.")
 @click.option("--fps-every", default=5.0, show_default=True, help="Seconds between FPS lines (0: none).")
+@click.option("--fail-after", default=FAIL_AFTER, show_default=True, metavar="SECONDS",
+              help=f"Give up (exit code {EXIT_FAILING}) when every frame has faulted for this long and at least "
+                   f"{FAIL_FRAMES} frames in a row, so a supervisor restarts the process (0: never).")  # fmt: skip
 def run_cmd(model: Path, bank: Path | None, source: str | None, camera: int | None, csi: int | None,
             sinks: tuple[str, ...], save: Path | None, jsonl: Path | None, show: bool | None, conf: float, iou: float,
             threshold: float | None, name_conf: float | None, mode: str, backend: str | None, gpu_stages: str,
-            max_frames: int | None, fps_every: float) -> None:  # fmt: skip
+            max_frames: int | None, fps_every: float, fail_after: float) -> None:  # fmt: skip
     """Run the exported MODEL (.onnx from `mocha-edge export`, or a TensorRT .engine) on a live source:
     detect, match against the prototype bank, write/show the results, enrol new objects on the fly.
 
@@ -469,8 +655,12 @@ def run_cmd(model: Path, bank: Path | None, source: str | None, camera: int | No
       "stopped: error: ..." in the summary, not as an ordinary end.
     Live enrolment: type `enroll NAME` + Enter: the top detection of the next frame becomes a shot of
       NAME (bank saved at once, used from the next frame); key `e` in the window does the same; `quit` stops.
-    Faults: a lost camera reconnects (backoff 0.5 s to 8 s); unreadable images are skipped with a warning.
-    Ctrl-C / SIGTERM stop cleanly (outputs finalised, summary printed), exit code 0.
+    Faults: a lost camera reconnects (backoff 0.5 s to 8 s); unreadable images are skipped with a warning;
+      a fault on one frame (pipeline, an output, the window) is counted and logged (then at most once a
+      minute per kind) and the run goes on, other outputs unaffected; the summary lists the counts. When
+      every frame has faulted for --fail-after seconds the run ends with exit code 3 (outputs finalised).
+    Ctrl-C / SIGTERM / SIGHUP (a dropped SSH session) stop cleanly (outputs finalised, summary printed),
+      exit code 0.
 
     \b
     Examples:
@@ -489,21 +679,37 @@ def run_cmd(model: Path, bank: Path | None, source: str | None, camera: int | No
         raise click.BadParameter("must be >= 1", param_hint="--max-frames")
     if threshold is not None and not -1.0 <= threshold <= 1.0:
         raise click.BadParameter("a cosine in [-1, 1]", param_hint="--threshold")
+    if fail_after < 0:
+        raise click.BadParameter("must be >= 0 (0: never give up)", param_hint="--fail-after")
     opts = RunOptions(save=save, jsonl=jsonl, sinks=list(sinks), show=show, max_frames=max_frames,
-                      fps_every=fps_every)  # fmt: skip
-    summary = run(
-        model, given[0], opts, bank_path=bank, backend=backend, conf=conf, iou=iou, mode=mode,
-        gpu_stages=gpu_stages, threshold=threshold, name_conf=name_conf, pipeline_factory=make_pipeline,
-        commands=StdinCommands.start(), console=Console(),
-    )  # fmt: skip
-    click.echo(summary.line())
+                      fps_every=fps_every, fail_after=fail_after)  # fmt: skip
+    console = Console()
+    try:
+        summary = run(
+            model, given[0], opts, bank_path=bank, backend=backend, conf=conf, iou=iou, mode=mode,
+            gpu_stages=gpu_stages, threshold=threshold, name_conf=name_conf, pipeline_factory=make_pipeline,
+            commands=StdinCommands.start(warn=console.log), console=console,
+        )  # fmt: skip
+    except RunFailed as e:
+        _echo(e.summary.line())
+        raise
+    _echo(summary.line())
+
+
+def _echo(line: str) -> None:
+    """The summary on stdout; a stdout gone with its terminal (EIO after a hang-up, EPIPE) loses only it:
+    the outputs are final by now."""
+    with contextlib.suppress(OSError):
+        click.echo(line)
 
 
 __all__ = [
     "Console",
+    "FaultLog",
     "JsonlSink",
     "LiveEnroller",
     "RunError",
+    "RunFailed",
     "RunOptions",
     "RunSummary",
     "StdinCommands",
