@@ -360,11 +360,14 @@ def train(dataset: Path | None, out: Path, model: str, stage: str, teacher_cache
 @click.option("--list", "list_", is_flag=True, help="Print the bank (after any edit); MODEL optional.")
 @click.option("--keep-translator", is_flag=True, help="Enrol in the translator's (teacher) space.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1 ...")
+@click.option("--max-shots", type=click.IntRange(min=1), default=None,
+              help="Shots an identity keeps (default 20, as `run`'s live enrolment); past it the most "
+                   "redundant shot is dropped.")  # fmt: skip
 def enroll(model: Path | None, bank: Path, name: str | None, images: tuple[Path, ...], boxes: tuple[str, ...],
            label_index: int | None, boxes_json: Path | None, episode: Path | None, episode_index: int,
            shots: int, coarse: str | None, add_shots: bool, replace: bool, remove: str | None,
            only: tuple[str, ...], set_thresholds: tuple[str, ...], list_: bool, keep_translator: bool,
-           device: str) -> None:  # fmt: skip
+           device: str, max_shots: int | None) -> None:  # fmt: skip
     """Enrol personal objects into the prototype bank --bank, with vectors of the student MODEL (.ckpt/.pt).
 
     Support boxes come from --box, YOLO label files, --boxes-json or a MOCHA --episode. A name already in
@@ -392,6 +395,7 @@ def enroll(model: Path | None, bank: Path, name: str | None, images: tuple[Path,
             episode=episode, episode_index=episode_index, shots=shots, cls=coarse, add_shots=add_shots,
             replace=replace, remove=remove, keep_translator=keep_translator, device=device,
             identities=list(only) if only else None, set_thresholds=set_thresholds,
+            **({} if max_shots is None else {"max_shots": max_shots}),
         )  # fmt: skip
         for line in summary.lines():
             click.echo(line)

@@ -2,7 +2,9 @@
 
 Support boxes come from ``--box`` on the command line, YOLO label files, a JSON list of boxes, or a MOCHA
 episode. Everything is parsed and validated first, then every image is read and embedded, and only then is
-the bank edited in memory and written (atomically): a bad support item never leaves a half-edited bank.
+the bank edited, by :func:`~mocha_edge.prototypes.edit_bank`: under the bank's lock, on the file as it is then
+(identities another process enrolled meanwhile stay), written atomically. A bad support item never leaves a
+half-edited bank.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from mocha_edge.data.readers import label_path
-from mocha_edge.prototypes import BankError, PrototypeBank
+from mocha_edge.prototypes import MAX_SHOTS, BankError, PrototypeBank, edit_bank
 from mocha_edge.space import match_dim, space_id, to_space
 from mocha_edge.utils import read_json
 
@@ -56,6 +58,8 @@ class EnrollSummary:
     updated: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
     new_shots: dict[str, int] = field(default_factory=dict)  # shots enrolled by this call
+    dropped: dict[str, int] = field(default_factory=dict)  # redundant shots dropped to keep max_shots
+    max_shots: int | None = MAX_SHOTS
     total_shots: dict[str, int] = field(default_factory=dict)  # shots per touched identity afterwards
     thresholds: dict[str, tuple[float, str]] = field(default_factory=dict)  # every identity afterwards
     identities: int = 0
@@ -67,8 +71,10 @@ class EnrollSummary:
             verb = "added" if n in self.added else "updated"
             t = self.thresholds.get(n)
             thr = f", threshold {_threshold_text(*t)}" if t else ""
+            drop = self.dropped.get(n, 0)
+            cap = f", {drop} redundant dropped: at most {self.max_shots}" if drop else ""
             out.append(
-                f"{verb} {n!r}: +{self.new_shots.get(n, 0)} shots ({self.total_shots[n]} in total){thr}"
+                f"{verb} {n!r}: +{self.new_shots.get(n, 0)} shots ({self.total_shots[n]} in total{cap}){thr}"
             )
         out += [f"removed {n!r}" for n in self.removed]
         what = "created" if self.created else "wrote"
@@ -388,6 +394,7 @@ def enroll(
     set_thresholds: Sequence[str] = (),
     keep_translator: bool = False,
     device: str = "cpu",
+    max_shots: int | None = MAX_SHOTS,
 ) -> EnrollSummary:
     """Enrol support boxes into (or remove an identity from, or set thresholds of) the bank at
     ``bank_path``; see the module doc.
@@ -396,10 +403,14 @@ def enroll(
     of each support box; the model's shipped base vectors of each enrolled class become the bank's
     negatives; every identity's threshold is then recalibrated (:meth:`PrototypeBank.calibrate`).
     ``identities`` keeps only those names of an episode. With ``remove`` or ``set_thresholds`` alone no
-    support input is read and ``model`` is optional (when given, the bank is checked against it).
+    support input is read and ``model`` is optional (when given, the bank is checked against it). An
+    identity keeps at most ``max_shots`` shots (None: no bound): past it the most redundant go.
+    The edit is made by :func:`~mocha_edge.prototypes.edit_bank`, on the bank as the file holds it then.
     """
     bank_path = Path(bank_path)
-    summary = EnrollSummary(bank_path)
+    summary = EnrollSummary(bank_path, max_shots=max_shots)
+    if max_shots is not None and max_shots < 1:
+        raise BankError(f"--max-shots {max_shots}: an identity keeps at least 1 shot")
     has_input = bool(images or boxes or boxes_json is not None or episode is not None)
     if add_shots and replace:
         raise BankError("--add-shots and --replace exclude each other")
@@ -409,17 +420,25 @@ def enroll(
             raise BankError(
                 "--remove / --set-threshold edit the bank; they take no --name/--image/--boxes-json/--episode"
             )
-        bank = PrototypeBank.load(bank_path)
-        if model is not None:
-            summary.warnings += _check_bank(
-                bank, _load(model, device, bank.translator), bank.translator, bank_path
-            )
+        first = PrototypeBank.load(bank_path)  # fails before the (slow) model load
+        checker = _load(model, device, first.translator) if model is not None else None
+        checked: list[str] = []  # precision warnings of the bank as edited
+
+        def edit_existing(bank: PrototypeBank | None) -> PrototypeBank:
+            if bank is None:
+                raise BankError(f"{bank_path}: the bank file was removed meanwhile; nothing edited")
+            if checker is not None:
+                checked[:] = _check_bank(bank, checker, bank.translator, bank_path)
+            if remove is not None:
+                bank.remove(remove)
+            for n, t in overrides:
+                bank.set_threshold(n, t)
+            return bank
+
+        bank = edit_bank(bank_path, edit_existing).bank
+        summary.warnings += checked
         if remove is not None:
-            bank.remove(remove)
             summary.removed.append(remove)
-        for n, t in overrides:
-            bank.set_threshold(n, t)
-        bank.save(bank_path)
         return _finish(summary, bank)
     if not has_input:
         raise BankError(
@@ -444,11 +463,11 @@ def enroll(
         supports = [s for s in supports if s.name in set(identities)]
     idents = [s.name or name or "" for s in supports]
     supports = _share_classes(supports, idents)
-    bank = PrototypeBank.load(bank_path) if bank_path.exists() else None
-    if bank is not None and not (add_shots or replace):
+    first = PrototypeBank.load(bank_path) if bank_path.exists() else None
+    if first is not None and not (add_shots or replace):
         for n in dict.fromkeys(idents):
-            if n in bank.identities:  # fail before the (slow) model load
-                k = len(bank.identities[n].shots)
+            if n in first.identities:  # fail before the (slow) model load
+                k = len(first.identities[n].shots)
                 raise BankError(f"identity {n!r} already enrolled ({k} shots); use --add-shots or --replace")
     student = _load(model, device, keep_translator)
     sp = student.space
@@ -457,29 +476,43 @@ def enroll(
             f"{student.source}: the model carries no vector space (made before mocha-edge trained one, or a "
             "plain ultralytics .pt): no centring, and thresholds come from the support shots alone"
         )
-    if bank is None:
-        bank = PrototypeBank(match_dim(sp, student.dim), student.fingerprint, list(student.names), "fp32",
-                             keep_translator, space=space_id(sp))  # fmt: skip
-        summary.created = True
-    else:
-        summary.warnings += _check_bank(bank, student, keep_translator, bank_path)
+    if first is not None:
+        _check_bank(first, student, keep_translator, bank_path)  # fails before reading the images
     vectors, coarse, aug = embed_supports(student, supports, cls)
+    groups: dict[str, tuple[list[int], int]] = {}
     for n in dict.fromkeys(idents):
         rows = [i for i, m in enumerate(idents) if m == n]
         classes = sorted({coarse[i] for i in rows})
         if len(classes) > 1:
-            seen = ", ".join(bank.class_names[c] for c in classes)
+            seen = ", ".join(student.names[c] for c in classes)
             raise BankError(f"{n}: support boxes disagree on the coarse class ({seen}); pass --class")
-        c = classes[0]
-        existed = n in bank.identities
-        bank.add(n, c, to_space(sp, vectors[rows], c), replace=replace, append=add_shots,
-                 views=to_space(sp, aug[rows].reshape(-1, aug.shape[-1]), c),
-                 negatives=sp.negatives if sp is not None else None)  # fmt: skip
-        (summary.updated if existed else summary.added).append(n)
-        summary.new_shots[n] = len(rows)
-    for n, t in overrides:
-        bank.set_threshold(n, t)
-    bank.save(bank_path)
+        groups[n] = (rows, classes[0])
+
+    checked: list[str] = []  # precision warnings of the bank as edited
+
+    def add_all(bank: PrototypeBank | None) -> PrototypeBank:
+        """The enrolment, applied to the bank as the file holds it now (under its lock)."""
+        summary.created = bank is None
+        if bank is None:
+            bank = PrototypeBank(match_dim(sp, student.dim), student.fingerprint, list(student.names), "fp32",
+                                 keep_translator, space=space_id(sp))  # fmt: skip
+        else:  # another process may have rewritten it since it was first read: checked again
+            checked[:] = _check_bank(bank, student, keep_translator, bank_path)
+        for n, (rows, c) in groups.items():
+            existed = n in bank.identities
+            dropped = bank.add(n, c, to_space(sp, vectors[rows], c), replace=replace, append=add_shots,
+                               views=to_space(sp, aug[rows].reshape(-1, aug.shape[-1]), c),
+                               negatives=sp.negatives if sp is not None else None, max_shots=max_shots)  # fmt: skip
+            (summary.updated if existed else summary.added).append(n)
+            summary.new_shots[n] = len(rows)
+            if dropped:
+                summary.dropped[n] = dropped
+        for n, t in overrides:
+            bank.set_threshold(n, t)
+        return bank
+
+    bank = edit_bank(bank_path, add_all).bank
+    summary.warnings += checked
     return _finish(summary, bank)
 
 

@@ -5,25 +5,39 @@ A bank holds, per identity, every enrolled shot's unit vector in the model's mat
 normalised mean of the shots. Per enrolled class it keeps the model's shipped base vectors (the calibration
 negatives). It records the vector size, the matching space and the fingerprint of the model that made it
 (student weights + pooling + space) and the precision; a bank is refused by another model, vector size or
-space, and a precision mismatch only warns. Files are safetensors (vectors) with JSON metadata, written
-atomically.
+space, and a precision mismatch only warns. Files are safetensors (vectors) with JSON metadata, checked
+field by field on load (a malformed file is one :class:`BankError` line naming it). They are written only
+through :func:`edit_bank`: under ``<file>.lock``, applying the edit to the file's current contents and
+writing atomically, so writers in several processes (``enroll``, ``run``'s live enrolment) never lose each
+other's identities. An identity keeps at most :data:`MAX_SHOTS` shots (past that the most redundant goes).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
+import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from mocha_edge.errors import MochaError
-from mocha_edge.utils import atomic_path
+from mocha_edge.utils import LOCK_TIMEOUT, FileStamp, atomic_path, file_lock, file_stamp
 
 BANK_FORMAT = "mocha-edge-prototypes/2"
 OLD_BANK_FORMATS = ("mocha-edge-prototypes/1",)
+# Shots kept per identity. The prototype is the mean of the shots, whose noise shrinks as 1/sqrt(k): past ~20
+# shots another one moves it by a fifth of what the 4th did, while every edit's cost (the copy, the class's
+# recalibration, the file: each `enroll` shot brings 9 augmented views) grows with k. Past the bound the most
+# redundant shot goes (:func:`most_redundant`), so the shots keep spanning the looks the object was seen in.
+MAX_SHOTS = 20
+UNIT_TOL = 1e-3  # a stored shot or view is a unit vector up to this (float16 negatives: 10x this)
+THRESHOLD_TOL = 1e-5  # calibration may put a threshold just above a cosine of 1
 
 
 class BankError(MochaError):
@@ -38,7 +52,8 @@ def l2n(x: np.ndarray) -> np.ndarray:
 @dataclass
 class Identity:
     """One enrolled object: its shots and augmented views (unit vectors in the model's matching space,
-    i.e. centred) and its own "unknown" threshold."""
+    i.e. centred) and its own "unknown" threshold. Its arrays are never changed in place (an edit makes new
+    ones), so copies of a bank share them."""
 
     name: str
     coarse: int  # coarse class id (conditional matching compares within it)
@@ -47,14 +62,51 @@ class Identity:
     threshold: float = -1.0
     threshold_source: str = "not calibrated"
     manual: bool = False  # threshold set by hand (enroll --set-threshold): calibration leaves it alone
+    # per view, the row of ``shots`` it is a view of, or -1 (unknown: banks written before it was kept)
+    view_shot: np.ndarray | None = None
+    _proto: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.views is None:
             self.views = np.zeros((0, self.shots.shape[1]), np.float32)
+        if self.view_shot is None:
+            self.view_shot = np.full(len(self.views), -1, np.int32)
 
     @property
     def prototype(self) -> np.ndarray:
-        return l2n(self.shots.mean(0))
+        """``l2n(mean of the shots)``, computed once per shots array."""
+        if self._proto is None or self._proto[0] is not self.shots:
+            self._proto = (self.shots, l2n(self.shots.mean(0)))
+        return self._proto[1]
+
+    def keep_shots(self, keep: np.ndarray) -> Identity:
+        """A copy holding only the shots ``keep`` (row indices, ascending) and their views."""
+        assert self.views is not None and self.view_shot is not None
+        new_row = np.full(len(self.shots), -1, np.int32)
+        new_row[keep] = np.arange(len(keep), dtype=np.int32)
+        owner = np.where(self.view_shot >= 0, new_row[np.maximum(self.view_shot, 0)], -1)
+        stay = (self.view_shot < 0) | (owner >= 0)  # views of unknown shots stay, views of dropped shots go
+        return dataclasses.replace(self, shots=self.shots[keep], views=self.views[stay],
+                                   view_shot=owner[stay].astype(np.int32), _proto=None)  # fmt: skip
+
+
+def most_redundant(shots: np.ndarray, keep: int) -> np.ndarray:
+    """Rows of ``shots`` (unit vectors) to keep, ``keep`` of them, ascending: drop, one at a time, the shot
+    closest to another shot (of that pair, the one closer to all the others) until ``keep`` are left."""
+    k = len(shots)
+    if k <= keep:
+        return np.arange(k)
+    s = np.asarray(shots, np.float64) @ np.asarray(shots, np.float64).T
+    np.fill_diagonal(s, -np.inf)
+    alive = np.ones(k, bool)
+    for _ in range(k - keep):
+        nearest = np.where(alive, s.max(1), -np.inf)
+        pair = np.flatnonzero(alive & (nearest >= nearest.max() - 1e-9))
+        closeness = np.where(alive[None], s[pair], 0.0).sum(1)
+        drop = int(pair[np.argmax(closeness)])
+        alive[drop] = False
+        s[drop, :] = s[:, drop] = -np.inf
+    return np.flatnonzero(alive)
 
 
 Negatives = Callable[[int], np.ndarray]  # coarse class -> (n, D) unit vectors of other objects of it
@@ -72,6 +124,18 @@ class PrototypeBank:
     # per coarse class with identities: unit vectors of other (base) objects of it, shipped with the model;
     # kept in the bank so that any later edit recalibrates the same way, with or without the model at hand
     negatives: dict[int, np.ndarray] = field(default_factory=dict)
+    # calibration similarities, each with the arrays it was computed from (reused while they are the same)
+    _memo: dict[tuple, tuple[tuple, np.ndarray]] = field(default_factory=dict, repr=False, compare=False)
+
+    def copy(self) -> PrototypeBank:
+        """A copy to edit: its own identity records and dicts, sharing the (never edited in place) arrays."""
+        return dataclasses.replace(
+            self,
+            class_names=list(self.class_names),
+            identities={n: dataclasses.replace(i) for n, i in self.identities.items()},
+            negatives=dict(self.negatives),
+            _memo=dict(self._memo),
+        )
 
     # ------------------------------------------------------------------------------ edit
     def add(
@@ -83,10 +147,17 @@ class PrototypeBank:
         append: bool = False,
         views: np.ndarray | None = None,
         negatives: Negatives | None = None,
-    ) -> None:
+        max_shots: int | None = MAX_SHOTS,
+    ) -> int:
         """Enrol shots of ``name`` (vectors already in the matching space, e.g. centred), with optional
-        augmented ``views``; ``negatives(coarse)`` gives the class's base vectors the first time the bank
-        sees the class. Then recalibrate. An existing name needs ``append`` or ``replace``."""
+        augmented ``views`` (in per-shot blocks when their count is a multiple of the shots'); ``negatives(coarse)``
+        gives the class's base vectors the first time the bank sees the class. An existing name needs
+        ``append`` or ``replace``. Past ``max_shots`` (None: no bound) the most redundant shots and their
+        views go (:func:`most_redundant`). Then the class is recalibrated. Returns the shots dropped."""
+        if not isinstance(name, str) or not name.strip():
+            raise BankError(f"an identity needs a name, not {name!r}")
+        if max_shots is not None and max_shots < 1:
+            raise BankError(f"{name}: at most {max_shots} shots per identity? it must be at least 1")
         v = self._rows(name, vectors, "vectors")
         if v.shape[0] == 0:
             raise BankError(f"{name}: no support vector to enrol")
@@ -98,22 +169,31 @@ class PrototypeBank:
             raise BankError(
                 f"identity {name!r} already enrolled ({len(old.shots)} shots); use --add-shots or --replace"
             )
-        ident = Identity(name, int(coarse), l2n(v), l2n(a))
+        per = len(a) // len(v) if len(a) % len(v) == 0 else 0
+        owner = np.repeat(np.arange(len(v), dtype=np.int32), per) if per else np.full(len(a), -1, np.int32)
+        ident = Identity(name, int(coarse), l2n(v), l2n(a), view_shot=owner)
         if old is not None and append:
             if old.coarse != coarse:
                 raise BankError(
                     f"{name}: enrolled as {self.class_names[old.coarse]!r}, new shots are {self.class_names[coarse]!r}"
                 )
-            assert old.views is not None
+            assert old.views is not None and old.view_shot is not None
+            owner = np.where(owner >= 0, owner + len(old.shots), -1).astype(np.int32)
             ident = Identity(name, old.coarse, np.concatenate([old.shots, ident.shots]),
                              np.concatenate([old.views, ident.views]), old.threshold, old.threshold_source,
-                             old.manual)  # fmt: skip
+                             old.manual, np.concatenate([old.view_shot, owner]))  # fmt: skip
+        dropped = 0
+        if max_shots is not None and len(ident.shots) > max_shots:
+            keep = most_redundant(ident.shots, max_shots)
+            dropped = len(ident.shots) - len(keep)
+            ident = ident.keep_shots(keep)
         self.identities[name] = ident
         if coarse not in self.negatives and negatives is not None:
             neg = self._rows(name, negatives(coarse), "negatives")
             if len(neg):
                 self.negatives[int(coarse)] = l2n(neg).astype(np.float16)
         self.calibrate({int(coarse)})
+        return dropped
 
     def _rows(self, name: str, x: np.ndarray, what: str) -> np.ndarray:
         v = np.asarray(x, np.float32)
@@ -145,7 +225,7 @@ class PrototypeBank:
             ident.manual = False
             self.calibrate({ident.coarse})
             return
-        if not (np.isfinite(value) and -1.0 <= value <= 1.0):
+        if not (isinstance(value, int | float) and math.isfinite(value) and -1.0 <= value <= 1.0):
             raise BankError(f"{name}: threshold {value!r} is not a cosine in [-1, 1]")
         ident.threshold, ident.threshold_source, ident.manual = float(value), "set by hand", True
 
@@ -162,28 +242,44 @@ class PrototypeBank:
         """Each identity's threshold, in :meth:`prototypes` order."""
         return np.asarray([self.identities[n].threshold for n in sorted(self.identities)], np.float32)
 
+    def _sims(self, key: tuple, rows: np.ndarray, ident: Identity) -> np.ndarray:
+        """``rows @ ident.prototype``, computed again only when ``rows`` or ``ident``'s shots were replaced."""
+        hit = self._memo.get(key)
+        if hit is not None and hit[0][0] is rows and hit[0][1] is ident.shots:
+            return hit[1]
+        out = np.asarray(rows, np.float32) @ ident.prototype
+        self._memo[key] = ((rows, ident.shots), out)
+        return out
+
     def calibrate(self, classes: set[int] | None = None) -> None:
         """Thresholds by :func:`calibrate_identity`, pooled per coarse class (one threshold for every
         identity of a class; hand-set ones excepted): negatives = the similarities of the class's base
         vectors the bank holds and of the other identities' shots to each identity's prototype; positives
         (reported) = each identity's augmented views and, with >1 shot, each shot left out. A class's
-        threshold depends on that class alone: an edit recalibrates only the ``classes`` it touched."""
+        threshold depends on that class alone: an edit recalibrates only the ``classes`` it touched, and
+        only the similarities of the identities it changed are computed again (the others are remembered)."""
         names = sorted(n for n, i in self.identities.items() if classes is None or i.coarse in classes)
         pos: dict[int, list[np.ndarray]] = {}
         neg: dict[int, list[np.ndarray]] = {}
         for n in names:
             ident = self.identities[n]
-            c, p = ident.coarse, ident.prototype
+            c = ident.coarse
             assert ident.views is not None
-            pos.setdefault(c, []).append(ident.views @ p)
+            pos.setdefault(c, []).append(self._sims(("views", n), ident.views, ident))
             k = len(ident.shots)
             if k > 1:  # each shot against the prototype of the others (l2n of a sum = l2n of the mean)
-                pos[c].append((ident.shots * l2n(ident.shots.sum(0)[None] - ident.shots)).sum(1))
+                hit = self._memo.get(("loo", n))
+                if hit is None or hit[0][0] is not ident.shots:
+                    loo = (ident.shots * l2n(ident.shots.sum(0)[None] - ident.shots)).sum(1)
+                    hit = self._memo[("loo", n)] = ((ident.shots,), loo)
+                pos[c].append(hit[1])
             neg.setdefault(c, []).extend(
-                self.identities[m].shots @ p for m in names if m != n and self.identities[m].coarse == c
+                self._sims(("shots", m, n), self.identities[m].shots, ident)
+                for m in names
+                if m != n and self.identities[m].coarse == c
             )
             if c in self.negatives:
-                neg[c].append(self.negatives[c].astype(np.float32) @ p)
+                neg[c].append(self._sims(("base", c, n), self.negatives[c], ident))
         for c in pos:
             flat = [np.asarray(x, np.float64).reshape(-1) for x in neg[c]]
             t, src = calibrate_identity(np.concatenate(pos[c]), np.concatenate(flat) if flat else np.zeros(0))
@@ -191,6 +287,9 @@ class PrototypeBank:
                 ident = self.identities[n]
                 if ident.coarse == c and not ident.manual:
                     ident.threshold, ident.threshold_source = t, f"class {self.class_names[c]}: {src}"
+        gone = [k for k in self._memo if any(isinstance(x, str) and x not in self.identities for x in k[1:])]
+        for k in gone:  # similarities of removed identities
+            del self._memo[k]
 
     def match(
         self,
@@ -229,13 +328,17 @@ class PrototypeBank:
             )
 
     def save(self, path: str | Path) -> None:
+        """Write the bank to ``path`` atomically. Other processes may share the file: edit it with
+        :func:`edit_bank`, which calls this under the file's lock."""
         from safetensors.numpy import save_file
 
         names = sorted(self.identities)
         tensors: dict[str, np.ndarray] = {}
         for i, n in enumerate(names):
-            tensors[f"shots/{i}"] = np.ascontiguousarray(self.identities[n].shots, np.float32)
-            tensors[f"views/{i}"] = np.ascontiguousarray(self.identities[n].views, np.float32)
+            ident = self.identities[n]
+            tensors[f"shots/{i}"] = np.ascontiguousarray(ident.shots, np.float32)
+            tensors[f"views/{i}"] = np.ascontiguousarray(ident.views, np.float32)
+            tensors[f"view_shot/{i}"] = np.ascontiguousarray(ident.view_shot, np.int32)
         for c, neg in sorted(self.negatives.items()):
             tensors[f"negatives/{c}"] = np.ascontiguousarray(neg, np.float16)
         meta = {
@@ -266,6 +369,9 @@ class PrototypeBank:
 
     @classmethod
     def load(cls, path: str | Path) -> PrototypeBank:
+        """Read and check a bank file: every field, tensor, shape, dtype and value (finite unit vectors,
+        thresholds in [-1, 1], classes in range); anything else is one :class:`BankError` line naming the
+        file and the problem. Only safetensors and JSON are read: nothing in the file can run code."""
         from mocha_edge.utils import read_safetensors
 
         path = Path(path)
@@ -281,48 +387,140 @@ class PrototypeBank:
         if fmt != BANK_FORMAT:
             raise BankError(f"{path}: not a mocha-edge prototype bank")
         try:
-            bank = cls(
-                dim=int(meta["dim"]),
-                model_fingerprint=meta["model_fingerprint"],
-                class_names=list(json.loads(meta["class_names"])),
-                precision=meta["precision"],
-                translator=meta["translator"] == "True",
-                space=meta["space"],
-            )
-            for i, e in enumerate(json.loads(meta["identities"])):
-                shots = np.asarray(tensors[f"shots/{i}"], np.float32)
-                views = np.asarray(tensors[f"views/{i}"], np.float32)
-                thr = float(e["threshold"])
-                coarse = int(e["coarse"])
-                name = str(e["name"])
-                if (
-                    shots.ndim != 2
-                    or shots.shape[1] != bank.dim
-                    or not len(shots)
-                    or views.ndim != 2
-                    or (views.shape[1] != bank.dim)
-                ):
-                    raise ValueError(
-                        f"identity {name!r}: shots {shots.shape} / views {views.shape} are not (k, {bank.dim})"
-                    )
-                if not (np.isfinite(shots).all() and np.isfinite(views).all() and np.isfinite(thr)):
-                    raise ValueError(f"identity {name!r}: non-finite vectors or threshold")
-                if not 0 <= coarse < len(bank.class_names):
-                    raise ValueError(f"identity {name!r}: class {coarse} out of range")
-                bank.identities[name] = Identity(name, coarse, shots, views, thr, str(e["threshold_source"]),
-                                                 bool(e["manual"]))  # fmt: skip
-            for key, t in tensors.items():
-                if key.startswith("negatives/"):
-                    c = int(key.split("/", 1)[1])
-                    neg = np.asarray(t)
-                    if neg.dtype != np.float16 or neg.ndim != 2 or neg.shape[1] != bank.dim:
-                        raise ValueError(f"{key}: {neg.dtype} {neg.shape} is not float16 (n, {bank.dim})")
-                    if not np.isfinite(neg).all() or not 0 <= c < len(bank.class_names):
-                        raise ValueError(f"{key}: non-finite vectors or class out of range")
-                    bank.negatives[c] = neg
-        except (KeyError, ValueError, TypeError, json.JSONDecodeError) as e:
+            return cls._from_parts(meta, tensors)
+        except _Malformed as e:
             raise BankError(f"{path}: malformed prototype bank ({e})") from None
+
+    @classmethod
+    def _from_parts(cls, meta: dict[str, str], tensors: dict[str, Any]) -> PrototypeBank:
+        for key in _META_KEYS:
+            if key not in meta:
+                raise _Malformed(f"no {key!r} in its metadata")
+        if not re.fullmatch(r"[1-9][0-9]{0,5}", meta["dim"]):
+            raise _Malformed(f"dim {meta['dim']!r} is not a vector size")
+        if meta["translator"] not in ("True", "False"):
+            raise _Malformed(f"translator {meta['translator']!r} is not True or False")
+        names = _json(meta, "class_names")
+        if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
+            raise _Malformed("class_names is not a list of class names")
+        bank = cls(dim=int(meta["dim"]), model_fingerprint=meta["model_fingerprint"], class_names=names,
+                   precision=meta["precision"], translator=meta["translator"] == "True", space=meta["space"])  # fmt: skip
+        entries = _json(meta, "identities")
+        if not isinstance(entries, list):
+            raise _Malformed("identities is not a list")
+        used = set()
+        for i, e in enumerate(entries):
+            ident = _identity(bank, i, e, tensors)
+            if ident.name in bank.identities:
+                raise _Malformed(f"identity {ident.name!r} is listed twice")
+            bank.identities[ident.name] = ident
+            used |= {f"shots/{i}", f"views/{i}", f"view_shot/{i}"}
+        for key, t in tensors.items():
+            if key in used or (key == "empty" and len(tensors) == 1):
+                continue
+            c = key.removeprefix("negatives/")
+            if c == key or not re.fullmatch(r"0|[1-9][0-9]{0,5}", c):
+                raise _Malformed(f"unexpected tensor {key!r}")
+            neg = _vectors(key, t, bank.dim, np.float16, UNIT_TOL * 10)
+            if not int(c) < len(bank.class_names):
+                raise _Malformed(f"{key}: class {c} out of range 0..{len(bank.class_names) - 1}")
+            bank.negatives[int(c)] = neg
         return bank
+
+
+_META_KEYS = ("dim", "model_fingerprint", "precision", "translator", "space", "class_names", "identities")
+
+
+class _Malformed(ValueError):
+    """What is wrong with a bank file (the loader adds the file's name)."""
+
+
+def _json(meta: dict[str, str], key: str) -> Any:
+    try:
+        return json.loads(meta[key])
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise _Malformed(f"{key} is not valid JSON ({str(e).splitlines()[0]})") from None
+
+
+def _vectors(key: str, t: Any, dim: int, dtype: type, tol: float) -> np.ndarray:
+    """Tensor ``key``: ``dtype`` (n, dim), finite unit rows."""
+    t = np.asarray(t)
+    if t.dtype != dtype or t.ndim != 2 or t.shape[1] != dim:
+        raise _Malformed(f"{key}: {t.dtype} {t.shape} is not {np.dtype(dtype)} (n, {dim})")
+    f = t.astype(np.float32)
+    if not np.isfinite(f).all():
+        raise _Malformed(f"{key}: not finite (NaN or inf)")
+    if len(f) and np.abs(np.linalg.norm(f, axis=1) - 1).max() > tol:
+        raise _Malformed(f"{key}: not unit vectors")
+    return t
+
+
+def _identity(bank: PrototypeBank, i: int, e: Any, tensors: dict[str, Any]) -> Identity:
+    """Entry ``i`` of the identities list with its tensors, checked."""
+    fields = {"name": str, "coarse": int, "threshold": (int, float), "threshold_source": str, "manual": bool}
+    if not isinstance(e, dict):
+        raise _Malformed(f"identities[{i}] is not an object")
+    for key, kind in fields.items():
+        v = e.get(key)
+        if v is None or not isinstance(v, kind) or (kind is not bool and isinstance(v, bool)):
+            raise _Malformed(f"identities[{i}]: {key} is {v!r}")
+    name, coarse, thr = e["name"], e["coarse"], float(e["threshold"])
+    if not name.strip():
+        raise _Malformed(f"identities[{i}]: empty name")
+    if not 0 <= coarse < len(bank.class_names):
+        raise _Malformed(f"identity {name!r}: class {coarse} out of range 0..{len(bank.class_names) - 1}")
+    if not (math.isfinite(thr) and abs(thr) <= 1 + THRESHOLD_TOL):
+        raise _Malformed(f"identity {name!r}: threshold {thr!r} is not a cosine in [-1, 1]")
+    for key in (f"shots/{i}", f"views/{i}"):
+        if key not in tensors:
+            raise _Malformed(f"identity {name!r}: no tensor {key!r}")
+    shots = _vectors(f"shots/{i}", tensors[f"shots/{i}"], bank.dim, np.float32, UNIT_TOL)
+    views = _vectors(f"views/{i}", tensors[f"views/{i}"], bank.dim, np.float32, UNIT_TOL)
+    if not len(shots):
+        raise _Malformed(f"identity {name!r}: no shot")
+    owner = np.full(len(views), -1, np.int32)
+    if f"view_shot/{i}" in tensors:  # banks written before it was kept have none
+        owner = np.asarray(tensors[f"view_shot/{i}"])
+        if owner.dtype != np.int32 or owner.shape != (len(views),):
+            raise _Malformed(f"view_shot/{i}: {owner.dtype} {owner.shape} is not int32 ({len(views)},)")
+        if len(owner) and (owner.min() < -1 or owner.max() >= len(shots)):
+            raise _Malformed(
+                f"view_shot/{i}: a view of shot {int(owner.max())}, the identity has {len(shots)}"
+            )
+    return Identity(name, coarse, shots, views, thr, e["threshold_source"], e["manual"], owner)
+
+
+class BankWrite(NamedTuple):
+    """What :func:`edit_bank` wrote."""
+
+    bank: PrototypeBank
+    stamp: FileStamp | None  # the file's stamp right after the write (:func:`~mocha_edge.utils.file_stamp`)
+    reread: bool  # the file had changed since ``known``: the edit went onto another process's version
+
+
+def edit_bank(
+    path: str | Path,
+    edit: Callable[[PrototypeBank | None], PrototypeBank],
+    known: tuple[PrototypeBank | None, FileStamp | None] | None = None,
+    timeout: float = LOCK_TIMEOUT,
+) -> BankWrite:
+    """The one way a bank file is changed. Under ``<path>.lock``: take the bank the file holds now (a copy
+    of ``known``'s bank when the file still has ``known``'s stamp, else the file read again; None when there
+    is no file), apply ``edit`` to it (the operation itself: add shots, remove, set thresholds, recalibrating
+    what it touches; it returns the bank to write), write it atomically, release the lock. So an edit never
+    undoes another process's: it lands on that process's version. ``edit`` raising writes nothing."""
+    path = Path(path)
+    with file_lock(path, BankError, timeout):
+        stamp = file_stamp(path)
+        if stamp is None:
+            base, reread = None, False
+        elif known is not None and known[1] is not None and stamp == known[1]:
+            base, reread = (known[0].copy() if known[0] is not None else None), False
+        else:
+            base, reread = PrototypeBank.load(path), known is not None
+        bank = edit(base)
+        bank.save(path)
+        return BankWrite(bank, file_stamp(path), reread)
 
 
 def centre_vectors(

@@ -1,4 +1,4 @@
-"""Small shared helpers: atomic writes, content hashing, environment set-up."""
+"""Small shared helpers: atomic writes, file locks, content hashing, environment set-up."""
 
 from __future__ import annotations
 
@@ -7,9 +7,12 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+LOCK_TIMEOUT = 60.0  # seconds a writer waits for another process's lock on a bank before giving up
+FileStamp = tuple[int, int, int]  # (mtime_ns, size, inode): an atomic rewrite always changes the inode
 
 
 def _file_mode() -> int:
@@ -42,6 +45,56 @@ def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def file_stamp(path: str | os.PathLike) -> FileStamp | None:
+    """``(mtime_ns, size, inode)`` of ``path`` (one ``stat``), or None when there is no such file."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_mtime_ns, st.st_size, st.st_ino
+
+
+def lock_path(path: str | os.PathLike) -> Path:
+    """The lock file of ``path``: ``<path>.lock`` beside it."""
+    path = Path(path)
+    return path.with_name(path.name + ".lock")
+
+
+@contextlib.contextmanager
+def file_lock(
+    path: str | os.PathLike,
+    error: type[Exception],
+    timeout: float | None = LOCK_TIMEOUT,
+    waiting: Callable[[str], None] | None = None,
+) -> Iterator[None]:
+    """Hold ``<path>.lock`` (:mod:`filelock`; exclusive between processes and between threads) for the block.
+
+    Every writer of a shared file (prototype banks, teacher caches) edits it inside this lock. ``timeout``
+    seconds (None: wait for ever) without the lock raise ``error("PATH: ...")``; ``waiting`` gets one line
+    when the lock is busy at first. A lock that cannot be created (read-only folder) is ``error`` too.
+    """
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(lock_path(path))
+    try:
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            if waiting is not None:
+                waiting(f"waiting for {lock.lock_file}: another process is writing {path}")
+            lock.acquire(timeout=-1 if timeout is None else timeout)
+    except Timeout:
+        raise error(
+            f"{path}: another process held {lock.lock_file} for {timeout:g} s; not written (try again)"
+        ) from None
+    except OSError as e:
+        raise error(f"{path}: cannot lock it ({lock.lock_file}: {e.strerror or e})") from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 @contextlib.contextmanager
