@@ -48,8 +48,9 @@ def test_parse_jsonl_and_video_uris() -> None:
     assert parse_sink("file:///data/e.jsonl").path == "/data/e.jsonl"
     for name in ("out.mp4", "out.avi", "out.MKV", "out.mov"):
         assert parse_sink(name).kind == "video"
-    u = parse_sink("out.mkv?segment=10m")  # parsed (refused when opened: see below)
-    assert u.options == {"segment": 600.0}
+    u = parse_sink("out.mkv?segment=10m&keep=144")
+    assert u.options == {"segment": 600.0, "keep": 144}
+    assert parse_sink("e.jsonl?rotate=Daily&keep=30").options == {"rotate": "daily", "keep": 30}
     assert parse_sink("odd?name.jsonl").path == "odd?name.jsonl"  # no known output before "?": its name
 
 
@@ -75,12 +76,17 @@ def test_sizes() -> None:
             "e.jsonl?color=red",
             r"^e.jsonl\?color=red: unknown option 'color' \(valid for jsonl: kind, rotate, keep\)$",
         ),
-        ("o.mp4?rotate=1M", r"unknown option 'rotate' \(valid for video: segment\)$"),
+        ("o.mp4?rotate=1M", r"unknown option 'rotate' \(valid for video: segment, keep\)$"),
         ("e.jsonl?kind=tracks", r"kind='tracks' must be one of detections, events$"),
         ("e.jsonl?rotate", r"rotate='' is not a size"),
         ("e.jsonl?rotate=1M&keep=-1", r"keep='-1' must be a whole number"),
-        ("e.jsonl?keep=3", r"^e.jsonl\?keep=3: keep= needs rotate=SIZE$"),
+        ("e.jsonl?keep=3", r"^e.jsonl\?keep=3: keep= needs rotate=SIZE or rotate=daily$"),
+        ("e.jsonl?rotate=weekly", r"rotate='weekly' is not a size \(e.g. 100MB, 512K, 1G\) or daily$"),
         ("o.mkv?segment=soon", r"segment='soon' is not a duration"),
+        ("o.mkv?keep=3", r"^o.mkv\?keep=3: keep= needs segment=DURATION$"),
+        ("o.mp4?segment=10m", r"segment= needs a container that plays when cut short \(.mkv, .avi\)"),
+        ("mqtt://cam:s3cret@broker/t", r"^mqtt://cam:\*\*\*@broker/t: mqtt:// outputs come with"),
+        ("https://h/hook?token=abc", r"^https://h/hook\?token=\*\*\*: https:// outputs come with"),
     ],
 )
 def test_bad_sink_uris_are_one_line_errors(uri: str, message: str) -> None:
@@ -89,7 +95,7 @@ def test_bad_sink_uris_are_one_line_errors(uri: str, message: str) -> None:
     assert "\n" not in str(e.value)
 
 
-def test_events_and_segments_are_parsed_then_refused(tmp_path: Path) -> None:
+def test_events_are_parsed_then_refused(tmp_path: Path) -> None:
     u = parse_sink(f"{tmp_path}/e.jsonl?kind=events")
     assert u.options == {"kind": "events"}
     with pytest.raises(
@@ -98,8 +104,6 @@ def test_events_and_segments_are_parsed_then_refused(tmp_path: Path) -> None:
         check_sink(u)
     with pytest.raises(SinkError, match="events come with tracking"):
         open_sink(u)
-    with pytest.raises(SinkError, match=r"o.mkv\?segment=10m: segment= comes with the hardening issue"):
-        open_sink(f"{tmp_path}/o.mkv?segment=10m")
     assert list(tmp_path.iterdir()) == []  # nothing created
 
 
@@ -280,7 +284,7 @@ def test_run_refuses_bad_sinks_before_opening_anything(
         "x.txt": "x.txt: unknown output type '.txt'",
         "mqtt://broker/ids": "mqtt:// outputs come with the live-identities issue",
         "e.jsonl?kind=events": "events come with tracking (not in this version)",
-        "o.mkv?segment=10m": "segment= comes with the hardening issue",
+        "o.mp4?segment=10m": "segment= needs a container that plays when cut short",
         "e.jsonl?rotate=big": "rotate='big' is not a size",
     }
     for uri, message in cases.items():

@@ -221,8 +221,10 @@ def redact_uri(uri: str) -> str:
     scheme, sep, rest = text.partition("://")
     if not sep or not re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*", scheme):
         return text
-    userinfo, at, host = rest.rpartition("@")  # the last "@": a password may hold "/", "?" or "@" unescaped
-    if at and ":" in userinfo and scheme.lower() not in LOCAL_SCHEMES:  # (an "@" further on, in a path or query, redacts too much, never too little)
+    # the last "@": a password may hold "/", "?" or "@" unescaped (an "@" further on, in a path or a
+    # query, redacts too much, never too little)
+    userinfo, at, host = rest.rpartition("@")
+    if at and ":" in userinfo and scheme.lower() not in LOCAL_SCHEMES:
         rest = f"{userinfo.split(':', 1)[0]}:{REDACTED}@{host}"
     head, q, query = rest.partition("?")
     if q:
