@@ -347,7 +347,7 @@ def run_loop(
     summary = RunSummary(source.name)
     faults = FaultLog(console.log)
     failing = ""  # why the run gives up (persistent faults)
-    sinks: list[Sink] = open_sinks(sink_uris(opts), camera=source.name, fps=source.fps)
+    sinks: list[Sink] = open_sinks(sink_uris(opts), camera=source.name, fps=source.fps, log=console.log)
     need_records = any(s.needs_records for s in sinks)
     need_image = window is not None or any(s.needs_image for s in sinks)
     stop = _Stop()
