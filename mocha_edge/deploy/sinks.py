@@ -511,9 +511,7 @@ class JsonlSink(Sink):
                 self._drain()
             held = sum(n for _, n, _ in self.pending)
             if held:
-                self.log(
-                    f"{self.path}: {held} lines could not be written ({self.state.error}); they are lost"
-                )
+                self.log(f"{self.path}: {self.state.error} at the end; {held} held lines are lost")
             try:
                 self._close_fh()
             except OSError as e:
