@@ -6,6 +6,13 @@ on the *training* split's base-instance rows only and the cache is written atomi
 
 ``focus=True`` (LLaVA teachers) also stores each box's Align-KD focus mass (``teacher.box_focus``) as the
 cache extra ``focus``; an otherwise up-to-date cache without it gets it added without recomputing targets.
+
+Several ``teach`` runs may aim at one cache: each holds ``<cache>.lock`` for its whole run (the cache, its
+``.partial/`` shards and the teacher's work folder are one unit of work). A run that finds the lock taken
+waits, then finds the cache the other run wrote: up to date (same dataset, teacher, ``d_t``) it is reused,
+with focus masses added when asked for (the one extra a cache may gain); written for something else while
+this run waited, it is refused in one line rather than overwritten (a cache is a function of dataset,
+teacher and ``d_t``: two runs for the same ones have nothing else to merge).
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from mocha_edge.data.dataset import Dataset, ImageItem, Problem
 from mocha_edge.data.images import ImageReadError, read_rgb
 from mocha_edge.errors import CacheError, DataError, TeacherError
 from mocha_edge.teachers.base import Teacher
-from mocha_edge.utils import atomic_path, text_hash, write_json_atomic
+from mocha_edge.utils import atomic_path, file_lock, file_stamp, lock_path, text_hash, write_json_atomic
 
 PCA_SPLITS = ("train",)
 
@@ -76,13 +83,35 @@ def teach(
     """Compute (or resume, or reuse) the teacher cache for every box of every split of ``ds``.
 
     ``focus``: also store each box's Align-KD focus mass (needs a teacher with ``box_focus``: llava,
-    llava+clip). A cache with focus is reused when focus is not asked for.
+    llava+clip). A cache with focus is reused when focus is not asked for. The whole run holds
+    ``<out>.lock`` (see the module doc).
     """
-    t0 = time.perf_counter()
     if focus and not callable(getattr(teacher, "box_focus", None)):
         raise TeacherError(f"--focus needs a LLaVA teacher (llava or llava+clip), not {teacher.name}")
-    focus_recipe = str(getattr(teacher, "focus_recipe", "")) if focus else ""
     out = Path(out)
+    before = file_stamp(out)
+    with file_lock(out, CacheError, timeout=None, waiting=log):
+        return _teach(ds, teacher, out, before, d_t=d_t, batch=batch, chunk_images=chunk_images,
+                      pca_decay=pca_decay, focus=focus, progress=progress, log=log)  # fmt: skip
+
+
+def _teach(
+    ds: Dataset,
+    teacher: Teacher,
+    out: Path,
+    before: tuple[int, int, int] | None,
+    *,
+    d_t: int,
+    batch: int,
+    chunk_images: int,
+    pca_decay: bool,
+    focus: bool,
+    progress: bool,
+    log: Callable[[str], None],
+) -> TeachResult:
+    """:func:`teach` under the cache's lock; ``before``: the cache file's stamp before waiting for it."""
+    t0 = time.perf_counter()
+    focus_recipe = str(getattr(teacher, "focus_recipe", "")) if focus else ""
     partial = out.with_name(out.name + ".partial")
     teacher.prepare(ds, out.with_name(out.stem + ".teacher"))
     items = [it for it in ds.items() if len(it.boxes)]
@@ -94,14 +123,22 @@ def teach(
         try:
             old = TeacherCache.load(out)
             old.check(dataset_fingerprint=ds_fp, teacher_fingerprint=teacher.fingerprint)
-            if old.meta.get("d_t_requested") == str(d_t) and old.meta.get("pca_decay") == str(pca_decay):
-                if not focus or _has_focus(old, focus_recipe):
-                    log(f"cache up to date: {out} ({len(old)} boxes, d_t={old.d_t})")
-                    return TeachResult(old, 0, 0, [], time.perf_counter() - t0, up_to_date=True)
-                log(f"adding focus masses to {out} (its teacher targets are up to date)")
-                cache = _add_focus(ds, teacher, old, items, out, progress=progress)
-                return TeachResult(cache, 0, 0, [], time.perf_counter() - t0)
+            built = (old.meta.get("d_t_requested"), old.meta.get("pca_decay"))
+            if built != (str(d_t), str(pca_decay)):
+                raise CacheError(f"{out}: built with d_t={built[0]}, pca_decay={built[1]}")
+            if not focus or _has_focus(old, focus_recipe):
+                log(f"cache up to date: {out} ({len(old)} boxes, d_t={old.d_t})")
+                return TeachResult(old, 0, 0, [], time.perf_counter() - t0, up_to_date=True)
+            log(f"adding focus masses to {out} (its teacher targets are up to date)")
+            cache = _add_focus(ds, teacher, old, items, out, progress=progress)
+            return TeachResult(cache, 0, 0, [], time.perf_counter() - t0)
         except CacheError as e:
+            if file_stamp(out) != before:  # another run wrote it while this one waited for the lock
+                why = str(e).removeprefix(f"{out}: ")
+                raise CacheError(
+                    f"{out}: another `mocha-edge teach` wrote it while this one waited for {lock_path(out)}, "
+                    f"for something else ({why}); not overwriting it: use another output path"
+                ) from None
             log(f"rebuilding {out}: {e}")
 
     chunks = [items[i : i + chunk_images] for i in range(0, len(items), chunk_images)]
