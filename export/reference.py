@@ -51,12 +51,15 @@ def nms(boxes: np.ndarray, scores: np.ndarray, conf: float = 0.25, iou: float = 
         max_nms: int = 30000) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
     """Class-aware greedy NMS on the best class per anchor (ultralytics' single-label rule).
 
-    Returns ``(boxes (n, 4), scores (n,), classes (n,))`` sorted by score.
+    Returns ``(boxes (n, 4), scores (n,), classes (n,))`` sorted by score. Non-finite model outputs never
+    come out: an anchor with a NaN score is no candidate (``best > conf`` is false), a candidate whose box is
+    not finite is dropped after the ``max_nms`` cut (as the native runtime drops it).
     """
     cls = scores.argmax(1)
     best = scores[np.arange(len(scores)), cls]
     keep = np.flatnonzero(best > conf)
     order = keep[np.argsort(-best[keep], kind="stable")][:max_nms]
+    order = order[np.isfinite(boxes[order]).all(1)]  # NaN/inf box: dropped (it took a max_nms place)
     shifted = boxes[order] + (cls[order] * MAX_WH)[:, None]
     picked: list[int] = []
     alive = np.ones(len(order), bool)
@@ -90,7 +93,10 @@ def _coverage(lo: float, hi: float, n: int) -> np.ndarray:
 
 def pool(maps: list[np.ndarray], boxes: np.ndarray, strides: list[float]) -> np.ndarray:
     """Area-mean of each box (letterbox pixels, xyxy) over each ``(C, H, W)`` map, cells seen as constant
-    patches (``models.pooling`` rule ``box-area-mean/v2``), written as explicit per-cell coverage weights."""
+    patches (``models.pooling`` rule ``box-area-mean/v2``), written as explicit per-cell coverage weights.
+
+    Only the cells a box covers are read: a NaN/inf cell makes the vectors of the boxes over it non-finite,
+    and only theirs (as the native runtime)."""
     out = np.zeros((len(boxes), sum(m.shape[0] for m in maps)), np.float32)
     for n, b in enumerate(np.asarray(boxes, np.float64)):
         parts = []
@@ -98,6 +104,9 @@ def pool(maps: list[np.ndarray], boxes: np.ndarray, strides: list[float]) -> np.
             _, h, w = m.shape
             x0, x1, y0, y1 = _cell_box(b, s, h, w)
             wx, wy = _coverage(x0, x1, w), _coverage(y0, y1, h)
-            parts.append(np.einsum("chw,h,w->c", m.astype(np.float64), wy, wx) / ((x1 - x0) * (y1 - y0)))
+            xs, ys = np.flatnonzero(wx), np.flatnonzero(wy)  # the covered cells: one run per axis
+            x, y = slice(xs[0], xs[-1] + 1), slice(ys[0], ys[-1] + 1)
+            acc = np.einsum("chw,h,w->c", m[:, y, x].astype(np.float64), wy[y], wx[x])
+            parts.append(acc / ((x1 - x0) * (y1 - y0)))
         out[n] = np.concatenate(parts)
     return out

@@ -2,7 +2,8 @@
 // written for every anchor, so no atomics decide the order), a CUB radix sort of (score desc, anchor asc)
 // keys (the C heap's order), DFL decoding of only the max_nms best (top-k), a bitmask of IoU > iou over
 // those candidate pairs (float64, the reference's formula; max_nms^2 bits) and a one-block greedy walk over
-// the mask. Results equal the C library's.
+// the mask (a candidate whose box is not finite is skipped there, as the C library drops it). Results equal
+// the C library's.
 #include <cub/device/device_radix_sort.cuh>
 #include <math.h>
 
@@ -135,7 +136,11 @@ __global__ void k_reduce(const unsigned long long *__restrict__ mask, const int 
     __syncthreads();
     int kept = 0;
     for (int i = 0; i < n && kept < max_det; i++) {
-        if (threadIdx.x == 0) keep = !((removed[i / 64] >> (i % 64)) & 1ull);
+        if (threadIdx.x == 0) {  // a box that is not finite (NaN/inf DFL logits) is dropped, suppresses nothing
+            const float4 b = boxes[i];
+            keep = !((removed[i / 64] >> (i % 64)) & 1ull) && isfinite(b.x) && isfinite(b.y) && isfinite(b.z) &&
+                   isfinite(b.w);
+        }
         __syncthreads();
         if (keep) {
             if (threadIdx.x == 0) {

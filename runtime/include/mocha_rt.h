@@ -75,7 +75,9 @@ MRT_API int mrt_letterbox_ex(const uint8_t *bgr, int h, int w, ptrdiff_t row_str
  * Keeps anchors whose best-class sigmoid score (float32) > conf, then only the max_nms best of them (top-k
  * by score, ties: lower anchor index first; the CUDA twin picks the same set), greedy class-aware NMS
  * (IoU > iou suppresses, class offset MRT_MAX_WH), at most max_det kept, sorted by score (ties: anchor
- * order). Writes n <= max_det rows: boxes_lb (n, 4) xyxy letterbox pixels, boxes_frame (n, 4) xyxy frame
+ * order). Non-finite inputs are dropped, never output: an anchor with a NaN class logit is no candidate
+ * (+-inf logits are scores 1 and 0), a candidate whose decoded box is not finite (NaN/inf DFL logits) is
+ * skipped by NMS (after the max_nms cut: it takes one of those places). Writes n <= max_det rows: boxes_lb (n, 4) xyxy letterbox pixels, boxes_frame (n, 4) xyxy frame
  * pixels ((b - pad) / gain per axis, clipped to [0, frame_w] x [0, frame_h]; gain_x = new_w / frame_w and
  * gain_y = new_h / frame_h with the letterbox's rounded size, as ultralytics 8.4's scale_boxes), scores (n,),
  * classes (n,). boxes_frame may be NULL (then the gains, pad and the frame size are not used). */
@@ -87,7 +89,9 @@ MRT_API int mrt_decode_nms(const float *box_dist, const float *cls_logits, int n
 /* ------------------------------------------------------------------------------------------- pooling */
 /* box-area-mean/v2 of n boxes (xyxy letterbox pixels) over nlevels maps (C_i, H_i, W_i) float32:
  * out (n, sum C_i). Each map is piecewise constant over its cells; a box is clipped to the map, given
- * a minimum extent of 0.25 cell (centred, shifted inside) and averaged over its area. */
+ * a minimum extent of 0.25 cell (centred, shifted inside) and averaged over its area. A box must be finite
+ * (else MRT_EINVAL); a NaN/inf map cell makes the vectors of the boxes that cover it non-finite (only
+ * theirs). */
 MRT_API int mrt_pool(const float *const *maps, const int *chw, const float *strides, int nlevels, const float *boxes,
              int n, float *out);
 

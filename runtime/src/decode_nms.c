@@ -4,6 +4,9 @@
  * cls_logits, no exp); only the anchors that pass get their float32 sigmoid score, the exact `score > conf`
  * test and go into a heap (popped in score order); DFL decoding (float64 softmax expectation) happens only for candidates NMS reaches.
  * NMS is greedy on the max_nms best, with the reference's float64 IoU, so the kept set is the reference's.
+ * Non-finite model outputs never come out: an anchor with a NaN class logit is no candidate, and a candidate
+ * whose decoded box is not finite (NaN/inf among its DFL logits) is dropped where NMS reaches it; it still
+ * took one of the max_nms places (the cut is by score alone, as in the CUDA twin and the reference).
  */
 #include <math.h>
 #include <stdlib.h>
@@ -189,6 +192,8 @@ int mrt_decode_nms(const float *box_dist, const float *cls_logits, int na, int r
         double d0 = dfl_side(col, (size_t)na, reg_max), d1 = dfl_side(col + side, (size_t)na, reg_max);
         double d2 = dfl_side(col + 2 * side, (size_t)na, reg_max), d3 = dfl_side(col + 3 * side, (size_t)na, reg_max);
         float b[4] = {(float)((px - d0) * st), (float)((py - d1) * st), (float)((px + d2) * st), (float)((py + d3) * st)};
+        /* NaN/inf in its DFL logits: the candidate is dropped (after the max_nms cut, like the CUDA twin) */
+        if (!(isfinite(b[0]) && isfinite(b[1]) && isfinite(b[2]) && isfinite(b[3]))) continue;
         const double shift = ci.cls * MRT_MAX_WH;
         const double q[4] = {b[0] + shift, b[1] + shift, b[2] + shift, b[3] + shift};
         const double qa = (q[2] - q[0]) * (q[3] - q[1]);

@@ -6,6 +6,8 @@
  * estimated cost: per-cell coverage weights (cost ~ box area in cells x C, best for few or small boxes)
  * or a float64 summed-area table of the map, read bilinearly at the fractional box corners (cost C x H x W
  * once, then ~16 C per box, best for many or large boxes). Both match the float64 reference to ~1e-12.
+ * A NaN/inf cell makes the vectors of the boxes over it non-finite, and only theirs (both paths, the CUDA
+ * twin and the reference alike): matching then reports those detections unknown.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -127,7 +129,7 @@ int mrt_pool(const float *const *maps, const int *chw, const float *strides, int
         const size_t sat_n = (size_t)C * ((size_t)(H + 1) * (W + 1) + 2);
         /* measured (x86-64, AVX2): coverage ~0.4 ns per cell-channel; table ~0.5 ns per entry to build
          * and ~2.5 ns per box-channel to read */
-        const int use_sat = cells > 1.25 * (H + 1) * (W + 1) + 6.5 * n;
+        int use_sat = cells > 1.25 * (H + 1) * (W + 1) + 6.5 * n;
         if (use_sat && sat_cap < sat_n) {
             double *nb = realloc(sat_buf, sizeof(double) * sat_n);
             if (!nb) {
@@ -137,7 +139,14 @@ int mrt_pool(const float *const *maps, const int *chw, const float *strides, int
             sat_buf = nb, sat_cap = sat_n;
         }
         double *run = sat_buf + (sat_n - 2 * (size_t)C), *acc = run + C;
-        if (use_sat) build_sat(m, C, H, W, sat_buf, run);
+        if (use_sat) {
+            build_sat(m, C, H, W, sat_buf, run);
+            /* a NaN/inf cell would reach every box through the table: such a map takes the coverage path,
+             * where only the boxes over that cell get a non-finite mean (the whole-map sums are finite iff
+             * every cell is: float32 values cannot overflow a float64 sum) */
+            const double *total = sat_buf + ((size_t)H * (W + 1) + W) * C;
+            for (int c = 0; c < C && use_sat; c++) use_sat = isfinite(total[c]);
+        }
         for (int k = 0; k < n; k++) {
             const float *b = boxes + 4 * k;
             float *o = out + (size_t)k * total_c + c_off;

@@ -83,9 +83,25 @@ class OrtEngine(HostEngine):
     name = "ort"
 
     def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        """``x`` ``(B, 3, S, S)`` -> ``{output name: array}`` (arrays are reused by the next call)."""
-        if self._io is None:
-            return dict(zip(self._names, self.session.run(self._names, {self._input: x})))
-        self._io.bind_input(self._input, "cpu", 0, x.dtype, list(x.shape), x.ctypes.data)
-        self.session.run_with_iobinding(self._io)
+        """``x`` ``(B, 3, S, S)`` -> ``{output name: array}`` (arrays are reused by the next call).
+
+        A failed run (an op's error, e.g. a native ``ai.mocha_edge`` op refusing its input) raises
+        :class:`EngineError` with a one-line message: a fault of this frame, the session stays usable."""
+        try:
+            if self._io is None:
+                return dict(zip(self._names, self.session.run(self._names, {self._input: x})))
+            self._io.bind_input(self._input, "cpu", 0, x.dtype, list(x.shape), x.ctypes.data)
+            self.session.run_with_iobinding(self._io)
+        except Exception as e:  # onnxruntime's own exception types (Fail, InvalidArgument, ...)
+            raise EngineError(f"{self.path.name}: ONNX Runtime run failed: {_one_line(e)}") from None
         return self._out
+
+
+def _one_line(e: BaseException) -> str:
+    """An ONNX Runtime error as one line: its status message when it has one (the op's own words)."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    _, sep, status = text.partition("Status Message: ")
+    if sep:  # "[ONNXRuntimeError] : 1 : FAIL : Non-zero status code returned while running <Op> node. ..."
+        node = text.split("while running ", 1)[-1].split(" node.", 1)[0] if "while running " in text else ""
+        return f"{node} node: {status}" if node and not status.startswith("mocha_edge ") else status
+    return text
