@@ -22,6 +22,7 @@ from mocha_edge.deploy.sinks import (
     JsonlSink,
     SinkError,
     VideoSink,
+    crash_note,
     local_day,
     open_sink,
     open_sinks,
@@ -316,6 +317,10 @@ def test_kill_safe_containers_are_written_in_place(tmp_path: Path) -> None:
     assert sink.close().line() == f"wrote {tmp_path / 'w.mp4'} (1 frames)"
     with pytest.raises(SinkError, match=r"segment= needs one of \.mkv, \.avi"):
         VideoSink(tmp_path / "x.mp4", 10, segment=60)
+    note = crash_note(parse_sink("out.mp4", alias="--save"), live=True)
+    assert note is not None and "use out.mkv, or 'out.mkv?segment=10m&keep=144'" in note
+    assert crash_note(parse_sink("out.mkv"), live=True) is None
+    assert crash_note(parse_sink("out.mp4"), live=False) is None  # a clip: the file is whole or absent
 
 
 CHILD = """

@@ -612,9 +612,10 @@ class VideoSink(Sink):
             os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the video is an ordinary file
         assert self.size is not None
         fourcc = cv2.VideoWriter_fourcc(*VIDEO_FOURCC[self.path.suffix.lower()])
+        existed = self.in_place and tmp.exists()  # an earlier run's out.mkv: replaced only by a video
         writer = cv2.VideoWriter(str(tmp), fourcc, self.fps, self.size)
         if not writer.isOpened():
-            if not self.in_place or not self.segments:
+            if not existed:
                 tmp.unlink(missing_ok=True)
             if not self.segments:  # the first file: this OpenCV cannot write it at all
                 raise SinkError(
@@ -721,6 +722,19 @@ def open_sink(
                      log=log, clock=clock)  # fmt: skip
 
 
+def crash_note(uri: SinkURI, live: bool) -> str | None:
+    """A note for an output that a crash would lose whole: an .mp4/.mov/.m4v video of a ``live`` source
+    (it plays only once finished); None otherwise."""
+    suffix = Path(uri.path).suffix.lower()
+    if not live or uri.kind != "video" or suffix in KILL_SAFE:
+        return None
+    alt = Path(uri.path).with_suffix(".mkv")
+    return (
+        f"note: {uri.shown} plays only once the run ends cleanly (a kill or a power cut loses it); for a "
+        f"camera left running use {alt}, or '{alt}?segment=10m&keep=144' (10-minute files, a day kept)"
+    )
+
+
 def sink_paths(uris: list[SinkURI], camera: str = "") -> list[Path]:
     """The files ``uris`` write to (placeholders filled, refusals checked); the same file twice is refused."""
     seen: dict[Path, str] = {}
@@ -770,6 +784,7 @@ __all__ = [
     "VideoSink",
     "camera_slug",
     "check_sink",
+    "crash_note",
     "detection_records",
     "free_bytes",
     "local_day",
