@@ -426,3 +426,24 @@ def test_sink_messages_name_no_password(tmp_path: Path) -> None:
     sink = open_sinks([u], camera=SECRET_URI)[0]
     assert sink.path.name == "cam1.local_554_live.jsonl"
     sink.close()
+
+
+def test_non_finite_outputs_never_make_a_line_that_is_not_json(tmp_path: Path) -> None:
+    """NaN/inf in a box or score is written as null (strict JSON), not as NaN (which no JSON parser takes)."""
+    from mocha_edge.deploy.sinks import detection_records
+
+    dets = SimpleNamespace(
+        boxes=np.array([[1.0, np.nan, 3.0, np.inf], [0.0, 0.0, 2.0, 2.0]], np.float32),
+        scores=np.array([np.nan, 0.5], np.float32),
+        cls=np.array([0, 0]),
+        identity=np.array([-1, -1]),
+        similarity=np.array([np.nan, np.nan], np.float32),
+    )
+    recs = detection_records(frame(0), dets, ["mug"], [])
+    sink = open_sink(parse_sink(str(tmp_path / "d.jsonl")), camera="cam", fps=10.0)
+    sink.write(frame(0), recs, None)
+    sink.close()
+    lines = (tmp_path / "d.jsonl").read_text().splitlines()
+    parsed = [json.loads(ln, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}")) for ln in lines]
+    assert parsed[0]["box_xyxy"] == [1.0, None, 3.0, None] and parsed[0]["score"] is None
+    assert parsed[1]["score"] == 0.5

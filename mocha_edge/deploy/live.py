@@ -2,9 +2,11 @@
 
 One frame at a time: read (``mocha_edge.deploy.sources``), detect + embed + match (the injected pipeline), then
 the outputs, opened by URI (``--sink``, repeatable; ``mocha_edge.deploy.sinks``): JSON lines (one per
-detection, appended, flushed every frame, optionally rotated), annotated videos (written under a temporary
-name and renamed when the run ends, however it ends); a window when a display exists, and an FPS line with
-per-stage milliseconds.
+detection, appended, flushed every frame, rotated by size or day), annotated videos (``.mkv``/``.avi`` under
+their own name, so a crash leaves them playable; ``.mp4``/``.mov``/``.m4v`` under a temporary name renamed
+when the run ends; ``?segment=10m`` splits a recording into timestamped files); a window when a display
+exists, and an FPS line with per-stage milliseconds. An output that cannot write (a full disk) pauses, holds
+its JSON lines in memory and retries, and says so.
 
 Live enrolment: ``enroll NAME`` on standard input (read by a background thread, never blocking the loop)
 enrols the top-scoring detection of the next frame as a new shot of NAME; key ``e`` in the window does
@@ -59,6 +61,7 @@ from mocha_edge.deploy.sinks import (
     SinkURI,
     VideoSink,
     check_sink,
+    crash_note,
     detection_records,
     open_sinks,
     parse_sink,
@@ -577,6 +580,10 @@ def run(
     if mode not in ("conditional", "global"):
         raise RunError(f"--mode must be conditional or global, not {mode!r}")
     src = open_source(source, warn=lambda m: console.log(f"warning: {m}"), **(source_options or {}))
+    for uri in sink_uris(opts):
+        note = crash_note(uri, bool(getattr(src, "live", False)))
+        if note is not None:
+            console.log(note)
     try:
         bank = None
         if bank_path is not None:
@@ -611,10 +618,12 @@ def run(
 @click.option("--camera", type=int, metavar="N", help="Shorthand for --source v4l2:///dev/videoN.")
 @click.option("--csi", type=int, metavar="N", help="Shorthand for --source csi://N (Jetson CSI camera).")
 @click.option("--sink", "sinks", multiple=True, metavar="URI",
-              help="An output, repeatable: x.jsonl[?rotate=100MB&keep=5] (JSON lines, appended), out.mp4 / "
-                   ".avi / .mkv (annotated video); {camera} in the path: the source's name (see above).")  # fmt: skip
+              help="An output, repeatable: x.jsonl[?rotate=100MB|daily&keep=N] (JSON lines, appended), out.mkv / "
+                   ".avi / .mp4 (annotated video), out.mkv?segment=10m&keep=144 (10-minute files, a day kept); "
+                   "{camera} in the path: the source's name (see above).")  # fmt: skip
 @click.option("--save", type=click.Path(path_type=Path), metavar="PATH",
-              help="Annotated video (.mp4/.avi/.mkv/.mov); = --sink PATH.")  # fmt: skip
+              help="Annotated video (.mkv/.avi survive a crash; .mp4/.mov are written when the run ends); "
+                   "= --sink PATH.")  # fmt: skip
 @click.option("--jsonl", type=click.Path(path_type=Path), metavar="PATH",
               help="One JSON line per detection, appended, flushed per frame; = --sink PATH?kind=detections.")  # fmt: skip
 @click.option("--show/--no-show", default=None, help="Window with the annotated frames [default: when a display "
@@ -650,8 +659,9 @@ def run_cmd(model: Path, bank: Path | None, source: str | None, camera: int | No
       (camera options: csi://0?width=1280&height=720&fps=60&flip=2; files: clip.mp4?loop=1&realtime=1
       to go round and be paced at the file's rate, fps=N for images and folders [default: 10]).
     Outputs (--sink URI, repeatable): events.jsonl (one line per detection, appended; ?rotate=100MB
-      rotates, keeping 5 old files, ?keep=N), out.mp4 / out.avi / out.mkv (annotated video);
-      cam-{camera}.jsonl: {camera} is the source's name. A file's read error ends the run with
+      or ?rotate=daily rotates, keeping 5 old files, ?keep=N), out.mkv / out.avi / out.mp4 (annotated
+      video; .mkv/.avi stay playable after a crash), out.mkv?segment=10m&keep=144 (timestamped 10-minute
+      files, the oldest removed); cam-{camera}.jsonl: {camera} is the source's name. A file's read error ends the run with
       "stopped: error: ..." in the summary, not as an ordinary end.
     Live enrolment: type `enroll NAME` + Enter: the top detection of the next frame becomes a shot of
       NAME (bank saved at once, used from the next frame); key `e` in the window does the same; `quit` stops.

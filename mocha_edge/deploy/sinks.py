@@ -109,9 +109,9 @@ def detection_records(
                 "source": frame.source_name,
                 "frame": frame.index,
                 "t": round(float(frame.t), 6),
-                "box_xyxy": [round(float(v), 2) for v in dets.boxes[i]],
+                "box_xyxy": [_finite(round(float(v), 2)) for v in dets.boxes[i]],
                 "cls": class_names[c] if 0 <= c < len(class_names) else str(c),
-                "score": round(float(dets.scores[i]), 5),
+                "score": _finite(round(float(dets.scores[i]), 5)),
                 "identity": identity_names[ident] if 0 <= ident < len(identity_names) else None,
                 "similarity": _finite(round(float(dets.similarity[i]), 5)),
             }
@@ -496,7 +496,10 @@ class JsonlSink(Sink):
         if self.closed:
             return
         if records:
-            data = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records).encode()
+            # allow_nan=False: a NaN that got this far is a fault of this frame, never a line that is not JSON
+            data = "".join(
+                json.dumps(r, separators=(",", ":"), allow_nan=False) + "\n" for r in records
+            ).encode()
             self.pending.append((data, len(records), self.clock()))
             self.pending_bytes += len(data)
             self._bound()
