@@ -188,7 +188,9 @@ def decode_nms(
     by score (``export/reference.py`` decode + nms, then ``from_letterbox``: per-axis gains of the rounded
     resized size, ``contract.letterbox_gains``). ``frame_shape`` (h, w, ...) defaults to the letterbox itself
     (boxes_frame == boxes_letterbox clipped). Only the ``max_nms`` best candidates by score (ties: lower
-    anchor index first, as the CUDA twin) go into NMS."""
+    anchor index first, as the CUDA twin) go into NMS. Non-finite outputs are dropped, never returned: an
+    anchor with a NaN class logit, a candidate whose box is not finite (NaN/inf DFL logits; it still took one
+    of the ``max_nms`` places)."""
     bd, cl = _f32(box_dist, "box_dist", 2), _f32(cls_logits, "cls_logits", 2)
     if bd.shape[0] % 4 or bd.shape[1] != cl.shape[1]:
         raise NativeRuntimeError(f"decode_nms: box_dist {bd.shape} and cls_logits {cl.shape} do not match")
@@ -214,7 +216,8 @@ def decode_nms(
 
 def pool(maps: Sequence[np.ndarray], boxes_letterbox: np.ndarray, strides: Sequence[float]) -> np.ndarray:
     """box-area-mean/v2 vectors of ``(N, 4)`` letterbox-pixel boxes over ``(C, H, W)`` maps (a leading batch
-    of 1 is accepted): ``(N, sum C)`` float32."""
+    of 1 is accepted): ``(N, sum C)`` float32. Boxes must be finite; a NaN/inf map cell makes only the vectors
+    of the boxes over it non-finite (:func:`match` then reports them unknown)."""
     ms = [_f32(m, f"map {i}", 3) for i, m in enumerate(maps)]
     if len(ms) != len(strides) or not ms:
         raise NativeRuntimeError(f"pool: {len(ms)} maps but {len(strides)} strides")

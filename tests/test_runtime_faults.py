@@ -327,3 +327,66 @@ def test_ort_engine_turns_a_custom_op_failure_into_an_engine_error(
             engine.run(np.zeros((1, 3, 8, 8), np.float32))
         msg = str(e.value)
         assert "\n" not in msg and "QMaxPool" in msg and "3 dimensions" in msg and path.name in msg, msg
+
+
+# ------------------------------------------------------------------------------------------ GPU
+@pytest.mark.gpu
+def test_cuda_twins_drop_non_finite_like_the_c_library() -> None:
+    """The CUDA decode + NMS and pooling on the poisoned inputs above equal the C library (device buffers
+    through cuda-python, as tests/test_runtime.py's twin test)."""
+    cudart = pytest.importorskip(
+        "cuda.bindings.runtime", reason="cuda-python not installed (pip install cuda-python)"
+    )
+    cuda = rt.CudaRuntime()
+    bufs: list[int] = []
+
+    def ok(ret):
+        err = ret[0] if isinstance(ret, tuple) else ret
+        assert int(err) == 0, f"CUDA error {err}"
+        return ret[1] if isinstance(ret, tuple) and len(ret) > 1 else None
+
+    def dev(a: np.ndarray) -> int:
+        ptr = int(ok(cudart.cudaMalloc(max(a.nbytes, 1))))
+        bufs.append(ptr)
+        ok(cudart.cudaMemcpy(ptr, a.ctypes.data, a.nbytes, cudart.cudaMemcpyKind.cudaMemcpyHostToDevice))
+        return ptr
+
+    def host(ptr: int, like: np.ndarray) -> np.ndarray:
+        ok(cudart.cudaDeviceSynchronize())
+        kind = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        ok(cudart.cudaMemcpy(like.ctypes.data, ptr, like.nbytes, kind))
+        return like
+
+    try:
+        for seed, conf, max_nms in [(0, 0.25, 4096), (1, 0.001, 4096), (2, 0.001, 6), (3, 0.001, 1)]:
+            bd, cl = _raw(seed)
+            pbd, pcl, _ = _poison(bd, cl, conf)
+            if max_nms == 1:
+                pcl = cl  # the best candidate's box is NaN: nothing is left
+            want = rt.decode_nms(pbd, pcl, SHAPES, STRIDES, conf, 0.7, 300, 0.5, (3.0, 17.0), (300, 250),
+                                 max_nms=max_nms)  # fmt: skip
+            na, nc = bd.shape[1], cl.shape[0]
+            ws = cuda.decode_nms_workspace(na, nc, max_nms)
+            outs = [np.zeros((300, 4), np.float32), np.zeros((300, 4), np.float32), np.zeros(300, np.float32),
+                    np.zeros(300, np.int64), np.zeros(1, np.int32)]  # fmt: skip
+            d_outs = [dev(o) for o in outs]
+            cuda.decode_nms(dev(pbd), dev(pcl), na, 16, nc, SHAPES, STRIDES, conf, 0.7, 300, max_nms, 0.5,
+                            (3.0, 17.0), (300, 250), dev(np.zeros(ws, np.uint8)), ws, *d_outs)  # fmt: skip
+            got = [host(p, o) for p, o in zip(d_outs, outs)]
+            n = int(got[4][0])
+            assert n == len(want[2])
+            for g, w in zip(got[:4], want):
+                np.testing.assert_array_equal(g[:n], w)
+        maps = _maps(0)
+        maps[0][2, 3, 4], maps[1][5, 6, 6], maps[2][7, 0, 0] = np.nan, np.inf, -np.inf
+        boxes = np.array([[30, 20, 45, 35], [0, 0, 20, 20], [90, 90, 120, 120], [60, 0, 128, 50]], np.float32)
+        boxes = np.concatenate([boxes, np.tile([[0, 0, 128, 128], [64, 64, 128, 128]], (60, 1))])
+        boxes = boxes.astype(np.float32)
+        want = rt.pool(maps, boxes, STRIDES)
+        out = np.zeros_like(want)
+        d_out = dev(out)
+        cuda.pool([dev(m) for m in maps], [m.shape for m in maps], STRIDES, dev(boxes), len(boxes), d_out)
+        np.testing.assert_allclose(host(d_out, out), want, rtol=1e-5, atol=1e-6)
+    finally:
+        for p in bufs:
+            cudart.cudaFree(p)

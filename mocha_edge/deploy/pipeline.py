@@ -39,14 +39,17 @@ class PipelineError(MochaError):
 @dataclass
 class Detections:
     """One frame: boxes xyxy in frame pixels, scores, coarse classes, object vectors, matched identity
-    (index into :attr:`Pipeline.identity_names`, -1 = unknown or no bank) and its cosine similarity."""
+    (index into :attr:`Pipeline.identity_names`, -1 = unknown or no bank) and its cosine similarity.
+
+    Boxes and scores are always finite (decode + NMS drops non-finite model outputs); a vector is not finite
+    when the model's feature map held NaN/inf under its box: that detection is unknown, similarity NaN."""
 
     boxes: np.ndarray  # (n, 4) float32
     scores: np.ndarray  # (n,) float32
     cls: np.ndarray  # (n,) int64
     vectors: np.ndarray  # (n, D) float32
     identity: np.ndarray  # (n,) int64
-    similarity: np.ndarray  # (n,) float32 (-inf without an eligible prototype)
+    similarity: np.ndarray  # (n,) float32 (-inf without an eligible prototype, NaN: vector not finite)
 
     def __len__(self) -> int:
         return len(self.scores)
