@@ -33,6 +33,8 @@ def _shared_dir(tmp_path_factory: pytest.TempPathFactory, name: str) -> tuple[Pa
 def _mark_done(d: Path) -> None:
     if SHARED is not None:
         (d / ".done").write_text("ok\n")
+
+
 COCO8 = REPO / "tests" / "data" / "coco8"  # shipped with the repository: licence in tests/data/README.md
 
 

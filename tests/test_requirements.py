@@ -12,8 +12,16 @@ from packaging.version import Version
 REPO = Path(__file__).resolve().parents[1]
 # package -> (a vulnerable version, the first fixed one, why)
 FLOORS = {
-    "onnx": ("1.15.0", "1.16.0", "CVE-2024-27318: path traversal through external data in a shared ONNX file"),
-    "ultralytics": ("8.4.66", "8.4.67", "ULTRALYTICS_SAFE_LOAD: model configs built without eval(), .pt weights-only"),
+    "onnx": (
+        "1.15.0",
+        "1.16.0",
+        "CVE-2024-27318: path traversal through external data in a shared ONNX file",
+    ),
+    "ultralytics": (
+        "8.4.66",
+        "8.4.67",
+        "ULTRALYTICS_SAFE_LOAD: model configs built without eval(), .pt weights-only",
+    ),
 }
 
 

@@ -74,7 +74,9 @@ def test_unit_restarts_and_stops_cleanly() -> None:
 def test_systemd_accepts_the_unit(tmp_path: Path) -> None:
     """`systemd-analyze verify` on a copy: docker -> a binary that exists here, env file -> the shipped one."""
     true = shutil.which("true")
-    text = UNIT.read_text().replace("/usr/bin/docker", true).replace("/etc/mocha-edge/mocha-edge.env", str(ENV))
+    text = (
+        UNIT.read_text().replace("/usr/bin/docker", true).replace("/etc/mocha-edge/mocha-edge.env", str(ENV))
+    )
     text = re.sub(r"^(Requires|After)=.*docker.service.*$", "", text, flags=re.M)  # no docker unit here
     unit = tmp_path / "mocha-edge.service"
     unit.write_text(text)
