@@ -45,7 +45,7 @@ from mocha_edge.deploy.sources import (
 from mocha_edge.prototypes import BankError, PrototypeBank
 
 REPO = Path(__file__).resolve().parents[1]
-JSONL_KEYS = {"source", "frame", "t", "box_xyxy", "cls", "score", "identity", "similarity"}
+JSONL_KEYS = {"source", "frame", "t", "box_xyxy", "cls", "score", "identity", "similarity", "track_id"}
 
 
 # ------------------------------------------------------------------------------------------ fakes
@@ -70,6 +70,11 @@ class FakePipe:
     def set_bank(self, bank: PrototypeBank) -> None:
         bank.check(self.facts.model_fingerprint, self.dim)
         self.bank, self.identity_names = bank, bank.prototypes()[1]
+
+    def match_vectors(self, vectors: np.ndarray, cls: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self.bank is not None and self.bank.identities:
+            return self.bank.match(vectors, cls)
+        return np.full(len(cls), -1, np.int64), np.full(len(cls), -np.inf, np.float32)
 
     def __call__(self, bgr: np.ndarray) -> SimpleNamespace:
         self.calls += 1

@@ -55,6 +55,9 @@ def annotate(bgr: np.ndarray, dets: Any, class_names: list[str], identity_names:
             key = identity_names[ident]
         else:
             label, key = f"{cname} {float(dets.scores[i]):.2f}", cname
+        tids = getattr(dets, "track_ids", None)
+        if tids is not None and int(tids[i]) >= 0:
+            label = f"#{int(tids[i])} {label}"
         col = _colour(key)
         cv2.rectangle(out, (x1, y1), (x2, y2), col, thick)
         (tw, th), base = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)

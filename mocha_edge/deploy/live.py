@@ -74,8 +74,10 @@ if TYPE_CHECKING:  # numpy, the bank and the sources load with the command, not 
 
     from mocha_edge.deploy.pipeline import LivePipeline
     from mocha_edge.deploy.sources import Source
+    from mocha_edge.deploy.tracking import Event, IdentityRule
 
-STAGES = ("pre", "infer", "post", "pool", "match")
+STAGES = ("pre", "infer", "post", "pool", "match", "track")
+TRACKER_CHOICES = ("bytetrack", "botsort", "none")  # = tracking.TRACKERS (kept here: the CLI loads no numpy)
 FAULT_REPORT_EVERY = 60.0  # seconds: at most one summary line per fault kind in this time
 FAIL_AFTER = 30.0  # seconds of nothing but lost frames before the run gives up (--fail-after)
 FAIL_FRAMES = 50  # ... and at least this many lost frames in a row (a slow source is not judged on a few)
@@ -116,6 +118,8 @@ class RunOptions:
     handle_signals: bool = True  # SIGINT/SIGTERM/SIGHUP stop the loop cleanly (main thread only)
     fail_after: float = FAIL_AFTER  # give up after this many seconds of lost frames only (0: never)
     fail_frames: int = FAIL_FRAMES  # ... and at least this many of them in a row
+    tracker: str = "bytetrack"  # bytetrack | botsort | none (per-frame identities)
+    rule: IdentityRule | None = None  # how a track's identity is decided (None: the defaults)
 
 
 @dataclass
@@ -135,6 +139,7 @@ class RunSummary:
         default_factory=dict
     )  # per kind ("STAGE: ExceptionType"), in first-seen order
     lost: int = 0  # frames whose detections could not be made or that no output took
+    events: dict[str, int] = field(default_factory=dict)  # track events made, per kind
 
     @property
     def fps(self) -> float:
@@ -353,6 +358,16 @@ def run_loop(
     sinks: list[Sink] = open_sinks(sink_uris(opts), camera=source.name, fps=source.fps, log=console.log)
     need_records = any(s.needs_records for s in sinks)
     need_image = window is not None or any(s.needs_image for s in sinks)
+    event_sinks = [s for s in sinks if s.needs_events]
+    from mocha_edge.deploy.tracking import TrackIdentities, make_tracker, track_frame
+
+    tracker = make_tracker(opts.tracker, source.fps)
+    idents = (
+        TrackIdentities(source.name, list(pipe.names), opts.rule, name_conf=float(getattr(pipe, "name_conf", 0.5)),
+                        snapshots=bool(event_sinks))
+        if tracker is not None else None
+    )  # fmt: skip
+    last_frame: Any = None
     stop = _Stop()
     if opts.handle_signals:
         stop.install()
@@ -408,8 +423,20 @@ def run_loop(
             faults.attempt("enrol", frame.index, enroller.poll)
             t1 = time.perf_counter()
             ok, dets = faults.attempt("pipeline", frame.index, pipe, frame.image_bgr)
+            events: list[Event] = []
+            if ok and tracker is not None:
+                t_tr = time.perf_counter()
+                ok, out = faults.attempt(
+                    "track", frame.index, track_frame, tracker, idents, pipe, frame, dets
+                )
+                if ok:
+                    dets, events = out
+                    pipe.timings = {**pipe.timings, "track": (time.perf_counter() - t_tr) * 1e3}
             t2 = time.perf_counter()
             summary.frames += 1
+            last_frame = frame
+            for e in events:
+                summary.events[e.kind] = summary.events.get(e.kind, 0) + 1
             records: list[dict[str, Any]] | None = None  # None: the detection outputs skip this frame
             shown: np.ndarray | None = None
             if ok:
@@ -438,9 +465,14 @@ def run_loop(
             for sink in sinks:  # each one isolated: a full disk under one never stops the others
                 if records is None and sink.needs_records:
                     continue
-                done, _ = faults.attempt(
-                    f"sink {sink.path}", frame.index, sink.write, frame, records or [], shown
-                )
+                if sink.needs_events:
+                    done, _ = faults.attempt(
+                        f"sink {sink.path}", frame.index, sink.write_events, frame, events
+                    )
+                else:
+                    done, _ = faults.attempt(
+                        f"sink {sink.path}", frame.index, sink.write, frame, records or [], shown
+                    )
                 delivered += done
             if window is not None and shown is not None:
                 shown_ok, key = faults.attempt("window", frame.index, window.show, shown)
@@ -481,6 +513,14 @@ def run_loop(
             summary.enrolled = list(enroller.enrolled)
             if window is not None:
                 window.close()
+            if idents is not None and last_frame is not None:  # the source ended: every track leaves
+                t_end = last_frame.t
+                for e in idents.close(t_end, last_frame.index):
+                    summary.events[e.kind] = summary.events.get(e.kind, 0) + 1
+                    for sink in event_sinks:
+                        faults.attempt(
+                            f"sink {sink.path}", last_frame.index, sink.write_events, last_frame, [e]
+                        )
             failed: BaseException | None = None
             for sink in sinks:  # each one finalised even when another fails
                 try:
@@ -647,10 +687,16 @@ def run(
 @click.option("--fail-after", default=FAIL_AFTER, show_default=True, metavar="SECONDS",
               help=f"Give up (exit code {EXIT_FAILING}) when every frame has faulted for this long and at least "
                    f"{FAIL_FRAMES} frames in a row, so a supervisor restarts the process (0: never).")  # fmt: skip
+@click.option("--tracker", type=click.Choice(TRACKER_CHOICES), default="bytetrack", show_default=True,
+              help="Multi-object tracker (ultralytics' ByteTrack / BoT-SORT): one identity per track, events "
+                   "(enter, identified, changed, leave); none: identities decided per frame.")  # fmt: skip
+@click.option("--leave-after", type=float, default=None, metavar="SECONDS",
+              help="A track unseen this long has left (its leave event) [default: 2].")  # fmt: skip
 def run_cmd(model: Path, bank: Path | None, source: str | None, camera: int | None, csi: int | None,
             sinks: tuple[str, ...], save: Path | None, jsonl: Path | None, show: bool | None, conf: float, iou: float,
             threshold: float | None, name_conf: float | None, mode: str, backend: str | None, gpu_stages: str,
-            max_frames: int | None, fps_every: float, fail_after: float) -> None:  # fmt: skip
+            max_frames: int | None, fps_every: float, fail_after: float, tracker: str,
+            leave_after: float | None) -> None:  # fmt: skip
     """Run the exported MODEL (.onnx from `mocha-edge export`, or a TensorRT .engine) on a live source:
     detect, match against the prototype bank, write/show the results, enrol new objects on the fly.
 
@@ -691,8 +737,17 @@ def run_cmd(model: Path, bank: Path | None, source: str | None, camera: int | No
         raise click.BadParameter("a cosine in [-1, 1]", param_hint="--threshold")
     if fail_after < 0:
         raise click.BadParameter("must be >= 0 (0: never give up)", param_hint="--fail-after")
+    rule = None
+    if leave_after is not None:
+        if leave_after <= 0:
+            raise click.BadParameter("must be > 0", param_hint="--leave-after")
+        import dataclasses
+
+        from mocha_edge.deploy.tracking import IdentityRule
+
+        rule = dataclasses.replace(IdentityRule(), leave_after=leave_after)
     opts = RunOptions(save=save, jsonl=jsonl, sinks=list(sinks), show=show, max_frames=max_frames,
-                      fps_every=fps_every, fail_after=fail_after)  # fmt: skip
+                      fps_every=fps_every, fail_after=fail_after, tracker=tracker, rule=rule)  # fmt: skip
     console = Console()
     try:
         summary = run(

@@ -65,6 +65,7 @@ class LivePipeline(Protocol):
     identity_names: list[str]  # what Detections.identity indexes (the bank's prototypes() order)
 
     def set_bank(self, bank: PrototypeBank) -> None: ...
+    def match_vectors(self, vectors: np.ndarray, cls: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
     def __call__(self, bgr: np.ndarray) -> Any: ...
 
 
@@ -242,6 +243,19 @@ class Pipeline:
         self.timings = {**self.gpu_stages.timings, "match": (time.perf_counter() - t3b) * 1e3}
         return Detections(boxes, scores, cls, vectors, ident, sim)
 
+    def match_vectors(self, vectors: np.ndarray, cls: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Identity index (-1: below its threshold, or no bank) and cosine of arbitrary object vectors (a
+        track's running mean) against the bank, with the bank's thresholds (or ``threshold``); no detection
+        confidence rule and no one-per-identity rule (the caller's business)."""
+        if not len(self._protos):
+            return np.full(len(cls), -1, np.int64), np.full(len(cls), -np.inf, np.float32)
+        per = None if self.threshold is not None else self._thresholds
+        one = -np.inf if self.threshold is None else self.threshold
+        _, sim, ident = self.rt.match(np.ascontiguousarray(vectors, np.float32), np.asarray(cls, np.int64),
+                                      self._protos, self._proto_cls, self.mode, one, means=self._means,
+                                      thresholds=per, proj=self._proj)  # fmt: skip
+        return ident, sim
+
     def _match(
         self, vectors: np.ndarray, cls: np.ndarray, scores: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -249,11 +263,6 @@ class Pipeline:
         model's matching space; a name needs the identity's threshold (or ``threshold`` for all) and a
         detection confidence of at least ``name_conf``; an identity names one detection per frame (the most
         similar: a personal object is in one place at a time)."""
-        if not len(self._protos):
-            return np.full(len(cls), -1, np.int64), np.full(len(cls), -np.inf, np.float32)
-        per = None if self.threshold is not None else self._thresholds
-        one = -np.inf if self.threshold is None else self.threshold
-        _, sim, ident = self.rt.match(vectors, cls, self._protos, self._proto_cls, self.mode, one,
-                                      means=self._means, thresholds=per, proj=self._proj)  # fmt: skip
+        ident, sim = self.match_vectors(vectors, cls)
         ident[np.asarray(scores) < self.name_conf] = -1
         return one_per_identity(ident, sim), sim

@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from mocha_edge.deploy.sources import Frame
+    from mocha_edge.deploy.tracking import Event
 
 VIDEO_FOURCC = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".mkv": "mp4v", ".avi": "MJPG"}
 KILL_SAFE = (".mkv", ".avi")  # play when cut short (kill -9 measured in tests/test_sinks_hardening.py)
@@ -101,6 +102,7 @@ def detection_records(
 ) -> list[dict[str, Any]]:
     """The JSON-lines records of one frame: one per detection (schema in the module doc of ``run``)."""
     out = []
+    tids = getattr(dets, "track_ids", None)
     for i in range(len(dets.scores)):
         ident = int(dets.identity[i])
         c = int(dets.cls[i])
@@ -114,6 +116,7 @@ def detection_records(
                 "score": _finite(round(float(dets.scores[i]), 5)),
                 "identity": identity_names[ident] if 0 <= ident < len(identity_names) else None,
                 "similarity": _finite(round(float(dets.similarity[i]), 5)),
+                "track_id": int(tids[i]) if tids is not None and int(tids[i]) >= 0 else None,
             }
         )
     return out
@@ -219,8 +222,6 @@ def parse_sink(text: str, *, alias: str | None = None) -> SinkURI:
 
 def check_sink(uri: SinkURI) -> SinkURI:
     """Refuse what parses but is not in this version (raises :class:`SinkError`); ``uri`` otherwise."""
-    if uri.options.get("kind") == "events":
-        raise SinkError(f"{uri.shown}: events come with tracking (not in this version); use kind=detections")
     return uri
 
 
@@ -285,14 +286,20 @@ class SinkReport:
 
 class Sink:
     """One output of the loop. ``needs_records`` / ``needs_image``: what :meth:`write` wants (the loop
-    builds the detection records and the annotated image only when some sink or window needs them)."""
+    builds the detection records and the annotated image only when some sink or window needs them);
+    ``needs_events``: the sink takes the tracks' events (:class:`~mocha_edge.deploy.tracking.Event`) through
+    :meth:`write_events`, called once per frame (with an empty list when nothing happened)."""
 
     path: Path
     needs_records = False
     needs_image = False
+    needs_events = False
 
     def write(self, frame: Frame, records: list[dict[str, Any]], annotated: np.ndarray | None) -> None:
         raise NotImplementedError
+
+    def write_events(self, frame: Frame, events: list[Event]) -> None:
+        """The events of one frame (sinks with ``needs_events``)."""
 
     def close(self) -> SinkReport:
         raise NotImplementedError
@@ -367,6 +374,7 @@ class JsonlSink(Sink):
         rotate: int | str | None = None,
         keep: int = DEFAULT_KEEP,
         *,
+        kind: str = "detections",
         log: Log | None = None,
         clock: Callable[[], float] = time.time,
         retry_every: float = RETRY_EVERY,
@@ -374,6 +382,10 @@ class JsonlSink(Sink):
     ) -> None:
         if isinstance(rotate, str) and rotate != DAILY:
             raise SinkError(f"{path}: rotate={rotate!r} must be a size in bytes or {DAILY!r}")
+        if kind not in JSONL_KINDS:
+            raise SinkError(f"{path}: kind={kind!r} must be one of {', '.join(JSONL_KINDS)}")
+        self.kind = kind  # detections: one line per detection; events: one line per track event
+        self.needs_records, self.needs_events = kind == "detections", kind == "events"
         self.path, self.rotate, self.keep = Path(path), rotate, int(keep)
         self.clock, self.buffer_limit = clock, int(buffer_limit)
         self.log = log or log_stderr
@@ -505,6 +517,10 @@ class JsonlSink(Sink):
             self._bound()
         if self.pending and self.state.due():
             self._drain()
+
+    def write_events(self, frame: Frame, events: list[Event]) -> None:
+        if self.needs_events:
+            self.write(frame, [e.record() for e in events])
 
     def close(self) -> SinkReport:
         """Write what is held (one last try), close the file, and report."""
@@ -720,7 +736,7 @@ def open_sink(
     path = sink_path(u, camera)
     if u.kind == "jsonl":
         return JsonlSink(path, rotate=u.options.get("rotate"), keep=u.options.get("keep", DEFAULT_KEEP),
-                         log=log, clock=clock)  # fmt: skip
+                         kind=u.options.get("kind", "detections"), log=log, clock=clock)  # fmt: skip
     return VideoSink(path, fps or DEFAULT_FPS, segment=u.options.get("segment"), keep=u.options.get("keep"),
                      log=log, clock=clock)  # fmt: skip
 

@@ -1,0 +1,379 @@
+"""Tracks, one identity per track, and the events they make: the live loop's memory across frames.
+
+* :class:`Tracker` wraps ultralytics' BYTETracker or BOTSORT (a well-kept tracker, never our own): fed one
+  frame's :class:`~mocha_edge.deploy.pipeline.Detections`, it gives each detection its track id (-1: not
+  part of a confirmed track this frame).
+* :class:`TrackIdentities` turns per-frame evidence into one identity per track (:class:`IdentityRule`):
+  a track's evidence is the running mean of its last ``window`` object vectors (frames where the detection
+  is confident enough to be named, ``name_conf``); the mean is matched against the bank like one detection
+  (the bank's per-identity thresholds, in the model's matching space). A track stays ``unknown`` until the
+  same identity wins ``commit`` frames in a row, and switches (to another identity, or back to unknown) only
+  after ``switch`` frames in a row of contrary decisions. An identity names one track per camera at a time:
+  the more similar track keeps it. Each track keeps its best shot (highest score × completeness: a box that
+  touches the frame's edge counts half) for snapshots.
+* Events per track: ``enter`` (a confirmed track appears), ``identified`` (its identity is committed),
+  ``changed`` (switched, ``previous`` says from what), ``leave`` (not seen for ``leave_after`` seconds). A
+  track that commits to an identity whose previous track on this camera was lost less than ``leave_after``
+  ago takes over its presence silently (no second ``identified``, no ``leave`` for the old one): a
+  tracker that loses an object behind an occluder and finds it again as a new track does not make the
+  object leave and come back.
+
+Defaults come from the video evaluation (``mocha-edge eval-video``; README, *Identities over time*).
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from mocha_edge.errors import MochaError
+
+TRACKERS = ("bytetrack", "botsort", "none")
+EVENT_KINDS = ("enter", "identified", "changed", "leave")
+EDGE_MARGIN = 2.0  # px: a box this close to the frame's edge is cut off by it (completeness 0.5)
+
+
+class TrackingError(MochaError):
+    """A tracker cannot be made (unknown name, missing dependency)."""
+
+
+# ------------------------------------------------------------------------------------------ tracker
+class _Boxes:
+    """What ultralytics' trackers read from a detection set: ``conf``, ``cls``, ``xywh``, ``xyxy``, boolean
+    indexing and ``len``."""
+
+    def __init__(self, xyxy: np.ndarray, conf: np.ndarray, cls: np.ndarray) -> None:
+        self.xyxy = np.asarray(xyxy, np.float32).reshape(-1, 4)
+        self.conf = np.asarray(conf, np.float32).reshape(-1)
+        self.cls = np.asarray(cls, np.float32).reshape(-1)
+
+    @property
+    def xywh(self) -> np.ndarray:
+        b = self.xyxy
+        return np.stack(
+            [(b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2, b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]], 1
+        )
+
+    def __len__(self) -> int:
+        return len(self.conf)
+
+    def __getitem__(self, idx: Any) -> _Boxes:
+        return _Boxes(self.xyxy[idx], self.conf[idx], self.cls[idx])
+
+
+def tracker_args(kind: str, **overrides: Any) -> Any:
+    """ultralytics' own defaults for ``kind`` (its ``cfg/trackers/<kind>.yaml``), with ``overrides``."""
+    from pathlib import Path
+
+    import ultralytics
+    from ultralytics.utils import YAML, IterableSimpleNamespace
+
+    cfg = YAML.load(Path(ultralytics.__file__).parent / "cfg" / "trackers" / f"{kind}.yaml")
+    cfg.update(overrides)
+    return IterableSimpleNamespace(**cfg)
+
+
+class Tracker:
+    """One camera's multi-object tracker (``bytetrack`` or ``botsort``, ultralytics' implementations).
+
+    ``fps``: the source's frame rate (the tracker keeps a lost track for ``track_buffer`` frames at 30 FPS,
+    scaled to this rate). ``overrides``: fields of ultralytics' tracker YAML."""
+
+    def __init__(self, kind: str = "bytetrack", fps: float = 30.0, **overrides: Any) -> None:
+        if kind not in ("bytetrack", "botsort"):
+            raise TrackingError(f"unknown tracker {kind!r}: one of {', '.join(TRACKERS)}")
+        try:
+            from ultralytics.trackers.bot_sort import BOTSORT
+            from ultralytics.trackers.byte_tracker import BYTETracker
+        except ImportError as e:  # lap, ultralytics' assignment solver
+            raise TrackingError(f"tracker {kind}: {e} (pip install lap)") from None
+        if kind == "botsort":
+            overrides.setdefault("gmc_method", "none")  # camera-motion compensation: off for a fixed camera
+        args = tracker_args(kind, **overrides)
+        if "track_buffer" not in overrides:  # ultralytics' buffer is frames at 30 FPS: keep its duration
+            args.track_buffer = max(1, round(args.track_buffer * fps / 30.0))
+        self.kind = kind
+        self.impl = (BYTETracker if kind == "bytetrack" else BOTSORT)(args)
+
+    def update(self, dets: Any, image: np.ndarray | None = None) -> np.ndarray:
+        """Track ids of ``dets`` (``boxes``, ``scores``, ``cls``), -1 for detections in no confirmed track."""
+        n = len(dets.scores)
+        ids = np.full(n, -1, np.int64)
+        out = self.impl.update(_Boxes(dets.boxes, dets.scores, dets.cls), image)
+        if len(out):
+            idx = out[:, -1].astype(np.int64)
+            ok = (idx >= 0) & (idx < n)
+            ids[idx[ok]] = out[ok, 4].astype(np.int64)
+        return ids
+
+
+def make_tracker(kind: str, fps: float | None = None) -> Tracker | None:
+    """A :class:`Tracker`, or None for ``none`` (per-frame identities)."""
+    if kind == "none":
+        return None
+    return Tracker(kind, fps=fps or 30.0)
+
+
+# ------------------------------------------------------------------------------------------ identities
+@dataclass(frozen=True)
+class IdentityRule:
+    """How a track's identity is decided (module doc); the defaults are the video evaluation's choice."""
+
+    window: int = 15  # object vectors in the running mean
+    commit: int = 3  # frames in a row the same identity must win before it is committed
+    switch: int = 8  # frames in a row of contrary decisions before a committed identity changes
+    leave_after: float = 2.0  # seconds a track is unseen before it has left
+
+
+@dataclass
+class Event:
+    """One event of one track (record: :meth:`record`). ``snapshot``: the track's best shot (BGR crop) when
+    the event was made, for sinks that send pictures; never written to a record."""
+
+    kind: str
+    camera: str
+    track_id: int
+    t: float
+    frame: int
+    cls: str
+    identity: str | None
+    similarity: float | None
+    box_xyxy: list[float]
+    score: float
+    previous: str | None = None
+    first_seen: float | None = None
+    snapshot: np.ndarray | None = field(default=None, repr=False, compare=False)
+
+    def record(self) -> dict[str, Any]:
+        """The JSON record (``events.jsonl?kind=events``, MQTT, webhooks)."""
+        rec = {
+            "event": self.kind,
+            "camera": self.camera,
+            "track_id": self.track_id,
+            "t": round(self.t, 6),
+            "frame": self.frame,
+            "cls": self.cls,
+            "identity": self.identity,
+            "similarity": None if self.similarity is None or not math.isfinite(self.similarity)
+            else round(self.similarity, 5),
+            "box_xyxy": [round(float(v), 2) for v in self.box_xyxy],
+            "score": round(self.score, 5),
+        }  # fmt: skip
+        if self.kind == "changed":
+            rec["previous"] = self.previous
+        if self.kind == "leave" and self.first_seen is not None:
+            rec["duration"] = round(self.t - self.first_seen, 3)
+        return rec
+
+
+@dataclass
+class _Track:
+    tid: int
+    cls: int
+    first_t: float
+    last_t: float
+    last_frame: int
+    box: np.ndarray
+    score: float
+    vectors: collections.deque
+    identity: int = -1  # committed (index into the pipeline's identity names), -1: unknown
+    similarity: float = float("nan")
+    candidate: int = -1
+    streak: int = 0
+    best_quality: float = -1.0
+    best_shot: np.ndarray | None = None
+    active: bool = True  # seen in the last frame
+
+
+MatchFn = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+class TrackIdentities:
+    """Per-camera identity state over tracks (module doc). ``match(vectors, cls) -> (identity index or -1,
+    similarity)`` is the pipeline's bank matcher for arbitrary vectors (:meth:`Pipeline.match_vectors`)."""
+
+    def __init__(self, camera: str, class_names: list[str], rule: IdentityRule | None = None,
+                 name_conf: float = 0.5, snapshots: bool = True) -> None:  # fmt: skip
+        self.camera = camera
+        self.names = list(class_names)
+        self.rule = rule or IdentityRule()
+        self.name_conf = float(name_conf)
+        self.snapshots = snapshots
+        self.tracks: dict[int, _Track] = {}
+        self.identity_names: list[str] = []
+        # identity -> (track id holding it, time it was last seen) on this camera
+        self.presence: dict[int, tuple[int, float]] = {}
+
+    def _cls_name(self, c: int) -> str:
+        return self.names[c] if 0 <= c < len(self.names) else str(c)
+
+    def _ident_name(self, i: int) -> str | None:
+        return self.identity_names[i] if 0 <= i < len(self.identity_names) else None
+
+    def _event(self, kind: str, tr: _Track, t: float, frame: int, previous: int = -1) -> Event:
+        return Event(
+            kind, self.camera, tr.tid, t, frame, self._cls_name(tr.cls), self._ident_name(tr.identity),
+            None if tr.identity < 0 else float(tr.similarity), [float(v) for v in tr.box], float(tr.score),
+            previous=self._ident_name(previous) if kind == "changed" else None, first_seen=tr.first_t,
+            snapshot=tr.best_shot,
+        )  # fmt: skip
+
+    def set_identities(self, names: list[str]) -> None:
+        """The bank changed: identity indices are re-mapped by name; identities that are gone are dropped
+        from their tracks (the tracks become unknown, without events: the bank's owner removed them)."""
+        old = self.identity_names
+        new_index = {n: i for i, n in enumerate(names)}
+        remap = {i: new_index.get(n, -1) for i, n in enumerate(old)}
+        for tr in self.tracks.values():
+            tr.identity = remap.get(tr.identity, -1) if tr.identity >= 0 else -1
+            tr.candidate = remap.get(tr.candidate, -1) if tr.candidate >= 0 else -1
+        self.presence = {remap[i]: v for i, v in self.presence.items() if remap.get(i, -1) >= 0}
+        self.identity_names = list(names)
+
+    def update(self, t: float, frame: int, dets: Any, track_ids: np.ndarray, image: np.ndarray | None,
+               match: MatchFn) -> tuple[np.ndarray, np.ndarray, list[Event]]:  # fmt: skip
+        """One frame: ``(identity per detection, similarity per detection, events)``; a detection outside
+        any track gets -1 / NaN here (its per-frame identity is in ``dets``)."""
+        rule = self.rule
+        n = len(dets.scores)
+        ident = np.full(n, -1, np.int64)
+        sim = np.full(n, np.nan, np.float32)
+        events: list[Event] = []
+        for tr in self.tracks.values():
+            tr.active = False
+        h, w = image.shape[:2] if image is not None else (0, 0)
+        seen: list[tuple[int, _Track]] = []
+        for i in range(n):
+            tid = int(track_ids[i])
+            if tid < 0:
+                continue
+            box = np.asarray(dets.boxes[i], np.float32)
+            score = float(dets.scores[i])
+            tr = self.tracks.get(tid)
+            if tr is None:
+                tr = _Track(
+                    tid, int(dets.cls[i]), t, t, frame, box, score, collections.deque(maxlen=rule.window)
+                )
+                self.tracks[tid] = tr
+                events.append(self._event("enter", tr, t, frame))
+            tr.last_t, tr.last_frame, tr.box, tr.score, tr.active = t, frame, box, score, True
+            vec = np.asarray(dets.vectors[i], np.float32)
+            if score >= self.name_conf and np.all(np.isfinite(vec)):
+                nrm = float(np.linalg.norm(vec))
+                if nrm > 0:
+                    tr.vectors.append(vec / nrm)
+            if image is not None and self.snapshots:
+                edge = (
+                    box[0] <= EDGE_MARGIN
+                    or box[1] <= EDGE_MARGIN
+                    or box[2] >= w - EDGE_MARGIN
+                    or box[3] >= h - EDGE_MARGIN
+                )
+                quality = score * (0.5 if edge else 1.0)
+                if quality > tr.best_quality:
+                    x0, y0, x1, y1 = (int(v) for v in np.rint(box))
+                    crop = image[max(0, y0) : max(0, y1), max(0, x0) : max(0, x1)]
+                    if crop.size:
+                        tr.best_quality, tr.best_shot = quality, crop.copy()
+            seen.append((i, tr))
+        # one decision per track that has evidence: the running mean matched against the bank
+        voters = [(i, tr) for i, tr in seen if tr.vectors]
+        if voters and self.identity_names:
+            means = np.stack([np.mean(np.stack(tr.vectors), 0) for _, tr in voters]).astype(np.float32)
+            cls = np.array([tr.cls for _, tr in voters], np.int64)
+            d_ident, d_sim = match(means, cls)
+            for (_, tr), d, s in zip(voters, d_ident, d_sim):
+                d = int(d)
+                if d == tr.candidate:
+                    tr.streak += 1
+                else:
+                    tr.candidate, tr.streak = d, 1
+                if d == tr.identity and d >= 0:
+                    tr.similarity = float(s)
+                elif tr.identity < 0 and d >= 0 and tr.streak >= rule.commit:
+                    events += self._commit(tr, d, float(s), t, frame)
+                elif tr.identity >= 0 and d != tr.identity and tr.streak >= rule.switch:
+                    if d >= 0:
+                        events += self._commit(tr, d, float(s), t, frame)
+                    else:
+                        prev = tr.identity
+                        self.presence.pop(prev, None)
+                        tr.identity, tr.similarity = -1, float("nan")
+                        events.append(self._event("changed", tr, t, frame, previous=prev))
+        for i, tr in seen:
+            ident[i] = tr.identity
+            sim[i] = tr.similarity if tr.identity >= 0 else np.nan
+            if tr.identity >= 0:
+                self.presence[tr.identity] = (tr.tid, t)
+        # tracks unseen for leave_after seconds have left
+        for tid in [
+            k for k, tr in self.tracks.items() if not tr.active and t - tr.last_t >= rule.leave_after
+        ]:
+            tr = self.tracks.pop(tid)
+            holder = self.presence.get(tr.identity)
+            if tr.identity >= 0 and holder is not None and holder[0] != tid:
+                tr.identity = -1  # its identity moved to another track: no leave for the identity
+            if tr.identity >= 0:
+                self.presence.pop(tr.identity, None)
+            events.append(self._event("leave", tr, t, frame))
+        return ident, sim, events
+
+    def _commit(self, tr: _Track, d: int, s: float, t: float, frame: int) -> list[Event]:
+        """Give identity ``d`` to ``tr`` (one track per identity and camera; module doc)."""
+        events: list[Event] = []
+        holder = self.presence.get(d)
+        other = self.tracks.get(holder[0]) if holder is not None and holder[0] != tr.tid else None
+        silent = False
+        if other is not None and other.identity == d:
+            if other.active:
+                if other.similarity >= s:
+                    return []  # the other track, seen now and more similar, keeps it
+                other.identity, other.similarity = -1, float("nan")
+                events.append(self._event("changed", other, t, frame, previous=d))
+            else:  # lost, not yet left: this track continues its presence
+                other.identity, other.similarity = -1, float("nan")
+                silent = tr.identity < 0
+        elif holder is not None and holder[0] != tr.tid and t - holder[1] < self.rule.leave_after:
+            silent = tr.identity < 0  # its track already left the table, but only just
+        prev = tr.identity
+        if prev >= 0:
+            self.presence.pop(prev, None)
+        tr.identity, tr.similarity = d, s
+        self.presence[d] = (tr.tid, t)
+        if prev >= 0:
+            events.append(self._event("changed", tr, t, frame, previous=prev))
+        elif not silent:
+            events.append(self._event("identified", tr, t, frame))
+        return events
+
+    def close(self, t: float, frame: int) -> list[Event]:
+        """The source ended: every track leaves."""
+        events = [self._event("leave", tr, t, frame) for tr in self.tracks.values()]
+        self.tracks.clear()
+        self.presence.clear()
+        return events
+
+
+def track_frame(
+    tracker: Tracker, idents: TrackIdentities, pipe: Any, frame: Any, dets: Any
+) -> tuple[Any, list[Event]]:
+    """One frame through the tracker and the track identities (``pipe``: its ``identity_names`` and
+    ``match_vectors``; ``frame``: ``t``, ``index``, ``image_bgr``): the detections as the outputs show them
+    (``identity`` / ``similarity`` of their track, ``track_ids``; the per-frame decisions kept in
+    ``frame_identity`` / ``frame_similarity``) and the frame's events."""
+    from types import SimpleNamespace
+
+    tids = tracker.update(dets, frame.image_bgr)
+    if idents.identity_names != list(pipe.identity_names):
+        idents.set_identities(list(pipe.identity_names))
+    ident, sim, events = idents.update(frame.t, frame.index, dets, tids, frame.image_bgr, pipe.match_vectors)
+    shown = SimpleNamespace(
+        boxes=dets.boxes, scores=dets.scores, cls=dets.cls, vectors=dets.vectors, identity=ident,
+        similarity=sim, track_ids=tids, frame_identity=dets.identity, frame_similarity=dets.similarity,
+    )  # fmt: skip
+    return shown, events
