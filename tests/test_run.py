@@ -428,7 +428,7 @@ def test_fps_line_reports_stage_timings(synth_video: Path) -> None:
         run_loop(src, pipe, RunOptions(handle_signals=False, fps_every=0.05), enroller, console=console)
     lines = [line for line in console.lines if "FPS" in line]
     assert lines, console.lines
-    assert "FPS | ms: pre 0.1 infer 1.0 post 0.2 pool 0.1 match 0.3 read " in lines[0]
+    assert "FPS | ms: pre 0.1 infer 1.0 post 0.2 pool 0.1 match 0.3 track " in lines[0]
     fps = float(lines[0].split()[0])
     assert 5 < fps < 100  # 10 ms fake inference + reading and output
 
@@ -454,8 +454,13 @@ def test_enroll_command_adds_a_shot_used_from_the_next_frame(synth_video: Path, 
     )
     console = Quiet()
     with open_source(str(synth_video)) as src:
-        summary, pipe, _ = loop(
-            src, console=console, bank_path=bank_path, commands=cmds, jsonl=tmp_path / "e.jsonl"
+        summary, pipe, _ = loop(  # per-frame identities: the shot is used from the very next frame
+            src,
+            console=console,
+            bank_path=bank_path,
+            commands=cmds,
+            jsonl=tmp_path / "e.jsonl",
+            tracker="none",
         )
     assert summary.stopped == "quit" and summary.frames == 12 and summary.enrolled == ["my mug", "my mug"]
     bank = PrototypeBank.load(bank_path)
@@ -567,7 +572,7 @@ def test_detection_records_schema() -> None:
                            cls=np.array([1]), identity=np.array([0]), similarity=np.array([0.9]))  # fmt: skip
     (r,) = detection_records(frame, dets, ["mug", "toy"], ["bob"])
     assert r == {"source": "csi://0", "frame": 7, "t": 1.5, "box_xyxy": [1.23, 2.0, 3.0, 4.5], "cls": "toy",
-                 "score": 0.87654, "identity": "bob", "similarity": 0.9}  # fmt: skip
+                 "score": 0.87654, "identity": "bob", "similarity": 0.9, "track_id": None}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ signals
@@ -669,7 +674,8 @@ def test_end_to_end_with_the_real_pipeline(
     for src in (folder, video):
         save = tmp_path / f"{src.stem}.out.mp4"
         # (the briefly trained student's scores sit below the default naming confidence 0.5)
-        rows = run_cli(src, "--prototypes", str(bank), "--save", str(save), "--name-conf", "0.1")
+        rows = run_cli(src, "--prototypes", str(bank), "--save", str(save), "--name-conf", "0.1",
+                       "--tracker", "none")  # fmt: skip
         assert frames_of(save) == len(synth_images)
         assert {x["frame"] for x in rows} <= set(range(len(synth_images)))
         assert {x["identity"] for x in rows} <= {None, "target"}

@@ -95,16 +95,25 @@ def test_bad_sink_uris_are_one_line_errors(uri: str, message: str) -> None:
     assert "\n" not in str(e.value)
 
 
-def test_events_are_parsed_then_refused(tmp_path: Path) -> None:
+def test_events_sink_writes_one_line_per_event(tmp_path: Path) -> None:
+    """``?kind=events``: the tracks' events (Event.record()), not the detections."""
+    from mocha_edge.deploy.tracking import Event
+
     u = parse_sink(f"{tmp_path}/e.jsonl?kind=events")
     assert u.options == {"kind": "events"}
-    with pytest.raises(
-        SinkError, match=r"e.jsonl\?kind=events: events come with tracking \(not in this version\)"
-    ):
-        check_sink(u)
-    with pytest.raises(SinkError, match="events come with tracking"):
-        open_sink(u)
-    assert list(tmp_path.iterdir()) == []  # nothing created
+    sink = open_sink(u)
+    assert sink.needs_events and not sink.needs_records
+    ev = Event("identified", "cam", 3, 1.5, 15, "mug", "my mug", 0.91234567, [1, 2, 3, 4], 0.8)
+    sink.write_events(frame(15), [ev, Event("leave", "cam", 2, 1.5, 15, "toy", None, None, [0, 0, 1, 1], 0.5,
+                                           first_seen=0.5)])  # fmt: skip
+    sink.write_events(frame(16), [])
+    rep = sink.close()
+    rows = lines_of(tmp_path / "e.jsonl")
+    assert rep.count == 2 and [r["event"] for r in rows] == ["identified", "leave"]
+    assert rows[0] == {"event": "identified", "camera": "cam", "track_id": 3, "t": 1.5, "frame": 15, "cls": "mug",
+                       "identity": "my mug", "similarity": 0.91235, "box_xyxy": [1.0, 2.0, 3.0, 4.0],
+                       "score": 0.8}  # fmt: skip
+    assert rows[1]["duration"] == 1.0 and rows[1]["identity"] is None
 
 
 def test_aliases_take_plain_paths() -> None:
@@ -282,8 +291,6 @@ def test_run_refuses_bad_sinks_before_opening_anything(
 ) -> None:
     cases = {
         "x.txt": "x.txt: unknown output type '.txt'",
-        "mqtt://broker/ids": "mqtt:// outputs come with the live-identities issue",
-        "e.jsonl?kind=events": "events come with tracking (not in this version)",
         "o.mp4?segment=10m": "segment= needs a container that plays when cut short",
         "e.jsonl?rotate=big": "rotate='big' is not a size",
     }

@@ -358,7 +358,7 @@ def run_loop(
     sinks: list[Sink] = open_sinks(sink_uris(opts), camera=source.name, fps=source.fps, log=console.log)
     need_records = any(s.needs_records for s in sinks)
     need_image = window is not None or any(s.needs_image for s in sinks)
-    event_sinks = [s for s in sinks if s.needs_events]
+    event_sinks = [s for s in sinks if getattr(s, "needs_events", False)]
     from mocha_edge.deploy.tracking import TrackIdentities, make_tracker, track_frame
 
     tracker = make_tracker(opts.tracker, source.fps)
@@ -465,7 +465,7 @@ def run_loop(
             for sink in sinks:  # each one isolated: a full disk under one never stops the others
                 if records is None and sink.needs_records:
                     continue
-                if sink.needs_events:
+                if getattr(sink, "needs_events", False):
                     done, _ = faults.attempt(
                         f"sink {sink.path}", frame.index, sink.write_events, frame, events
                     )
