@@ -105,7 +105,7 @@ def test_events_sink_writes_one_line_per_event(tmp_path: Path) -> None:
     assert sink.needs_events and not sink.needs_records
     ev = Event("identified", "cam", 3, 1.5, 15, "mug", "my mug", 0.91234567, [1, 2, 3, 4], 0.8)
     sink.write_events(frame(15), [ev, Event("leave", "cam", 2, 1.5, 15, "toy", None, None, [0, 0, 1, 1], 0.5,
-                                           first_seen=0.5)])  # fmt: skip
+                                           first_seen=0.5, last_seen=1.5)])  # fmt: skip
     sink.write_events(frame(16), [])
     rep = sink.close()
     rows = lines_of(tmp_path / "e.jsonl")

@@ -147,6 +147,7 @@ class Event:
     score: float
     previous: str | None = None
     first_seen: float | None = None
+    last_seen: float | None = None
     snapshot: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def record(self) -> dict[str, Any]:
@@ -166,8 +167,9 @@ class Event:
         }  # fmt: skip
         if self.kind == "changed":
             rec["previous"] = self.previous
-        if self.kind == "leave" and self.first_seen is not None:
-            rec["duration"] = round(self.t - self.first_seen, 3)
+        if self.kind == "leave" and self.first_seen is not None and self.last_seen is not None:
+            rec["last_seen"] = round(self.last_seen, 6)
+            rec["duration"] = round(self.last_seen - self.first_seen, 3)  # first to last frame seen
         return rec
 
 
@@ -220,7 +222,7 @@ class TrackIdentities:
             kind, self.camera, tr.tid, t, frame, self._cls_name(tr.cls), self._ident_name(tr.identity),
             None if tr.identity < 0 else float(tr.similarity), [float(v) for v in tr.box], float(tr.score),
             previous=self._ident_name(previous) if kind == "changed" else None, first_seen=tr.first_t,
-            snapshot=tr.best_shot,
+            last_seen=tr.last_t, snapshot=tr.best_shot,
         )  # fmt: skip
 
     def set_identities(self, names: list[str]) -> None:

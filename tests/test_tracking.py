@@ -1,0 +1,165 @@
+"""Tracks and one identity per track (mocha_edge/deploy/tracking.py): the rule, the events, the tracker."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from mocha_edge.deploy.tracking import IdentityRule, Tracker, TrackIdentities, TrackingError, track_frame
+
+IMG = np.zeros((240, 320, 3), np.uint8)
+
+
+def dets(boxes: list[list[float]], scores: list[float] | None = None, cls: list[int] | None = None,
+         dim: int = 4) -> SimpleNamespace:  # fmt: skip
+    n = len(boxes)
+    return SimpleNamespace(
+        boxes=np.array(boxes, np.float32).reshape(n, 4),
+        scores=np.array(scores or [0.9] * n, np.float32),
+        cls=np.array(cls or [0] * n, np.int64),
+        vectors=np.ones((n, dim), np.float32),
+        identity=np.full(n, -1, np.int64),
+        similarity=np.full(n, np.nan, np.float32),
+    )
+
+
+class Script:
+    """A matcher that answers from a script: frame -> identity per call (the same for every vector)."""
+
+    def __init__(self, decisions: list[int], sim: float = 0.9) -> None:
+        self.decisions, self.sim, self.i = decisions, sim, 0
+
+    def __call__(self, vectors: np.ndarray, cls: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        d = self.decisions[min(self.i, len(self.decisions) - 1)]
+        self.i += 1
+        return np.full(len(cls), d, np.int64), np.full(len(cls), self.sim, np.float32)
+
+
+def run(decisions: list[int], rule: IdentityRule, ids: list[int] | None = None) -> tuple[list[int], list]:
+    ti = TrackIdentities("cam", ["mug"], rule)
+    ti.set_identities(["rex", "tom"])
+    match = Script(decisions)
+    shown, events = [], []
+    for f in range(len(decisions)):
+        ident, _, ev = ti.update(f / 15, f, dets([[50, 50, 100, 100]]), np.array(ids or [1]), IMG, match)
+        shown.append(int(ident[0]))
+        events += [(f, e.kind, e.identity) for e in ev]
+    return shown, events
+
+
+def test_commit_after_consistent_evidence_and_flicker_is_ignored() -> None:
+    rule = IdentityRule(window=5, commit=3, switch=4, leave_after=1.0)
+    shown, events = run([0, 0, 0, -1, 1, 0, 0, -1, 0], rule)
+    assert shown == [-1, -1, 0, 0, 0, 0, 0, 0, 0]  # one-frame dips never change a committed identity
+    assert events == [(0, "enter", None), (2, "identified", "rex")]
+
+
+def test_switch_only_on_sustained_contrary_evidence() -> None:
+    rule = IdentityRule(window=5, commit=2, switch=3, leave_after=1.0)
+    shown, events = run([0, 0, 1, 1, 1, 1, -1, -1, -1], rule)
+    assert shown == [-1, 0, 0, 0, 1, 1, 1, 1, -1]
+    assert [e[1:] for e in events] == [("enter", None), ("identified", "rex"), ("changed", "tom"),
+                                       ("changed", None)]  # fmt: skip
+
+
+def test_one_identity_per_camera_the_more_similar_track_keeps_it() -> None:
+    ti = TrackIdentities("cam", ["mug"], IdentityRule(window=3, commit=1, switch=2, leave_after=1.0))
+    ti.set_identities(["rex"])
+    sims = iter([np.array([0.8, 0.7]), np.array([0.8, 0.95])])
+
+    def match(v: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return np.zeros(len(c), np.int64), next(sims).astype(np.float32)
+
+    d = dets([[10, 10, 50, 50], [150, 10, 200, 50]])
+    ident, _, ev = ti.update(0.0, 0, d, np.array([1, 2]), IMG, match)
+    assert ident.tolist() == [0, -1] and [e.kind for e in ev].count("identified") == 1
+    ident, _, ev = ti.update(
+        0.1, 1, d, np.array([1, 2]), IMG, match
+    )  # track 2 now more similar: it takes rex
+    assert ident.tolist() == [-1, 0]
+    assert [(e.kind, e.track_id, e.identity, e.previous) for e in ev] == [
+        ("changed", 1, None, "rex"), ("identified", 2, "rex", None)]  # fmt: skip
+
+
+def test_a_reacquired_track_continues_the_presence_silently_and_leave_comes_once() -> None:
+    rule = IdentityRule(window=3, commit=2, switch=3, leave_after=1.0)
+    ti = TrackIdentities("cam", ["mug"], rule)
+    ti.set_identities(["rex"])
+    match = Script([0] * 100)
+    kinds = []
+    for f, tid in enumerate([1, 1, 1, None, None, 2, 2, 2]):  # track 1 lost behind an occluder, found as 2
+        d = dets([[50, 50, 100, 100]] if tid else [])
+        _, _, ev = ti.update(f * 0.1, f, d, np.array([tid] if tid else [], np.int64), IMG, match)
+        kinds += [(e.kind, e.track_id, e.identity) for e in ev]
+    assert kinds == [("enter", 1, None), ("identified", 1, "rex"), ("enter", 2, None)]  # no 2nd identified
+    _, _, ev = ti.update(5.0, 50, dets([]), np.array([], np.int64), IMG, match)  # both gone for > leave_after
+    assert sorted((e.kind, e.track_id, e.identity) for e in ev) == [("leave", 1, None), ("leave", 2, "rex")]
+
+
+def test_leave_after_the_configured_time_and_close() -> None:
+    ti = TrackIdentities("cam", ["mug"], IdentityRule(leave_after=0.5))
+    match = Script([-1])
+    ti.update(0.0, 0, dets([[1, 1, 5, 5]]), np.array([7]), IMG, match)
+    assert ti.update(0.4, 1, dets([]), np.array([], np.int64), IMG, match)[2] == []
+    (ev,) = ti.update(0.6, 2, dets([]), np.array([], np.int64), IMG, match)[2]
+    assert (ev.kind, ev.track_id, ev.record()["duration"]) == ("leave", 7, 0.0)
+    ti.update(1.0, 3, dets([[1, 1, 5, 5]]), np.array([8]), IMG, match)
+    assert [e.kind for e in ti.close(1.1, 4)] == ["leave"]
+
+
+def test_low_confidence_frames_do_not_vote_and_best_shot_avoids_the_edge() -> None:
+    ti = TrackIdentities("cam", ["mug"], IdentityRule(window=3, commit=1), name_conf=0.5)
+    ti.set_identities(["rex"])
+    match = Script([0])
+    img = np.arange(240 * 320 * 3, dtype=np.uint8).reshape(240, 320, 3)
+    ident, _, _ = ti.update(0, 0, dets([[0, 10, 40, 50]], [0.3]), np.array([1]), img, match)
+    assert ident[0] == -1 and match.i == 0  # no evidence yet: the matcher was not even asked
+    ti.update(0.1, 1, dets([[0, 10, 40, 50]], [0.95]), np.array([1]), img, match)  # cut by the edge: 0.475
+    ti.update(0.2, 2, dets([[60, 10, 100, 50]], [0.6]), np.array([1]), img, match)  # whole: 0.6
+    shot = ti.tracks[1].best_shot
+    assert shot is not None and shot.shape == (40, 40, 3) and np.array_equal(shot, img[10:50, 60:100])
+
+
+def test_bank_changes_remap_identities_by_name() -> None:
+    ti = TrackIdentities("cam", ["mug"], IdentityRule(window=3, commit=1))
+    ti.set_identities(["rex", "tom"])
+    ti.update(0, 0, dets([[1, 1, 9, 9]]), np.array([1]), IMG, Script([1]))
+    assert ti.tracks[1].identity == 1
+    ti.set_identities(["ann", "tom", "rex"])
+    assert ti.tracks[1].identity == 1 and ti.identity_names[1] == "tom"
+    ti.set_identities(["ann"])  # tom removed from the bank
+    assert ti.tracks[1].identity == -1 and ti.presence == {}
+
+
+def test_bytetrack_keeps_ids_on_moving_boxes_and_track_frame_shows_the_track_identity() -> None:
+    tr = Tracker("bytetrack", fps=15)
+    ti = TrackIdentities("cam", ["mug", "toy"], IdentityRule(window=5, commit=2))
+    pipe = SimpleNamespace(identity_names=["rex"],
+                           match_vectors=lambda v, c: (np.where(c == 0, 0, -1), np.full(len(c), 0.9, np.float32)))  # fmt: skip
+    seen = []
+    for f in range(12):
+        x = 10 + 4 * f
+        d = dets([[x, 20, x + 50, 80], [200, 100 + f, 260, 180 + f]], [0.9, 0.7], [0, 1])
+        shown, _ = track_frame(tr, ti, pipe, SimpleNamespace(t=f / 15, index=f, image_bgr=IMG), d)
+        seen.append(shown.track_ids.tolist())
+        assert shown.frame_identity is d.identity
+    assert all(s == seen[0] for s in seen) and len(set(seen[0])) == 2 and min(seen[0]) >= 0
+    assert shown.identity.tolist() == [0, -1] and np.isnan(shown.similarity[1])
+
+
+def test_botsort_runs_and_unknown_tracker_is_refused() -> None:
+    tr = Tracker("botsort", fps=10)
+    d = dets([[10, 10, 60, 60]])
+    tr.update(d, IMG)
+    assert tr.update(d, IMG).tolist()[0] >= 0
+    with pytest.raises(TrackingError, match="unknown tracker 'sort'"):
+        Tracker("sort")
+
+
+def test_cli_choices_are_the_trackers() -> None:
+    from mocha_edge.deploy.live import TRACKER_CHOICES
+    from mocha_edge.deploy.tracking import TRACKERS
+
+    assert TRACKER_CHOICES == TRACKERS
