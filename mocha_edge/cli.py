@@ -115,19 +115,22 @@ def data_check(dataset: Path, max_problems: int) -> None:
 @click.option("--query", "n_query", default=200, show_default=True, help="Query images (novel instances).")
 @click.option("--support", default=8, show_default=True, help="Support images per novel instance.")
 @click.option("--video", is_flag=True, help="Also write a camera-like video with per-frame ground truth.")
-@click.option("--video-frames", default=300, show_default=True, help="Frames of the --video sequence.")
+@click.option("--video-frames", default=300, show_default=True, help="Frames per --video sequence (15 fps).")
+@click.option("--video-sequences", default=1, show_default=True, help="--video sequences (seq_000 ...).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def data_synth(
     out: Path, seed: int, imgsz: int, n_train: int, n_val: int, n_query: int, support: int, video: bool,
-    video_frames: int, quiet: bool,
+    video_frames: int, video_sequences: int, quiet: bool,
 ) -> None:  # fmt: skip
     """Generate the built-in personalised benchmark (MOCHA layout) into --out.
 
     Coarse classes share a silhouette; their instances differ only in fine appearance (colour scheme,
     texture, marking). Base instances fill train/val; novel instances appear only in few-shot episodes
-    (episodes_1shot.json, episodes_5shot.json). With --video, also video/seq_000.mp4 (640x480, 10 fps)
+    (episodes_1shot.json, episodes_5shot.json). With --video, also video/seq_000.mp4 (640x480, 15 fps)
     and its ground truth video/seq_000.json: enrolled and unenrolled novel instances and base instances
-    moving through one scene, with persistent object ids, boxes and visible fractions per frame.
+    moving through one scene, occluding each other, leaving and coming back, with an object id per
+    appearance, boxes and visible fractions per frame; and video/supports/: enrolment photos of every
+    enrolled instance (`enroll --boxes-json video/supports/NAME.json`).
 
     \b
     Example:
@@ -148,7 +151,8 @@ def data_synth(
         from mocha_edge.data.synth_video import load_video_gt, synthesize_video
 
         t0 = time.perf_counter()
-        gt_path = synthesize_video(out, seed, frames=video_frames, model_imgsz=imgsz, progress=not quiet)
+        gt_path = synthesize_video(out, seed, frames=video_frames, model_imgsz=imgsz, sequences=video_sequences,
+                                   progress=not quiet)  # fmt: skip
         mp4 = gt_path.parent / load_video_gt(gt_path)["video"]
         click.echo(f"wrote video {mp4} and ground truth {gt_path} in {time.perf_counter() - t0:.1f} s")
 
@@ -339,7 +343,8 @@ def train(dataset: Path | None, out: Path, model: str, stage: str, teacher_cache
               help="Prototype bank file (.safetensors); created when missing.")  # fmt: skip
 @click.option("--name", help="Identity to enrol (not with --episode: names come from the dataset).")
 @click.option("--image", "images", multiple=True, type=click.Path(path_type=Path),
-              help="Support image (repeatable); its box from --box, else from its YOLO label file.")  # fmt: skip
+              help="Support image (repeatable); its box from --box, else its YOLO label file, else the "
+                   "student's most confident --class detection.")  # fmt: skip
 @click.option("--box", "boxes", multiple=True, help="x1,y1,x2,y2 in pixels, one per --image, in order.")
 @click.option("--label-index", type=int, help="Row (0-based) of a label file with several boxes.")
 @click.option("--boxes-json", type=click.Path(path_type=Path),
@@ -347,9 +352,22 @@ def train(dataset: Path | None, out: Path, model: str, stage: str, teacher_cache
 @click.option("--episode", type=click.Path(path_type=Path),
               help="MOCHA-layout dataset: enrol every identity of one episode's support images.")  # fmt: skip
 @click.option("--episode-index", default=0, show_default=True, help="Which episode of --episode.")
-@click.option("--shots", default=1, show_default=True, help="Episode file to use with --episode (K-shot).")
+@click.option("--shots", type=click.IntRange(min=1), default=None,
+              help="With --episode: the K-shot episode file [default: 1]. With --source: shots taken along "
+                   "the track [default: 5].")  # fmt: skip
 @click.option("--class", "coarse", default=None,
-              help="Coarse class name (default: from the label, else the student's detection).")  # fmt: skip
+              help="Coarse class name (default: from the label, else the student's detection); needed to "
+                   "box images without --box or label file, and with --source.")  # fmt: skip
+@click.option("--source", metavar="URI", help="Video file, folder, camera (/dev/video0, csi://0) or stream: "
+              "track the dominant --class object and enrol --shots diverse shots of it.")  # fmt: skip
+@click.option("--max-frames", type=click.IntRange(min=1), default=None,
+              help="Read at most this many --source frames (a camera needs this or --seconds).")  # fmt: skip
+@click.option("--seconds", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Read --source for at most this many seconds.")  # fmt: skip
+@click.option("--conf", type=float, default=0.25, show_default=True,
+              help="Detection confidence for boxes the student finds (images without a box, --source).")  # fmt: skip
+@click.option("--preview", type=click.Path(path_type=Path), default=None,
+              help="Folder for preview JPEGs of the boxes taken [default: BANK.preview].")  # fmt: skip
 @click.option("--add-shots", is_flag=True, help="Append shots to an already enrolled identity.")
 @click.option("--replace", is_flag=True, help="Overwrite an already enrolled identity.")
 @click.option("--remove", metavar="NAME", help="Delete identity NAME (no images; MODEL optional).")
@@ -367,11 +385,17 @@ def enroll(model: Path | None, bank: Path, name: str | None, images: tuple[Path,
            label_index: int | None, boxes_json: Path | None, episode: Path | None, episode_index: int,
            shots: int, coarse: str | None, add_shots: bool, replace: bool, remove: str | None,
            only: tuple[str, ...], set_thresholds: tuple[str, ...], list_: bool, keep_translator: bool,
-           device: str, max_shots: int | None) -> None:  # fmt: skip
+           device: str, max_shots: int | None, source: str | None, max_frames: int | None,
+           seconds: float | None, conf: float, preview: Path | None) -> None:  # fmt: skip
     """Enrol personal objects into the prototype bank --bank, with vectors of the student MODEL (.ckpt/.pt).
 
-    Support boxes come from --box, YOLO label files, --boxes-json or a MOCHA --episode. A name already in
-    the bank needs --add-shots or --replace. A bank made by another model, vector size or vector space is
+    Support boxes come from --box, YOLO label files, --boxes-json or a MOCHA --episode, or without drawing
+    any: an --image with neither --box nor label file takes the student's most confident --class
+    detection (skipped with a warning asking for --box when there is none, or when another object of the
+    class scores within 80 % of it), and --source tracks the --class objects of a clip or camera with
+    ByteTrack and takes --shots shots along the track with the highest summed score: spread in time,
+    near-duplicates, low-confidence and edge-cut boxes skipped. Previews of the boxes taken go to
+    --preview (default BANK.preview/). A name already in the bank needs --add-shots or --replace. A bank made by another model, vector size or vector space is
     refused. Each identity gets its own "unknown" threshold, recalibrated on every edit: per class, the lowest
     cosine that accepts at most 0.5 % of the class's other objects (the model's shipped base vectors and the
     other identities' shots); --list shows them, --set-threshold overrides. The bank is written atomically,
@@ -382,6 +406,10 @@ def enroll(model: Path | None, bank: Path, name: str | None, images: tuple[Path,
       mocha-edge enroll runs/distill/last.ckpt --bank my.bank --name my_mug --class mug \\
           --image mug1.jpg --box 40,30,180,200 --image mug2.jpg --box 12,8,150,170
       mocha-edge enroll runs/distill/last.ckpt --bank my.bank --name my_mug --add-shots --image photos/images/m3.jpg
+      mocha-edge enroll runs/distill/last.ckpt --bank pets.bank --name rex --class dog --image a.jpg --image b.jpg
+      mocha-edge enroll runs/distill/last.ckpt --bank pets.bank --name rex --class dog --source clip.mp4 --shots 8
+      mocha-edge enroll runs/distill/last.ckpt --bank pets.bank --name rex --class dog --add-shots \\
+          --source /dev/video0 --seconds 20
       mocha-edge enroll runs/distill/last.ckpt --bank ep0.bank --episode data/synth --shots 5 --episode-index 0
       mocha-edge enroll --bank my.bank --remove my_mug --list
       mocha-edge enroll --bank my.bank --set-threshold my_mug=0.45 --list
@@ -389,19 +417,20 @@ def enroll(model: Path | None, bank: Path, name: str | None, images: tuple[Path,
     from mocha_edge.enroll import enroll as run_enroll
     from mocha_edge.enroll import list_bank
 
-    if remove is not None or set_thresholds or name or images or boxes or boxes_json or episode:
+    if remove is not None or set_thresholds or name or images or boxes or boxes_json or episode or source:
         summary = run_enroll(
             model, bank, name=name, images=images, boxes=boxes, label_index=label_index, boxes_json=boxes_json,
             episode=episode, episode_index=episode_index, shots=shots, cls=coarse, add_shots=add_shots,
             replace=replace, remove=remove, keep_translator=keep_translator, device=device,
-            identities=list(only) if only else None, set_thresholds=set_thresholds,
+            identities=list(only) if only else None, set_thresholds=set_thresholds, source=source,
+            max_frames=max_frames, seconds=seconds, conf=conf, preview=preview,
             **({} if max_shots is None else {"max_shots": max_shots}),
         )  # fmt: skip
         for line in summary.lines():
             click.echo(line)
     elif not list_:
         raise click.UsageError(
-            "nothing to do: give --image, --boxes-json, --episode, --remove, --set-threshold or --list"
+            "nothing to do: give --image, --boxes-json, --episode, --source, --remove, --set-threshold or --list"
         )
     if list_:
         for line in list_bank(bank):
@@ -627,6 +656,40 @@ def bench_cmd(model: Path | None, backend: str, precision: str, imgsz: str | Non
     if json_out:
         paths = write_outputs(res, json_out)
         click.echo("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
+# ------------------------------------------------------------------------------------------------ eval-video
+@cli.command("eval-video")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--data", required=True, type=click.Path(path_type=Path),
+              help="Folder of `data synth --video` (or its video/ folder, or one seq_NNN.json).")  # fmt: skip
+@click.option("--json", "json_out", required=True, type=click.Path(path_type=Path), help="Results (JSON).")
+@click.option("--ckpt", type=click.Path(path_type=Path),
+              help="Checkpoint to enrol with [default: MODEL's, or the one its export names].")  # fmt: skip
+@click.option("--tracker", "trackers", multiple=True, type=click.Choice(["none", "bytetrack", "botsort"]),
+              help="Rows to evaluate (repeatable) [default: none, bytetrack, botsort].")  # fmt: skip
+def eval_video_cmd(
+    model: Path, data: Path, json_out: Path, ckpt: Path | None, trackers: tuple[str, ...]
+) -> None:
+    """Identities over time on generated video: enrol every identity from the sequences' support photos,
+    run the deployed pipeline over every frame, and score per-frame labels (--tracker none) and each
+    tracker with one identity per track (IDF1, identity switches, MOTA on identity ids; per-frame identity
+    accuracy; identified events within 1 s of full view; distractors identified).
+
+    \b
+    Example:
+      mocha-edge data synth --out data/v7 --seed 7 --train 8 --val 2 --query 2 --video \\
+          --video-frames 600 --video-sequences 2
+      mocha-edge eval-video runs/export/student.onnx --data data/v7 --json eval_video.json
+    """
+    from mocha_edge.eval_video import TRACKER_ROWS, format_table, run_eval_video
+    from mocha_edge.utils import offline_env, write_json_atomic
+
+    offline_env()
+    res = run_eval_video(model, data, trackers=trackers or TRACKER_ROWS, ckpt=ckpt, log=click.echo)
+    write_json_atomic(json_out, res)
+    click.echo(format_table(res))
+    click.echo(f"wrote {json_out}")
 
 
 # ------------------------------------------------------------------------------------------------ demo
