@@ -40,10 +40,11 @@ one good frame starts the count again. The source's own end or error, and Ctrl-C
 from __future__ import annotations
 
 import contextlib
+import math
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -72,8 +73,9 @@ from mocha_edge.errors import MochaError
 if TYPE_CHECKING:  # numpy, the bank and the sources load with the command, not with the CLI
     import numpy as np
 
+    from mocha_edge.deploy.cameras import Capture
     from mocha_edge.deploy.pipeline import LivePipeline
-    from mocha_edge.deploy.sources import Source
+    from mocha_edge.deploy.sources import Frame, Source
     from mocha_edge.deploy.tracking import Event, IdentityRule
 
 STAGES = ("pre", "infer", "post", "pool", "match", "track")
@@ -82,6 +84,10 @@ FAULT_REPORT_EVERY = 60.0  # seconds: at most one summary line per fault kind in
 FAIL_AFTER = 30.0  # seconds of nothing but lost frames before the run gives up (--fail-after)
 FAIL_FRAMES = 50  # ... and at least this many lost frames in a row (a slow source is not judged on a few)
 EXIT_FAILING = 3  # exit code of a run that gave up (persistent faults); 1: it could not start
+WAIT_SLICE = 0.5  # seconds the loop waits for a frame before it reads stdin again (no camera delivering)
+ENROL_RECENT = 2.0  # `enroll NAME`: cameras that handled a frame this recently are asked (else every one)
+ENROL_WAIT = 10.0  # seconds an `enroll` waits for the cameras' next frames before taking what it has
+MULTI_HELP = "; with several cameras `enroll NAME` takes the top detection over every camera's next frame, `enroll CAMERA:NAME` one camera's"
 
 
 class RunError(MochaError):
@@ -124,7 +130,9 @@ class RunOptions:
 
 @dataclass
 class RunSummary:
-    """What a run did."""
+    """What a run did. With several cameras, ``cameras`` holds one summary per camera (its frames,
+    detections, dropped frames, reconnects, events, stop reason, its own outputs and faults) and the fields
+    here are the totals (``outputs``: the shared outputs; ``faults``: every kind, camera first)."""
 
     source: str
     frames: int = 0
@@ -140,30 +148,81 @@ class RunSummary:
     )  # per kind ("STAGE: ExceptionType"), in first-seen order
     lost: int = 0  # frames whose detections could not be made or that no output took
     events: dict[str, int] = field(default_factory=dict)  # track events made, per kind
+    dropped: int = 0  # live frames replaced by a newer one before the loop took them
+    latency_ms: float = 0.0  # mean time from a frame's capture to its outputs written
+    cameras: list[RunSummary] = field(default_factory=list)  # per camera (several cameras only)
 
     @property
     def fps(self) -> float:
         return self.frames / self.seconds if self.seconds > 0 else 0.0
 
-    def line(self) -> str:
-        parts = [
-            f"{self.source}: {self.frames} frames in {self.seconds:.1f} s ({self.fps:.1f} FPS), "
-            f"{self.detections} detections; stopped: {self.stopped}"
-        ]
+    def _details(self) -> list[str]:
+        parts = []
+        if self.dropped:
+            parts.append(f"{self.dropped} dropped (the newest frame kept)")
         if self.skipped:
             parts.append(f"{self.skipped} unreadable skipped")
         if self.reconnects:
             parts.append(f"{self.reconnects} reconnect attempts")
+        if self.events:
+            parts.append("events: " + ", ".join(f"{k} {n}" for k, n in self.events.items()))
+        return parts
+
+    def _faults(self) -> list[str]:
+        if not self.faults:
+            return []
+        kinds = ", ".join(f"{k} x{n}" for k, n in self.faults.items())
+        return [f"faults: {kinds} ({self.lost} frame{'s' * (self.lost != 1)} lost)"]
+
+    def lines(self) -> list[str]:
+        """The summary as lines: one for one camera; with several, the totals, then one per camera."""
+        if not self.cameras:
+            parts = [
+                f"{self.source}: {self.frames} frames in {self.seconds:.1f} s ({self.fps:.1f} FPS), "
+                f"{self.detections} detections; stopped: {self.stopped}",
+                *self._details(),
+            ]
+            if self.enrolled:
+                parts.append("enrolled " + ", ".join(self.enrolled))
+            parts += self._faults()
+            parts.extend(r.line() for r in self.outputs)
+            return ["; ".join(parts)]
+        head = [
+            f"{len(self.cameras)} cameras: {self.frames} frames in {self.seconds:.1f} s ({self.fps:.1f} FPS), "
+            f"{self.detections} detections; stopped: {self.stopped}"
+        ]
+        if self.dropped:
+            head.append(f"{self.dropped} dropped")
         if self.enrolled:
-            parts.append("enrolled " + ", ".join(self.enrolled))
+            head.append("enrolled " + ", ".join(self.enrolled))
         if self.faults:
-            kinds = ", ".join(f"{k} x{n}" for k, n in self.faults.items())
-            parts.append(f"faults: {kinds} ({self.lost} frame{'s' * (self.lost != 1)} lost)")
-        parts.extend(r.line() for r in self.outputs)
-        return "; ".join(parts)
+            n = sum(self.faults.values())
+            head.append(f"{n} fault{'s' * (n != 1)} ({self.lost} frame{'s' * (self.lost != 1)} lost)")
+        head.extend(r.line() for r in self.outputs)
+        out = ["; ".join(head)]
+        for c in self.cameras:
+            fps = c.frames / self.seconds if self.seconds > 0 else 0.0
+            parts = [
+                f"  {c.source}: {c.frames} frames ({fps:.1f} FPS, {c.latency_ms:.0f} ms latency), "
+                f"{c.detections} detections; stopped: {c.stopped}",
+                *c._details(),
+                *c._faults(),
+            ]
+            parts.extend(r.line() for r in c.outputs)
+            out.append("; ".join(parts))
+        return out
+
+    def line(self) -> str:
+        """:meth:`lines` joined (one line for one camera)."""
+        return "\n".join(self.lines())
+
+    def _all_outputs(self) -> list[SinkReport]:
+        return [*self.outputs, *(r for c in self.cameras for r in c.outputs)]
 
     def _first(self, kind: str) -> SinkReport | None:
-        return next((r for r in self.outputs if r.kind == kind and (r.written or kind == "jsonl")), None)
+        return next(
+            (r for r in self._all_outputs() if r.kind == kind and (r.written or kind == "jsonl")), None
+        )
 
     @property
     def video(self) -> Path | None:
@@ -304,14 +363,15 @@ class FaultLog:
 
 
 class _Meter:
-    """Frames and mean per-stage milliseconds since the last report."""
+    """Frames, per-camera FPS and latency, and mean per-stage milliseconds since the last report."""
 
-    def __init__(self, every: float) -> None:
-        self.every = every
+    def __init__(self, every: float, cameras: list[str]) -> None:
+        self.every, self.cameras = every, cameras
         self.reset(time.perf_counter())
 
     def reset(self, now: float) -> None:
         self.t0, self.n, self.ms = now, 0, dict.fromkeys((*STAGES, "read", "out"), 0.0)
+        self.per = {c: [0, 0.0] for c in self.cameras}  # camera -> [frames, latency ms summed]
 
     def add(self, timings: dict[str, float], read_ms: float, out_ms: float) -> None:
         self.n += 1
@@ -320,19 +380,80 @@ class _Meter:
         self.ms["read"] += read_ms
         self.ms["out"] += out_ms
 
+    def frame(self, camera: str, latency_ms: float) -> None:
+        """A frame of ``camera`` whose outputs were written ``latency_ms`` after its capture."""
+        c = self.per[camera]
+        c[0] += 1
+        c[1] += latency_ms
+
     def report(self, frame: int) -> str | None:
         now = time.perf_counter()
-        if self.every <= 0 or now - self.t0 < self.every or self.n == 0:
+        frames = sum(c[0] for c in self.per.values())
+        if self.every <= 0 or now - self.t0 < self.every or frames == 0:
             return None
-        fps = self.n / (now - self.t0)
-        stages = " ".join(f"{k} {self.ms[k] / self.n:.1f}" for k in (*STAGES, "read", "out"))
-        line = f"{fps:.1f} FPS | ms: {stages} | frame {frame}"
+        dt = now - self.t0
+        n = max(self.n, 1)
+        stages = " ".join(f"{k} {self.ms[k] / n:.1f}" for k in (*STAGES, "read", "out"))
+        if len(self.per) == 1:
+            ((_, (k, lat)),) = self.per.items()
+            line = f"{k / dt:.1f} FPS | ms: {stages} | latency {lat / k:.0f} ms | frame {frame}"
+        else:
+            cams = " | ".join(
+                f"{c} {k / dt:.1f} FPS {lat / k:.0f} ms" if k else f"{c} 0.0 FPS"
+                for c, (k, lat) in self.per.items()
+            )
+            line = f"{cams} | stages ms: {stages}"
         self.reset(now)
         return line
 
 
+@dataclass
+class _Camera:
+    """One camera of the loop: its source and capture, tracker, identities, outputs and summary."""
+
+    name: str  # records' "camera", events, the summary
+    label: str  # {camera}, the status line
+    source: Source
+    capture: Capture
+    summary: RunSummary
+    stage: str  # prefix of its fault kinds ("" with one camera)
+    tracker: Any = None
+    idents: Any = None
+    sinks: list[Sink] = field(default_factory=list)  # its own and the shared ones, in --sink order
+    own: list[Sink] = field(default_factory=list)
+    last_frame: Frame | None = None
+    last_at: float = -math.inf  # perf_counter when its last frame was handled
+    latency: float = 0.0  # ms, summed
+    finished: bool = False  # its source ended or it was stopped (--max-frames)
+
+    @property
+    def event_sinks(self) -> list[Sink]:
+        return [s for s in self.sinks if s.needs_events]
+
+    def where(self, index: int, several: bool) -> str:
+        return f"{self.name} frame {index}" if several else f"frame {index}"
+
+
+@dataclass
+class _EnrolRequest:
+    """``enroll NAME``: the top detection over the next frame of each camera in ``waiting``."""
+
+    name: str
+    waiting: set[int]
+    deadline: float
+    best: tuple[np.ndarray, int, float, str] | None = None  # vector, class, score, where
+    seen: list[str] = field(default_factory=list)  # the frames looked at
+    cameras: list[str] = field(default_factory=list)
+
+
+def _as_cameras(source: Source | Mapping[str, Source]) -> list[tuple[str, Source]]:
+    if isinstance(source, Mapping):
+        return list(source.items())
+    return [(source.name, source)]
+
+
 def run_loop(
-    source: Source,
+    source: Source | Mapping[str, Source],
     pipe: LivePipeline,
     opts: RunOptions,
     enroller: LiveEnroller,
@@ -341,46 +462,149 @@ def run_loop(
     console: Console | None = None,
     window: Window | Any | None = None,
 ) -> RunSummary:
-    """Run ``pipe`` on every frame of ``source`` and write the outputs; see the module doc.
+    """Run ``pipe`` on the frames of ``source`` (one :class:`Source`, or ``{name: Source}`` for several
+    cameras) and write the outputs; see the module doc.
 
-    ``commands`` has ``poll() -> list[str]`` (and ``interactive``); ``window`` has ``show(img) -> key``
-    and ``close()``. Outputs are finalised whatever stops the loop; errors propagate after that. A fault
-    while handling a frame is counted and the loop goes on (module doc); :class:`RunFailed` (after the
-    outputs are finalised) when every frame has been lost for ``opts.fail_after`` seconds and
-    ``opts.fail_frames`` frames.
+    Each source is read by its own thread (:class:`~mocha_edge.deploy.cameras.Capture`: live sources keep
+    their newest frame, files every frame); this thread takes the cameras' frames in turn. ``commands``
+    has ``poll() -> list[str]`` (and ``interactive``); ``window`` has ``show(img) -> key`` (with several
+    cameras ``show(img, camera=NAME)``) and ``close()``.  A source
+    opened with ``sleep=Stopper().sleep`` (:class:`~mocha_edge.deploy.cameras.Stopper`, as :func:`run`
+    does) is stopped even while its camera stays lost.
+    The sources are closed when the loop ends. Outputs are finalised whatever stops the loop;
+    errors propagate after that. A fault while handling a frame is counted and the loop goes on (module
+    doc); :class:`RunFailed` (after the outputs are finalised) when every frame of every camera has been
+    lost for ``opts.fail_after`` seconds and ``opts.fail_frames`` frames.
     """
-    from mocha_edge.deploy.sources import SourceError
-
-    console = console or Console()
-    summary = RunSummary(source.name)
-    faults = FaultLog(console.log)
-    failing = ""  # why the run gives up (persistent faults)
-    sinks: list[Sink] = open_sinks(sink_uris(opts), camera=source.name, fps=source.fps, log=console.log)
-    need_records = any(s.needs_records for s in sinks)
-    need_image = window is not None or any(s.needs_image for s in sinks)
-    event_sinks = [s for s in sinks if getattr(s, "needs_events", False)]
+    from mocha_edge.deploy.cameras import CameraError, Capture, Captures, split_sinks
+    from mocha_edge.deploy.sinks import camera_slug
     from mocha_edge.deploy.tracking import TrackIdentities, make_tracker, track_frame
 
-    tracker = make_tracker(opts.tracker, source.fps)
-    idents = (
-        TrackIdentities(source.name, list(pipe.names), opts.rule, name_conf=float(getattr(pipe, "name_conf", 0.5)),
-                        snapshots=bool(event_sinks))
-        if tracker is not None else None
-    )  # fmt: skip
-    last_frame: Any = None
+    console = console or Console()
+    given = _as_cameras(source)
+    if not given:
+        raise RunError("no source")
+    several = len(given) > 1
+    labels: dict[str, str] = {}
+    for name, _ in given:
+        label = camera_slug(name)
+        if label in labels:
+            raise CameraError(
+                f"camera {name}: the same label {label!r} as camera {labels[label]}; name them apart"
+            )
+        labels[label] = name
+    named = several or any(name != src.name for name, src in given)  # records then carry "camera"
+    uris = sink_uris(opts)
+    per_uris, shared_uris = split_sinks(uris, [n for n, _ in given]) if several else (uris, [])
+    faults = FaultLog(console.log)
+    failing = ""  # why the run gives up (persistent faults)
+    cond = threading.Condition()
+    cams: list[_Camera] = []
+    shared: list[Sink] = []
+    summary = RunSummary(given[0][0] if not several else ", ".join(n for n, _ in given))
     stop = _Stop()
-    if opts.handle_signals:
-        stop.install()
-    meter = _Meter(opts.fps_every)
-    pending: list[str] = []  # `enroll NAME` lines waiting for the next frame
-    awaiting: tuple[np.ndarray, int, str] | None = None  # key `e`: detection waiting for its name
-    frames = iter(source)
     t_start = time.perf_counter()
     try:
+        shared = open_sinks(shared_uris, fps=None, log=console.log)
+        for name, src in given:
+            own = open_sinks(per_uris, camera=name, fps=src.fps, log=console.log)
+            by_uri = dict(zip(map(id, per_uris), own, strict=True)) | dict(
+                zip(map(id, shared_uris), shared, strict=True)
+            )
+            cam = _Camera(name, camera_slug(name), src, Capture(name, src, cond), RunSummary(name),
+                          f"{name}: " if several else "", sinks=[by_uri[id(u)] for u in uris], own=own)  # fmt: skip
+            cams.append(cam)
+            cam.tracker = make_tracker(opts.tracker, src.fps)
+            if cam.tracker is not None:
+                cam.idents = TrackIdentities(
+                    name, list(pipe.names), opts.rule, name_conf=float(getattr(pipe, "name_conf", 0.5)),
+                    snapshots=bool(cam.event_sinks),
+                )  # fmt: skip
+    except BaseException:  # nothing started: close what opened
+        for sink in [*shared, *(s for c in cams for s in c.own)]:
+            with contextlib.suppress(Exception):
+                sink.close()
+        for _, src in given:
+            src.close()
+        raise
+    all_sinks = [*shared, *(s for c in cams for s in c.own)]
+    need_records = any(s.needs_records for s in all_sinks)
+    need_image = window is not None or any(s.needs_image for s in all_sinks)
+    if opts.handle_signals:
+        stop.install()
+    meter = _Meter(opts.fps_every, [c.label for c in cams])
+    requests: list[_EnrolRequest] = []  # `enroll NAME` waiting for the cameras' next frames
+    awaiting: tuple[np.ndarray, int, str] | None = None  # key `e`: detection waiting for its name
+    captures = Captures([c.capture for c in cams], cond)
+    source_error: BaseException | None = None
+
+    def count_events(cam: _Camera, events: list[Event]) -> None:
+        for e in events:
+            cam.summary.events[e.kind] = cam.summary.events.get(e.kind, 0) + 1
+
+    def finish(cam: _Camera, why: str) -> None:
+        """``cam`` is done: its tracks leave (their events written), its capture stops."""
+        cam.finished = True
+        cam.summary.stopped = cam.summary.stopped or why
+        cam.capture.stop()
+        if cam.idents is not None and cam.last_frame is not None:
+            last = cam.last_frame
+            events = cam.idents.close(last.t, last.index)
+            count_events(cam, events)
+            for sink in cam.event_sinks:
+                faults.attempt(f"{cam.stage}sink {sink.path}", last.index, sink.write_events, last, events)
+
+    def request(name: str) -> None:
+        """Queue ``enroll NAME`` (``CAMERA:NAME`` picks one camera)."""
+        head, colon, rest = name.partition(":")
+        chosen = [i for i, c in enumerate(cams) if colon and head.strip() in (c.name, c.label)]
+        if chosen and rest.strip():
+            name, waiting = rest.strip(), set(chosen)
+        else:
+            running = [i for i, c in enumerate(cams) if not c.finished]
+            now = time.perf_counter()
+            recent = [i for i in running if now - cams[i].last_at <= ENROL_RECENT]
+            waiting = set(recent or running)
+        if not waiting:
+            console.log(f"warning: enroll {name}: no camera is running; nothing enrolled")
+            return
+        requests.append(_EnrolRequest(name, waiting, time.perf_counter() + ENROL_WAIT,
+                                      cameras=[cams[i].name for i in sorted(waiting)]))  # fmt: skip
+
+    def resolve(force: bool = False) -> None:
+        """Enrol the requests whose cameras all answered (or that waited too long)."""
+        now = time.perf_counter()
+        for r in list(requests):
+            r.waiting = {i for i in r.waiting if not cams[i].finished}
+            if r.waiting and not force and now < r.deadline:
+                continue
+            requests.remove(r)
+            if r.best is not None:
+                vec, coarse, _, where = r.best
+                faults.attempt("enrol", None, enroller.enrol, r.name, vec, coarse, where)
+            elif r.seen:
+                console.log(
+                    f"warning: enroll {r.name}: no detection in {', '.join(r.seen)}; nothing enrolled"
+                )
+            else:
+                console.log(
+                    f"warning: enroll {r.name}: no frame from {', '.join(r.cameras)}; nothing enrolled"
+                )
+
+    def offer(i: int, dets: Any, where: str) -> None:
+        """Frame ``where`` of camera ``i`` processed: its top detection for the requests waiting for it."""
+        asking = [r for r in requests if i in r.waiting]
+        top = enroller.top(dets) if asking else None
+        for r in asking:
+            r.waiting.discard(i)
+            r.seen.append(where)
+            if top is not None and (r.best is None or top[2] > r.best[2]):
+                r.best = (top[0], top[1], top[2], where)
+
+    try:
+        for c in cams:
+            c.capture.start()
         while True:
-            if opts.max_frames is not None and summary.frames >= opts.max_frames:
-                summary.stopped = f"--max-frames {opts.max_frames}"
-                break
             for line in commands.poll() if commands is not None else ():
                 if awaiting is not None:
                     vec, coarse, where = awaiting
@@ -396,95 +620,104 @@ def run_loop(
                 if cmd == "enroll":
                     name = words[1].strip() if len(words) > 1 else ""
                     if name:
-                        pending.append(name)
+                        request(name)
                     else:
-                        console.log("warning: usage: enroll NAME")
+                        console.log("warning: usage: enroll NAME" + (" (or CAMERA:NAME)" if several else ""))
                 elif cmd in ("quit", "exit", "q"):
                     stop.requested = stop.requested or "quit"
                 elif cmd == "help":
-                    console.log(COMMANDS_HELP)
+                    console.log(COMMANDS_HELP + (MULTI_HELP if several else ""))
                 else:
                     console.log(f"warning: unknown command {line!r}; {COMMANDS_HELP}")
+            resolve()
             if stop.requested:
                 break
             t0 = time.perf_counter()
-            stop.interruptible = True
-            try:
-                if stop.requested:  # a signal between the check above and here
+            got = captures.next(WAIT_SLICE, stop=lambda: stop.requested is not None)
+            for c in cams:  # sources that ended (their frames all taken)
+                if not c.finished and c.capture.done:
+                    ended = c.capture.ended or "end"
+                    if c.capture.error is not None and source_error is None:
+                        source_error = c.capture.error
+                    finish(c, "end of source" if ended == "end" else ended)
+            if got is None:
+                if all(c.finished for c in cams):
+                    summary.stopped = cams[0].summary.stopped if not several else "every source ended"
                     break
-                frame = next(frames, None)
-            finally:
-                stop.interruptible = False
-            if frame is None:
-                ended = getattr(source, "ended", None)
-                summary.stopped = ended if ended and ended != "end" else "end of source"
-                break
+                continue
+            i, frame, t_read = got
+            cam = cams[i]
+            st = cam.stage
             # banks the worker finished since the last frame
             faults.attempt("enrol", frame.index, enroller.poll)
             t1 = time.perf_counter()
-            ok, dets = faults.attempt("pipeline", frame.index, pipe, frame.image_bgr)
+            ok, dets = faults.attempt(f"{st}pipeline", frame.index, pipe, frame.image_bgr)
             events: list[Event] = []
-            if ok and tracker is not None:
+            if ok and cam.tracker is not None:
                 t_tr = time.perf_counter()
                 ok, out = faults.attempt(
-                    "track", frame.index, track_frame, tracker, idents, pipe, frame, dets
+                    f"{st}track", frame.index, track_frame, cam.tracker, cam.idents, pipe, frame, dets
                 )
                 if ok:
                     dets, events = out
                     pipe.timings = {**pipe.timings, "track": (time.perf_counter() - t_tr) * 1e3}
             t2 = time.perf_counter()
-            summary.frames += 1
-            last_frame = frame
-            for e in events:
-                summary.events[e.kind] = summary.events.get(e.kind, 0) + 1
+            cam.summary.frames += 1
+            cam.last_frame = frame
+            count_events(cam, events)
+            where = cam.where(frame.index, several)
             records: list[dict[str, Any]] | None = None  # None: the detection outputs skip this frame
             shown: np.ndarray | None = None
             if ok:
                 names = pipe.identity_names  # those this frame was matched against (before any enrolment)
-                for name in pending:
-                    faults.attempt(
-                        "enrol", frame.index, _enrol_top, enroller, dets, name, frame.index, console
-                    )
-                pending.clear()
-                summary.detections += len(dets.scores)
+                faults.attempt("enrol", frame.index, offer, i, dets, where)
+                resolve()
+                cam.summary.detections += len(dets.scores)
                 ok, records = (
                     faults.attempt(
-                        "records", frame.index, detection_records, frame, dets, list(pipe.names), names
+                        f"{st}records", frame.index, _records, frame, dets, list(pipe.names), names,
+                        cam.name if named else None,
                     )
                     if need_records
                     else (True, [])
-                )
+                )  # fmt: skip
                 if need_image:
                     done, shown = faults.attempt(
-                        "annotate", frame.index, annotate, frame.image_bgr, dets, list(pipe.names), names
+                        f"{st}annotate", frame.index, annotate, frame.image_bgr, dets, list(pipe.names), names
                     )
                     ok = ok and done
             if shown is None and need_image:
                 shown = frame.image_bgr  # no boxes: the pipeline or the drawing failed (counted above)
             delivered = 0
-            for sink in sinks:  # each one isolated: a full disk under one never stops the others
+            for sink in cam.sinks:  # each one isolated: a full disk under one never stops the others
                 if records is None and sink.needs_records:
                     continue
-                if getattr(sink, "needs_events", False):
+                if sink.needs_events:
                     done, _ = faults.attempt(
-                        f"sink {sink.path}", frame.index, sink.write_events, frame, events
+                        f"{st}sink {sink.path}", frame.index, sink.write_events, frame, events
                     )
                 else:
                     done, _ = faults.attempt(
-                        f"sink {sink.path}", frame.index, sink.write, frame, records or [], shown
+                        f"{st}sink {sink.path}", frame.index, sink.write, frame, records or [], shown
                     )
                 delivered += done
             if window is not None and shown is not None:
-                shown_ok, key = faults.attempt("window", frame.index, window.show, shown)
+                show = (lambda img, c=cam.name: window.show(img, camera=c)) if several else window.show
+                shown_ok, key = faults.attempt(f"{st}window", frame.index, show, shown)
                 delivered += shown_ok
                 if key == "closed" or key in (27, ord("q")):
                     stop.requested = stop.requested or ("window closed" if key == "closed" else "key q")
                 elif key == ord("e"):
-                    _, named = faults.attempt("enrol", frame.index, _key_e, enroller, dets, frame.index, pipe,
-                                              commands, console)  # fmt: skip
-                    awaiting = named or awaiting
-            lost = not ok or ((bool(sinks) or window is not None) and delivered == 0)
-            summary.lost += lost
+                    _, named_det = faults.attempt("enrol", frame.index, _key_e, enroller, dets, where, pipe,
+                                                  commands, console)  # fmt: skip
+                    awaiting = named_det or awaiting
+            now = time.perf_counter()
+            cam.last_at = now
+            latency = (now - t_read) * 1e3
+            cam.latency += latency
+            meter.frame(cam.label, latency)
+            lost = not ok or ((bool(cam.sinks) or window is not None) and delivered == 0)
+            cam.summary.lost += lost
             streak_s = faults.frame_done(lost)
             if 0 < opts.fail_after <= streak_s and faults.streak >= max(1, opts.fail_frames):
                 failing = (
@@ -493,7 +726,14 @@ def run_loop(
                 summary.stopped = f"failing: {failing}"
                 break
             if ok:
-                meter.add(pipe.timings, (t1 - t0) * 1e3, (time.perf_counter() - t2) * 1e3)
+                meter.add(pipe.timings, (t1 - t0) * 1e3, (now - t2) * 1e3)
+            if opts.max_frames is not None and cam.summary.frames >= opts.max_frames:
+                finish(cam, f"--max-frames {opts.max_frames}")
+                if all(c.finished for c in cams):
+                    summary.stopped = (
+                        cam.summary.stopped if not several else f"--max-frames {opts.max_frames}"
+                    )
+                    break
             report = meter.report(frame.index)
             if report is not None:
                 console.status(report)
@@ -501,74 +741,95 @@ def run_loop(
             summary.stopped = stop.requested
     except KeyboardInterrupt:
         summary.stopped = stop.requested or "SIGINT"
-    except SourceError as e:
-        summary.stopped = f"error: {e}"
-        raise
     finally:
         stop.interruptible, stop.finishing = False, True  # from here on signals are ignored: finish the files
         try:
             summary.seconds = time.perf_counter() - t_start
-            summary.skipped, summary.reconnects = source.skipped, source.reconnects
+            captures.close(console.log)
+            resolve(force=True)
             enroller.close()
             summary.enrolled = list(enroller.enrolled)
             if window is not None:
                 window.close()
-            if idents is not None and last_frame is not None:  # the source ended: every track leaves
-                t_end = last_frame.t
-                for e in idents.close(t_end, last_frame.index):
-                    summary.events[e.kind] = summary.events.get(e.kind, 0) + 1
-                    for sink in event_sinks:
-                        faults.attempt(
-                            f"sink {sink.path}", last_frame.index, sink.write_events, last_frame, [e]
-                        )
+            for c in cams:  # every track of a camera still running leaves
+                if not c.finished:
+                    finish(c, summary.stopped)
             failed: BaseException | None = None
-            for sink in sinks:  # each one finalised even when another fails
+            for c in cams:
+                cs = c.summary
+                cs.skipped, cs.reconnects = c.source.skipped, c.source.reconnects
+                cs.dropped, cs.seconds = c.capture.dropped, summary.seconds
+                cs.latency_ms = c.latency / cs.frames if cs.frames else 0.0
+                cs.faults = {k[len(c.stage) :]: n for k, n in faults.counts.items() if k.startswith(c.stage)}
+                for sink in c.own:  # each one finalised even when another fails
+                    try:
+                        cs.outputs.append(sink.close())
+                    except Exception as e:
+                        failed = failed or e
+            for sink in shared:
                 try:
                     summary.outputs.append(sink.close())
                 except Exception as e:
                     failed = failed or e
+            for k in ("frames", "detections", "skipped", "reconnects", "lost", "dropped"):
+                setattr(summary, k, sum(getattr(c.summary, k) for c in cams))
+            for c in cams:
+                for k, n in c.summary.events.items():
+                    summary.events[k] = summary.events.get(k, 0) + n
+            total = sum(c.latency for c in cams)
+            summary.latency_ms = total / summary.frames if summary.frames else 0.0
             summary.faults = dict(faults.counts)
+            if several:
+                summary.cameras = [c.summary for c in cams]
+            else:
+                summary.outputs = cams[0].summary.outputs
+                summary.stopped = summary.stopped or cams[0].summary.stopped
             console.end()
             if failed is not None:
                 raise failed
         finally:
             stop.restore()
     if failing:
-        raise RunFailed(f"{source.name}: giving up: {failing}", summary)
+        raise RunFailed(f"{summary.source}: giving up: {failing}", summary)
+    if source_error is not None and all(c.capture.error is not None for c in cams):
+        summary.stopped = summary.stopped or f"error: {source_error}"
+        raise source_error
     return summary
 
 
-def _enrol_top(enroller: LiveEnroller, dets: Any, name: str, index: int, console: Console) -> None:
-    """``enroll NAME``: the top detection of frame ``index`` becomes a shot of ``name``."""
-    top = enroller.top(dets)
-    if top is None:
-        console.log(f"warning: enroll {name}: no detection in frame {index}; nothing enrolled")
-    else:
-        enroller.enrol(name, top[0], top[1], f"frame {index}")
+def _records(
+    frame: Frame, dets: Any, class_names: list[str], identity_names: list[str], camera: str | None
+) -> list[dict[str, Any]]:
+    """The frame's detection records; with several (or named) cameras each carries ``"camera"``."""
+    records = detection_records(frame, dets, class_names, identity_names)
+    if camera is not None:
+        for r in records:
+            r["camera"] = camera
+    return records
 
 
 def _key_e(
     enroller: LiveEnroller,
     dets: Any,
-    index: int,
+    where: str,
     pipe: LivePipeline,
     commands: Any,
     console: Console,
 ) -> tuple[np.ndarray, int, str] | None:
-    """Key ``e``: enrol the top detection of the frame shown as ``obj-N``, or, on a terminal, return it:
-    it waits for its name (the next stdin line)."""
+    """Key ``e``: enrol the top detection of the frame shown (``where``: ``frame N``, ``CAMERA frame N``) as
+    ``obj-N``, or, on a terminal, return it: it waits for its name (the next stdin line)."""
     top = enroller.top(dets) if dets is not None else None
     if top is None:
         why = "" if dets is not None else " (its processing failed)"
-        console.log(f"key e: no detection in frame {index} to enrol{why}")
+        console.log(f"key e: no detection in {where} to enrol{why}")
     elif commands is not None and getattr(commands, "interactive", False):
         console.log(
-            f"key e: {pipe.names[top[1]]} ({top[2]:.2f}) from frame {index}: "
+            f"key e: {pipe.names[top[1]]} ({top[2]:.2f}) from {where}: "
             f"type its name and Enter (empty: {enroller.auto_name()})"
         )
-        return top[0], top[1], f"frame {index}"
+        return top[0], top[1], where
     else:
-        enroller.enrol(enroller.auto_name(), top[0], top[1], f"frame {index}")
+        enroller.enrol(enroller.auto_name(), top[0], top[1], where)
     return None
 
 
@@ -582,7 +843,7 @@ def make_pipeline(model: str | Path, **kwargs: Any) -> LivePipeline:
 
 def run(
     model: str | Path,
-    source: str,
+    source: str | Sequence[str],
     opts: RunOptions,
     *,
     bank_path: Path | None = None,
@@ -598,33 +859,50 @@ def run(
     console: Console | None = None,
     source_options: dict[str, Any] | None = None,
 ) -> RunSummary:
-    """Open ``source``, build the pipeline, attach the bank, run the loop (:func:`run_loop`).
+    """Open the sources, build the pipeline, attach the bank, run the loop (:func:`run_loop`).
 
-    A missing ``bank_path`` starts an empty bank: live enrolments create the file. ``backend`` (a registry engine name) defaults to
-    the engine for the model's suffix (:func:`~mocha_edge.deploy.engines.engine_for`); ``gpu_stages`` (auto | on | off): pre/post-processing
-    with the CUDA kernels on a GPU engine's buffers (auto: when the engine and the CUDA build allow).
+    ``source``: one URI, or several (``NAME=URI`` or ``URI``, :func:`~mocha_edge.deploy.cameras.camera_specs`):
+    one shared pipeline and bank, a tracker and outputs per camera. A missing ``bank_path`` starts an empty
+    bank: live enrolments create the file. ``backend`` (a registry engine name) defaults to the engine for
+    the model's suffix (:func:`~mocha_edge.deploy.engines.engine_for`); ``gpu_stages`` (auto | on | off):
+    pre/post-processing with the CUDA kernels on a GPU engine's buffers (auto: when the engine and the CUDA
+    build allow). ``source_options``: keyword arguments of every :func:`~mocha_edge.deploy.sources.open_source`.
     """
     if backend is None:
         backend = engine_for(model)
+    from mocha_edge.deploy.cameras import CameraWindows, Stopper, camera_specs, split_sinks
     from mocha_edge.deploy.sources import open_source
     from mocha_edge.prototypes import PrototypeBank
 
     console = console or Console()
+    specs = camera_specs([source] if isinstance(source, str) else list(source))
+    if not specs:
+        raise RunError("no source: give --source (or --camera / --csi)")
     show = opts.show
     ok, why = gui_available()
     if show and not ok:
         raise RunError(f"--show: {why}")
     if show is None:
         show = ok
-    sink_paths(sink_uris(opts), str(source).strip())  # bad outputs fail before the source and the model open
+    # bad outputs fail before the sources and the model open
+    if len(specs) > 1:
+        split_sinks(sink_uris(opts), [s.name for s in specs])
+    else:
+        sink_paths(sink_uris(opts), specs[0].name)
     if mode not in ("conditional", "global"):
         raise RunError(f"--mode must be conditional or global, not {mode!r}")
-    src = open_source(source, warn=lambda m: console.log(f"warning: {m}"), **(source_options or {}))
-    for uri in sink_uris(opts):
-        note = crash_note(uri, bool(getattr(src, "live", False)))
-        if note is not None:
-            console.log(note)
+    opened: dict[str, Source] = {}
+    handed = False  # run_loop closes the sources once it has them
     try:
+        for spec in specs:
+            stopper = Stopper()  # the capture thread's: a stop ends a backoff or pacing wait
+            src_opts = {"sleep": stopper.sleep, **(source_options or {})}
+            src = open_source(spec.uri, warn=lambda m: console.log(f"warning: {m}"), **src_opts)
+            opened[spec.name] = src
+            for uri in sink_uris(opts):
+                note = crash_note(uri, bool(getattr(src, "live", False)))
+                if note is not None and (len(specs) == 1 or "{camera}" in uri.text):
+                    console.log(note)
         bank = None
         if bank_path is not None:
             if Path(bank_path).exists():
@@ -641,10 +919,14 @@ def run(
             attach_bank(pipe, bank, bank_path or "", console.log)
         enroller = LiveEnroller(pipe, bank, Path(bank_path) if bank_path is not None else None, console.log,
                                 background=True)  # fmt: skip
-        window = Window() if show else None
-        return run_loop(src, pipe, opts, enroller, commands=commands, console=console, window=window)
+        window = (CameraWindows() if len(specs) > 1 else Window()) if show else None
+        handed = True
+        return run_loop(opened if len(specs) > 1 or specs[0].named else next(iter(opened.values())), pipe, opts,
+                        enroller, commands=commands, console=console, window=window)  # fmt: skip
     finally:
-        src.close()
+        if not handed:
+            for src in opened.values():
+                src.close()
 
 
 # ------------------------------------------------------------------------------------------ command
@@ -653,14 +935,18 @@ def run(
 @click.option("--prototypes", "bank", type=click.Path(path_type=Path),
               help="Prototype bank (.safetensors) to match against; created by live enrolment when missing. "
               "Without it: detection only.")  # fmt: skip
-@click.option("--source", help="Image, folder, video (files: ?loop=1&realtime=1), rtsp://..., v4l2:///dev/videoN, "
-              "csi://N (see above).")  # fmt: skip
-@click.option("--camera", type=int, metavar="N", help="Shorthand for --source v4l2:///dev/videoN.")
-@click.option("--csi", type=int, metavar="N", help="Shorthand for --source csi://N (Jetson CSI camera).")
+@click.option("--source", "sources", multiple=True, metavar="[NAME=]URI",
+              help="Image, folder, video (files: ?loop=1&realtime=1), rtsp://..., v4l2:///dev/videoN, csi://N; "
+                   "repeatable: several cameras in one process, each optionally named (front=rtsp://...; "
+                   "see above).")  # fmt: skip
+@click.option("--camera", "cameras", type=int, multiple=True, metavar="N",
+              help="Shorthand for --source v4l2:///dev/videoN (repeatable, with --source and --csi too).")  # fmt: skip
+@click.option("--csi", "csis", type=int, multiple=True, metavar="N",
+              help="Shorthand for --source csi://N, a Jetson CSI camera (repeatable).")  # fmt: skip
 @click.option("--sink", "sinks", multiple=True, metavar="URI",
               help="An output, repeatable: x.jsonl[?rotate=100MB|daily&keep=N] (JSON lines, appended), out.mkv / "
                    ".avi / .mp4 (annotated video), out.mkv?segment=10m&keep=144 (10-minute files, a day kept); "
-                   "{camera} in the path: the source's name (see above).")  # fmt: skip
+                   "{camera} in the path: the camera's name (one file per camera; see above).")  # fmt: skip
 @click.option("--save", type=click.Path(path_type=Path), metavar="PATH",
               help="Annotated video (.mkv/.avi survive a crash; .mp4/.mov are written when the run ends); "
                    "= --sink PATH.")  # fmt: skip
@@ -692,7 +978,7 @@ def run(
                    "(enter, identified, changed, leave); none: identities decided per frame.")  # fmt: skip
 @click.option("--leave-after", type=float, default=None, metavar="SECONDS",
               help="A track unseen this long has left (its leave event) [default: 2].")  # fmt: skip
-def run_cmd(model: Path, bank: Path | None, source: str | None, camera: int | None, csi: int | None,
+def run_cmd(model: Path, bank: Path | None, sources: tuple[str, ...], cameras: tuple[int, ...], csis: tuple[int, ...],
             sinks: tuple[str, ...], save: Path | None, jsonl: Path | None, show: bool | None, conf: float, iou: float,
             threshold: float | None, name_conf: float | None, mode: str, backend: str | None, gpu_stages: str,
             max_frames: int | None, fps_every: float, fail_after: float, tracker: str,
@@ -727,10 +1013,9 @@ def run_cmd(model: Path, bank: Path | None, source: str | None, camera: int | No
     """
     from mocha_edge.deploy.sources import camera_uri, csi_uri
 
-    given = [s for s in (source, camera_uri(camera) if camera is not None else None,
-                         csi_uri(csi) if csi is not None else None) if s is not None]  # fmt: skip
-    if len(given) != 1:
-        raise click.UsageError("give exactly one of --source, --camera, --csi")
+    given = [*sources, *map(camera_uri, cameras), *map(csi_uri, csis)]
+    if not given:
+        raise click.UsageError("give a source: --source [NAME=]URI, --camera N or --csi N (each repeatable)")
     if max_frames is not None and max_frames < 1:
         raise click.BadParameter("must be >= 1", param_hint="--max-frames")
     if threshold is not None and not -1.0 <= threshold <= 1.0:
@@ -751,7 +1036,7 @@ def run_cmd(model: Path, bank: Path | None, source: str | None, camera: int | No
     console = Console()
     try:
         summary = run(
-            model, given[0], opts, bank_path=bank, backend=backend, conf=conf, iou=iou, mode=mode,
+            model, given if len(given) > 1 else given[0], opts, bank_path=bank, backend=backend, conf=conf, iou=iou, mode=mode,
             gpu_stages=gpu_stages, threshold=threshold, name_conf=name_conf, pipeline_factory=make_pipeline,
             commands=StdinCommands.start(warn=console.log), console=console,
         )  # fmt: skip
