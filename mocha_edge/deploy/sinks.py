@@ -8,12 +8,17 @@
 | ``out.mkv`` / ``out.avi`` | the annotated video, written under its own name: a kill or power cut leaves it playable up to its last written part |
 | ``out.mp4`` (``.m4v``, ``.mov``) | the annotated video, written under a temporary name and renamed at the end (an .mp4 cut short does not play) |
 | ``out.mkv?segment=10m&keep=144`` | the video in segments ``out-20261130-210000.mkv`` (local start time; sorted by name = by time; glob ``out-*.mkv``), each finished (fsynced) when the next starts; a crash loses at most the open segment's unflushed end; ``keep`` bounds how many stay (oldest removed). ``.mkv`` / ``.avi`` only |
+| ``x.jsonl?kind=events`` | the tracks' events (enter, identified, changed, leave), one JSON line each |
+| ``mqtt://[user:pw@]host[:port][/prefix]`` (``mqtts://``: TLS) | events, a retained presence state per identity and camera, Home Assistant discovery (``mocha_edge.deploy.notify``; ``?snapshot=1``, ``?discovery=0`` ...) |
+| ``http(s)://host/path[?query][#options]`` | a webhook: each event POSTed as JSON, retried with backoff (``#batch=1&tries=5&timeout=5``) |
 
 ``{camera}`` in a path is replaced by the source's name as a safe file-name fragment (``clip.mp4`` ->
-``clip``, ``rtsp://user:pw@cam1:8554/live`` -> ``cam1_8554_live``). Parsed but refused in this version:
-``?kind=events`` (events come with tracking), ``mqtt://`` and ``http(s)://`` (with the live-identities
-issue). Anything else unknown is a one-line :class:`SinkError` naming the URI (its password, if any,
-redacted). Every sink has ``write(frame, records, annotated)`` and ``close() -> SinkReport``.
+``clip``, ``rtsp://user:pw@cam1:8554/live`` -> ``cam1_8554_live``). The network outputs (``mqtt://``,
+``http(s)://``) write no file: they queue events in memory and deliver them from a thread, so a slow or dead
+broker or server never stalls the loop (dropped events counted; ``mocha_edge.deploy.notify``). Anything
+else unknown, or malformed, is a one-line :class:`SinkError` naming the URI (its password, if any,
+redacted). Every sink has ``write(frame, records, annotated)``, ``write_events(frame, events)`` and
+``close() -> SinkReport``.
 
 Failing writes (full disk, I/O error) neither stop the loop nor lose lines silently: the sink pauses with
 one message naming the file and the error, retries every :data:`RETRY_EVERY` seconds and says when it
@@ -62,7 +67,8 @@ RETRY_EVERY = 5.0  # seconds between the attempts of a paused sink
 BUFFER_LIMIT = 4 * 2**20  # bytes of JSON lines a paused sink holds (about 20k detections)
 MIN_FREE = 64 * 2**20  # a video sink pauses below this many free bytes on its disk
 SEGMENT_TIME = "%Y%m%d-%H%M%S"  # local time of a segment's start, in its name
-LATER_SCHEMES = ("mqtt", "mqtts", "http", "https")  # come with the live-identities issue
+NETWORK_SCHEMES = ("mqtt", "mqtts", "http", "https")  # mocha_edge.deploy.notify
+NETWORK_KINDS = ("mqtt", "webhook")  # outputs that write no file
 PLACEHOLDERS = ("camera",)
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]?)(?:I?B)?\s*$", re.IGNORECASE)
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*$", re.IGNORECASE)
@@ -125,7 +131,9 @@ def detection_records(
 # ------------------------------------------------------------------------------------------ URIs
 @dataclass(frozen=True)
 class SinkURI:
-    """A parsed output address. ``kind``: jsonl | video; ``path`` may still hold ``{camera}``."""
+    """A parsed output address. ``kind``: jsonl | video | mqtt | webhook; ``path``: the file (may still hold
+    ``{camera}``), or for a network output its redacted address; ``options`` of a network output hold its
+    parsed parts (credentials too: never show them, show :attr:`shown`)."""
 
     text: str  # as the user wrote it
     kind: str
@@ -174,12 +182,15 @@ def parse_sink(text: str, *, alias: str | None = None) -> SinkURI:
         return SinkURI(text, "video", text)
     m = _SCHEME.match(text)
     scheme, rest = (m.group(1).lower(), text[m.end() :]) if m else ("", text)
-    if scheme in LATER_SCHEMES:
-        raise SinkError(
-            f"{shown}: {scheme}:// outputs come with the live-identities issue (not in this version)"
-        )
+    if scheme in NETWORK_SCHEMES:
+        from mocha_edge.deploy.notify import parse_network
+
+        return parse_network(text, shown)
     if scheme and scheme != "file":
-        raise SinkError(f"{shown}: unknown output scheme {scheme!r} (valid: a path, or file://)")
+        raise SinkError(
+            f"{shown}: unknown output scheme {scheme!r} (valid: a path, file://, mqtt://, mqtts://, http://, "
+            "https://)"
+        )
     path, query = (rest if scheme else text), ""
     if "?" in path:  # a query when what precedes it is a known output; else "?" is part of the name
         head, _, tail = path.rpartition("?")
@@ -733,6 +744,10 @@ def open_sink(
     ``{camera}``, ``fps`` is a video's rate (:data:`DEFAULT_FPS` when None); ``log`` gets the pause/resume
     messages (stderr by default); ``clock`` times retries, daily files and segments."""
     u = check_sink(uri if isinstance(uri, SinkURI) else parse_sink(uri))
+    if u.kind in NETWORK_KINDS:
+        from mocha_edge.deploy.notify import open_network
+
+        return open_network(u, log=log)
     path = sink_path(u, camera)
     if u.kind == "jsonl":
         return JsonlSink(path, rotate=u.options.get("rotate"), keep=u.options.get("keep", DEFAULT_KEEP),
@@ -755,15 +770,25 @@ def crash_note(uri: SinkURI, live: bool) -> str | None:
 
 
 def sink_paths(uris: list[SinkURI], camera: str = "") -> list[Path]:
-    """The files ``uris`` write to (placeholders filled, refusals checked); the same file twice is refused."""
-    seen: dict[Path, str] = {}
+    """The files ``uris`` write to (placeholders filled, refusals checked; network outputs write none); the
+    same file twice, or the same broker and prefix or webhook URL twice, is refused."""
+    from mocha_edge.deploy.notify import network_key
+
+    seen: dict[Path | str, str] = {}
+    files = []
     for u in uris:
-        path = sink_path(check_sink(u), camera)
-        key = path.resolve()
+        u = check_sink(u)
+        if u.kind in NETWORK_KINDS:
+            key: Path | str = network_key(u)
+            what = "the same broker and prefix" if u.kind == "mqtt" else "the same URL"
+        else:
+            path = sink_path(u, camera)
+            key, what = path.resolve(), "the same file"
+            files.append(path)
         if key in seen:
-            raise SinkError(f"{u.shown}: the same file as {seen[key]} (an output given twice)")
+            raise SinkError(f"{u.shown}: {what} as {seen[key]} (an output given twice)")
         seen[key] = u.shown
-    return [sink_path(u, camera) for u in uris]
+    return files
 
 
 def open_sinks(
@@ -793,6 +818,8 @@ __all__ = [
     "DEFAULT_FPS",
     "KILL_SAFE",
     "MIN_FREE",
+    "NETWORK_KINDS",
+    "NETWORK_SCHEMES",
     "RETRY_EVERY",
     "VIDEO_FOURCC",
     "JsonlSink",
