@@ -68,10 +68,12 @@ def test_sizes() -> None:
     [
         ("e.txt", r"^e.txt: unknown output type '.txt' \(valid: .jsonl, .mp4, .m4v, .mov, .mkv, .avi\)$"),
         ("events", r"^events: unknown output type '\(no suffix\)'"),
-        ("ftp://h/e.jsonl", r"^ftp://h/e.jsonl: unknown output scheme 'ftp' \(valid: a path, or file://\)$"),
-        ("mqtt://broker/topic", r"^mqtt://broker/topic: mqtt:// outputs come with the live-identities issue"),
-        ("https://h/hook", r"^https://h/hook: https:// outputs come with the live-identities issue"),
-        ("http://h/hook", r"http:// outputs come with the live-identities issue \(not in this version\)$"),
+        (
+            "ftp://h/e.jsonl",
+            r"^ftp://h/e.jsonl: unknown output scheme 'ftp' \(valid: a path, file://, mqtt://, mqtts://, http://, "
+            r"https://\)$",
+        ),
+        ("mqtt://", r"^mqtt://: no host"),
         (
             "e.jsonl?color=red",
             r"^e.jsonl\?color=red: unknown option 'color' \(valid for jsonl: kind, rotate, keep\)$",
@@ -85,8 +87,11 @@ def test_sizes() -> None:
         ("o.mkv?segment=soon", r"segment='soon' is not a duration"),
         ("o.mkv?keep=3", r"^o.mkv\?keep=3: keep= needs segment=DURATION$"),
         ("o.mp4?segment=10m", r"segment= needs a container that plays when cut short \(.mkv, .avi\)"),
-        ("mqtt://cam:s3cret@broker/t", r"^mqtt://cam:\*\*\*@broker/t: mqtt:// outputs come with"),
-        ("https://h/hook?token=abc", r"^https://h/hook\?token=\*\*\*: https:// outputs come with"),
+        (
+            "mqtt://cam:s3cret@broker/t?qos=3",
+            r"^mqtt://cam:\*\*\*@broker/t\?qos=3: qos='3' must be 0, 1 or 2$",
+        ),
+        ("https://h/hook?token=abc#x=1", r"^https://h/hook\?token=\*\*\*#x=1: unknown option 'x'"),
     ],
 )
 def test_bad_sink_uris_are_one_line_errors(uri: str, message: str) -> None:
