@@ -632,18 +632,18 @@ def run_loop(
             resolve()
             if stop.requested:
                 break
-            t0 = time.perf_counter()
-            got = captures.next(WAIT_SLICE, stop=lambda: stop.requested is not None)
-            for c in cams:  # sources that ended (their frames all taken)
+            for c in cams:  # sources that ended, their frames all handled
                 if not c.finished and c.capture.done:
                     ended = c.capture.ended or "end"
                     if c.capture.error is not None and source_error is None:
                         source_error = c.capture.error
                     finish(c, "end of source" if ended == "end" else ended)
+            if all(c.finished for c in cams):
+                summary.stopped = cams[0].summary.stopped if not several else "every source ended"
+                break
+            t0 = time.perf_counter()
+            got = captures.next(WAIT_SLICE, stop=lambda: stop.requested is not None)
             if got is None:
-                if all(c.finished for c in cams):
-                    summary.stopped = cams[0].summary.stopped if not several else "every source ended"
-                    break
                 continue
             i, frame, t_read = got
             cam = cams[i]
@@ -727,13 +727,9 @@ def run_loop(
                 break
             if ok:
                 meter.add(pipe.timings, (t1 - t0) * 1e3, (now - t2) * 1e3)
-            if opts.max_frames is not None and cam.summary.frames >= opts.max_frames:
-                finish(cam, f"--max-frames {opts.max_frames}")
-                if all(c.finished for c in cams):
-                    summary.stopped = (
-                        cam.summary.stopped if not several else f"--max-frames {opts.max_frames}"
-                    )
-                    break
+            if opts.max_frames is not None and sum(c.summary.frames for c in cams) >= opts.max_frames:
+                summary.stopped = f"--max-frames {opts.max_frames}"  # over all cameras
+                break
             report = meter.report(frame.index)
             if report is not None:
                 console.status(report)
