@@ -4,7 +4,10 @@ ultralytics' own predictor on the same student and frames, measured in the same 
 Stages (as in ``runtime/README.md``): *capture* = decode the next frame (file / video), *pre* = BGR frame
 -> input tensor, *infer* = the graph, *post* = raw outputs -> boxes in frame pixels (decode + NMS),
 *pool* = object vectors, *match* = prototype matching. ``e2e`` = pre + infer + post + pool + match of one
-frame (capture runs in its own thread in ``mocha-edge run``). Reference per row: ultralytics' predictor on
+frame (capture runs in its own thread in ``mocha-edge run``). *track* = what ``run --tracker bytetrack`` adds
+to a frame: ByteTrack + one identity per track (running mean matched against the bank) + events, timed on
+``TRACK_DETECTIONS`` synthetic detections moving smoothly over the row's frames (``track_vs_e2e``: its p50 over
+the row's e2e p50, same run). Reference per row: ultralytics' predictor on
 ultralytics' plain export of the same student at the same size (ONNX Runtime rows: its ONNX; the PyTorch
 row: its ``.pt``), warmed up, same frames, same ONNX Runtime threads.
 """
@@ -28,7 +31,8 @@ if TYPE_CHECKING:
     from mocha_edge.deploy.config import DeployConfig
 from mocha_edge.utils import atomic_path, write_json_atomic
 
-STAGES = ("capture", "pre", "infer", "post", "pool", "match")
+STAGES = ("capture", "pre", "infer", "post", "pool", "match", "track")
+TRACK_DETECTIONS = 20  # detections per frame of the track stage (a busy scene)
 BENCH_FORMAT = "mocha-edge-bench/1"
 
 
@@ -136,6 +140,41 @@ def time_pipeline(pipe: Any, frames: list[np.ndarray], warmup: int) -> dict[str,
     return out
 
 
+def time_tracking(pipe: Any, frames: list[np.ndarray], warmup: int, n_dets: int = TRACK_DETECTIONS,
+                  kind: str = "bytetrack", seed: int = 0) -> list[float]:  # fmt: skip
+    """ms per frame of ``run``'s tracking stage (:func:`~mocha_edge.deploy.tracking.track_frame`: tracker,
+    track identities against ``pipe``'s bank, events) on ``n_dets`` synthetic detections per frame: objects
+    of the model's classes drifting a few pixels a frame with box jitter, unit object vectors near a fixed
+    one per object. The frames are only the tracker's images; ``pipe``'s detector is not run."""
+    from types import SimpleNamespace
+
+    from mocha_edge.deploy.tracking import Tracker, TrackIdentities, track_frame
+
+    rng = np.random.default_rng(seed)
+    h, w = frames[0].shape[:2]
+    side = 0.12 * min(w, h)
+    pos = rng.uniform([side, side], [w - side, h - side], (n_dets, 2))
+    vel = rng.normal(0, 2.0, (n_dets, 2))
+    cls = rng.integers(0, max(len(pipe.names), 1), n_dets).astype(np.int64)
+    base = rng.normal(size=(n_dets, pipe.dim)).astype(np.float32)
+    tracker = Tracker(kind, fps=30.0)
+    idents = TrackIdentities("bench", list(pipe.names), snapshots=False)
+    out: list[float] = []
+    for i in range(warmup + len(frames)):
+        pos = np.clip(pos + vel, side, [w - side, h - side])
+        c = pos + rng.normal(0, 1.0, pos.shape)
+        boxes = np.concatenate([c - side / 2, c + side / 2], 1).astype(np.float32)
+        dets = SimpleNamespace(boxes=boxes, scores=rng.uniform(0.5, 0.95, n_dets).astype(np.float32), cls=cls,
+                               vectors=base + 0.1 * rng.normal(size=base.shape).astype(np.float32),
+                               identity=np.full(n_dets, -1, np.int64), similarity=np.zeros(n_dets, np.float32))  # fmt: skip
+        frame = SimpleNamespace(t=i / 30.0, index=i, image_bgr=frames[i % len(frames)])
+        t = time.perf_counter()
+        track_frame(tracker, idents, pipe, frame, dets)
+        if i >= warmup:
+            out.append((time.perf_counter() - t) * 1e3)
+    return out
+
+
 def ultralytics_reference(model_file: str, frames: list[np.ndarray], imgsz: int, conf: float, iou: float,
                           warmup: int) -> dict[str, float]:  # fmt: skip
     """ultralytics' predictor on ``model_file`` (its own .pt or ONNX export): p50 ms per stage."""
@@ -163,15 +202,17 @@ def row_from_times(backend: str, precision: str, imgsz: int, times: dict[str, li
                    capture: list[float]) -> dict[str, Any]:  # fmt: skip
     """One JSON row: p50 per stage under the schema's keys + p50/p90/p99 of every stage."""
     stages = {"capture": percentiles(capture)}
-    for k in ("pre", "infer", "post", "pool", "match", "e2e"):
+    for k in ("pre", "infer", "post", "pool", "match", "track", "e2e"):
         stages[k] = percentiles(times.get(k, []))
     e2e = stages["e2e"]
+    track = stages["track"]["p50"]
     return {
         "backend": backend, "precision": precision, "imgsz": imgsz,
         "model_ms_p50": stages["infer"]["p50"], "pre_ms_p50": stages["pre"]["p50"],
         "post_ms_p50": stages["post"]["p50"],
         "pool_ms_p50": stages["pool"]["p50"], "match_ms_p50": stages["match"]["p50"],
         "capture_ms_p50": stages["capture"]["p50"],
+        "track_ms_p50": track, "track_vs_e2e": track / e2e["p50"] if e2e["p50"] > 0 else float("nan"),
         "e2e_ms_p50": e2e["p50"], "fps": 1000.0 / e2e["mean"] if e2e["mean"] > 0 else float("nan"),
         "detections_per_frame": float(np.mean(times.get("detections", [0.0]))),
         "stages": stages, "peak_rss_mb": peak_rss_mb(), "gpu_mem_mb": None,
@@ -181,17 +222,19 @@ def row_from_times(backend: str, precision: str, imgsz: int, times: dict[str, li
 # ------------------------------------------------------------------------------------------------ output
 def markdown_table(result: dict[str, Any]) -> str:
     """The rows as a Markdown table (p50 ms; ratio = ours / ultralytics, e2e and pre+post)."""
-    head = ("| backend | precision | imgsz | pre | infer | post | pool+match | e2e | FPS | ultralytics e2e "
-            "| e2e ratio | pre+post ratio |")  # fmt: skip
-    lines = [head, "|" + "---|" * 12]
+    head = ("| backend | precision | imgsz | pre | infer | post | pool+match | e2e | FPS | track (% e2e) "
+            "| ultralytics e2e | e2e ratio | pre+post ratio |")  # fmt: skip
+    lines = [head, "|" + "---|" * 13]
     for r in result["rows"]:
         ue2e, upp = r.get("ultralytics_e2e_ms_p50"), r.get("ultralytics_pre_post_ms_p50")
         ratio = f"{r['e2e_ms_p50'] / ue2e:.2f}" if ue2e else "–"
         pp = f"{(r['pre_ms_p50'] + r['post_ms_p50']) / upp:.2f}" if upp else "–"
+        tr = r.get("track_ms_p50")
+        track = f"{tr:.2f} ({100 * r['track_vs_e2e']:.1f} %)" if tr is not None and tr == tr else "–"
         lines.append(
             f"| {r['backend']} | {r['precision']} | {r['imgsz']} | {r['pre_ms_p50']:.2f} | {r['model_ms_p50']:.2f} "
             f"| {r['post_ms_p50']:.2f} | {r['pool_ms_p50'] + r['match_ms_p50']:.2f} | {r['e2e_ms_p50']:.2f} "
-            f"| {r['fps']:.1f} | {'–' if not ue2e else f'{ue2e:.2f}'} | {ratio} | {pp} |"
+            f"| {r['fps']:.1f} | {track} | {'–' if not ue2e else f'{ue2e:.2f}'} | {ratio} | {pp} |"
         )
     return "\n".join(lines)
 
@@ -451,6 +494,7 @@ def run_bench(model: str | Path, opts: BenchOptions) -> dict[str, Any]:
                 pipe = Pipeline(engine, conf=opts.conf, iou=opts.iou, bank=bank, mode=opts.mode, facts=facts,
                                 space=sp)  # fmt: skip
                 times = time_pipeline(pipe, frames, opts.warmup)
+                times["track"] = time_tracking(pipe, frames, opts.warmup)
                 row = row_from_times(backend, prec, s, times, capture)
                 row["threads"] = engine.threads
                 row["pre_post_on"] = "gpu" if pipe.gpu_stages is not None else "cpu"
@@ -461,7 +505,9 @@ def run_bench(model: str | Path, opts: BenchOptions) -> dict[str, Any]:
                     row.update(ref_cache[key])
                 rows.append(row)
                 log(f"  e2e p50 {row['e2e_ms_p50']:.2f} ms (pre {row['pre_ms_p50']:.2f}, infer "
-                    f"{row['model_ms_p50']:.2f}, post {row['post_ms_p50']:.2f}, match {row['match_ms_p50']:.2f})")  # fmt: skip
+                    f"{row['model_ms_p50']:.2f}, post {row['post_ms_p50']:.2f}, match {row['match_ms_p50']:.2f}); "
+                    f"track {row['track_ms_p50']:.2f} ms at {TRACK_DETECTIONS} detections "
+                    f"({100 * row['track_vs_e2e']:.1f} % of e2e)")  # fmt: skip
         if not rows:
             raise BenchError("no backend/precision could be measured: " + "; ".join(skipped))
         return {

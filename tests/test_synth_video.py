@@ -23,9 +23,9 @@ TINY = {"n_train": 4, "n_val": 2, "n_query": 2, "support_per_instance": 5, "prog
 
 @pytest.fixture(scope="module")
 def seq(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    """The default sequence (300 frames, 640x480) of seed 3."""
+    """A 30 s sequence (450 frames at the default 15 fps, 640x480) of seed 3."""
     out = tmp_path_factory.mktemp("video")
-    p = synthesize_video(out, seed=3)
+    p = synthesize_video(out, seed=3, frames=450)
     return p, load_video_gt(p)
 
 
@@ -36,17 +36,18 @@ def _spans(frames: list[int]) -> int:
 def test_layout_and_header(seq: tuple[Path, dict]) -> None:
     p, gt = seq
     assert p.name == "seq_000.json" and p.parent.name == "video"
-    assert sorted(x.name for x in p.parent.iterdir()) == ["seq_000.json", "seq_000.mp4"]
+    assert sorted(x.name for x in p.parent.iterdir()) == ["seq_000.json", "seq_000.mp4", "supports"]
     assert not list(p.parent.parent.glob(".tmp-*"))
-    assert gt["format"] == "mocha-edge-video-gt/1"
-    assert (gt["seed"], gt["fps"], gt["width"], gt["height"], gt["frames"]) == (3, 10, 640, 480, 300)
-    assert gt["video"] == "seq_000.mp4"
+    assert gt["format"] == "mocha-edge-video-gt/2"
+    assert (gt["seed"], gt["fps"], gt["width"], gt["height"], gt["frames"]) == (3, 15, 640, 480, 450)
+    assert gt["video"] == "seq_000.mp4" and gt["sequence"] == "seq_000"
     g = gt["generator"]
-    assert g["frames"] == 300 and g["model_imgsz"] == 256 and g["seed"] == 3
+    assert g["frames"] == 450 and g["model_imgsz"] == 256 and g["seed"] == 3 and g["sequences"] == 1
     cap = cv2.VideoCapture(str(p.parent / gt["video"]))
     ok, frame = cap.read()
     assert ok and frame.shape == (480, 640, 3)
-    assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 300
+    assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 450
+    assert cap.get(cv2.CAP_PROP_FPS) == pytest.approx(15)
     cap.release()
 
 
@@ -155,7 +156,7 @@ def test_boxes_match_pixels(seq: tuple[Path, dict]) -> None:
     p, gt = seq
     bg, _ = synth_video._clean_background(gt["seed"], 640, 480, synth_video._scale((640, 480), 256))
     ok_in, ok_tight, n = 0, 0, 0
-    for t in (5, 60, 150, 230, 299):
+    for t in (5, 60, 150, 230, 299, 420):
         img = _frame(p.parent / gt["video"], t)
         entries = gt["frames_gt"][t]
         covered = np.zeros((480, 640), bool)
@@ -235,15 +236,26 @@ def _write(tmp_path: Path, doc: dict) -> Path:
 
 def _good() -> dict:
     return {
-        "format": "mocha-edge-video-gt/1",
+        "format": "mocha-edge-video-gt/2",
         "seed": 0,
+        "sequence": "seq_000",
         "fps": 10,
         "width": 64,
         "height": 48,
         "frames": 2,
         "video": "seq_000.mp4",
         "enrolled": ["mug_6"],
-        "objects": [{"object": 0, "instance": "mug_6", "fine_id": 6, "cls": "mug", "enrolled": True}],
+        "supports": {"mug_6": "supports/mug_6.json"},
+        "objects": [
+            {
+                "object": 0,
+                "instance": "mug_6",
+                "fine_id": 6,
+                "cls": "mug",
+                "enrolled": True,
+                "fully_visible": 0,
+            }
+        ],
         "frames_gt": [[{"object": 0, "box_xyxy": [1.0, 2.0, 30.5, 40.0], "visible": 0.9}], []],
         "generator": {},
     }
@@ -252,7 +264,12 @@ def _good() -> dict:
 @pytest.mark.parametrize(
     ("mutate", "match"),
     [
-        (lambda d: d.update(format="mocha-edge-video-gt/0"), "format"),
+        (lambda d: d.update(format="mocha-edge-video-gt/1"), "generate the video again"),
+        (lambda d: d.update(format="something/1"), "format"),
+        (lambda d: d.pop("supports"), "missing keys supports"),
+        (lambda d: d.update(supports={"mug_6": "../../x.json"}), "supports"),
+        (lambda d: d["objects"][0].update(fully_visible=2), "fully_visible"),
+        (lambda d: d["objects"][0].pop("fully_visible"), "fully_visible"),
         (lambda d: d.pop("frames_gt"), "missing keys frames_gt"),
         (lambda d: d.pop("objects"), "missing keys objects"),
         (lambda d: d.update(frames=3), "frames_gt has 2 frames"),
@@ -329,3 +346,85 @@ def test_cli_data_synth_video(tmp_path: Path) -> None:
     r = CliRunner().invoke(cli, [*args, "--quiet"])  # re-running without --video on the folder works
     assert r.exit_code == 0, r.output
     assert gt_path.is_file()
+
+
+def test_appearances_occlusions_returns_and_fully_visible(seq: tuple[Path, dict]) -> None:
+    _, gt = seq
+    fps = gt["fps"]
+    objs = {o["object"]: o for o in gt["objects"]}
+    frames_of: dict[int, list[int]] = defaultdict(list)
+    occluded = set()
+    for t, entries in enumerate(gt["frames_gt"]):
+        for e in entries:
+            frames_of[e["object"]].append(t)
+            x0, y0, x1, y1 = e["box_xyxy"]
+            if e["visible"] < synth_video.FULLY_VISIBLE and x0 > 1 and y0 > 1 and x1 < 639 and y1 < 479:
+                occluded.add(e["object"])  # inside the frame yet partly hidden: another object covers it
+    # fully_visible: the first frame with visible >= FULLY_VISIBLE
+    for oid, o in objs.items():
+        first = next(
+            (
+                t
+                for t in frames_of[oid]
+                for e in gt["frames_gt"][t]
+                if e["object"] == oid and e["visible"] >= 0.9
+            ),
+            None,
+        )
+        assert o["fully_visible"] == first
+    assert sum(o["fully_visible"] is not None for o in objs.values()) >= 0.8 * len(objs)
+    assert len(occluded) >= 3
+    # an instance comes back as a new appearance, never within RETURN_GAP_S of the previous one
+    by_inst: dict[str, list[tuple[int, int]]] = defaultdict(list)
+    for oid, ts in frames_of.items():
+        by_inst[objs[oid]["instance"]].append((ts[0], ts[-1]))
+    returns = 0
+    for spans in by_inst.values():
+        spans.sort()
+        for (_, end), (start, _) in itertools.pairwise(spans):
+            assert start - end > synth_video.RETURN_GAP_S * fps
+            returns += 1
+    assert returns >= 2
+    enrolled_names = {o["instance"] for o in objs.values() if o["enrolled"]}
+    assert any(len(by_inst[n]) > 1 for n in enrolled_names)  # an enrolled identity leaves and comes back
+    # unenrolled objects of enrolled classes: the distractors an identity must not be given to
+    enrolled_cls = {o["cls"] for o in objs.values() if o["enrolled"]}
+    assert {o["cls"] for o in objs.values() if not o["enrolled"]} & enrolled_cls
+
+
+def test_supports_for_every_enrolled_identity(seq: tuple[Path, dict]) -> None:
+    from mocha_edge.enroll import supports_from_json
+
+    p, gt = seq
+    assert sorted(gt["supports"]) == sorted(gt["enrolled"])
+    for name, rel in gt["supports"].items():
+        sup = supports_from_json(p.parent / rel)
+        assert len(sup) == synth_video.SUPPORT_SHOTS
+        for s in sup:
+            img = cv2.imread(str(s.image))
+            assert img is not None and img.shape == (480, 640, 3)
+            x0, y0, x1, y1 = s.box
+            assert 0 <= x0 < x1 <= 640 and 0 <= y0 < y1 <= 480 and max(x1 - x0, y1 - y0) >= 85
+            assert s.cls == name.rsplit("_", 1)[0]
+            inside = img[int(y0) : int(y1), int(x0) : int(x1)].astype(np.float32)
+            assert inside.std() > 5  # the object is drawn there
+
+
+def test_several_sequences(tmp_path: Path) -> None:
+    a = synthesize_video(tmp_path / "a", seed=5, frames=20, sequences=2)
+    b = synthesize_video(tmp_path / "b", seed=5, frames=20, sequences=2)
+    one = synthesize_video(tmp_path / "c", seed=5, frames=20)
+    files = sorted(x.relative_to(a.parent).as_posix() for x in a.parent.rglob("*") if x.is_file())
+    assert {"seq_000.json", "seq_000.mp4", "seq_001.json", "seq_001.mp4"} <= set(files)
+    for f in files:
+        if f.endswith((".json", ".jpg")):
+            assert (a.parent / f).read_bytes() == (b.parent / f).read_bytes(), f
+    g0, g1 = load_video_gt(a), load_video_gt(a.parent / "seq_001.json")
+    assert g1["sequence"] == "seq_001" and g0["supports"] == g1["supports"]
+    assert g0["frames_gt"] != g1["frames_gt"]
+    assert load_video_gt(one)["frames_gt"] == g0["frames_gt"]  # seq_000 does not depend on how many follow
+    assert synth_video.sequence_paths(tmp_path / "a") == [a, a.parent / "seq_001.json"]
+    assert synth_video.sequence_paths(a.parent) == synth_video.sequence_paths(tmp_path / "a")
+    assert synth_video.sequence_paths(a) == [a]
+    with pytest.raises(DataError, match="no video ground truth"):
+        synth_video.sequence_paths(tmp_path)

@@ -1,19 +1,28 @@
-"""A camera-like video of the built-in benchmark's objects with per-frame ground truth.
+"""Camera-like videos of the built-in benchmark's objects with per-frame ground truth, and enrolment photos.
 
-``synthesize_video`` writes ``out/video/seq_000.mp4`` and ``out/video/seq_000.json``: a static camera over
-one cluttered background (``synth._background``) with a slow global lighting drift and per-frame sensor
-noise, and at every moment about 2–4 labelled objects: the *enrolled* novel instances (half of each
-class's novel instances, :func:`enrolled_instances`), the other novel instances of the same classes and
-some base instances (both unenrolled: "someone else's mug"), plus 0–2 unlabelled distractor shapes. Each
-object has a persistent id, enters (from an edge or by appearing), moves along a smooth path (slow
-translation, slight scale change, small rotation), may be partly occluded, and leaves. Its appearance is
-rendered once and only warped per frame.
+``synthesize_video`` writes ``out/video/seq_000.mp4`` + ``seq_000.json`` (and ``seq_001`` ... with
+``sequences``), at 15 fps by default: each a static camera over its own cluttered background
+(``synth._background``) with a slow global lighting drift and per-frame sensor noise, and at every moment
+about 2–4 labelled objects: the *enrolled* novel instances (half of each class's novel instances,
+:func:`enrolled_instances`), the other novel instances of the same classes and some base instances (both
+unenrolled: "someone else's mug", the distractors an identity must not be given to), plus 0–2 unlabelled
+distractor shapes. Each *appearance* of an object has a persistent id (``object``): it enters (from an edge
+or by appearing), moves along a smooth path (slow translation, slight scale change, small rotation), often
+passes in front of or behind another object (about a third of the paths are aimed at one), and leaves. An
+instance comes back as a new appearance, never sooner than ``RETURN_GAP_S`` after its previous one ended
+(a tracker cannot bridge that: it is a leave and a return). Its look is rendered once and only warped.
 
-Ground truth (``"format": "mocha-edge-video-gt/1"``) lists per frame every labelled object with any pixel
+``out/video/supports/<instance>.json`` lists ``SUPPORT_SHOTS`` photos of each enrolled instance
+(``supports/<instance>/<k>.jpg``, alone on another background, random pose, size and lighting) with their
+boxes, in the format ``mocha-edge enroll --boxes-json`` reads.
+
+Ground truth (``"format": "mocha-edge-video-gt/2"``) lists per frame every labelled object with any pixel
 in the frame: ``box_xyxy`` is the extent of its whole mask clipped to the frame, ``visible`` the fraction
-of its mask that is in the frame and not covered by another object (scorers ignore objects below 0.5).
-Everything is a pure function of the parameters: NumPy ``default_rng`` streams keyed by ``[seed, code,
-...]`` with codes unused by ``synth``; the same parameters write byte-identical JSON and the same frames.
+of its mask that is in the frame and not covered by another object (scorers ignore objects below
+``SCORED_VISIBLE``). Each object's ``fully_visible`` is the first frame where ``visible >=
+FULLY_VISIBLE`` (null if never). Everything is a pure function of the parameters: NumPy ``default_rng``
+streams keyed by ``[seed, code, ...]`` with codes unused by ``synth``; the same parameters write
+byte-identical JSON and the same frames.
 """
 
 from __future__ import annotations
@@ -41,6 +50,7 @@ from mocha_edge.data.synth import (
     TEXTURES,
     _background,
     _check_int,
+    _photometric,
     _random_colours,
     _render,
     instance_table,
@@ -48,17 +58,37 @@ from mocha_edge.data.synth import (
 from mocha_edge.errors import DataError
 from mocha_edge.utils import read_json
 
-__all__ = ["VIDEO_GT_FORMAT", "enrolled_instances", "load_video_gt", "synthesize_video"]
+__all__ = [
+    "FULLY_VISIBLE",
+    "SCORED_VISIBLE",
+    "VIDEO_GT_FORMAT",
+    "enrolled_instances",
+    "load_video_gt",
+    "sequence_paths",
+    "synthesize_video",
+]
 
-VIDEO_GT_FORMAT = "mocha-edge-video-gt/1"
+VIDEO_GT_FORMAT = "mocha-edge-video-gt/2"
 GENERATOR_NAME = "mocha-edge-synth-video"
-GENERATOR_VERSION = 1
-SEQ_NAME = "seq_000"
+GENERATOR_VERSION = 2
+SEQ_NAME = "seq_000"  # the first sequence (the demo's)
 VIDEO_DIR = "video"
+SUPPORT_DIR = "supports"
+SUPPORT_SHOTS = 5  # enrolment photos per enrolled instance
 SIZE_RANGE = (40.0, 110.0)  # object long side in model pixels at BASE_IMGSZ: synth's training range
+FULLY_VISIBLE = 0.9  # an object is fully visible from the first frame with this visible fraction
+SCORED_VISIBLE = 0.5  # scorers ignore objects less visible than this
+RETURN_GAP_S = 3.0  # an instance is out of view at least this long between two appearances
+OCCLUDE_SHARE = 0.35  # share of new paths aimed at an object in view (they cross: one occludes the other)
 _CODE_ENROLLED = 20  # rng codes; synth.py uses 0..5
 _CODE_VIDEO = 21
+_CODE_SUPPORT = 22
 _TMP_PREFIX = ".tmp-synth-video-"
+
+
+def seq_name(k: int) -> str:
+    """Name of the ``k``-th sequence (``seq_000`` ...)."""
+    return f"seq_{k:03d}"
 
 
 def enrolled_instances(seed: int = 0) -> list[int]:
@@ -118,6 +148,7 @@ class _Planner:
 
     def __init__(self, rng: np.random.Generator, w: int, h: int, fps: int, px: float, seed: int):
         self.rng, self.w, self.h, self.fps, self.px = rng, w, h, fps, px
+        self.gap = math.ceil(RETURN_GAP_S * fps)  # frames an instance stays away between appearances
         enrolled = enrolled_instances(seed)
         novel_other = [
             f
@@ -138,7 +169,8 @@ class _Planner:
         self.distractors: list[_Track] = []
 
     def _pick(self, t: int, length: int) -> int | None:
-        busy = {tr.ref for tr in self.tracks if tr.t0 + tr.length > t}  # all tracks start <= t
+        # in view, or left less than RETURN_GAP_S ago (all tracks start <= t)
+        busy = {tr.ref for tr in self.tracks if tr.t0 + tr.length + self.gap > t}
         w = np.array([s[0] for s in self.slots])
         total = self.slot_used.sum() + length
         score = w / w.sum() * total - self.slot_used + self.rng.uniform(0, 1e-3, len(w))
@@ -196,6 +228,14 @@ class _Planner:
         live = [tr for tr in self.tracks + self.distractors if tr.active(t)]
         others = [tr.pose(min(max(t, tr.t0 + tr.length // 2), tr.t0 + tr.length - 1))[:2] for tr in live]
         mid = self._inside(half, [np.array(o) for o in others])
+        labelled_live = [tr for tr in live if tr.labelled]
+        if labelled_live and rng.random() < OCCLUDE_SHARE:  # aim at an object in view: the two cross
+            o = labelled_live[int(rng.integers(len(labelled_live)))]
+            to = min(max(t + int(rng.uniform(1.0, 2.5) * self.fps), o.t0), o.t0 + o.length - 1)
+            ox, oy, osz = o.pose(to)[:3]
+            off = rng.normal(0, 0.25 * (osz + size) / 2, 2)
+            m = 0.7 * half
+            mid = np.clip(np.array([ox, oy]) + off, (m, m), (max(self.w - m, m + 1), max(self.h - m, m + 1)))
         enter_edge, leave_edge = rng.random() < 0.5, rng.random() < 0.5
         drift = rng.normal(0, 0.08 * max(self.w, self.h), 2)
         start = self._outside(half, mid) if enter_edge else np.clip(mid - drift, 0, (self.w, self.h))
@@ -262,9 +302,9 @@ def _warp(
     return out, int(x0), int(y0)
 
 
-def _object_rgba(tr: _Track, seed: int, px: float) -> np.ndarray:
+def _object_rgba(tr: _Track, seed: int, px: float, seq: int = 0) -> np.ndarray:
     """Render a track's look once, at its largest size (texture randomness fixed per object)."""
-    rng = np.random.default_rng([seed, _CODE_VIDEO, 1 if tr.labelled else 2, tr.oid])
+    rng = np.random.default_rng([seed, _CODE_VIDEO, 1 if tr.labelled else 2, tr.oid, seq])
     if tr.labelled:
         inst = _table(seed)[tr.ref]
         shape, colours = _CLASS_SHAPES[inst.coarse_id], np.asarray(inst.colours, np.float32)
@@ -303,7 +343,7 @@ def _round_box(x0: int, y0: int, x1: int, y1: int) -> list[float]:
 
 
 def _generator_block(
-    seed: int, frames: int, size: tuple[int, int], fps: int, model_imgsz: int
+    seed: int, frames: int, size: tuple[int, int], fps: int, model_imgsz: int, sequences: int
 ) -> dict[str, Any]:
     return {
         "name": GENERATOR_NAME,
@@ -314,20 +354,24 @@ def _generator_block(
         "height": size[1],
         "fps": fps,
         "model_imgsz": model_imgsz,
-        "sequence": SEQ_NAME,
+        "sequences": sequences,
     }
 
 
-def _clean_background(seed: int, w: int, h: int, px: float) -> tuple[np.ndarray, np.random.Generator]:
+def _clean_background(
+    seed: int, w: int, h: int, px: float, seq: int = 0
+) -> tuple[np.ndarray, np.random.Generator]:
     """The sequence's background (float RGB, before lighting and noise) and its rng, to draw the camera."""
-    rng = np.random.default_rng([seed, _CODE_VIDEO, 3])
+    rng = np.random.default_rng([seed, _CODE_VIDEO, 3, seq])
     n = max(w, h)
     bg = _background(rng, n, px)[(n - h) // 2 : (n - h) // 2 + h, (n - w) // 2 : (n - w) // 2 + w]
     return np.ascontiguousarray(bg), rng
 
 
-def _generate(video: Path, gen: dict[str, Any], progress: bool) -> dict[str, Any]:
-    """Write the mp4 to ``video`` and return the ground-truth document."""
+def _generate(
+    video: Path, gen: dict[str, Any], seq: int, supports: dict[str, str], progress: bool
+) -> dict[str, Any]:
+    """Write sequence ``seq``'s mp4 to ``video`` and return its ground-truth document."""
     from tqdm import tqdm
 
     seed, frames, fps = gen["seed"], gen["frames"], gen["fps"]
@@ -336,13 +380,13 @@ def _generate(video: Path, gen: dict[str, Any], progress: bool) -> dict[str, Any
     table = _table(seed)
     enrolled = set(enrolled_instances(seed))
 
-    planner = _Planner(np.random.default_rng([seed, _CODE_VIDEO, 0]), w, h, fps, px, seed)
+    planner = _Planner(np.random.default_rng([seed, _CODE_VIDEO, 0, seq]), w, h, fps, px, seed)
     planner.plan(frames)
     tracks = planner.tracks + planner.distractors
-    looks = {id(tr): _object_rgba(tr, seed, px) for tr in tracks}
+    looks = {id(tr): _object_rgba(tr, seed, px, seq) for tr in tracks}
     order = sorted(tracks, key=lambda tr: tr.z)
 
-    bg, rng = _clean_background(seed, w, h, px)
+    bg, rng = _clean_background(seed, w, h, px, seq)
     # one camera for the sequence: contrast, brightness, colour cast; slow drift of gain and tint over time
     mean = bg.mean(axis=(0, 1))
     contrast, bright = rng.uniform(0.8, 1.15), rng.uniform(-20, 20)
@@ -353,9 +397,10 @@ def _generate(video: Path, gen: dict[str, Any], progress: bool) -> dict[str, Any
     # sensor noise: a small bank of noise fields, each frame a random field at a random offset (cheap)
     pad = 32
     bank = rng.standard_normal((4, h + pad, w + pad, 3), dtype=np.float32) * np.float32(sigma)
-    nrng = np.random.default_rng([seed, _CODE_VIDEO, 4])
+    nrng = np.random.default_rng([seed, _CODE_VIDEO, 4, seq])
 
     vw = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
+    fully: dict[int, int] = {}  # object -> first frame with visible >= FULLY_VISIBLE
     if not vw.isOpened():
         raise DataError(f"synth video: cannot write {video} (OpenCV has no mp4v encoder)")
     frames_gt: list[list[dict[str, Any]]] = []
@@ -396,6 +441,9 @@ def _generate(video: Path, gen: dict[str, Any], progress: bool) -> dict[str, Any
                 if tr.labelled
             ]
             frames_gt.append(sorted(gt, key=lambda e: e["object"]))
+            for e in gt:
+                if e["visible"] >= FULLY_VISIBLE:
+                    fully.setdefault(e["object"], t)
             g = 1.0 + amp * math.sin(2 * math.pi * t / period + phase)
             tint = 1.0 + 0.03 * np.sin(2 * math.pi * t / tint_period + tint_phase)
             gain = (contrast * g * cast * tint).astype(np.float32)
@@ -416,22 +464,71 @@ def _generate(video: Path, gen: dict[str, Any], progress: bool) -> dict[str, Any
             "fine_id": tr.ref,
             "cls": CLASSES[table[tr.ref].coarse_id],
             "enrolled": tr.ref in enrolled,
+            "fully_visible": fully.get(tr.oid),
         }
         for tr in planner.tracks
     ]
     return {
         "format": VIDEO_GT_FORMAT,
         "seed": seed,
+        "sequence": seq_name(seq),
         "fps": fps,
         "width": w,
         "height": h,
         "frames": frames,
         "video": video.name,
+        "fully_visible_at": FULLY_VISIBLE,
+        "scored_visible_at": SCORED_VISIBLE,
         "enrolled": [table[f].name for f in sorted(enrolled)],
+        "supports": supports,
         "objects": objects,
         "frames_gt": frames_gt,
         "generator": gen,
     }
+
+
+def _write_supports(dest: Path, gen: dict[str, Any]) -> dict[str, str]:
+    """``SUPPORT_SHOTS`` photos of every enrolled instance under ``dest`` (``<instance>/<k>.jpg``) and one
+    ``<instance>.json`` each (``enroll --boxes-json``: image relative to the JSON, box xyxy pixels, class).
+    Returns ``{instance: "<SUPPORT_DIR>/<instance>.json"}``, relative to the video folder."""
+    seed, w, h = gen["seed"], gen["width"], gen["height"]
+    px = _scale((w, h), gen["model_imgsz"])
+    table = _table(seed)
+    dest.mkdir(parents=True, exist_ok=True)
+    out: dict[str, str] = {}
+    for f in enrolled_instances(seed):
+        inst = table[f]
+        rows = []
+        (dest / inst.name).mkdir()
+        for k in range(SUPPORT_SHOTS):
+            rng = np.random.default_rng([seed, _CODE_SUPPORT, f, k])
+            n = max(w, h)
+            bg = _background(rng, n, px)[(n - h) // 2 : (n - h) // 2 + h, (n - w) // 2 : (n - w) // 2 + w]
+            size = float(rng.uniform(*SIZE_RANGE)) * px
+            look = _render(_CLASS_SHAPES[inst.coarse_id], size, np.asarray(inst.colours, np.float32),
+                           inst.texture, inst.marking, rng, px)  # fmt: skip
+            half = 0.6 * size
+            cx, cy = rng.uniform(half, w - half), rng.uniform(half, h - half)
+            obj, x0, y0 = _warp(look, cx, cy, size, size, float(rng.uniform(-20, 20)))
+            img = np.ascontiguousarray(bg, np.float32)
+            fx0, fy0 = max(x0, 0), max(y0, 0)
+            fx1, fy1 = min(x0 + obj.shape[1], w), min(y0 + obj.shape[0], h)
+            sub = obj[fy0 - y0 : fy1 - y0, fx0 - x0 : fx1 - x0]
+            a = sub[..., 3:4]
+            img[fy0:fy1, fx0:fx1] = img[fy0:fy1, fx0:fx1] * (1.0 - a) + sub[..., :3] * a
+            mask = sub[..., 3] > 0.5
+            cols, rows_ = np.flatnonzero(mask.any(0)), np.flatnonzero(mask.any(1))
+            box = _round_box(fx0 + cols[0], fy0 + rows_[0], fx0 + cols[-1] + 1, fy0 + rows_[-1] + 1)
+            rgb = _photometric(img, rng)
+            rel = f"{inst.name}/{k}.jpg"
+            if not cv2.imwrite(
+                str(dest / rel), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95]
+            ):
+                raise DataError(f"synth video: cannot write {dest / rel}")
+            rows.append({"image": rel, "box": box, "class": CLASSES[inst.coarse_id]})
+        (dest / f"{inst.name}.json").write_text(json.dumps(rows, indent=1) + "\n")
+        out[inst.name] = f"{SUPPORT_DIR}/{inst.name}.json"
+    return out
 
 
 def _dumps(doc: dict[str, Any]) -> str:
@@ -451,62 +548,91 @@ def _frame_count(path: Path) -> int:
         cap.release()
 
 
+def _complete(dest: Path, gen: dict[str, Any]) -> bool:
+    """Whether ``dest`` holds every sequence and support file of these parameters."""
+    for k in range(gen["sequences"]):
+        gt_path = dest / f"{seq_name(k)}.json"
+        try:
+            old = load_video_gt(gt_path) if gt_path.is_file() else None
+        except DataError:
+            return False
+        mp4 = dest / f"{seq_name(k)}.mp4"
+        if not old or old["generator"] != gen or not mp4.is_file() or _frame_count(mp4) != gen["frames"]:
+            return False
+        if not all((dest / rel).is_file() for rel in old["supports"].values()):
+            return False
+    return True
+
+
 def synthesize_video(
     out: str | Path,
     seed: int = 0,
     *,
     frames: int = 300,
     size: tuple[int, int] = (640, 480),
-    fps: int = 10,
+    fps: int = 15,
     model_imgsz: int = 256,
+    sequences: int = 1,
     progress: bool = False,
 ) -> Path:
-    """Write ``out/video/seq_000.mp4`` and its ground truth ``out/video/seq_000.json``; return the JSON path.
+    """Write ``out/video/seq_000.mp4`` ... (``sequences`` of them, ``frames`` each), their ground truth
+    ``out/video/seq_NNN.json`` and the enrolment photos ``out/video/supports/``; return the first JSON path.
 
     ``model_imgsz`` is the side the model is trained (synth ``--imgsz``) and run at: objects are sized so
     that in the letterboxed model input they match synth's training sizes. Instance names refer to
     :func:`instance_table` of the same ``seed``. A complete output with the same parameters is reused;
-    otherwise both files are written into ``out/.tmp-synth-video-*`` and the folder is moved into place,
+    otherwise everything is written into ``out/.tmp-synth-video-*`` and the folder is moved into place,
     replacing ``out/video`` (an interrupted run leaves the previous output, or none).
     """
     seed = _check_int("seed", seed, 0)
     frames = _check_int("frames", frames, 1)
     fps = _check_int("fps", fps, 1, 240)
     model_imgsz = _check_int("model_imgsz", model_imgsz, 32, 4096)
+    sequences = _check_int("sequences", sequences, 1, 999)
     if not isinstance(size, (tuple, list)) or len(size) != 2:
         raise DataError(f"synth video: size must be (width, height), got {size!r}")
     size = (_check_int("width", size[0], 64, 8192), _check_int("height", size[1], 64, 8192))
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise DataError(f"synth video: output {out} exists and is not a folder")
-    gen = _generator_block(seed, frames, size, fps, model_imgsz)
+    gen = _generator_block(seed, frames, size, fps, model_imgsz, sequences)
     dest = out / VIDEO_DIR
-    gt_path = dest / f"{SEQ_NAME}.json"
-    if gt_path.is_file():
-        try:
-            old = load_video_gt(gt_path)
-        except DataError:
-            old = None
-        mp4 = dest / f"{SEQ_NAME}.mp4"
-        if old and old["generator"] == gen and mp4.is_file() and _frame_count(mp4) == frames:
-            return gt_path
+    if _complete(dest, gen):
+        return dest / f"{SEQ_NAME}.json"
     out.mkdir(parents=True, exist_ok=True)
     for p in out.glob(f"{_TMP_PREFIX}*"):  # leftovers of an interrupted run
         shutil.rmtree(p, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=out))
     try:
-        (tmp / VIDEO_DIR).mkdir()
-        doc = _generate(tmp / VIDEO_DIR / f"{SEQ_NAME}.mp4", gen, progress)
-        with open(tmp / VIDEO_DIR / f"{SEQ_NAME}.json", "w") as fh:
-            fh.write(_dumps(doc))
-            fh.flush()
-            os.fsync(fh.fileno())
+        work = tmp / VIDEO_DIR
+        work.mkdir()
+        supports = _write_supports(work / SUPPORT_DIR, gen)
+        for k in range(sequences):
+            doc = _generate(work / f"{seq_name(k)}.mp4", gen, k, supports, progress)
+            with open(work / f"{seq_name(k)}.json", "w") as fh:
+                fh.write(_dumps(doc))
+                fh.flush()
+                os.fsync(fh.fileno())
         if dest.exists():
             os.replace(dest, tmp / "old")
-        os.replace(tmp / VIDEO_DIR, dest)
+        os.replace(work, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return gt_path
+    return dest / f"{SEQ_NAME}.json"
+
+
+def sequence_paths(data: str | Path) -> list[Path]:
+    """The ground-truth files of a synth folder, its ``video/`` folder, or one ``seq_NNN.json``, sorted."""
+    data = Path(data)
+    if data.is_file():
+        return [data]
+    folder = data / VIDEO_DIR if (data / VIDEO_DIR).is_dir() else data
+    found = sorted(folder.glob("seq_[0-9][0-9][0-9].json"))
+    if not found:
+        raise DataError(
+            f"{data}: no video ground truth (seq_NNN.json; make it with `mocha-edge data synth --video`)"
+        )
+    return found
 
 
 # --------------------------------------------------------------------------------------------------
@@ -515,12 +641,14 @@ def synthesize_video(
 
 _TOP_KEYS = (
     "seed",
+    "sequence",
     "fps",
     "width",
     "height",
     "frames",
     "video",
     "enrolled",
+    "supports",
     "objects",
     "frames_gt",
     "generator",
@@ -537,7 +665,7 @@ def _is_num(v: Any) -> bool:
 
 
 def load_video_gt(path: str | Path) -> dict[str, Any]:
-    """Read and validate a ``mocha-edge-video-gt/1`` file (plain JSON); raise :class:`DataError` if malformed."""
+    """Read and validate a ``mocha-edge-video-gt/2`` file (plain JSON); raise :class:`DataError` if malformed."""
     path = Path(path)
 
     def bad(msg: str) -> DataError:
@@ -547,7 +675,13 @@ def load_video_gt(path: str | Path) -> dict[str, Any]:
     if not isinstance(doc, dict):
         raise bad("not a video ground-truth object")
     if doc.get("format") != VIDEO_GT_FORMAT:
-        raise bad(f"format is {doc.get('format')!r}, expected {VIDEO_GT_FORMAT!r}")
+        fmt = doc.get("format")
+        if isinstance(fmt, str) and fmt.startswith("mocha-edge-video-gt/"):
+            raise bad(
+                f"format is {fmt!r}, this version reads {VIDEO_GT_FORMAT!r}: generate the video again "
+                "(`mocha-edge data synth --video`)"
+            )
+        raise bad(f"format is {fmt!r}, expected {VIDEO_GT_FORMAT!r}")
     missing = [k for k in _TOP_KEYS if k not in doc]
     if missing:
         raise bad(f"missing keys {', '.join(missing)}")
@@ -559,6 +693,18 @@ def load_video_gt(path: str | Path) -> dict[str, Any]:
         raise bad(f"video must be a file name, got {v!r}")
     if not isinstance(doc["enrolled"], list) or not all(isinstance(e, str) for e in doc["enrolled"]):
         raise bad("enrolled must be a list of instance names")
+    sup = doc["supports"]
+    if not isinstance(sup, dict) or not all(
+        isinstance(k, str)
+        and isinstance(v, str)
+        and v.endswith(".json")
+        and not Path(v).is_absolute()
+        and ".." not in Path(v).parts
+        for k, v in sup.items()
+    ):
+        raise bad("supports must map instance names to relative .json paths")
+    if not isinstance(doc["sequence"], str):
+        raise bad(f"sequence must be a name, got {doc['sequence']!r}")
     if not isinstance(doc["generator"], dict):
         raise bad("generator must be an object")
     if not isinstance(doc["objects"], list):
@@ -574,6 +720,9 @@ def load_video_gt(path: str | Path) -> dict[str, Any]:
                 raise bad(f"objects[{i}].{k} must be {typ.__name__}, got {o[k]!r}")
         if o["object"] in ids:
             raise bad(f"objects[{i}]: duplicate object id {o['object']}")
+        fv = o.get("fully_visible", "missing")
+        if fv is not None and (not _is_int(fv) or not 0 <= fv < doc["frames"]):
+            raise bad(f"objects[{i}].fully_visible must be a frame index or null, got {fv!r}")
         ids.add(o["object"])
     fg = doc["frames_gt"]
     if not isinstance(fg, list):
