@@ -376,3 +376,35 @@ def test_cli_several_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     )
     assert frames_of(tmp_path / "front.mkv") == 6 and frames_of(tmp_path / "back.mkv") == 8
     assert len(read_jsonl(tmp_path / "e.jsonl")) == 28
+
+
+# ------------------------------------------------------------------------------------------ faults
+class DarkFails(FakePipe):
+    """Raises on dark frames (one camera's), works on bright ones."""
+
+    def __call__(self, bgr):
+        if float(bgr.mean()) < 100:
+            self.calls += 1
+            time.sleep(0.01)
+            raise RuntimeError("cannot see in the dark")
+        return super().__call__(bgr)
+
+
+def test_one_camera_always_faulting_never_ends_a_run_where_another_works(tmp_path: Path) -> None:
+    """The give-up rule is the process's: a good frame of any camera starts the count again."""
+    a, b = clip(tmp_path / "dark.mp4", 20, 10), clip(tmp_path / "bright.mp4", 30, 120)
+    with open_source(str(a)) as sa, open_source(str(b)) as sb:
+        summary, _, console = run_cams({"dark": sa, "bright": sb}, DarkFails(), fail_after=0.3, fail_frames=3,
+                                       jsonl=tmp_path / "e.jsonl")  # fmt: skip
+    assert summary.stopped == "every source ended" and summary.frames == 50
+    dark, bright = summary.cameras
+    assert dark.faults == {"pipeline: RuntimeError": 20} and dark.lost == 20 and not bright.faults
+    assert summary.faults == {"dark: pipeline: RuntimeError": 20}
+    assert "faults: pipeline: RuntimeError x20 (20 frames lost)" in summary.line().splitlines()[1]
+    assert any(line.startswith("warning: frame 0: dark: pipeline: RuntimeError") for line in console.lines)
+    with (
+        open_source(str(a)) as s1,
+        open_source(str(a)) as s2,
+        pytest.raises(live.RunFailed, match="giving up"),
+    ):
+        run_cams({"d1": s1, "d2": s2}, DarkFails(), fail_after=0.3, fail_frames=5)

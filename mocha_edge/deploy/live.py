@@ -1,24 +1,47 @@
 """``mocha-edge run``: the live loop. Source -> pipeline -> outputs, with live enrolment and fault handling.
 
-One frame at a time: read (``mocha_edge.deploy.sources``), detect + embed + match (the injected pipeline), then
-the outputs, opened by URI (``--sink``, repeatable; ``mocha_edge.deploy.sinks``): JSON lines (one per
+One frame at a time: read (``mocha_edge.deploy.sources``, on the source's own capture thread), detect + embed
++ match (the injected pipeline), track (``--tracker``: one identity per track, events), then the outputs, opened by URI (``--sink``, repeatable; ``mocha_edge.deploy.sinks``): JSON lines (one per
 detection, appended, flushed every frame, rotated by size or day), annotated videos (``.mkv``/``.avi`` under
 their own name, so a crash leaves them playable; ``.mp4``/``.mov``/``.m4v`` under a temporary name renamed
 when the run ends; ``?segment=10m`` splits a recording into timestamped files); a window when a display
-exists, and an FPS line with per-stage milliseconds. An output that cannot write (a full disk) pauses, holds
-its JSON lines in memory and retries, and says so.
+exists, and an FPS line with per-stage milliseconds and the latency (a frame's capture to its outputs
+written). An output that cannot write (a full disk) pauses, holds its JSON lines in memory and retries, and
+says so.
+
+Sources are read by a thread each (:mod:`mocha_edge.deploy.cameras`). A live source (camera, stream) keeps
+only its newest frame: frames that arrive while the loop is busy are dropped and counted (``N dropped`` in
+the summary), so the loop never works through a backlog (OpenCV's FFmpeg backend ignores the buffer-size
+setting; reading without pause is what drains an RTSP stream). A file keeps every frame, in order, read at
+most two ahead, so results on files do not depend on timing. Reconnects happen on that thread.
+
+Several cameras: ``--source`` repeated (``front=rtsp://...``: a name, ``[A-Za-z0-9_-]+``, before the first
+``=`` when no ``://`` precedes it; an unnamed source is named after its URI; ``--camera N`` / ``--csi N``
+repeat and combine with them). One pipeline and one bank serve every camera: the loop takes the cameras'
+frames in turn (round-robin; a file or a fast camera never starves the others); each camera has its own
+tracker and track identities. An output with ``{camera}`` in its URI is opened per camera (the camera's
+name as a file-name fragment); one without is shared, its JSON lines and events carrying ``"camera"``
+(records gain ``"camera"`` whenever a source is named or there are several). A video cannot be shared:
+without ``{camera}`` it is a one-line error before anything opens. A camera that drops out reconnects on
+its own thread while the others go on; a file that ends (or a camera whose source gives up) finishes alone
+(its tracks leave); the run ends when every source has ended, or on ``--max-frames`` (frames of every
+camera together), ``quit``, a key or a signal. The status line shows each camera's FPS and latency, then
+the shared stages; the summary has a line for the totals (and the shared outputs) and one per camera
+(frames, detections, dropped, reconnects, events, why it stopped, its outputs and faults).
 
 Live enrolment: ``enroll NAME`` on standard input (read by a background thread, never blocking the loop)
-enrols the top-scoring detection of the next frame as a new shot of NAME; key ``e`` in the window does
-the same for the frame shown (the name is asked on the terminal, or ``obj-N``). The bank is saved
-atomically and the pipeline matches against it from the next frame.
+enrols the top-scoring detection of the next frame as a new shot of NAME; with several cameras, the
+top-scoring detection over the next frame of each camera that is delivering (those that handled a frame in
+the last 2 s; at most 10 s are waited), and ``enroll CAMERA:NAME`` takes that camera's next frame. Key ``e``
+in the window does the same for the frame shown (the name is asked on the terminal, or ``obj-N``). The bank
+(one for every camera) is saved atomically and the pipeline matches against it from the next frame.
 
 Stopping: end of a file source (or its read error: ``stopped: error: ...`` in the summary), ``--max-frames``,
 key ``q``/Esc, a ``quit`` line, or Ctrl-C / SIGINT / SIGTERM / SIGHUP. SIGHUP is what a process gets when
 its terminal goes away (an SSH session dropped): its default, ending the process, is made clean here, so a
 recording is finalised rather than left as a hidden ``.partial`` file (run under ``nohup`` or ``setsid``
 to keep going instead). A signal during frame processing is noted and the loop stops after that frame; a
-signal while waiting for a frame stops the wait. Either way every output is finalised, a summary printed,
+signal while waiting for a frame stops the wait (within 0.1 s). Either way every output is finalised, a summary printed,
 and the exit code is 0: for a camera, Ctrl-C is the normal way to stop. A terminal that went away only
 ends the log lines (:class:`~mocha_edge.deploy.console.Console`).
 
@@ -35,6 +58,12 @@ has been *lost* (its detections could not be made, or no output took it) for ``-
 (``stopped: failing: ...``) and the exit code is 3 (:data:`EXIT_FAILING`; 1 is kept for what cannot start,
 so ``RestartPreventExitStatus=1`` can tell them apart). Occasional faults, however many, never end it:
 one good frame starts the count again. The source's own end or error, and Ctrl-C, behave as above.
+With several cameras a fault's kind starts with the camera (``front: pipeline: RuntimeError``) and is
+counted in that camera's summary; the give-up rule is the process's: one good frame of any camera starts
+the count again, so a camera whose frames all fault never ends a run where another works (a camera that
+delivers nothing is reconnecting, not failing). A source that raises (a camera that gives up reconnecting,
+an unreadable single image) ends its camera with ``stopped: error: ...``; only when every camera has, the
+error is raised after the outputs are finalised.
 """
 
 from __future__ import annotations
@@ -964,7 +993,7 @@ def run(
 @click.option("--gpu-stages", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="Letterbox, decode/NMS and pooling with the CUDA kernels on a GPU engine's buffers "
                    "(auto: when the engine and the CUDA build allow; the reason is printed when not).")  # fmt: skip
-@click.option("--max-frames", type=int, help="Stop after N frames.")
+@click.option("--max-frames", type=int, help="Stop after N frames (of every camera together).")
 @click.option("--fps-every", default=5.0, show_default=True, help="Seconds between FPS lines (0: none).")
 @click.option("--fail-after", default=FAIL_AFTER, show_default=True, metavar="SECONDS",
               help=f"Give up (exit code {EXIT_FAILING}) when every frame has faulted for this long and at least "
@@ -989,10 +1018,19 @@ def run_cmd(model: Path, bank: Path | None, sources: tuple[str, ...], cameras: t
     Outputs (--sink URI, repeatable): events.jsonl (one line per detection, appended; ?rotate=100MB
       or ?rotate=daily rotates, keeping 5 old files, ?keep=N), out.mkv / out.avi / out.mp4 (annotated
       video; .mkv/.avi stay playable after a crash), out.mkv?segment=10m&keep=144 (timestamped 10-minute
-      files, the oldest removed); cam-{camera}.jsonl: {camera} is the source's name. A file's read error ends the run with
-      "stopped: error: ..." in the summary, not as an ordinary end.
+      files, the oldest removed); cam-{camera}.jsonl: {camera} is the camera's name. A file's read error
+      ends it with "stopped: error: ..." in the summary, not as an ordinary end.
+    Several cameras: repeat --source (front=rtsp://..., back=csi://0: NAME=URI, NAME of letters, digits,
+      _ and -; unnamed sources are named after their URI), --camera and --csi. One model and one bank for
+      all, a tracker per camera, frames taken from the cameras in turn; a live camera's frames that arrive
+      while the model is busy are skipped (newest frame only, counted as dropped), files keep every frame.
+      Outputs with {camera} are one per camera; others are shared (lines carry "camera"), but a video must
+      have {camera}. A camera that drops out reconnects while the others go on; the run ends when every
+      source has ended. The FPS line shows each camera's FPS and latency; the summary a line per camera.
     Live enrolment: type `enroll NAME` + Enter: the top detection of the next frame becomes a shot of
-      NAME (bank saved at once, used from the next frame); key `e` in the window does the same; `quit` stops.
+      NAME (bank saved at once, used from the next frame); with several cameras the top detection over
+      every camera's next frame, `enroll CAMERA:NAME` one camera's; key `e` in the window does the same
+      for the frame shown; `quit` stops.
     Faults: a lost camera reconnects (backoff 0.5 s to 8 s); unreadable images are skipped with a warning;
       a fault on one frame (pipeline, an output, the window) is counted and logged (then at most once a
       minute per kind) and the run goes on, other outputs unaffected; the summary lists the counts. When
@@ -1006,6 +1044,8 @@ def run_cmd(model: Path, bank: Path | None, sources: tuple[str, ...], cameras: t
       mocha-edge run student.onnx --source 'clip.mp4?loop=1&realtime=1' --sink 'd-{camera}.jsonl?rotate=10MB'
       mocha-edge run student.engine --backend trt --prototypes my.bank --csi 0
       mocha-edge run student.onnx --camera 0 --no-show --jsonl events.jsonl --max-frames 100
+      mocha-edge run student.engine --prototypes my.bank --source front=rtsp://cam1/live --csi 0
+        --sink 'rec-{camera}.mkv?segment=10m&keep=144' --sink 'events.jsonl?kind=events'
     """
     from mocha_edge.deploy.sources import camera_uri, csi_uri
 
