@@ -292,7 +292,8 @@ def _stop_signals() -> tuple[signal.Signals, ...]:
 
 
 class _Stop:
-    """SIGINT/SIGTERM/SIGHUP handling: while ``interruptible`` (waiting for a frame) a signal raises
+    """SIGINT/SIGTERM/SIGHUP handling: while ``interruptible`` (unused by the loop, which waits for frames in
+    0.1 s slices and checks ``requested``) a signal raises
     KeyboardInterrupt; otherwise it is only noted and the loop stops after the current frame."""
 
     def __init__(self) -> None:
