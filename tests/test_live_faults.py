@@ -69,6 +69,7 @@ class DiskFull:
     def __init__(self, sink, bad: set[int]) -> None:
         self.sink, self.bad = sink, bad
         self.path, self.needs_records, self.needs_image = sink.path, sink.needs_records, sink.needs_image
+        self.needs_events = sink.needs_events
 
     def write(self, frame, records, annotated) -> None:
         if frame.index in self.bad:
