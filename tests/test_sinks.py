@@ -19,7 +19,6 @@ from mocha_edge.deploy.sinks import (
     SinkError,
     VideoSink,
     camera_slug,
-    check_sink,
     open_sink,
     open_sinks,
     parse_sink,
