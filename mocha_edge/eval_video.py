@@ -214,7 +214,9 @@ def sequence_scores(gt: dict[str, Any], frames: Sequence[tuple[np.ndarray, list[
     try:
         from trackeval.metrics import CLEAR, Identity
     except ImportError as e:
-        raise EvalVideoError(f"identity metrics need TrackEval ({e}); pip install 'mocha-edge[eval]'") from None
+        raise EvalVideoError(
+            f"identity metrics need TrackEval ({e}); pip install 'mocha-edge[eval]'"
+        ) from None
     from mocha_edge.data.synth_video import SCORED_VISIBLE
 
     objs = {o["object"]: o for o in gt["objects"]}
