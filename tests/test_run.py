@@ -16,6 +16,7 @@ import textwrap
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import cv2
 import numpy as np
@@ -407,15 +408,16 @@ def test_folder_of_mixed_sizes_and_max_frames(tmp_path: Path) -> None:
     assert summary.frames == 4 and summary.skipped == 1 and "1 unreadable skipped" in summary.line()
 
 
-def test_reconnecting_camera_in_the_loop(tmp_path: Path) -> None:
-    """The camera's capture thread reads in step with the loop (one frame per frame processed: a camera
-    slower than the pipeline), so no frame is dropped; it drops out twice and numbering goes on."""
+def in_step_camera(counts: list[int]) -> tuple[Any, FakePipe, Any]:
+    """``(capture factory, pipe, stopper)`` for a scripted live camera (:func:`camera_factory`) whose capture
+    thread reads in step with the loop: one frame per frame the pipe processes (a camera slower than the
+    pipeline, so none is dropped). Open the source with ``sleep=stopper.sleep``: the loop's end stops it."""
     import threading
 
     from mocha_edge.deploy.cameras import Stopper
 
-    console, turn, stopper = Quiet(), threading.Semaphore(1), Stopper()
-    script = camera_factory([3, 0, 2, 5])
+    turn, stopper = threading.Semaphore(1), Stopper()
+    script = camera_factory(counts)
 
     def factory(uri):
         cam = script(uri)
@@ -435,10 +437,17 @@ def test_reconnecting_camera_in_the_loop(tmp_path: Path) -> None:
             turn.release()
             return super().__call__(bgr)
 
+    return factory, InStep(), stopper
+
+
+def test_reconnecting_camera_in_the_loop(tmp_path: Path) -> None:
+    """A live camera that drops out twice: it reconnects and numbering goes on."""
+    console = Quiet()
+    factory, pipe, stopper = in_step_camera([3, 0, 2, 5])
     src = open_source("csi://0", warn=lambda m: console.log(f"warning: {m}"), capture_factory=factory,
                       sleep=stopper.sleep, backoff=Backoff(initial=0.001, maximum=0.002))  # fmt: skip
     summary, _, _ = loop(
-        src, InStep(), console=console, jsonl=tmp_path / "e.jsonl", save=tmp_path / "v.mp4", max_frames=8
+        src, pipe, console=console, jsonl=tmp_path / "e.jsonl", save=tmp_path / "v.mp4", max_frames=8
     )
     assert summary.frames == 8 and summary.reconnects == 3
     assert sorted({r["frame"] for r in read_jsonl(tmp_path / "e.jsonl")}) == list(range(8))

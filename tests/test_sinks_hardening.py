@@ -377,10 +377,12 @@ def test_redact_uri() -> None:
 
 
 def test_no_password_in_names_records_warnings_or_summary(tmp_path: Path) -> None:
-    from test_run import Quiet, camera_factory, loop
+    from test_run import Quiet, in_step_camera, loop
+
+    from mocha_edge.deploy.sources import Backoff
 
     seen: list[str] = []
-    factory = camera_factory([2, 0, 2])
+    factory, pipe, stopper = in_step_camera([2, 0, 2])
 
     def capture(uri):
         seen.append(uri.location)  # the capture connects with the real address
@@ -388,11 +390,12 @@ def test_no_password_in_names_records_warnings_or_summary(tmp_path: Path) -> Non
 
     console = Quiet()
     src = open_source(SECRET_URI, warn=lambda m: console.log(f"warning: {m}"), capture_factory=capture,
-                      sleep=lambda s: None)  # fmt: skip
+                      sleep=stopper.sleep, backoff=Backoff(initial=0.001, maximum=0.002))  # fmt: skip
     assert src.name == "rtsp://admin:***@cam1.local:554/live?token=***&channel=1"
-    summary, _, _ = loop(src, console=console, jsonl=tmp_path / "e.jsonl", max_frames=4,
+    summary, _, _ = loop(src, pipe, console=console, jsonl=tmp_path / "e.jsonl", max_frames=4,
                          sinks=[f"{tmp_path}/{{camera}}.jsonl"])  # fmt: skip
-    assert seen[0] == SECRET_URI and summary.frames == 4 and summary.reconnects == 2
+    # (a 3rd reconnect may start before the loop ends: the script has no frames left after the 4th)
+    assert seen[0] == SECRET_URI and summary.frames == 4 and summary.reconnects >= 2
     text = "\n".join([*console.lines, summary.line(), (tmp_path / "e.jsonl").read_text(),
                       *(p.name for p in tmp_path.iterdir())])  # fmt: skip
     assert "warning: camera rtsp://admin:***@cam1.local:554/live?token=***&channel=1 lost" in text
@@ -420,7 +423,7 @@ def test_a_stream_that_will_not_open_names_no_password() -> None:
 
 def test_sink_messages_name_no_password(tmp_path: Path) -> None:
     with pytest.raises(SinkError) as e:
-        open_sinks([parse_sink("mqtt://ids:s3cret@broker/t")])
+        open_sinks([parse_sink("mqtt://ids:s3cret@broker/t?qos=9")])
     assert "s3cret" not in str(e.value) and "mqtt://ids:***@broker/t" in str(e.value)
     u = parse_sink(f"{tmp_path}/{{camera}}.jsonl")
     sink = open_sinks([u], camera=SECRET_URI)[0]
