@@ -36,7 +36,7 @@ import numpy as np
 
 from mocha_edge.data.readers import label_path
 from mocha_edge.deploy.sources import SourceError, open_source
-from mocha_edge.deploy.tracking import EDGE_MARGIN, Tracker, TrackingError
+from mocha_edge.deploy.tracking import EDGE_MARGIN, TrackingError, make_tracker
 from mocha_edge.prototypes import MAX_SHOTS, BankError, PrototypeBank, edit_bank
 from mocha_edge.space import match_dim, space_id, to_space
 from mocha_edge.utils import read_json
@@ -597,8 +597,7 @@ def shots_from_source(
             f"--source {src.name}: a live source never ends; bound it with --seconds or --max-frames"
         )
     try:
-        tracker = Tracker("bytetrack", fps=src.fps or 30.0, track_high_thresh=conf, new_track_thresh=conf,
-                          track_low_thresh=min(0.1, conf))  # fmt: skip
+        tracker = make_tracker("bytetrack", src.fps or 30.0, conf=conf)
     except TrackingError as e:
         src.close()
         raise BankError(f"--source {src.name}: {e}") from None

@@ -710,3 +710,49 @@ def test_identified_events_of_a_generated_sequence_reach_the_broker(broker: Brok
 def test_open_sinks_rejects_network_duplicates_before_connecting() -> None:
     with pytest.raises(SinkError, match="an output given twice"):
         open_sinks([parse_sink("mqtt://127.0.0.1:1/m"), parse_sink("mqtt://127.0.0.1:1/m?qos=0")])
+
+
+@needs_broker
+def test_identified_events_of_a_generated_video_with_the_real_pipeline_reach_the_broker(
+    broker: Broker, student_ckpt: Path, tmp_path: Path
+) -> None:
+    """`data synth --video`'s sequence through the deployed Pipeline (the test student exported to ONNX),
+    ByteTrack and the track identities, to ``mqtt://``: the identified events the run counts arrive, with
+    their identities. (The briefly trained test student's similarities are low, so every identity is accepted
+    at any cosine, ``threshold=-1``, and at any confidence: the chain is under test, not the student.)"""
+    from mocha_edge.data.synth_video import synthesize_video
+    from mocha_edge.deploy.live import LiveEnroller, RunOptions, run_loop
+    from mocha_edge.deploy.pipeline import Pipeline
+    from mocha_edge.deploy.sources import open_source
+    from mocha_edge.eval_video import enrol_supports
+    from mocha_edge.export.onnx import export_onnx
+    from mocha_edge.infer import Student
+    from mocha_edge.prototypes import PrototypeBank
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_run import Quiet
+
+    gt_path = synthesize_video(tmp_path / "d", seed=2, frames=30, model_imgsz=128)
+    gt = json.loads(gt_path.read_text())
+    gt["supports"] = dict(sorted(gt["supports"].items())[:3])  # three identities: a fast enrolment
+    bank = enrol_supports(student_ckpt, gt_path, gt, tmp_path / "v.bank")
+    onnx = export_onnx(Student.load(student_ckpt), tmp_path / "student.onnx")
+    pipe = Pipeline(onnx, threshold=-1.0, name_conf=0.0, conf=0.05)
+    pipe.set_bank(PrototypeBank.load(bank))
+    sub = Sub(broker.port)
+    console = Quiet()
+    opts = RunOptions(sinks=[f"mqtt://127.0.0.1:{broker.port}/mocha", f"{tmp_path}/ev.jsonl?kind=events"],
+                      handle_signals=False, fps_every=0)  # fmt: skip
+    video = gt_path.with_suffix(".mp4")
+    with open_source(str(video)) as src:
+        summary = run_loop(src, pipe, opts, LiveEnroller(pipe, None, None, console.log), console=console)
+    assert not summary.faults and summary.frames == 30
+    made = summary.events.get("identified", 0)
+    assert made >= 1, summary.line()
+    lines = [json.loads(x) for x in (tmp_path / "ev.jsonl").read_text().splitlines()]
+    want = sorted(e["identity"] for e in lines if e["event"] == "identified")
+    assert len(want) == made and set(want) <= set(gt["supports"])
+    assert sub.wait_topic(f"mocha/{video.stem}/events", n=sum(summary.events.values()))
+    got = [json.loads(p) for p in sub.on(f"mocha/{video.stem}/events")]
+    assert sorted(e["identity"] for e in got if e["event"] == "identified") == want
+    sub.close()

@@ -544,7 +544,7 @@ def run_loop(
             cam = _Camera(name, camera_slug(name), src, Capture(name, src, cond), RunSummary(name),
                           f"{name}: " if several else "", sinks=[by_uri[id(u)] for u in uris], own=own)  # fmt: skip
             cams.append(cam)
-            cam.tracker = make_tracker(opts.tracker, src.fps)
+            cam.tracker = make_tracker(opts.tracker, src.fps, conf=getattr(pipe, "conf", None))
             if cam.tracker is not None:
                 cam.idents = TrackIdentities(
                     name, list(pipe.names), opts.rule, name_conf=float(getattr(pipe, "name_conf", 0.5)),
