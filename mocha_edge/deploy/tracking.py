@@ -195,6 +195,8 @@ class _Track:
     box: np.ndarray
     score: float
     vectors: collections.deque
+    vsum: np.ndarray | None = None  # running sum of ``vectors`` (re-summed exactly once per window)
+    added: int = 0
     identity: int = -1  # committed (index into the pipeline's identity names), -1: unknown
     similarity: float = float("nan")
     candidate: int = -1
@@ -202,6 +204,18 @@ class _Track:
     best_quality: float = -1.0
     best_shot: np.ndarray | None = None
     active: bool = True  # seen in the last frame
+
+
+def _add_vector(tr: _Track, v: np.ndarray) -> None:
+    """Append to the track's window, keeping its running sum (no re-stacking of the window every frame)."""
+    if len(tr.vectors) == tr.vectors.maxlen and tr.vsum is not None:
+        tr.vsum -= tr.vectors[0]
+    tr.vectors.append(v)
+    tr.added += 1
+    if tr.vsum is None or tr.added % (tr.vectors.maxlen or 1) == 0:  # exact again: no drift over months
+        tr.vsum = np.sum(np.stack(tr.vectors), 0, dtype=np.float64)
+    else:
+        tr.vsum += v
 
 
 MatchFn = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
@@ -262,12 +276,18 @@ class TrackIdentities:
             tr.active = False
         h, w = image.shape[:2] if image is not None else (0, 0)
         seen: list[tuple[int, _Track]] = []
+        tids = np.asarray(track_ids).tolist()
+        scores = np.asarray(dets.scores, np.float32).tolist()
+        boxes = np.asarray(dets.boxes, np.float32).reshape(-1, 4)
+        # evidence: unit vectors of finite, confident-enough detections (one vectorised pass)
+        vecs = np.asarray(dets.vectors, np.float32)
+        norms = np.linalg.norm(vecs.reshape(n, -1), axis=1) if n else np.zeros(0, np.float32)
+        votes = (np.asarray(dets.scores) >= self.name_conf) & np.isfinite(norms) & (norms > 0)
         for i in range(n):
-            tid = int(track_ids[i])
+            tid = tids[i]
             if tid < 0:
                 continue
-            box = np.asarray(dets.boxes[i], np.float32)
-            score = float(dets.scores[i])
+            box, score = boxes[i], scores[i]
             tr = self.tracks.get(tid)
             if tr is None:
                 tr = _Track(
@@ -276,11 +296,8 @@ class TrackIdentities:
                 self.tracks[tid] = tr
                 events.append(self._event("enter", tr, t, frame))
             tr.last_t, tr.last_frame, tr.box, tr.score, tr.active = t, frame, box, score, True
-            vec = np.asarray(dets.vectors[i], np.float32)
-            if score >= self.name_conf and np.all(np.isfinite(vec)):
-                nrm = float(np.linalg.norm(vec))
-                if nrm > 0:
-                    tr.vectors.append(vec / nrm)
+            if votes[i]:
+                _add_vector(tr, vecs[i] / norms[i])
             if image is not None and self.snapshots:
                 edge = (
                     box[0] <= EDGE_MARGIN
@@ -298,7 +315,7 @@ class TrackIdentities:
         # one decision per track that has evidence: the running mean matched against the bank
         voters = [(i, tr) for i, tr in seen if tr.vectors]
         if voters and self.identity_names:
-            means = np.stack([np.mean(np.stack(tr.vectors), 0) for _, tr in voters]).astype(np.float32)
+            means = np.stack([tr.vsum / len(tr.vectors) for _, tr in voters]).astype(np.float32)
             cls = np.array([tr.cls for _, tr in voters], np.int64)
             d_ident, d_sim = match(means, cls)
             for (_, tr), d, s in zip(voters, d_ident, d_sim):
