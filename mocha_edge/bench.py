@@ -148,7 +148,7 @@ def time_tracking(pipe: Any, frames: list[np.ndarray], warmup: int, n_dets: int 
     one per object. The frames are only the tracker's images; ``pipe``'s detector is not run."""
     from types import SimpleNamespace
 
-    from mocha_edge.deploy.tracking import Tracker, TrackIdentities, track_frame
+    from mocha_edge.deploy.tracking import TrackIdentities, make_tracker, track_frame
 
     rng = np.random.default_rng(seed)
     h, w = frames[0].shape[:2]
@@ -157,7 +157,7 @@ def time_tracking(pipe: Any, frames: list[np.ndarray], warmup: int, n_dets: int 
     vel = rng.normal(0, 2.0, (n_dets, 2))
     cls = rng.integers(0, max(len(pipe.names), 1), n_dets).astype(np.int64)
     base = rng.normal(size=(n_dets, pipe.dim)).astype(np.float32)
-    tracker = Tracker(kind, fps=30.0)
+    tracker = make_tracker(kind, 30.0, conf=getattr(pipe, "conf", None))  # as run makes it
     idents = TrackIdentities("bench", list(pipe.names), snapshots=False)
     out: list[float] = []
     for i in range(warmup + len(frames)):

@@ -21,7 +21,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from test_run import FakePipe, Quiet, frames_of, loop, read_jsonl, write_video
+from test_run import FakePipe, Quiet, frames_of, loop, read_jsonl, wait_for_output, write_video
 
 from mocha_edge.cli import cli
 from mocha_edge.deploy import live
@@ -249,11 +249,7 @@ def test_sighup_finalises_the_recording(clip: Path, tmp_path: Path) -> None:
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 60
-        while not (events.exists() and events.stat().st_size > 0):
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "no output after 60 s"
-            time.sleep(0.05)
+        wait_for_output(proc, events)
         time.sleep(0.5)  # a few more frames at the video's 10 FPS
         assert list(out_dir.glob(".out.*partial*")), "the recording should be under way"
         proc.send_signal(signal.SIGHUP)

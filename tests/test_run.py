@@ -408,6 +408,15 @@ def test_folder_of_mixed_sizes_and_max_frames(tmp_path: Path) -> None:
     assert summary.frames == 4 and summary.skipped == 1 and "1 unreadable skipped" in summary.line()
 
 
+def wait_for_output(proc: subprocess.Popen, path: Path, timeout: float = 60.0) -> None:
+    """Wait until the running child ``proc`` has written something to ``path`` (fails if it exits first)."""
+    deadline = time.monotonic() + timeout
+    while not (path.exists() and path.stat().st_size > 0):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, f"no output after {timeout:g} s"
+        time.sleep(0.05)
+
+
 def in_step_camera(counts: list[int]) -> tuple[Any, FakePipe, Any]:
     """``(capture factory, pipe, stopper)`` for a scripted live camera (:func:`camera_factory`) whose capture
     thread reads in step with the loop: one frame per frame the pipe processes (a camera slower than the
@@ -643,13 +652,10 @@ def test_signal_stops_cleanly(sig: signal.Signals, synth_images: list[Path], tmp
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 60
-        while not (events.exists() and events.stat().st_size > 0):
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "no output after 60 s"
-            time.sleep(0.05)
+        wait_for_output(proc, events)
         proc.stdin.write("enroll thing\n")
         proc.stdin.flush()
+        deadline = time.monotonic() + 60
         while not bank.exists():
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline, "bank not written"

@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from mocha_edge.deploy.display import Window
 from mocha_edge.errors import MochaError
 
 if TYPE_CHECKING:
@@ -315,33 +316,21 @@ class Captures:
 
 # ------------------------------------------------------------------------------------------ windows
 class CameraWindows:
-    """One OpenCV window per camera (``mocha-edge: NAME``); :meth:`show` returns the key pressed (-1 none)
-    or ``"closed"`` when that window was closed."""
+    """One :class:`~mocha_edge.deploy.display.Window` per camera (``mocha-edge: NAME``); :meth:`show` returns
+    the key pressed (-1 none) or ``"closed"`` when that window was closed."""
 
     def __init__(self) -> None:
-        self.open: list[str] = []
+        self.open: dict[str, Window] = {}
 
     def show(self, bgr: np.ndarray, camera: str = "") -> int | str:
-        import cv2
-
         title = f"mocha-edge: {camera}" if camera else "mocha-edge"
         if title not in self.open:
-            cv2.namedWindow(title, cv2.WINDOW_NORMAL)
-            self.open.append(title)
-        cv2.imshow(title, bgr)
-        key = cv2.waitKey(1)
-        if cv2.getWindowProperty(title, cv2.WND_PROP_VISIBLE) < 1:
-            return "closed"
-        return key & 0xFF if key >= 0 else -1
+            self.open[title] = Window(title)
+        return self.open[title].show(bgr)
 
     def close(self) -> None:
-        import cv2
-
-        for title in self.open:
-            with contextlib.suppress(cv2.error):
-                cv2.destroyWindow(title)
-        with contextlib.suppress(cv2.error):
-            cv2.waitKey(1)
+        for w in self.open.values():
+            w.close()
         self.open.clear()
 
 

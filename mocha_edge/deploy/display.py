@@ -70,19 +70,20 @@ def annotate(bgr: np.ndarray, dets: Any, class_names: list[str], identity_names:
 
 
 class Window:
-    """An OpenCV window; :meth:`show` returns the key pressed (-1 none) or ``"closed"``."""
+    """An OpenCV window named ``title``; :meth:`show` returns the key pressed (-1 none) or ``"closed"``."""
 
-    def __init__(self) -> None:
+    def __init__(self, title: str = WINDOW) -> None:
         import cv2
 
-        cv2.namedWindow(WINDOW, cv2.WINDOW_NORMAL)
+        self.title = title
+        cv2.namedWindow(title, cv2.WINDOW_NORMAL)
 
     def show(self, bgr: np.ndarray) -> int | str:
         import cv2
 
-        cv2.imshow(WINDOW, bgr)
+        cv2.imshow(self.title, bgr)
         key = cv2.waitKey(1)
-        if cv2.getWindowProperty(WINDOW, cv2.WND_PROP_VISIBLE) < 1:
+        if cv2.getWindowProperty(self.title, cv2.WND_PROP_VISIBLE) < 1:
             return "closed"
         return key & 0xFF if key >= 0 else -1
 
@@ -90,5 +91,5 @@ class Window:
         import cv2
 
         with contextlib.suppress(cv2.error):
-            cv2.destroyWindow(WINDOW)
+            cv2.destroyWindow(self.title)
             cv2.waitKey(1)
