@@ -10,6 +10,11 @@ field by field on load (a malformed file is one :class:`BankError` line naming i
 through :func:`edit_bank`: under ``<file>.lock``, applying the edit to the file's current contents and
 writing atomically, so writers in several processes (``enroll``, ``run``'s live enrolment) never lose each
 other's identities. An identity keeps at most :data:`MAX_SHOTS` shots (past that the most redundant goes).
+
+An identity may also hold negatives ("not NAME" corrections: vectors a user said are *not* it, at most
+:data:`MAX_NEGATIVES`; matching refuses the identity to a vector nearer one of them than to its prototype,
+:func:`refuse`) and a thumbnail of one shot (:data:`THUMB_MAX` pixels at most a side) for a user interface.
+Names follow one rule (:func:`check_name`).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import dataclasses
 import json
 import math
 import re
+import unicodedata
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,12 +42,41 @@ OLD_BANK_FORMATS = ("mocha-edge-prototypes/1",)
 # recalibration, the file: each `enroll` shot brings 9 augmented views) grows with k. Past the bound the most
 # redundant shot goes (:func:`most_redundant`), so the shots keep spanning the looks the object was seen in.
 MAX_SHOTS = 20
+# "Not NAME" corrections kept per identity (past it the most redundant goes, as for shots): the matcher pays a
+# dot product per correction of the identity a detection is given, so the bound keeps that within its budget.
+MAX_NEGATIVES = 20
+THUMB_MAX = 96  # a thumbnail's longer side, pixels
+NAME_MAX = 64  # characters of an identity name
+NAME_RULE = (
+    f"an identity name is 1 to {NAME_MAX} characters once surrounding spaces are removed, with no control or "
+    "format characters, no '/' or '\\', and not '.' or '..'"
+)
 UNIT_TOL = 1e-3  # a stored shot or view is a unit vector up to this (float16 negatives: 10x this)
 THRESHOLD_TOL = 1e-5  # calibration may put a threshold just above a cosine of 1
 
 
 class BankError(MochaError):
     """A prototype bank cannot be used with this model, or an enrolment request is invalid."""
+
+
+def check_name(name: str) -> str:
+    """``name`` stripped of surrounding whitespace if it follows :data:`NAME_RULE` (the one rule for identity
+    names: enrolment, renaming, the web page), else :class:`BankError` saying what breaks the rule."""
+    if not isinstance(name, str):
+        raise BankError(f"identity name {name!r} is not text: {NAME_RULE}")
+    s = name.strip()
+    why = None
+    if not 1 <= len(s) <= NAME_MAX:
+        why = "is empty" if not s else f"has {len(s)} characters"
+    elif any(unicodedata.category(ch).startswith("C") for ch in s):
+        why = "has a control or format character"
+    elif "/" in s or "\\" in s:
+        why = "has a '/' or '\\'"
+    elif s in (".", ".."):
+        why = "is a path component"
+    if why:
+        raise BankError(f"identity name {name!r} {why}: {NAME_RULE}")
+    return s
 
 
 def l2n(x: np.ndarray) -> np.ndarray:
@@ -53,7 +88,12 @@ def l2n(x: np.ndarray) -> np.ndarray:
 class Identity:
     """One enrolled object: its shots and augmented views (unit vectors in the model's matching space,
     i.e. centred) and its own "unknown" threshold. Its arrays are never changed in place (an edit makes new
-    ones), so copies of a bank share them."""
+    ones), so copies of a bank share them.
+
+    ``negatives`` are this identity's "not NAME" corrections: vectors (same space as the shots) a user said
+    are not this object; matching refuses the identity to a vector nearer one of them than to its prototype
+    (:func:`refuse`). Not to be confused with :attr:`PrototypeBank.negatives`, the per-class shipped base
+    vectors that calibrate thresholds. ``thumb``: a small BGR image of one shot (or None)."""
 
     name: str
     coarse: int  # coarse class id (conditional matching compares within it)
@@ -64,11 +104,15 @@ class Identity:
     manual: bool = False  # threshold set by hand (enroll --set-threshold): calibration leaves it alone
     # per view, the row of ``shots`` it is a view of, or -1 (unknown: banks written before it was kept)
     view_shot: np.ndarray | None = None
+    negatives: np.ndarray | None = None  # (k, D) unit vectors, k <= MAX_NEGATIVES: "not NAME" corrections
+    thumb: np.ndarray | None = field(default=None, repr=False, compare=False)  # (h, w, 3) uint8 BGR
     _proto: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.views is None:
             self.views = np.zeros((0, self.shots.shape[1]), np.float32)
+        if self.negatives is None:
+            self.negatives = np.zeros((0, self.shots.shape[1]), np.float32)
         if self.view_shot is None:
             self.view_shot = np.full(len(self.views), -1, np.int32)
 
@@ -114,6 +158,12 @@ Negatives = Callable[[int], np.ndarray]  # coarse class -> (n, D) unit vectors o
 
 @dataclass
 class PrototypeBank:
+    """Identities (:class:`Identity`) of one model's matching space, with what calibrates their thresholds.
+
+    :attr:`negatives` are per coarse class the model's shipped base vectors (calibration negatives); the
+    per-identity negatives ("not NAME" corrections) are :attr:`Identity.negatives`, gathered for the matchers
+    by :meth:`corrections`."""
+
     dim: int
     model_fingerprint: str
     class_names: list[str]
@@ -123,6 +173,7 @@ class PrototypeBank:
     space: str = "none"  # vector space (centring) the shots live in: VectorSpace.fingerprint
     # per coarse class with identities: unit vectors of other (base) objects of it, shipped with the model;
     # kept in the bank so that any later edit recalibrates the same way, with or without the model at hand
+    # (the calibration negatives; not the per-identity "not NAME" corrections, Identity.negatives)
     negatives: dict[int, np.ndarray] = field(default_factory=dict)
     # calibration similarities, each with the arrays it was computed from (reused while they are the same)
     _memo: dict[tuple, tuple[tuple, np.ndarray]] = field(default_factory=dict, repr=False, compare=False)
@@ -148,14 +199,16 @@ class PrototypeBank:
         views: np.ndarray | None = None,
         negatives: Negatives | None = None,
         max_shots: int | None = MAX_SHOTS,
+        thumb: np.ndarray | None = None,
     ) -> int:
         """Enrol shots of ``name`` (vectors already in the matching space, e.g. centred), with optional
         augmented ``views`` (in per-shot blocks when their count is a multiple of the shots'); ``negatives(coarse)``
         gives the class's base vectors the first time the bank sees the class. An existing name needs
-        ``append`` or ``replace``. Past ``max_shots`` (None: no bound) the most redundant shots and their
-        views go (:func:`most_redundant`). Then the class is recalibrated. Returns the shots dropped."""
-        if not isinstance(name, str) or not name.strip():
-            raise BankError(f"an identity needs a name, not {name!r}")
+        ``append`` or ``replace`` (either keeps its "not NAME" corrections). Past ``max_shots`` (None: no
+        bound) the most redundant shots and their views go (:func:`most_redundant`). ``thumb``: a BGR crop of
+        a shot (:meth:`set_thumb`; None keeps the identity's). Then the class is recalibrated. ``name`` must
+        follow :func:`check_name` (it is stored stripped). Returns the shots dropped."""
+        name = check_name(name)
         if max_shots is not None and max_shots < 1:
             raise BankError(f"{name}: at most {max_shots} shots per identity? it must be at least 1")
         v = self._rows(name, vectors, "vectors")
@@ -182,6 +235,10 @@ class PrototypeBank:
             ident = Identity(name, old.coarse, np.concatenate([old.shots, ident.shots]),
                              np.concatenate([old.views, ident.views]), old.threshold, old.threshold_source,
                              old.manual, np.concatenate([old.view_shot, owner]))  # fmt: skip
+        if old is not None:  # a correction stays true whatever the shots: "that one is not NAME"
+            ident.negatives, ident.thumb = old.negatives, old.thumb
+        if thumb is not None:
+            ident.thumb = _thumbnail(name, thumb)
         dropped = 0
         if max_shots is not None and len(ident.shots) > max_shots:
             keep = most_redundant(ident.shots, max_shots)
@@ -204,23 +261,61 @@ class PrototypeBank:
             raise BankError(f"{name}: {what} are not finite")
         return v
 
-    def remove(self, name: str) -> None:
+    def add_negative(self, name: str, vectors: np.ndarray) -> int:
+        """Add "not NAME" corrections to ``name``: vectors (already in the matching space, e.g. by
+        :func:`mocha_edge.space.to_space`) of objects that are not it; matching then refuses ``name`` to any
+        vector nearer one of them than to its prototype (:func:`refuse`). Past :data:`MAX_NEGATIVES` the
+        most redundant go (:func:`most_redundant`). Thresholds are not changed. Returns how many were
+        dropped."""
+        ident = self._get(name)
+        v = self._rows(name, vectors, "corrections")
+        if not len(v):
+            raise BankError(f"{name}: no correction vector")
+        if (np.linalg.norm(v, axis=1) < 1e-6).any():
+            raise BankError(f"{name}: a correction vector is zero")
+        assert ident.negatives is not None
+        neg = np.concatenate([ident.negatives, l2n(v)])
+        keep = most_redundant(neg, MAX_NEGATIVES)
+        ident.negatives = np.ascontiguousarray(neg[keep], np.float32)
+        return len(neg) - len(keep)
+
+    def set_thumb(self, name: str, bgr: np.ndarray) -> None:
+        """Show ``name`` with this BGR uint8 crop ``(h, w, 3)``, shrunk (cv2 INTER_AREA, aspect kept) so its
+        longer side is at most :data:`THUMB_MAX`."""
+        self._get(name).thumb = _thumbnail(name, bgr)
+
+    def rename(self, old: str, new: str) -> str:
+        """Call identity ``old`` ``new`` (:func:`check_name`), keeping everything of it; returns the name
+        stored. Renaming to its own name is nothing; to another identity's name is refused."""
+        ident = self._get(old)
+        new = check_name(new)
+        if new == old:
+            return new
+        if new in self.identities:
+            raise BankError(f"cannot rename {old!r} to {new!r}: {new!r} is already enrolled")
+        del self.identities[old]
+        self.identities[new] = dataclasses.replace(ident, name=new)
+        for k in [k for k in self._memo if old in k[1:]]:  # similarities remembered under the old name
+            del self._memo[k]
+        return new
+
+    def _get(self, name: str) -> Identity:
         if name not in self.identities:
             raise BankError(
                 f"identity {name!r} not in the bank (have: {', '.join(self.identities) or 'none'})"
             )
-        coarse = self.identities.pop(name).coarse
+        return self.identities[name]
+
+    def remove(self, name: str) -> None:
+        coarse = self._get(name).coarse
+        del self.identities[name]
         if not any(i.coarse == coarse for i in self.identities.values()):
             self.negatives.pop(coarse, None)
         self.calibrate({coarse})
 
     def set_threshold(self, name: str, value: float | None) -> None:
         """Fix ``name``'s threshold by hand (``None``: back to calibration)."""
-        if name not in self.identities:
-            raise BankError(
-                f"identity {name!r} not in the bank (have: {', '.join(self.identities) or 'none'})"
-            )
-        ident = self.identities[name]
+        ident = self._get(name)
         if value is None:
             ident.manual = False
             self.calibrate({ident.coarse})
@@ -237,6 +332,18 @@ class PrototypeBank:
             return np.zeros((0, self.dim), np.float32), [], np.zeros(0, np.int64)
         p = np.stack([self.identities[n].prototype for n in names])
         return p, names, np.asarray([self.identities[n].coarse for n in names], np.int64)
+
+    def corrections(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every identity's "not NAME" corrections for the matchers: ``(negatives (K, D) float32, offsets
+        (m + 1,) int32)``, CSR in :meth:`prototypes` order (prototype ``j``'s are rows
+        ``offsets[j]:offsets[j + 1]``)."""
+        names = sorted(self.identities)
+        negs = [self.identities[n].negatives for n in names]
+        off = np.zeros(len(names) + 1, np.int32)
+        off[1:] = np.cumsum([len(x) for x in negs], dtype=np.int64)
+        if not off[-1]:
+            return np.zeros((0, self.dim), np.float32), off
+        return np.ascontiguousarray(np.concatenate(negs), np.float32), off
 
     def thresholds(self) -> np.ndarray:
         """Each identity's threshold, in :meth:`prototypes` order."""
@@ -339,6 +446,10 @@ class PrototypeBank:
             tensors[f"shots/{i}"] = np.ascontiguousarray(ident.shots, np.float32)
             tensors[f"views/{i}"] = np.ascontiguousarray(ident.views, np.float32)
             tensors[f"view_shot/{i}"] = np.ascontiguousarray(ident.view_shot, np.int32)
+            if ident.negatives is not None and len(ident.negatives):  # none: the file stays as before
+                tensors[f"corrections/{i}"] = np.ascontiguousarray(ident.negatives, np.float32)
+            if ident.thumb is not None:
+                tensors[f"thumb/{i}"] = np.ascontiguousarray(ident.thumb, np.uint8)
         for c, neg in sorted(self.negatives.items()):
             tensors[f"negatives/{c}"] = np.ascontiguousarray(neg, np.float16)
         meta = {
@@ -414,7 +525,7 @@ class PrototypeBank:
             if ident.name in bank.identities:
                 raise _Malformed(f"identity {ident.name!r} is listed twice")
             bank.identities[ident.name] = ident
-            used |= {f"shots/{i}", f"views/{i}", f"view_shot/{i}"}
+            used |= {f"shots/{i}", f"views/{i}", f"view_shot/{i}", f"corrections/{i}", f"thumb/{i}"}
         for key, t in tensors.items():
             if key in used or (key == "empty" and len(tensors) == 1):
                 continue
@@ -487,7 +598,36 @@ def _identity(bank: PrototypeBank, i: int, e: Any, tensors: dict[str, Any]) -> I
             raise _Malformed(
                 f"view_shot/{i}: a view of shot {int(owner.max())}, the identity has {len(shots)}"
             )
-    return Identity(name, coarse, shots, views, thr, e["threshold_source"], e["manual"], owner)
+    neg = np.zeros((0, bank.dim), np.float32)
+    if f"corrections/{i}" in tensors:  # banks without corrections have none
+        neg = _vectors(f"corrections/{i}", tensors[f"corrections/{i}"], bank.dim, np.float32, UNIT_TOL)
+        if len(neg) > MAX_NEGATIVES:
+            raise _Malformed(f"corrections/{i}: {len(neg)} corrections, at most {MAX_NEGATIVES} per identity")
+    thumb = tensors.get(f"thumb/{i}")
+    if thumb is not None:
+        thumb = np.asarray(thumb)
+        if thumb.dtype != np.uint8 or thumb.ndim != 3 or thumb.shape[2] != 3:
+            raise _Malformed(f"thumb/{i}: {thumb.dtype} {thumb.shape} is not uint8 (h, w, 3)")
+        if not (1 <= thumb.shape[0] <= THUMB_MAX and 1 <= thumb.shape[1] <= THUMB_MAX):
+            raise _Malformed(
+                f"thumb/{i}: {thumb.shape[0]} x {thumb.shape[1]} pixels, 1 to {THUMB_MAX} a side"
+            )
+    return Identity(name, coarse, shots, views, thr, e["threshold_source"], e["manual"], owner, neg, thumb)
+
+
+def _thumbnail(name: str, bgr: np.ndarray) -> np.ndarray:
+    """A BGR uint8 crop shrunk (cv2 INTER_AREA, aspect kept) to at most :data:`THUMB_MAX` a side."""
+    a = np.asarray(bgr)
+    if a.dtype != np.uint8 or a.ndim != 3 or a.shape[2] != 3 or not (a.shape[0] and a.shape[1]):
+        raise BankError(f"{name}: a thumbnail is a uint8 (h, w, 3) BGR image, not {a.dtype} {a.shape}")
+    h, w = a.shape[:2]
+    if max(h, w) <= THUMB_MAX:
+        return np.ascontiguousarray(a).copy()
+    import cv2
+
+    r = THUMB_MAX / max(h, w)
+    size = (min(THUMB_MAX, max(1, round(w * r))), min(THUMB_MAX, max(1, round(h * r))))
+    return np.ascontiguousarray(cv2.resize(np.ascontiguousarray(a), size, interpolation=cv2.INTER_AREA))
 
 
 class BankWrite(NamedTuple):
@@ -557,6 +697,45 @@ def decide(idx: np.ndarray, sim: np.ndarray, thresholds: np.ndarray | float) -> 
         t[np.maximum(idx, 0)] if t.ndim and len(t) else np.full(len(idx), float(t) if not t.ndim else np.inf)
     )
     return np.where((idx >= 0) & (np.asarray(sim) >= thr), idx, -1)
+
+
+def refuse(
+    identity: np.ndarray,
+    vectors: np.ndarray,
+    prototypes: np.ndarray,
+    negatives: np.ndarray,
+    offsets: np.ndarray,
+) -> np.ndarray:
+    """The "not NAME" rule after :func:`decide`: a detection given identity ``j`` becomes unknown (-1) when
+    one of ``j``'s corrections is strictly nearer it (cosine) than ``j``'s prototype. ``vectors``: the
+    detections in the matching space (:func:`centre_vectors`); ``prototypes`` as matched; ``negatives``,
+    ``offsets``: :meth:`PrototypeBank.corrections` (CSR, prototype ``j``'s rows ``offsets[j]:offsets[j+1]``).
+    Both cosines come from one computation (float64 products summed per row), so a correction equal to the
+    prototype refuses nothing. The similarity to report stays the prototype's.
+
+    No fallback to the next-nearest identity: a correction says "not this one", not "that one", and the
+    next-nearest prototype was already less similar than the refused one; the object can be enrolled under
+    its right name instead. The reference of the C and CUDA matchers' last step."""
+    ident = np.asarray(identity, np.int64).copy()
+    off = np.asarray(offsets, np.int64).reshape(-1)
+    neg = np.asarray(negatives, np.float64)
+    named = np.flatnonzero(ident >= 0)
+    if not len(named) or not len(neg):
+        return ident
+    j = ident[named]
+    if len(off) != len(prototypes) + 1 or off[0] != 0 or off[-1] != len(neg) or (np.diff(off) < 0).any():
+        raise BankError(
+            f"corrections offsets {off.shape} do not index {len(neg)} corrections of {len(prototypes)}"
+        )
+    u = np.asarray(vectors, np.float64)[named]  # (r, D)
+    own = (np.asarray(prototypes, np.float64)[j] * u).sum(1)
+    count = off[j + 1] - off[j]  # each named detection against its identity's corrections only
+    det = np.repeat(np.arange(len(j)), count)
+    rows = np.arange(len(det)) - np.repeat(np.cumsum(count) - count, count) + np.repeat(off[j], count)
+    cos = (neg[rows] * u[det]).sum(1)
+    nearer = np.bincount(det[cos > own[det]], minlength=len(j)) > 0
+    ident[named[nearer]] = -1
+    return ident
 
 
 def one_per_identity(ident: np.ndarray, sim: np.ndarray) -> np.ndarray:

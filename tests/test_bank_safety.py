@@ -22,7 +22,7 @@ from safetensors.numpy import load_file, save_file
 from mocha_edge.cli import cli
 from mocha_edge.deploy.enroller import LiveEnroller
 from mocha_edge.errors import CacheError
-from mocha_edge.prototypes import BankError, PrototypeBank, edit_bank, l2n, most_redundant
+from mocha_edge.prototypes import BankError, PrototypeBank, check_name, edit_bank, l2n, most_redundant, refuse
 
 D = 8
 REPO = Path(__file__).resolve().parents[1]
@@ -323,6 +323,60 @@ HOSTILE = {
     "dim": ({}, {"dim": "eight"}, (), "dim 'eight' is not a vector size"),
     "class names": ({}, {"class_names": '"mugtoy"'}, (), "class_names is not a list of class names"),
     "translator": ({}, {"translator": "yes"}, (), "translator 'yes' is not True or False"),
+    # "not NAME" corrections and thumbnails
+    "corrections dtype": (
+        {"corrections/0": U.astype(np.float16)},
+        {},
+        (),
+        "corrections/0: float16 (3, 8) is not",
+    ),
+    "corrections width": ({"corrections/0": U[:, :4].copy()}, {}, (), "corrections/0: float32 (3, 4) is not"),
+    "one-d corrections": ({"corrections/1": U[0].copy()}, {}, (), "corrections/1: float32 (8,) is not"),
+    "NaN correction": (
+        {"corrections/0": np.full((1, D), np.nan, np.float32)},
+        {},
+        (),
+        "corrections/0: not finite",
+    ),
+    "correction not unit": ({"corrections/1": 2 * U}, {}, (), "corrections/1: not unit vectors"),
+    "too many corrections": (
+        {"corrections/0": l2n(np.random.default_rng(0).normal(size=(21, D)))},
+        {},
+        (),
+        "corrections/0: 21 corrections, at most 20 per identity",
+    ),
+    "corrections of nobody": ({"corrections/2": U}, {}, (), "unexpected tensor 'corrections/2'"),
+    "thumb dtype": (
+        {"thumb/0": np.zeros((4, 4, 3), np.float32)},
+        {},
+        (),
+        "thumb/0: float32 (4, 4, 3) is not uint8",
+    ),
+    "thumb grey": (
+        {"thumb/1": np.zeros((4, 4), np.uint8)},
+        {},
+        (),
+        "thumb/1: uint8 (4, 4) is not uint8 (h, w, 3)",
+    ),
+    "thumb RGBA": (
+        {"thumb/0": np.zeros((4, 4, 4), np.uint8)},
+        {},
+        (),
+        "thumb/0: uint8 (4, 4, 4) is not uint8",
+    ),
+    "thumb too big": (
+        {"thumb/0": np.zeros((97, 10, 3), np.uint8)},
+        {},
+        (),
+        "thumb/0: 97 x 10 pixels, 1 to 96",
+    ),
+    "thumb empty": (
+        {"thumb/1": np.zeros((5, 0, 3), np.uint8)},
+        {},
+        (),
+        "thumb/1: 5 x 0 pixels, 1 to 96 a side",
+    ),
+    "thumb of nobody": ({"thumb/7": np.zeros((4, 4, 3), np.uint8)}, {}, (), "unexpected tensor 'thumb/7'"),
 }
 
 
@@ -423,6 +477,177 @@ def test_memoised_recalibration_equals_a_fresh_one() -> None:
     fresh.calibrate()
     assert [i.threshold for i in fresh.identities.values()] == [i.threshold for i in bank.identities.values()]
     assert not any("i4" in k for k in bank._memo)
+
+
+# ------------------------------------------------------------------------------- "not NAME" corrections
+def test_corrections_and_thumbs_round_trip(tmp_path: Path) -> None:
+    """Corrections (CSR in prototypes() order) and thumbnails survive save/load; add_negative keeps the
+    thresholds; a bank without them is written as before (no such tensors) and loads with none."""
+    path = tmp_path / "c.bank"
+    bank = make_bank(path, ["a", "b", "c"])
+    assert not any(k.startswith(("corrections/", "thumb/")) for k in load_file(str(path)))
+    old = PrototypeBank.load(path)
+    neg, off = old.corrections()
+    assert neg.shape == (0, D) and neg.dtype == np.float32 and off.tolist() == [0, 0, 0, 0]
+    assert all(i.thumb is None and i.negatives.shape == (0, D) for i in old.identities.values())
+    thresholds = bank.thresholds().copy()
+    assert bank.add_negative("a", 3 * rand(3, 50)) == 0  # taken to unit length
+    assert bank.add_negative("c", rand(1, 51)[0]) == 0  # one vector
+    np.testing.assert_array_equal(bank.thresholds(), thresholds)
+    crop = np.random.default_rng(0).integers(0, 256, (300, 150, 3), dtype=np.uint8)
+    bank.set_thumb("b", crop)
+    bank.save(path)
+    got = PrototypeBank.load(path)
+    neg, off = got.corrections()
+    assert off.dtype == np.int32 and off.tolist() == [0, 3, 3, 4] and neg.dtype == np.float32
+    np.testing.assert_allclose(neg, np.concatenate([rand(3, 50), rand(1, 51)]), atol=1e-6)
+    np.testing.assert_array_equal(neg[off[2] : off[3]], got.identities["c"].negatives)
+    assert got.identities["b"].thumb.shape == (96, 48, 3) and got.identities["b"].thumb.dtype == np.uint8
+    np.testing.assert_array_equal(got.identities["b"].thumb, bank.identities["b"].thumb)
+    assert got.identities["a"].thumb is None and got.identities["b"].negatives.shape == (0, D)
+    np.testing.assert_array_equal(got.thresholds(), thresholds)
+    # an edit through edit_bank keeps them; append and replace keep corrections and the thumbnail
+    edit_bank(path, lambda b: (b.add("b", 1, rand(1, 60), append=True), b)[1])
+    edit_bank(path, lambda b: (b.add("a", 0, rand(2, 61), replace=True), b)[1])
+    again = PrototypeBank.load(path)
+    assert len(again.identities["a"].negatives) == 3 and again.identities["b"].thumb.shape == (96, 48, 3)
+    assert len(again.identities["b"].shots) == 4 and len(again.identities["a"].shots) == 2
+    small = np.zeros((10, 20, 3), np.uint8)
+    again.add("b", 1, rand(1, 62), append=True, thumb=small)  # a new thumbnail replaces the old one
+    np.testing.assert_array_equal(again.identities["b"].thumb, small)
+
+
+def test_corrections_are_bounded_and_the_most_redundant_goes() -> None:
+    bank = PrototypeBank(D, "fake-model", ["mug", "toy"])
+    bank.add("a", 0, rand(2, 1))
+    before = bank.thresholds().copy()
+    many = l2n(np.random.default_rng(3).normal(size=(20, D)))
+    assert bank.add_negative("a", many) == 0
+    twin = l2n(many[7] + 1e-3)  # a near-duplicate of correction 7
+    assert bank.add_negative("a", twin) == 1
+    kept = bank.identities["a"].negatives
+    assert kept.shape == (20, D) and kept.dtype == np.float32
+    assert sum(np.allclose(k, many[7], atol=1e-2) for k in kept) == 1  # one of the pair went
+    for i in set(range(20)) - {7}:
+        assert any(np.allclose(k, many[i]) for k in kept)
+    assert bank.add_negative("a", rand(8, 9)) == 8  # always at most MAX_NEGATIVES
+    assert len(bank.identities["a"].negatives) == 20
+    np.testing.assert_array_equal(bank.thresholds(), before)  # corrections never change thresholds
+    for name, vec, problem in [
+        ("nobody", rand(1, 0), "'nobody' not in the bank"),
+        ("a", np.ones((1, D + 1), np.float32), f"have size {D + 1}, the bank holds {D}"),
+        ("a", np.full((1, D), np.nan, np.float32), "corrections are not finite"),
+        ("a", np.zeros((1, D), np.float32), "a correction vector is zero"),
+        ("a", np.zeros((0, D), np.float32), "no correction vector"),
+    ]:
+        with pytest.raises(BankError, match=problem):
+            bank.add_negative(name, vec)
+
+
+@pytest.mark.parametrize(
+    "shape, want", [((10, 20), (10, 20)), ((96, 96), (96, 96)), ((200, 300), (64, 96)), ((1000, 5), (96, 1))]
+)
+def test_thumbnails_fit_in_96_pixels_keeping_their_aspect(
+    shape: tuple[int, int], want: tuple[int, int]
+) -> None:
+    bank = PrototypeBank(D, "fake-model", ["mug", "toy"])
+    bank.add("a", 0, rand(1, 1))
+    crop = np.random.default_rng(1).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    bank.set_thumb("a", crop[:, ::-1])  # a strided view is fine
+    thumb = bank.identities["a"].thumb
+    assert thumb.shape == (*want, 3) and thumb.dtype == np.uint8 and thumb.flags.c_contiguous
+    if shape == want:
+        np.testing.assert_array_equal(thumb, crop[:, ::-1])
+    for bad in (crop[..., 0], crop.astype(np.float32), crop[:0], np.zeros((4, 4, 4), np.uint8)):
+        with pytest.raises(BankError, match="a thumbnail is a uint8"):
+            bank.set_thumb("a", bad)
+    with pytest.raises(BankError, match="'b' not in the bank"):
+        bank.set_thumb("b", crop)
+
+
+def test_rename_keeps_everything_of_the_identity(tmp_path: Path) -> None:
+    bank = make_bank(tmp_path / "r.bank", ["a", "b"])
+    bank.add_negative("a", rand(2, 70))
+    bank.set_thumb("a", np.full((8, 8, 3), 7, np.uint8))
+    bank.set_threshold("a", 0.3)
+    a = bank.identities["a"]
+    assert bank.rename("a", "  Rex the #1 toy ") == "Rex the #1 toy"
+    assert sorted(bank.identities) == ["Rex the #1 toy", "b"]
+    r = bank.identities["Rex the #1 toy"]
+    assert r.name == "Rex the #1 toy" and r.coarse == a.coarse and r.manual and r.threshold == 0.3
+    for x, y in ((r.shots, a.shots), (r.views, a.views), (r.view_shot, a.view_shot), (r.negatives, a.negatives),
+                 (r.thumb, a.thumb)):  # fmt: skip
+        np.testing.assert_array_equal(x, y)
+    assert not any("a" in k[1:] for k in bank._memo)
+    bank.calibrate()
+    fresh = bank.copy()
+    fresh._memo.clear()
+    fresh.calibrate()
+    np.testing.assert_array_equal(fresh.thresholds(), bank.thresholds())
+    assert bank.rename("b", "b") == "b" and sorted(bank.identities) == ["Rex the #1 toy", "b"]
+    for old, new, problem in [
+        ("a", "z", "'a' not in the bank"),
+        ("b", " Rex the #1 toy", "'Rex the #1 toy' is already enrolled"),
+        ("b", "Rex/toy", "has a '/'"),
+        ("b", "", "is empty"),
+    ]:
+        with pytest.raises(BankError, match=problem):
+            bank.rename(old, new)
+    bank.save(tmp_path / "r.bank")
+    assert sorted(PrototypeBank.load(tmp_path / "r.bank").identities) == ["Rex the #1 toy", "b"]
+
+
+@pytest.mark.parametrize(
+    "name", [" Rex ", "my mug", "Rex the #1 toy", "ü" * 64, "Mélanie's 🐶", "a.b", "..."]
+)
+def test_check_name_accepts(name: str) -> None:
+    assert check_name(name) == name.strip()
+    bank = PrototypeBank(D, "fake-model", ["mug", "toy"])
+    bank.add(name, 0, rand(1, 0))
+    assert list(bank.identities) == [name.strip()]
+
+
+@pytest.mark.parametrize(
+    "name, why",
+    [
+        ("", "is empty"),
+        ("   ", "is empty"),
+        ("x" * 65, "has 65 characters"),
+        ("Rex/toy", "has a '/'"),
+        ("a\\b", "has a '/'"),
+        (".", "is a path component"),
+        ("..", "is a path component"),
+        ("a\tb", "control or format"),
+        ("a\x00", "control or format"),
+        ("a\u200bb", "control or format"),
+        ("a\u202eb", "control or format"),
+        (3, "is not text"),
+    ],
+)
+def test_check_name_refuses(name: str, why: str) -> None:
+    with pytest.raises(BankError, match=why) as e:
+        check_name(name)
+    assert "an identity name is 1 to 64 characters" in str(e.value)
+    bank = PrototypeBank(D, "fake-model", ["mug", "toy"])
+    with pytest.raises(BankError, match=why):
+        bank.add(name, 0, rand(1, 0))
+    assert not bank.identities
+
+
+def test_refuse_reference_rule() -> None:
+    """A named detection nearer one of its identity's corrections than to its prototype is unknown; only its
+    own identity's corrections count; equal is not nearer; no fallback to the next identity."""
+    e = np.eye(4, dtype=np.float32)
+    protos = e[:2]  # identity 0 along x, 1 along y
+    neg = np.stack([l2n(e[0] + e[2]), e[1]])  # 0: one correction between x and z; 1: its own prototype
+    off = np.array([0, 1, 2], np.int32)
+    v = l2n(np.array([[1, 0, 0.9, 0], [1, 0, 0.1, 0], [0, 1, 0, 0], [0.2, 1, 0, 0], [1, 0, 0.9, 0]]))
+    ident = np.array([0, 0, 1, 1, -1])
+    got = refuse(ident, v, protos, neg, off)
+    assert got.tolist() == [-1, 0, 1, 1, -1]
+    assert refuse(ident, v, protos, neg[:0], np.zeros(3, np.int32)).tolist() == ident.tolist()
+    with pytest.raises(BankError, match="offsets"):
+        refuse(ident, v, protos, neg, np.array([0, 2], np.int32))
 
 
 # ------------------------------------------------------------------------------------------ caches
