@@ -53,6 +53,10 @@ class _Done:
     stamp: Any  # the file's stamp this result saw (_UNSEEN: look again)
     msg: str | None = None
     name: str | None = None  # the identity enrolled (edits)
+    future: concurrent.futures.Future | None = None  # the web page's request: its answer, set when applied
+    result: dict[str, Any] | None = None  # the answer's body (None: the edit failed, ``status`` says how)
+    status: int = 200  # HTTP status of a failed edit (409: the bank refused it, 503: it cannot be saved)
+    enrolled: bool = False  # a shot was added (the summary's "enrolled")
 
 
 class LiveEnroller:
@@ -96,6 +100,7 @@ class LiveEnroller:
         self._next_check = 0.0
         self._jobs: collections.deque[concurrent.futures.Future] = collections.deque()
         self._worker: concurrent.futures.ThreadPoolExecutor | None = None
+        self.problem: str | None = None  # what is wrong with the bank file now (the web page shows it)
 
     def auto_name(self) -> str:
         have = self.bank.identities if self.bank is not None else {}
@@ -114,17 +119,53 @@ class LiveEnroller:
         i = int(np.argmax(dets.scores))
         return np.asarray(dets.vectors[i], np.float32), int(dets.cls[i]), float(dets.scores[i])
 
-    def enrol(self, name: str, vector: np.ndarray, coarse: int, where: str) -> bool:
+    def enrol(self, name: str, vector: np.ndarray, coarse: int, where: str, thumb: np.ndarray | None = None,
+              done: concurrent.futures.Future | None = None) -> bool:  # fmt: skip
         """Enrol one shot of ``name`` (at once, or queued on the worker with ``background``); a one-line
-        confirmation or warning when it is done. True when the edit was made or queued."""
+        confirmation or warning when it is done. ``thumb``: the shot's crop (BGR), the identity's picture.
+        ``done`` (the web page's request) gets the answer's body, or a ``CommandError``. True when the edit
+        was made or queued."""
         import numpy as np
 
-        if self.path is None:
-            self.log("warning: live enrolment needs a bank file: start with --prototypes FILE")
+        if not self._writable(done):
             return False
         vec = np.array(vector, np.float32, copy=True)  # the frame's buffers move on
-        self._submit(self._edit, name, vec, coarse, where)
+        self._submit(self._edit, name, vec, coarse, where, thumb, done)
         return True
+
+    def add_negative(self, name: str, vector: np.ndarray, coarse: int, where: str,
+                     done: concurrent.futures.Future | None = None) -> bool:  # fmt: skip
+        """ "Not ``name``": the detection's vector becomes a correction of ``name`` (matching refuses ``name``
+        for vectors closer to one of its corrections than to its prototype)."""
+        import numpy as np
+
+        if not self._writable(done):
+            return False
+        vec = np.array(vector, np.float32, copy=True)
+        self._submit(self._negative, name, vec, coarse, where, done)
+        return True
+
+    def rename(self, name: str, new: str, done: concurrent.futures.Future | None = None) -> bool:
+        """Rename identity ``name`` to ``new`` in the bank file."""
+        if not self._writable(done):
+            return False
+        self._submit(self._simple, "rename", name, new, done)
+        return True
+
+    def remove(self, name: str, done: concurrent.futures.Future | None = None) -> bool:
+        """Remove identity ``name`` from the bank file."""
+        if not self._writable(done):
+            return False
+        self._submit(self._simple, "remove", name, None, done)
+        return True
+
+    def _writable(self, done: concurrent.futures.Future | None) -> bool:
+        if self.path is not None:
+            return True
+        why = "live enrolment needs a bank file: start with --prototypes FILE"
+        self.log(f"warning: {why}")
+        _fail(done, 409, why)
+        return False
 
     def _submit(self, fn: Callable[..., _Done], *args: Any) -> None:
         if not self.background:
@@ -145,9 +186,10 @@ class LiveEnroller:
         bank.check(self.pipe.facts.model_fingerprint, match_dim(space, self.pipe.dim), bank.precision,
                    space=space_id(space))  # fmt: skip
 
-    def _edit(self, name: str, vector: np.ndarray, coarse: int, where: str) -> _Done:
+    def _edit(self, name: str, vector: np.ndarray, coarse: int, where: str, thumb: np.ndarray | None = None,
+              done: concurrent.futures.Future | None = None) -> _Done:  # fmt: skip
         """Add the shot to the bank the file holds, recalibrate its class, save (worker thread)."""
-        from mocha_edge.prototypes import BankError, PrototypeBank, edit_bank
+        from mocha_edge.prototypes import PrototypeBank
         from mocha_edge.space import match_dim, space_id, to_space
 
         assert self.path is not None
@@ -162,19 +204,18 @@ class LiveEnroller:
                                      self.pipe.facts.precision, space=space_id(space))  # fmt: skip
             else:
                 self._compatible(bank)
-            dropped[0] = bank.add(name, coarse, shot, append=name in bank.identities, max_shots=self.max_shots,
+            created[0] = name not in bank.identities
+            dropped[0] = bank.add(name, coarse, shot, append=not created[0], max_shots=self.max_shots,
                                   negatives=space.negatives if space is not None else None)  # fmt: skip
+            if thumb is not None and (created[0] or getattr(bank.identities[name], "thumb", None) is None):
+                bank.set_thumb(name, thumb)
             return bank
 
-        try:
-            wrote = edit_bank(self.path, add, known=(self._latest, self._stamp))
-        except BankError as e:
-            return _Done(None, _UNSEEN, f"warning: enroll {name}: {e}")
-        except OSError as e:
-            return _Done(None, _UNSEEN,
-                         f"warning: enroll {name}: cannot save {self.path} ({e.strerror or e}); not enrolled")  # fmt: skip
+        created = [False]
+        wrote = self._write(add, f"enroll {name}", "not enrolled", done)
+        if isinstance(wrote, _Done):
+            return wrote
         bank = wrote.bank
-        self._latest, self._stamp = bank, wrote.stamp
         k = len(bank.identities[name].shots)
         msg = (
             f"enrolled {name!r} ({names[coarse]}) from {where}: {k} shot{'s' * (k > 1)}"
@@ -183,7 +224,72 @@ class LiveEnroller:
             + f" (threshold {bank.identities[name].threshold:.3f})" * (space is not None)
             + " (merged with another process's edits of the file)" * wrote.reread
         )
-        return _Done(bank, wrote.stamp, msg, name)
+        body = {"name": name, "shots": k, "created": created[0], "message": msg}
+        return _Done(bank, wrote.stamp, msg, name, done, body, enrolled=True)
+
+    def _write(self, edit: Callable[[Any], Any], what: str, undone: str,
+               done: concurrent.futures.Future | None) -> Any:  # fmt: skip
+        """``edit_bank`` with the worker's view of the file; a failure is a ``_Done`` saying why."""
+        from mocha_edge.prototypes import BankError, edit_bank
+
+        assert self.path is not None
+        try:
+            wrote = edit_bank(self.path, edit, known=(self._latest, self._stamp))
+        except BankError as e:
+            return _Done(None, _UNSEEN, f"warning: {what}: {e}", future=done, status=409)
+        except OSError as e:
+            return _Done(None, _UNSEEN, f"warning: {what}: cannot save {self.path} ({e.strerror or e}); {undone}",
+                         future=done, status=503)  # fmt: skip
+        self._latest, self._stamp = wrote.bank, wrote.stamp
+        return wrote
+
+    def _negative(self, name: str, vector: np.ndarray, coarse: int, where: str,
+                  done: concurrent.futures.Future | None) -> _Done:  # fmt: skip
+        """Add a correction ("not ``name``") to the bank the file holds, save (worker thread)."""
+        from mocha_edge.prototypes import BankError
+        from mocha_edge.space import to_space
+
+        space = getattr(self.pipe, "space", None)
+        shot = to_space(space, vector[None], coarse)
+
+        def add(bank: PrototypeBank | None) -> PrototypeBank:
+            if bank is None or name not in bank.identities:
+                raise BankError(f"identity {name!r} not in the bank")
+            self._compatible(bank)
+            bank.add_negative(name, shot)
+            return bank
+
+        wrote = self._write(add, f"not {name}", "no correction made", done)
+        if isinstance(wrote, _Done):
+            return wrote
+        k = len(wrote.bank.identities[name].negatives)
+        msg = f"correction: {where} is not {name!r} ({k} correction{'s' * (k != 1)}), saved {self.path}"
+        return _Done(wrote.bank, wrote.stamp, msg, None, done, {"name": name, "negatives": k, "message": msg})
+
+    def _simple(self, kind: str, name: str, new: str | None, done: concurrent.futures.Future | None) -> _Done:
+        """Rename or remove an identity in the bank the file holds, save (worker thread)."""
+        from mocha_edge.prototypes import BankError
+
+        def edit(bank: PrototypeBank | None) -> PrototypeBank:
+            if bank is None:
+                raise BankError(f"identity {name!r} not in the bank")
+            if kind == "rename":
+                assert new is not None
+                bank.rename(name, new)
+            else:
+                bank.remove(name)
+            return bank
+
+        wrote = self._write(edit, f"{kind} {name}", "nothing changed", done)
+        if isinstance(wrote, _Done):
+            return wrote
+        if kind == "rename":
+            msg = f"renamed {name!r} to {new!r}, saved {self.path}"
+            body = {"name": new, "message": msg}
+        else:
+            msg = f"removed {name!r} ({len(wrote.bank.identities)} identities left), saved {self.path}"
+            body = {"removed": name, "message": msg}
+        return _Done(wrote.bank, wrote.stamp, msg, None, done, body)
 
     def _reload(self) -> _Done:
         """Read the bank file another process changed (worker thread)."""
@@ -206,23 +312,34 @@ class LiveEnroller:
         return _Done(bank, stamp)
 
     def _apply(self, done: _Done) -> None:
-        """On the frame thread: hand a new bank to the pipe, or say why not."""
+        """On the frame thread: hand a new bank to the pipe, or say why not; answer the request's future."""
         self._disk = done.stamp
+        edit = done.result is not None
         if done.bank is not None:
             assert self.path is not None
-            if done.name is None and _digest(done.bank) != _digest(self.bank):
+            if not edit and _digest(done.bank) != _digest(self.bank):
                 n = len(done.bank.identities)
                 done.msg = f"reloaded {self.path} (changed by another process): {n} identities"
             try:
                 attach_bank(self.pipe, done.bank, self.path, self.log)
             except MochaError as e:
-                if done.name is not None:
+                if edit:
+                    _fail(done.future, 500, str(e))
                     raise
                 done.msg = f"warning: {e}; matching goes on with the bank in use"
+                self.problem = done.msg.removeprefix("warning: ")
             else:
                 self.bank = done.bank
-                if done.name is not None:
+                self.problem = None
+                if done.enrolled and done.name is not None:
                     self.enrolled.append(done.name)
+        elif done.msg and not edit and done.future is None:
+            self.problem = done.msg.removeprefix("warning: ")  # a reload that failed
+        if done.future is not None and not done.future.done():
+            if done.result is not None:
+                done.future.set_result(done.result)
+            else:
+                _fail(done.future, done.status, (done.msg or "failed").removeprefix("warning: "))
         if done.msg:
             self.log(done.msg)
 
@@ -244,10 +361,11 @@ class LiveEnroller:
         if stamp is not None:
             self._submit(self._reload)
         elif self.bank is not None and not first:
-            self.log(
-                f"warning: {self.path} was removed; matching goes on with the {len(self.bank.identities)} "
+            self.problem = (
+                f"{self.path} was removed; matching goes on with the {len(self.bank.identities)} "
                 "identities in use (a live enrolment writes a new file)"
             )
+            self.log(f"warning: {self.problem}")
 
     def close(self) -> None:
         """Wait for queued edits (the bank file is final afterwards) and stop the worker."""
@@ -255,6 +373,15 @@ class LiveEnroller:
         if self._worker is not None:
             self._worker.shutdown()
             self._worker = None
+
+
+def _fail(future: concurrent.futures.Future | None, status: int, detail: str) -> None:
+    """Answer a web request with an error (``CommandError``: its HTTP status and message)."""
+    if future is None or future.done():
+        return
+    from mocha_edge.deploy.web import CommandError
+
+    future.set_exception(CommandError(status, detail))
 
 
 def _digest(bank: PrototypeBank | None) -> object:

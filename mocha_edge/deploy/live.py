@@ -106,6 +106,7 @@ if TYPE_CHECKING:  # numpy, the bank and the sources load with the command, not 
     from mocha_edge.deploy.pipeline import LivePipeline
     from mocha_edge.deploy.sources import Frame, Source
     from mocha_edge.deploy.tracking import Event, IdentityRule
+    from mocha_edge.deploy.web import WebHub
 
 STAGES = ("pre", "infer", "post", "pool", "match", "track")
 TRACKER_CHOICES = ("bytetrack", "botsort", "none")  # = tracking.TRACKERS (kept here: the CLI loads no numpy)
@@ -114,6 +115,7 @@ FAIL_AFTER = 30.0  # seconds of nothing but lost frames before the run gives up 
 FAIL_FRAMES = 50  # ... and at least this many lost frames in a row (a slow source is not judged on a few)
 EXIT_FAILING = 3  # exit code of a run that gave up (persistent faults); 1: it could not start
 WAIT_SLICE = 0.5  # seconds the loop waits for a frame before it reads stdin again (no camera delivering)
+WEB_SLICE = 0.05  # ... with the web page on: its commands wait no longer than this for a frame-less loop
 ENROL_RECENT = 2.0  # `enroll NAME`: cameras that handled a frame this recently are asked (else every one)
 ENROL_WAIT = 10.0  # seconds an `enroll` waits for the cameras' next frames before taking what it has
 MULTI_HELP = "; with several cameras `enroll NAME` takes the top detection over every camera's next frame, `enroll CAMERA:NAME` one camera's"
@@ -155,6 +157,9 @@ class RunOptions:
     fail_frames: int = FAIL_FRAMES  # ... and at least this many of them in a row
     tracker: str = "bytetrack"  # bytetrack | botsort | none (per-frame identities)
     rule: IdentityRule | None = None  # how a track's identity is decided (None: the defaults)
+    http: str | None = None  # --http [HOST:]PORT: the web page and REST API (mocha_edge.deploy.web)
+    http_fps: float = 10.0  # views a second handed to the page at most (only while someone watches)
+    http_token: str | None = None  # required from clients on a non-loopback address (None: generated)
 
 
 @dataclass
@@ -491,6 +496,7 @@ def run_loop(
     commands: StdinCommands | Any | None = None,
     console: Console | None = None,
     window: Window | Any | None = None,
+    web: WebHub | None = None,
 ) -> RunSummary:
     """Run ``pipe`` on the frames of ``source`` (one :class:`Source`, or ``{name: Source}`` for several
     cameras) and write the outputs; see the module doc.
@@ -500,7 +506,9 @@ def run_loop(
     has ``poll() -> list[str]`` (and ``interactive``); ``window`` has ``show(img) -> key`` (with several
     cameras ``show(img, camera=NAME)``) and ``close()``.  A source
     opened with ``sleep=Stopper().sleep`` (:class:`~mocha_edge.deploy.cameras.Stopper`, as :func:`run`
-    does) is stopped even while its camera stays lost.
+    does) is stopped even while its camera stays lost. ``web`` (:class:`~mocha_edge.deploy.web.WebHub`,
+    keyed by camera name): views for the page while it watches, events, stage times, and the page's
+    commands, carried out between frames.
     The sources are closed when the loop ends. Outputs are finalised whatever stops the loop;
     errors propagate after that. A fault while handling a frame is counted and the loop goes on (module
     doc); :class:`RunFailed` (after the outputs are finalised) when every frame of every camera has been
@@ -548,7 +556,7 @@ def run_loop(
             if cam.tracker is not None:
                 cam.idents = TrackIdentities(
                     name, list(pipe.names), opts.rule, name_conf=float(getattr(pipe, "name_conf", 0.5)),
-                    snapshots=bool(cam.event_sinks),
+                    snapshots=bool(cam.event_sinks) or web is not None,
                 )  # fmt: skip
     except BaseException:  # nothing started: close what opened
         for sink in [*shared, *(s for c in cams for s in c.own)]:
@@ -557,6 +565,9 @@ def run_loop(
         for _, src in given:
             src.close()
         raise
+    if web is not None:  # the page names cameras by their labels (URL-safe)
+        for c in cams:
+            web.add_camera(c.label)
     all_sinks = [*shared, *(s for c in cams for s in c.own)]
     need_records = any(s.needs_records for s in all_sinks)
     need_image = window is not None or any(s.needs_image for s in all_sinks)
@@ -571,6 +582,17 @@ def run_loop(
     def count_events(cam: _Camera, events: list[Event]) -> None:
         for e in events:
             cam.summary.events[e.kind] = cam.summary.events.get(e.kind, 0) + 1
+        if web is not None and events:
+            web.add_events([{**e.record(), "camera": cam.label} for e in events])  # the API's camera names
+
+    def web_turn() -> None:
+        """The page's commands, between frames; the bank state it shows."""
+        assert web is not None
+        from mocha_edge.deploy.web import run_command
+
+        for cmd in web.take_commands():
+            faults.attempt("web", None, run_command, cmd, enroller, {c.label: c.idents for c in cams})
+        web.set_bank(enroller.bank, enroller.path, enroller.problem)
 
     def finish(cam: _Camera, why: str) -> None:
         """``cam`` is done: its tracks leave (their events written), its capture stops."""
@@ -660,6 +682,8 @@ def run_loop(
                 else:
                     console.log(f"warning: unknown command {line!r}; {COMMANDS_HELP}")
             resolve()
+            if web is not None:
+                web_turn()
             if stop.requested:
                 break
             for c in cams:  # sources that ended, their frames all handled
@@ -672,8 +696,11 @@ def run_loop(
                 summary.stopped = cams[0].summary.stopped if not several else "every source ended"
                 break
             t0 = time.perf_counter()
-            got = captures.next(WAIT_SLICE, stop=lambda: stop.requested is not None)
+            got = captures.next(WEB_SLICE if web is not None else WAIT_SLICE,
+                                stop=lambda: stop.requested is not None)  # fmt: skip
             if got is None:
+                if web is not None:
+                    faults.attempt("enrol", None, enroller.poll)  # the page waits for its edits' answers
                 continue
             i, frame, t_read = got
             cam = cams[i]
@@ -718,6 +745,9 @@ def run_loop(
                     ok = ok and done
             if shown is None and need_image:
                 shown = frame.image_bgr  # no boxes: the pipeline or the drawing failed (counted above)
+            if web is not None and web.wants(cam.label):
+                faults.attempt(f"{st}web", frame.index, web.offer, cam.label, frame, dets if ok else None,
+                               list(pipe.names), list(pipe.identity_names))  # fmt: skip
             delivered = 0
             for sink in cam.sinks:  # each one isolated: a full disk under one never stops the others
                 if records is None and sink.needs_records:
@@ -746,6 +776,8 @@ def run_loop(
             latency = (now - t_read) * 1e3
             cam.latency += latency
             meter.frame(cam.label, latency)
+            if web is not None:
+                web.frame_done(cam.label, latency, pipe.timings if ok else {}, frame)
             lost = not ok or ((bool(cam.sinks) or window is not None) and delivered == 0)
             cam.summary.lost += lost
             streak_s = faults.frame_done(lost)
@@ -918,6 +950,7 @@ def run(
     if mode not in ("conditional", "global"):
         raise RunError(f"--mode must be conditional or global, not {mode!r}")
     opened: dict[str, Source] = {}
+    server = None  # --http
     handed = False  # run_loop closes the sources once it has them
     try:
         for spec in specs:
@@ -946,13 +979,38 @@ def run(
         enroller = LiveEnroller(pipe, bank, Path(bank_path) if bank_path is not None else None, console.log,
                                 background=True)  # fmt: skip
         window = (CameraWindows() if len(specs) > 1 else Window()) if show else None
+        if opts.http:
+            server = start_web(opts, console)
         handed = True
         return run_loop(opened if len(specs) > 1 or specs[0].named else next(iter(opened.values())), pipe, opts,
-                        enroller, commands=commands, console=console, window=window)  # fmt: skip
+                        enroller, commands=commands, console=console, window=window,
+                        web=server.hub if server is not None else None)  # fmt: skip
     finally:
+        if server is not None:
+            server.stop()
         if not handed:
             for src in opened.values():
                 src.close()
+
+
+def start_web(opts: RunOptions, console: Console) -> Any:
+    """``--http``: the web server (:class:`~mocha_edge.deploy.web.WebServer`), started, its address printed
+    (with the token once, when one is needed)."""
+    from mocha_edge.deploy.web import WebHub, WebServer, is_loopback, new_token, parse_http
+
+    assert opts.http is not None
+    host, port = parse_http(opts.http)
+    local = is_loopback(host)
+    token = opts.http_token or (None if local else new_token())
+    server = WebServer(WebHub(http_fps=opts.http_fps, token=token, loopback_only=local), host, port)
+    server.start()
+    if token is None:
+        console.log(f"web page: {server.url} (this machine only; --http 0.0.0.0:{server.port} for others)")
+    else:
+        shown = token if not opts.http_token else "<your --http-token>"
+        console.log(f"web page: {server.url}?token={shown} (open it once with the token; API: Authorization: "
+                    "Bearer TOKEN)")  # fmt: skip
+    return server
 
 
 # ------------------------------------------------------------------------------------------ command
@@ -1004,11 +1062,19 @@ def run(
                    "(enter, identified, changed, leave); none: identities decided per frame.")  # fmt: skip
 @click.option("--leave-after", type=float, default=None, metavar="SECONDS",
               help="A track unseen this long has left (its leave event) [default: 2].")  # fmt: skip
+@click.option("--http", metavar="[HOST:]PORT",
+              help="Serve the web page and REST API (live view, enrolment, corrections) on PORT of 127.0.0.1, or "
+                   "of HOST (0.0.0.0: every interface; then a token is required, printed once).")  # fmt: skip
+@click.option("--http-fps", type=float, default=10.0, show_default=True,
+              help="Frames a second the page gets at most (encoded only while someone watches).")  # fmt: skip
+@click.option("--http-token", envvar="MOCHA_EDGE_HTTP_TOKEN", metavar="TOKEN",
+              help="The token web clients must give [default: generated on a non-loopback address; env "
+                   "MOCHA_EDGE_HTTP_TOKEN].")  # fmt: skip
 def run_cmd(model: Path, bank: Path | None, sources: tuple[str, ...], cameras: tuple[int, ...], csis: tuple[int, ...],
             sinks: tuple[str, ...], save: Path | None, jsonl: Path | None, show: bool | None, conf: float, iou: float,
             threshold: float | None, name_conf: float | None, mode: str, backend: str | None, gpu_stages: str,
             max_frames: int | None, fps_every: float, fail_after: float, tracker: str,
-            leave_after: float | None) -> None:  # fmt: skip
+            leave_after: float | None, http: str | None, http_fps: float, http_token: str | None) -> None:  # fmt: skip
     """Run the exported MODEL (.onnx from `mocha-edge export`, or a TensorRT .engine) on a live source:
     detect, match against the prototype bank, write/show the results, enrol new objects on the fly.
 
@@ -1068,8 +1134,20 @@ def run_cmd(model: Path, bank: Path | None, sources: tuple[str, ...], cameras: t
         from mocha_edge.deploy.tracking import IdentityRule
 
         rule = dataclasses.replace(IdentityRule(), leave_after=leave_after)
+    if http is not None:
+        from mocha_edge.deploy.web import WebError, parse_http
+
+        try:
+            parse_http(http)
+        except WebError as e:
+            raise click.BadParameter(str(e).removeprefix(f"--http {http}: "), param_hint="--http") from None
+        if not http_fps > 0:
+            raise click.BadParameter("must be > 0", param_hint="--http-fps")
+        if http_token is not None and len(http_token) < 16:
+            raise click.BadParameter("at least 16 characters", param_hint="--http-token")
     opts = RunOptions(save=save, jsonl=jsonl, sinks=list(sinks), show=show, max_frames=max_frames,
-                      fps_every=fps_every, fail_after=fail_after, tracker=tracker, rule=rule)  # fmt: skip
+                      fps_every=fps_every, fail_after=fail_after, tracker=tracker, rule=rule, http=http,
+                      http_fps=http_fps, http_token=http_token)  # fmt: skip
     console = Console()
     try:
         summary = run(

@@ -203,6 +203,9 @@ class _Track:
     streak: int = 0
     best_quality: float = -1.0
     best_shot: np.ndarray | None = None
+    best_vector: np.ndarray | None = None  # unit vector of its best confident detection (enrolment by track)
+    vector_quality: float = -1.0
+    refused: set[str] = field(default_factory=set)  # identities a person said this track is not
     active: bool = True  # seen in the last frame
 
 
@@ -236,6 +239,7 @@ class TrackIdentities:
         self.identity_names: list[str] = []
         # identity -> (track id holding it, time it was last seen) on this camera
         self.presence: dict[int, tuple[int, float]] = {}
+        self._pending: list[Event] = []  # events made between frames (refuse), given with the next frame
 
     def _cls_name(self, c: int) -> str:
         return self.names[c] if 0 <= c < len(self.names) else str(c)
@@ -263,6 +267,20 @@ class TrackIdentities:
         self.presence = {remap[i]: v for i, v in self.presence.items() if remap.get(i, -1) >= 0}
         self.identity_names = list(names)
 
+    def refuse(self, track_id: int, name: str) -> bool:
+        """A person says track ``track_id`` is not ``name`` (the web page's "not NAME"): the track drops that
+        identity now (a ``changed`` event with the next frame) and never takes it again. False: no such track."""
+        tr = self.tracks.get(int(track_id))
+        if tr is None:
+            return False
+        tr.refused.add(name)
+        if tr.identity >= 0 and self._ident_name(tr.identity) == name:
+            prev = tr.identity
+            self.presence.pop(prev, None)
+            tr.identity, tr.similarity, tr.candidate, tr.streak = -1, float("nan"), -1, 0
+            self._pending.append(self._event("changed", tr, tr.last_t, tr.last_frame, previous=prev))
+        return True
+
     def update(self, t: float, frame: int, dets: Any, track_ids: np.ndarray, image: np.ndarray | None,
                match: MatchFn) -> tuple[np.ndarray, np.ndarray, list[Event]]:  # fmt: skip
         """One frame: ``(identity per detection, similarity per detection, events)``; a detection outside
@@ -271,7 +289,8 @@ class TrackIdentities:
         n = len(dets.scores)
         ident = np.full(n, -1, np.int64)
         sim = np.full(n, np.nan, np.float32)
-        events: list[Event] = []
+        events: list[Event] = self._pending
+        self._pending = []
         for tr in self.tracks.values():
             tr.active = False
         h, w = image.shape[:2] if image is not None else (0, 0)
@@ -296,21 +315,23 @@ class TrackIdentities:
                 self.tracks[tid] = tr
                 events.append(self._event("enter", tr, t, frame))
             tr.last_t, tr.last_frame, tr.box, tr.score, tr.active = t, frame, box, score, True
+            edge = image is not None and (
+                box[0] <= EDGE_MARGIN
+                or box[1] <= EDGE_MARGIN
+                or box[2] >= w - EDGE_MARGIN
+                or box[3] >= h - EDGE_MARGIN
+            )
+            quality = score * (0.5 if edge else 1.0)
             if votes[i]:
-                _add_vector(tr, vecs[i] / norms[i])
-            if image is not None and self.snapshots:
-                edge = (
-                    box[0] <= EDGE_MARGIN
-                    or box[1] <= EDGE_MARGIN
-                    or box[2] >= w - EDGE_MARGIN
-                    or box[3] >= h - EDGE_MARGIN
-                )
-                quality = score * (0.5 if edge else 1.0)
-                if quality > tr.best_quality:
-                    x0, y0, x1, y1 = (int(v) for v in np.rint(box))
-                    crop = image[max(0, y0) : max(0, y1), max(0, x0) : max(0, x1)]
-                    if crop.size:
-                        tr.best_quality, tr.best_shot = quality, crop.copy()
+                unit = vecs[i] / norms[i]
+                _add_vector(tr, unit)
+                if quality > tr.vector_quality:
+                    tr.vector_quality, tr.best_vector = quality, unit
+            if image is not None and self.snapshots and quality > tr.best_quality:
+                x0, y0, x1, y1 = (int(v) for v in np.rint(box))
+                crop = image[max(0, y0) : max(0, y1), max(0, x0) : max(0, x1)]
+                if crop.size:
+                    tr.best_quality, tr.best_shot = quality, crop.copy()
             seen.append((i, tr))
         # one decision per track that has evidence: the running mean matched against the bank
         voters = [(i, tr) for i, tr in seen if tr.vectors]
@@ -320,6 +341,8 @@ class TrackIdentities:
             d_ident, d_sim = match(means, cls)
             for (_, tr), d, s in zip(voters, d_ident, d_sim):
                 d = int(d)
+                if d >= 0 and tr.refused and self._ident_name(d) in tr.refused:
+                    d = -1  # a person said this track is not that identity
                 if d == tr.candidate:
                     tr.streak += 1
                 else:
