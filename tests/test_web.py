@@ -380,3 +380,85 @@ def test_port_in_use_is_one_line(tmp_path: Path) -> None:
             WebServer(WebHub(), "127.0.0.1", a.port)
     finally:
         a.sock.close()
+
+
+def test_page_and_enroll_cli_share_the_bank(student_ckpt: Path, tmp_path: Path) -> None:
+    """The page enrols (through the running loop) while `mocha-edge enroll` writes the same bank file: both
+    identities survive, and the running loop takes up the other process's identity (the page lists it)."""
+    import os
+    import subprocess
+
+    from mocha_edge.data.synth_video import synthesize_video
+    from mocha_edge.deploy.cameras import Stopper
+    from mocha_edge.deploy.pipeline import Pipeline
+    from mocha_edge.deploy.sources import open_source
+    from mocha_edge.export.onnx import export_onnx
+    from mocha_edge.infer import Student
+
+    gt_path = synthesize_video(tmp_path / "d", seed=2, frames=30, model_imgsz=128)
+    gt = json.loads(gt_path.read_text())
+    cli_name, support = sorted(gt["supports"].items())[0]
+    onnx = export_onnx(Student.load(student_ckpt), tmp_path / "student.onnx")
+    pipe = Pipeline(onnx, threshold=-1.0, name_conf=0.0, conf=0.05)
+    bank, console = tmp_path / "shared.bank", Quiet()
+    stopper = Stopper()
+    src = open_source(f"{gt_path.with_suffix('.mp4')}?loop=1&realtime=1", sleep=stopper.sleep)
+    hub = WebHub(http_fps=10)
+    server = WebServer(hub, "127.0.0.1", 0)
+    server.start()
+    cmds = StopCommands()
+    out: dict[str, Any] = {}
+    enroller = LiveEnroller(pipe, None, bank, console.log, background=True)
+    th = threading.Thread(target=lambda: out.setdefault("summary", run_loop(
+        src, pipe, RunOptions(handle_signals=False, fps_every=0), enroller, commands=cmds, console=console, web=hub
+    )), daemon=True)  # fmt: skip
+    th.start()
+    live = Live(server.url, hub, bank, console, pipe, "127.0.0.1", server.port)  # type: ignore[arg-type]
+    try:
+        while not hub.cams:
+            time.sleep(0.01)
+        cam = next(iter(hub.cams))
+        d = live.detections(cam, need=1, timeout=30)
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mocha_edge", "enroll", str(student_ckpt), "--bank", str(bank), "--name", cli_name,
+             "--boxes-json", str(gt_path.parent / support)],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        made, cls = 0, None
+        while (
+            proc.poll() is None
+        ):  # the page keeps enrolling (shots of one class) while the other process works
+            d = live.json("GET", f"/api/cameras/{cam}/detections")[1]
+            pick = [x for x in d["detections"] if cls in (None, x["cls"])]
+            if pick:
+                body = {"name": "from-page", "camera": cam, "detection_id": pick[0]["id"]}
+                status, r = live.json("POST", "/api/identities", body)
+                assert status == 201, r
+                made, cls = made + 1, pick[0]["cls"]
+            time.sleep(0.2)
+        assert proc.wait() == 0, proc.stdout.read() if proc.stdout else ""
+        assert made >= 1
+        while True:  # and once more after it wrote
+            pick = [
+                x
+                for x in live.json("GET", f"/api/cameras/{cam}/detections")[1]["detections"]
+                if x["cls"] == cls
+            ]
+            if pick:
+                body = {"name": "from-page", "camera": cam, "detection_id": pick[0]["id"]}
+                assert live.json("POST", "/api/identities", body)[0] == 201
+                break
+        assert set(PrototypeBank.load(bank).identities) == {cli_name, "from-page"}
+        deadline = time.monotonic() + 5
+        while {i["name"] for i in live.json("GET", "/api/identities")[1]["identities"]} != {
+            cli_name,
+            "from-page",
+        }:
+            assert time.monotonic() < deadline, live.json("GET", "/api/identities")
+            time.sleep(0.1)
+    finally:
+        cmds.stop.set()
+        th.join(20)
+        server.stop()
+    assert not out["summary"].faults, out["summary"].faults
