@@ -24,7 +24,7 @@ from mocha_edge.runtime.cuda_archs import force_hint
 _HERE = Path(__file__).resolve().parent
 _BUILD_INFO = _HERE / "_mocha_rt_build.json"
 _CUDA_LIB = _HERE / "_mocha_rt_cuda.so"
-ABI_VERSION = 3
+ABI_VERSION = 4
 MODES = {"conditional": 0, "global": 1}
 
 
@@ -74,7 +74,7 @@ def _load() -> ctypes.CDLL:
         "mrt_letterbox_ex": (_I, _args("PiisiiPP")),
         "mrt_decode_nms": (_I, _args("PPiiiPPiffiiddddiiPPPPP")),
         "mrt_pool": (_I, _args("PPPiPiP")),
-        "mrt_match": (_I, _args("PiiPPiPiPiPiPfiPPP")),
+        "mrt_match": (_I, _args("PiiPPiPiPiPiPfPPiPPP")),
         "mrt_set_threads": (None, _args("i")),
         "mrt_qsilu_table": (None, _args("fifiP")),
         "mrt_lut_u8": (None, _args("PPPz")),
@@ -259,7 +259,8 @@ def qsilu_vbmi() -> bool:
 
 class Match(NamedTuple):
     """Matching result per detection: prototype index (-1: none eligible / not finite), cosine, and the
-    index again where cosine >= its threshold (one for all, or that prototype's) else -1 (unknown)."""
+    index again where cosine >= its threshold (one for all, or that prototype's) and no "not NAME"
+    correction of it is nearer, else -1 (unknown)."""
 
     idx: np.ndarray
     sim: np.ndarray
@@ -284,6 +285,8 @@ def match(
     means: np.ndarray | None = None,
     thresholds: np.ndarray | None = None,
     proj: np.ndarray | None = None,
+    negatives: np.ndarray | None = None,
+    neg_offsets: np.ndarray | None = None,
 ) -> Match:
     """L2-normalise ``vectors (N, D)`` and find the nearest of the unit ``prototypes (M, D)``
     (``mocha_edge.prototypes.match`` rule; conditional: same class only). ``threads`` 0: automatic.
@@ -292,7 +295,10 @@ def match(
     one global mean; prototypes must be centred already. ``proj``: a ``(D, D')`` linear projection applied
     after centring (``l2n(u @ proj)``), prototypes are then ``(M, D')`` in the projected space.
     ``thresholds``: one per prototype, used instead of ``threshold`` for the identity
-    (``prototypes.decide``)."""
+    (``prototypes.decide``). ``negatives`` ``(K, D)`` (``(K, D')`` with ``proj``) and ``neg_offsets``
+    ``(M + 1,)``: the "not NAME" corrections, CSR over the prototypes (``PrototypeBank.corrections``); an
+    identity is refused to a detection nearer one of its corrections than to its prototype
+    (``prototypes.refuse``)."""
     if mode not in MODES:
         raise NativeRuntimeError(f"matching mode must be 'conditional' or 'global', not {mode!r}")
     v = np.ascontiguousarray(np.asarray(vectors, np.float32))
@@ -327,13 +333,39 @@ def match(
     thr = None if thresholds is None else _float_array(thresholds, "thresholds")
     if thr is not None and (thr.ndim != 1 or len(thr) != len(p)):
         raise NativeRuntimeError(f"match: thresholds {thr.shape} must hold one per prototype ({len(p)},)")
+    neg, off = _corrections(negatives, neg_offsets, len(p), d_match)
     n = len(v)
     idx, sim, ident = np.empty(n, np.int64), np.empty(n, np.float32), np.empty(n, np.int64)
     _check(_lib.mrt_match(v.ctypes.data, n, v.shape[1], dc.ctypes.data, p.ctypes.data, len(p), pc.ctypes.data,
                           MODES[mode], _ptr(mu), 0 if mu is None else len(mu), _ptr(pr),
-                          0 if pr is None else d_match, _ptr(thr), float(threshold), int(threads), idx.ctypes.data, sim.ctypes.data,
-                          ident.ctypes.data))  # fmt: skip
+                          0 if pr is None else d_match, _ptr(thr), float(threshold), _ptr(neg), _ptr(off), int(threads),
+                          idx.ctypes.data, sim.ctypes.data, ident.ctypes.data))  # fmt: skip
     return Match(idx, sim, ident)
+
+
+def _corrections(
+    negatives: Any, neg_offsets: Any, m: int, d: int
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """``(negatives (K, d) float32, offsets (m + 1,) int32)`` checked for :func:`match`, or ``(None, None)``
+    when there are none (the C library checks that the offsets never decrease)."""
+    if negatives is None and neg_offsets is None:
+        return None, None
+    if negatives is None or neg_offsets is None:
+        raise NativeRuntimeError("match: negatives and neg_offsets go together (the corrections, CSR)")
+    neg = _float_array(negatives, "negatives")
+    off = np.asarray(neg_offsets)
+    if not np.issubdtype(off.dtype, np.integer):
+        raise NativeRuntimeError(f"match: neg_offsets must be an integer array, got {off.dtype}")
+    if neg.ndim != 2 or neg.shape[1] != d:
+        raise NativeRuntimeError(f"match: negatives {neg.shape} must be (K, {d}), in the prototypes' space")
+    if off.shape != (m + 1,) or off[0] != 0 or off[-1] != len(neg) or off.min() < 0 or off.max() > len(neg):
+        raise NativeRuntimeError(
+            f"match: neg_offsets {off.shape} must be ({m + 1},) from 0 to the {len(neg)} negatives "
+            f"(CSR over {m} prototypes)"
+        )
+    if not len(neg):
+        return None, None
+    return neg, np.ascontiguousarray(off, np.int32)
 
 
 def set_threads(n: int) -> None:
@@ -389,7 +421,7 @@ class CudaRuntime:
             "mrt_cuda_decode_nms_workspace": (ctypes.c_size_t, _args("iii")),
             "mrt_cuda_decode_nms": (_I, _args("PPiiiPPiffiiddddiiPzPPPPPP")),
             "mrt_cuda_pool": (_I, _args("PPPiPiPP")),
-            "mrt_cuda_match": (_I, _args("PiiPPiPiPiPiPfPPPP")),
+            "mrt_cuda_match": (_I, _args("PiiPPiPiPiPiPfPPPPPP")),
         }
         for name, (res, args) in sigs.items():
             fn = getattr(lib, name)
@@ -434,18 +466,22 @@ class CudaRuntime:
 
     def match(self, vectors: int, n: int, d: int, det_cls: int, prototypes: int, m: int, proto_cls: int,
               mode: str, threshold: float, idx: int, sim: int, identity: int, stream: int = 0, means: int = 0,
-              n_means: int = 0, thresholds: int = 0, proj: int = 0, d_out: int = 0) -> None:  # fmt: skip
+              n_means: int = 0, thresholds: int = 0, proj: int = 0, d_out: int = 0, negatives: int = 0,
+              neg_offsets: int = 0) -> None:  # fmt: skip
         """``means`` (``n_means`` rows of ``d``: vector centring), ``proj`` (``(d, d_out)`` projection;
-        prototypes are then ``(m, d_out)``) and ``thresholds`` (``m``, per prototype): device pointers, 0 for
-        none."""
+        prototypes are then ``(m, d_out)``), ``thresholds`` (``m``, per prototype) and the "not NAME"
+        corrections ``negatives`` (float32 ``(K, d or d_out)``) with ``neg_offsets`` (int32 ``(m + 1,)``, CSR
+        from 0, non-decreasing: not checked on the device): device pointers, 0 for none."""
         if means and n_means < 1:
             raise NativeRuntimeError(f"match: means given with n_means={n_means} (need 1 or one per class)")
         if proj and d_out < 1:
             raise NativeRuntimeError(f"match: proj given with d_out={d_out} (need its column count >= 1)")
+        if bool(negatives) != bool(neg_offsets):
+            raise NativeRuntimeError("match: negatives and neg_offsets go together (the corrections, CSR)")
         self._check(self.lib.mrt_cuda_match(vectors, n, d, det_cls, prototypes, m, proto_cls, MODES[mode],
                                             means or None, n_means if means else 0, proj or None,
-                                            d_out if proj else 0, thresholds or None, threshold, idx, sim,
-                                            identity, stream))  # fmt: skip
+                                            d_out if proj else 0, thresholds or None, threshold, negatives or None,
+                                            neg_offsets or None, idx, sim, identity, stream))  # fmt: skip
 
 
 __all__ = ["CudaRuntime", "Match", "NativeRuntimeError", "RuntimeNotBuiltError", "build_info", "decode_nms",

@@ -9,7 +9,9 @@ ONNX Runtime, native decode + NMS, native pooling). Printed: medians and the rat
 includes box pooling). Then prototype matching, 100 detections x 1000 prototypes x D=448, conditional (80
 classes) and global, 1 thread and automatic, plain, with vector centring (80 per-class means) +
 per-prototype thresholds, and with centring + a linear projection to D'=128 (prototypes 1000 x 128) +
-per-prototype thresholds (``--match-only``: only this). Without --pt, a YOLOv8n of random weights (BatchNorm statistics
+per-prototype thresholds; and that last one with "not NAME" corrections at their bound (20 per prototype) where
+every detection is named (threshold -1: each pays for its identity's 20 corrections), against the same without
+corrections (``--match-only``: only this). Without --pt, a YOLOv8n of random weights (BatchNorm statistics
 measured on coco8, class bias -3) stands in, built from ultralytics' bundled yaml (nothing downloaded).
 """
 
@@ -105,6 +107,7 @@ def bench_frame(pt: Path, imgsz: int, frame: np.ndarray, runs: int, work: Path, 
 
 def bench_match(runs: int) -> None:
     from mocha_edge import runtime as rt
+    from mocha_edge.prototypes import MAX_NEGATIVES
     from mocha_edge.prototypes import match as np_match
 
     g = np.random.default_rng(0)
@@ -116,6 +119,11 @@ def bench_match(runs: int) -> None:
     proj = (g.normal(0, 1, (448, 128)) / np.sqrt(448)).astype(np.float32)  # linear projection to D'=128
     pp = g.normal(0, 1, (1000, 128)).astype(np.float32)
     pp /= np.linalg.norm(pp, axis=1, keepdims=True)
+    # "not NAME" corrections at their bound, in the projected space
+    neg = g.normal(0, 1, (1000 * MAX_NEGATIVES, 128)).astype(np.float32)
+    neg /= np.linalg.norm(neg, axis=1, keepdims=True)
+    off = np.arange(0, len(neg) + 1, MAX_NEGATIVES, dtype=np.int32)
+    every = np.full(1000, -1.0, np.float32)  # every detection named: the most corrections checked
     for mode in ("conditional", "global"):
         t_np = median_ms(lambda mode=mode: np_match(v, dc, p, pc, mode), max(runs // 5, 5))
         t1 = median_ms(lambda mode=mode: rt.match(v, dc, p, pc, mode, threads=1), runs * 4)
@@ -129,9 +137,20 @@ def bench_match(runs: int) -> None:
             ),
             runs * 4,
         )
+        named = [
+            median_ms(
+                lambda mode=mode, kw=kw: rt.match(
+                    v, dc, pp, pc, mode, threads=1, means=means, thresholds=every, proj=proj, **kw
+                ),
+                runs * 4,
+            )
+            for kw in ({}, {"negatives": neg, "neg_offsets": off})
+        ]
         print(f"  match {mode:11s} 100x1000x448: native {t1:.3f} ms (1 thread), {ta:.3f} ms (auto); "
               f"NumPy {t_np:.3f} ms -> {t_np / ta:.1f}x; centred + per-prototype thresholds {tc:.3f} ms, "
-              f"centred + projection to 128 + per-prototype thresholds {tp:.3f} ms (1 thread)")  # fmt: skip
+              f"centred + projection to 128 + per-prototype thresholds {tp:.3f} ms (1 thread); all named: "
+              f"{named[0]:.3f} ms, with {MAX_NEGATIVES} corrections per prototype {named[1]:.3f} ms "
+              f"({named[1] / named[0]:.2f}x)")  # fmt: skip
 
 
 def main() -> int:

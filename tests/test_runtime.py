@@ -18,7 +18,7 @@ from mocha_edge.deploy.config import NMS_TOP_K
 from mocha_edge.export import reference as ref
 from mocha_edge.infer import from_letterbox
 from mocha_edge.infer import letterbox as cv2_letterbox
-from mocha_edge.prototypes import decide
+from mocha_edge.prototypes import MAX_NEGATIVES, centre_vectors, decide, refuse
 from mocha_edge.prototypes import match as np_match
 
 REPO = Path(__file__).resolve().parents[1]
@@ -304,17 +304,59 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
-def _check_match(v, dc, p, pc, mode, threshold=0.1, threads=0, means=None, thresholds=None, proj=None):
-    """C matcher (with optional centring, projection, per-prototype thresholds) vs the NumPy reference."""
-    got = rt.match(v, dc, p, pc, mode, threshold, threads, means=means, thresholds=thresholds, proj=proj)
+def _check_match(v, dc, p, pc, mode, threshold=0.1, threads=0, means=None, thresholds=None, proj=None,
+                 corrections=None):  # fmt: skip
+    """C matcher (with optional centring, projection, per-prototype thresholds, "not NAME" corrections
+    ``(negatives, offsets)``) vs the NumPy reference."""
+    neg, off = (None, None) if corrections is None else corrections
+    got = rt.match(v, dc, p, pc, mode, threshold, threads, means=means, thresholds=thresholds, proj=proj,
+                   negatives=neg, neg_offsets=off)  # fmt: skip
     idx, sim = np_match(v, dc, p, pc, mode, means, proj)
     np.testing.assert_array_equal(got.idx, idx)
     atol = 1e-6 if means is None and proj is None else 1e-5
     np.testing.assert_allclose(got.sim, sim, rtol=1e-5, atol=atol)
     # identity decided on the C sims (no flaky ties at a threshold)
     want = decide(idx, got.sim, threshold if thresholds is None else thresholds)
-    np.testing.assert_array_equal(got.identity, want)
+    if corrections is not None and len(p):
+        want, sure = _refused(want, centre_vectors(v, dc, means, proj), p, neg, off)
+        np.testing.assert_array_equal(got.identity[sure], want[sure])
+    else:
+        np.testing.assert_array_equal(got.identity, want)
     return got
+
+
+def _corrections(rng, u, idx, p, most=MAX_NEGATIVES):
+    """0..``most`` corrections per prototype, CSR: near copies of the (matching-space) vectors ``u`` of
+    detections whose nearest prototype it is (they refuse it), exact copies of the prototype (ties: refuse
+    nothing) and random unit vectors."""
+    rows, off = [], [0]
+    for j in range(len(p)):
+        mine = np.flatnonzero(idx == j)
+        for _ in range(int(rng.integers(0, most + 1))):
+            r = rng.random()
+            if r < 0.4 and len(mine):
+                rows.append(_unit((u[rng.choice(mine)] + rng.normal(0, 0.05, p.shape[1]))[None])[0])
+            elif r < 0.55:
+                rows.append(p[j].copy())
+            else:
+                rows.append(_unit(rng.normal(0, 1, (1, p.shape[1])))[0])
+        off.append(len(rows))
+    neg = np.asarray(rows, np.float32).reshape(-1, p.shape[1])
+    return neg, np.asarray(off, np.int32)
+
+
+def _refused(ident, u, p, neg, off, eps=1e-4):
+    """``refuse()``'s identities and which detections are not near-ties there (a correction within ``eps`` of
+    the prototype's cosine but not equal to it: float32 matchers may land either side)."""
+    want = refuse(ident, u, p, neg, off)
+    sure = np.ones(len(ident), bool)
+    for i in np.flatnonzero(ident >= 0):
+        j = ident[i]
+        rows = np.concatenate([p[j : j + 1], neg[off[j] : off[j + 1]]]).astype(np.float64)
+        cos = (rows * np.asarray(u[i], np.float64)).sum(1)  # one computation: an exact copy ties exactly
+        diff = cos[1:] - cos[0]
+        sure[i] = not ((np.abs(diff) < eps) & (diff != 0)).any()
+    return want, sure
 
 
 def _proj(rng: np.random.Generator, d: int, d_out: int) -> np.ndarray:
@@ -333,10 +375,14 @@ def _proj(rng: np.random.Generator, d: int, d_out: int) -> np.ndarray:
     per_proto=st.booleans(),
     mode=st.sampled_from(["conditional", "global"]),
     threads=st.sampled_from([0, 1, 2, 3]),
+    corrected=st.booleans(),
     seed=st.integers(0, 999),
 )
-def test_match_matches_reference(n, m, d, d_out, nc, centring, per_proto, mode, threads, seed) -> None:
-    """Plain, centred (one mean or per class), projected, with per-prototype thresholds: C vs NumPy."""
+def test_match_matches_reference(
+    n, m, d, d_out, nc, centring, per_proto, mode, threads, corrected, seed
+) -> None:
+    """Plain, centred (one mean or per class), projected, with per-prototype thresholds and "not NAME"
+    corrections (0..20 per prototype): C vs NumPy."""
     rng = np.random.default_rng(seed)
     v = rng.normal(0, 1, (n, d)).astype(np.float32) * rng.uniform(0.01, 100)
     width = d if d_out is None else d_out
@@ -346,7 +392,12 @@ def test_match_matches_reference(n, m, d, d_out, nc, centring, per_proto, mode, 
         means = rng.normal(0, 0.3, (nc if centring == "per-class" else 1, d)).astype(np.float32)
     thr = rng.uniform(-0.2, 0.3, m).astype(np.float32) if per_proto else None
     proj = None if d_out is None else _proj(rng, d, d_out)
-    _check_match(v, rng.integers(0, nc, n), p, rng.integers(0, nc, m), mode, 0.1, threads, means, thr, proj)
+    dc, pc = rng.integers(0, nc, n), rng.integers(0, nc, m)
+    corr = None
+    if corrected:
+        idx, _ = np_match(v, dc, p, pc, mode, means, proj)
+        corr = _corrections(rng, centre_vectors(v, dc, means, proj) if m else v, idx, p)
+    _check_match(v, dc, p, pc, mode, 0.1, threads, means, thr, proj, corr)
 
 
 def test_match_edge_cases_and_size() -> None:
@@ -473,8 +524,90 @@ def test_match_projection_errors() -> None:
     out = [np.empty(5, np.int64), np.empty(5, np.float32), np.empty(5, np.int64)]
     dc64 = dc.astype(np.int64)
     rc = rt._lib.mrt_match(v.ctypes.data, 5, d, dc64.ctypes.data, p.ctypes.data, 10, pc.ctypes.data, 0, None, 0,
-                           proj.ctypes.data, 0, None, 0.0, 1, *(o.ctypes.data for o in out))  # fmt: skip
+                           proj.ctypes.data, 0, None, 0.0, None, None, 1, *(o.ctypes.data for o in out))  # fmt: skip
     assert rc != 0 and b"d_out=0" in rt._lib.mrt_last_error()
+
+
+@pytest.mark.parametrize("mode", ["conditional", "global"])
+@pytest.mark.parametrize("space", ["plain", "centred", "centred + projection"])
+def test_match_corrections_at_size(mode, space) -> None:
+    """100 detections x 1000 prototypes with 0..20 corrections each: C vs ``refuse()``, any thread count;
+    corrections change only identities, only to -1 (no fallback to the next prototype), and a correction
+    equal to the prototype (a tie) refuses nothing."""
+    rng = np.random.default_rng(11)
+    d = 448
+    v = rng.normal(0, 1, (100, d)).astype(np.float32)
+    dc, pc = rng.integers(0, 80, 100), rng.integers(0, 80, 1000)
+    means = _unit(rng.normal(0, 0.2, (80, d))) * 0.5 if space != "plain" else None
+    proj = _proj(rng, d, 128) if space.endswith("projection") else None
+    p = _unit(rng.normal(0, 1, (1000, d if proj is None else 128)))
+    idx, sim = np_match(v, dc, p, pc, mode, means, proj)
+    u = centre_vectors(v, dc, means, proj)
+    t = float(np.quantile(sim, 0.2))  # most detections named: most pay for their identity's corrections
+    neg, off = _corrections(rng, u, idx, p)
+    assert off[-1] == len(neg) and np.diff(off).max() == MAX_NEGATIVES and (np.diff(off) == 0).any()
+    plain = rt.match(v, dc, p, pc, mode, t, means=means, proj=proj)
+    runs = [_check_match(v, dc, p, pc, mode, t, threads, means, None, proj, (neg, off)) for threads in (1, 2)]
+    for a, b in zip(runs[0], runs[1]):
+        np.testing.assert_array_equal(a, b)
+    got = runs[0]
+    np.testing.assert_array_equal(got.idx, plain.idx)  # the nearest prototype and its cosine stay
+    np.testing.assert_array_equal(got.sim, plain.sim)
+    changed = got.identity != plain.identity
+    assert changed.sum() >= 5 and (got.identity[changed] == -1).all() and (plain.identity[changed] >= 0).all()
+    # only ties left: every correction an exact copy of its prototype -> nothing refused
+    ties = np.repeat(p, 3, axis=0)
+    tie_off = np.arange(0, 3 * len(p) + 1, 3, dtype=np.int32)
+    tied = rt.match(v, dc, p, pc, mode, t, means=means, proj=proj, negatives=ties, neg_offsets=tie_off)
+    np.testing.assert_array_equal(tied.identity, plain.identity)
+
+
+def test_match_corrections_no_fallback_and_errors() -> None:
+    """Refused by its nearest identity's correction, a detection is unknown even though the second-nearest
+    prototype clears its threshold; bad corrections arguments are one NativeRuntimeError line."""
+    e = np.eye(4, dtype=np.float32)
+    p = _unit(np.array([[1, 0, 0, 0], [1, 0.5, 0, 0]], np.float32))  # A, and B near it
+    pc = np.zeros(2, np.int64)
+    v = _unit(np.array([[1, 0.05, 0.3, 0], [1, 0.05, 0.0, 0]], np.float32))
+    neg, off = _unit((e[0] + 0.5 * e[2])[None]), np.array([0, 1, 1], np.int32)  # "not A": towards z
+    got = rt.match(v, np.zeros(2, np.int64), p, pc, "global", 0.5, negatives=neg, neg_offsets=off)
+    assert got.idx.tolist() == [0, 0] and got.identity.tolist() == [-1, 0]
+    assert float(v[0] @ p[1]) > 0.5  # B would have been accepted: no fallback to it
+    want = refuse(decide(got.idx, got.sim, 0.5), v, p, neg, off)
+    np.testing.assert_array_equal(got.identity, want)
+    # empty corrections: the same as none
+    none = rt.match(v, np.zeros(2, np.int64), p, pc, "global", 0.5, negatives=neg[:0],
+                    neg_offsets=np.zeros(3, np.int32))  # fmt: skip
+    assert none.identity.tolist() == [0, 0]
+    dc = np.zeros(2, np.int64)
+    for kw, problem in [
+        ({"negatives": neg}, "negatives and neg_offsets go together"),
+        ({"neg_offsets": off}, "negatives and neg_offsets go together"),
+        ({"negatives": neg.astype(np.int64), "neg_offsets": off}, "negatives must be a float32 array"),
+        ({"negatives": neg, "neg_offsets": off.astype(np.float32)}, "neg_offsets must be an integer array"),
+        ({"negatives": neg[:, :3], "neg_offsets": off}, r"negatives \(1, 3\) must be \(K, 4\)"),
+        ({"negatives": neg[0], "neg_offsets": off}, r"negatives \(4,\) must be \(K, 4\)"),
+        ({"negatives": neg, "neg_offsets": off[:2]}, r"neg_offsets \(2,\) must be \(3,\) from 0 to the 1"),
+        ({"negatives": neg, "neg_offsets": np.array([1, 1, 1])}, r"must be \(3,\) from 0"),
+        ({"negatives": neg, "neg_offsets": np.array([0, 1, 2])}, r"from 0 to the 1 negatives"),
+        ({"negatives": neg, "neg_offsets": np.array([0, 2**32 + 1, 1])}, r"from 0 to the 1 negatives"),
+    ]:  # fmt: skip
+        with pytest.raises(rt.NativeRuntimeError, match=problem):
+            rt.match(v, dc, p, pc, "global", 0.5, **kw)
+    # offsets that decrease (within 0..K): the C library's check; and its own checks on a direct call
+    p3, pc3 = _unit(np.stack([e[0], e[1], e[3]])), np.zeros(3, np.int64)
+    three = _unit(np.stack([e[0], e[1], e[2]]))
+    with pytest.raises(
+        rt.NativeRuntimeError, match=r"corrections offsets decrease at prototype 1 \(2 -> 1\)"
+    ):
+        rt.match(v, dc, p3, pc3, "global", 0.5, negatives=three, neg_offsets=np.array([0, 2, 1, 3]))
+    out = [np.empty(2, np.int64), np.empty(2, np.float32), np.empty(2, np.int64)]
+    for offsets, problem in [(None, b"corrections without their offsets"),
+                             (np.array([1, 1, 2, 3], np.int32), b"corrections offsets start at 1, not 0")]:  # fmt: skip
+        rc = rt._lib.mrt_match(v.ctypes.data, 2, 4, dc.ctypes.data, p3.ctypes.data, 3, pc3.ctypes.data, 1, None, 0,
+                               None, 0, None, 0.5, three.ctypes.data, None if offsets is None else offsets.ctypes.data,
+                               1, *(o.ctypes.data for o in out))  # fmt: skip
+        assert rc != 0 and problem in rt._lib.mrt_last_error()
 
 
 # ------------------------------------------------------------------------------------------ build
@@ -659,6 +792,20 @@ def test_cuda_twins_match_c_library() -> None:
                 np.testing.assert_array_equal(
                     ident, decide(idx, sim, 0.05 if thresholds is None else thresholds)
                 )
+                # "not NAME" corrections, 0..20 per prototype (refusing, tied, random): CUDA vs refuse()
+                u = centre_vectors(v, dc, means, pj)
+                neg, off = _corrections(rng, u, want.idx, pm)
+                outs = [np.zeros(100, np.int64), np.zeros(100, np.float32), np.zeros(100, np.int64)]
+                d_outs = [dev(o) for o in outs]
+                cuda.match(dev(v), 100, 448, dev(dc.astype(np.int64)), dev(pm), 1000, dev(pc.astype(np.int64)),
+                           mode, 0.05, *d_outs, negatives=dev(neg), neg_offsets=dev(off), **extra)  # fmt: skip
+                idx, sim, ident = (host(d, o) for d, o in zip(d_outs, outs))
+                np.testing.assert_array_equal(idx, want.idx)
+                np.testing.assert_allclose(sim, want.sim, rtol=1e-5, atol=1e-6)
+                named = decide(idx, sim, 0.05 if thresholds is None else thresholds)
+                ref, sure = _refused(named, u, pm, neg, off)
+                np.testing.assert_array_equal(ident[sure], ref[sure])
+                assert ((ident == -1) & (named >= 0)).any()  # some were refused
         # a class without a mean: reported per detection (idx -1, sim NaN) as the error cannot be raised
         outs = [np.zeros(100, np.int64), np.zeros(100, np.float32), np.zeros(100, np.int64)]
         d_outs = [dev(o) for o in outs]

@@ -3,7 +3,8 @@
 // the output columns, y in shared memory after v), threads take prototypes j = tid,
 // tid + blockDim, ... (conditional: same class only), and a block reduction keeps the best (first index on
 // ties; any NaN -> idx -1, sim NaN; nothing eligible -> -1, -inf); identity by the scalar threshold or the
-// winner's own threshold.
+// winner's own threshold; then the "not NAME" corrections of that identity (threads over its CSR rows) refuse
+// it when one is strictly nearer than its prototype (both dot products by the same serial fmaf loop).
 #include <math.h>
 
 #include "common.cuh"
@@ -43,11 +44,14 @@ __device__ float block_norm(double s, double *part) {
 __global__ void k_match(const float *__restrict__ vec, int d, const int64_t *__restrict__ det_cls,
                         const float *__restrict__ protos, int m, const int64_t *__restrict__ proto_cls, int cond,
                         const float *__restrict__ means, int n_means, const float *__restrict__ proj, int d_out,
-                        const float *__restrict__ thresholds, float threshold, int64_t *__restrict__ idx,
-                        float *__restrict__ sim, int64_t *__restrict__ identity) {
+                        const float *__restrict__ thresholds, float threshold,
+                        const float *__restrict__ negatives, const int32_t *__restrict__ neg_offsets,
+                        int64_t *__restrict__ idx, float *__restrict__ sim, int64_t *__restrict__ identity) {
     extern __shared__ float v[];  // d floats (+ d_out with a projection)
     __shared__ double part[THREADS];
     __shared__ Best bests[THREADS];
+    __shared__ int chosen, refused;  // the identity after the threshold (-1: none); a correction refused it
+    __shared__ float own;            // its cosine, as the serial loop below computed it
     const int i = blockIdx.x, t = threadIdx.x;
     const float *x = vec + (size_t)i * d;
     double s = 0.0;
@@ -117,15 +121,29 @@ __global__ void k_match(const float *__restrict__ vec, int d, const int64_t *__r
         idx[i] = id;
         sim[i] = sv;
         const float thr = id >= 0 && thresholds ? thresholds[id] : threshold;
-        if (identity) identity[i] = id >= 0 && sv >= thr ? id : -1;
+        chosen = identity && id >= 0 && sv >= thr ? (int)id : -1;
+        own = sv;
+        refused = 0;
     }
+    __syncthreads();
+    if (chosen >= 0 && negatives) {  // block-uniform: its identity's corrections, threads over the rows
+        for (int k = neg_offsets[chosen] + t; k < neg_offsets[chosen + 1]; k += THREADS) {
+            const float *q = negatives + (size_t)k * dd;
+            float acc = 0.f;
+            for (int e = 0; e < dd; e++) acc = fmaf(w[e], q[e], acc);
+            if (acc > own) refused = 1;  // any thread may set it: the same value
+        }
+        __syncthreads();
+    }
+    if (t == 0 && identity) identity[i] = chosen >= 0 && !refused ? chosen : -1;
 }
 
 extern "C" MRT_API int mrt_cuda_match(const float *vectors, int n, int d, const int64_t *det_cls,
                                       const float *prototypes, int m, const int64_t *proto_cls, int mode,
                                       const float *means, int n_means, const float *proj, int d_out,
-                                      const float *thresholds, float threshold, int64_t *idx, float *sim,
-                                      int64_t *identity, void *stream) {
+                                      const float *thresholds, float threshold, const float *negatives,
+                                      const int32_t *neg_offsets, int64_t *idx, float *sim, int64_t *identity,
+                                      void *stream) {
     MRT_CUDA_CHECK_ARG(n >= 0 && m >= 0 && d >= 1, "bad sizes n=%d m=%d d=%d", n, m, d);
     MRT_CUDA_CHECK_ARG(mode == MRT_MATCH_CONDITIONAL || mode == MRT_MATCH_GLOBAL, "matching mode %d unknown", mode);
     MRT_CUDA_CHECK_ARG(n == 0 || (vectors && idx && sim), "null pointer argument");
@@ -135,13 +153,14 @@ extern "C" MRT_API int mrt_cuda_match(const float *vectors, int n, int d, const 
     const int centre = means && n_means > 0 && m > 0;  // nothing to match: the reference skips centring
     MRT_CUDA_CHECK_ARG(!centre || n_means == 1 || n == 0 || det_cls, "null class array (per-class means)");
     MRT_CUDA_CHECK_ARG(!proj || d_out >= 1, "bad projection output size d_out=%d", d_out);
+    MRT_CUDA_CHECK_ARG(!negatives || neg_offsets, "corrections without their offsets");
     const size_t floats = (size_t)d + (proj ? (size_t)d_out : 0);
     MRT_CUDA_CHECK_ARG(floats * sizeof(float) <= 40 * 1024,
                        "vector size %d (+ projection %d) too large (max 10240 in all)", d, proj ? d_out : 0);
     if (n == 0) return MRT_OK;
     k_match<<<n, THREADS, sizeof(float) * floats, (cudaStream_t)stream>>>(
         vectors, d, det_cls, prototypes, m, proto_cls, mode == MRT_MATCH_CONDITIONAL, means, centre ? n_means : 0,
-        proj, proj ? d_out : 0, thresholds, threshold, idx, sim, identity);
+        proj, proj ? d_out : 0, thresholds, threshold, negatives, negatives ? neg_offsets : NULL, idx, sim, identity);
     MRT_LAUNCHED();
     return MRT_OK;
 }

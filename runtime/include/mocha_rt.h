@@ -11,8 +11,8 @@
  *   decode_nms - DFL decode + single-label class-aware greedy NMS             (export/reference.py)
  *   pool       - box-area-mean/v2                                              (models/pooling.py)
  *   match      - cosine nearest prototype, conditional | global               (mocha_edge.prototypes.match)
- *                with optional vector centring, linear projection and         (prototypes.centre_vectors,
- *                per-prototype thresholds                                     decide)
+ *                with optional vector centring, linear projection,            (prototypes.centre_vectors,
+ *                per-prototype thresholds and "not NAME" corrections           decide, refuse)
  */
 #ifndef MOCHA_RT_H
 #define MOCHA_RT_H
@@ -24,7 +24,7 @@
 extern "C" {
 #endif
 
-#define MRT_ABI_VERSION 3
+#define MRT_ABI_VERSION 4
 
 #if defined(__GNUC__)
 #define MRT_API __attribute__((visibility("default")))
@@ -108,10 +108,16 @@ MRT_API int mrt_pool(const float *const *maps, const int *chw, const float *stri
  * Linear projection (proj not NULL, (d, d_out) row-major, d_out >= 1): after centring (or the first
  * normalisation), y = l2n(u @ proj), and matching happens in d_out dimensions against prototypes (m, d_out)
  * given projected. proj NULL: no projection, d_out ignored. The projection's rows may be split over threads
- * (same results for any thread count). */
+ * (same results for any thread count).
+ * "Not NAME" corrections (negatives not NULL): unit rows (K, d) ((K, d_out) with a projection, the matching
+ * space), CSR over the prototypes: prototype j's are rows neg_offsets[j] .. neg_offsets[j + 1] (m + 1 int32,
+ * starting at 0, non-decreasing). A detection whose identity is j (after the threshold) becomes -1 when one
+ * of j's corrections has a cosine strictly greater than j's prototype (both by one dot routine); idx and sim
+ * stay the prototype's. No fallback to another prototype. negatives NULL: none (neg_offsets ignored). */
 MRT_API int mrt_match(const float *vectors, int n, int d, const int64_t *det_cls, const float *prototypes, int m,
               const int64_t *proto_cls, int mode, const float *means, int n_means, const float *proj, int d_out,
-              const float *thresholds, float threshold, int threads, int64_t *idx, float *sim, int64_t *identity);
+              const float *thresholds, float threshold, const float *negatives, const int32_t *neg_offsets,
+              int threads, int64_t *idx, float *sim, int64_t *identity);
 
 /* ------------------------------------------------------------------------------- CUDA twins (device) */
 /* Same rules, device pointers, asynchronous on `stream` (a cudaStream_t). Built only into
@@ -130,13 +136,14 @@ MRT_API int mrt_cuda_decode_nms(const float *box_dist, const float *cls_logits, 
 /* maps: host array of nlevels device pointers; chw, strides: host arrays; boxes, out: device. */
 MRT_API int mrt_cuda_pool(const float *const *maps, const int *chw, const float *strides, int nlevels,
                   const float *boxes, int n, float *out, void *stream);
-/* means, proj, thresholds: device pointers (or NULL). A class outside [0, n_means) cannot be reported
- * synchronously: that detection gets idx -1, sim NaN, identity -1. d + d_out floats of shared memory per
+/* means, proj, thresholds, negatives, neg_offsets: device pointers (or NULL). A class outside [0, n_means)
+ * cannot be reported synchronously: that detection gets idx -1, sim NaN, identity -1; neg_offsets cannot be
+ * checked either (the caller's: m + 1 entries from 0, non-decreasing). d + d_out floats of shared memory per
  * block: at most 10240 in all. */
 MRT_API int mrt_cuda_match(const float *vectors, int n, int d, const int64_t *det_cls, const float *prototypes, int m,
                    const int64_t *proto_cls, int mode, const float *means, int n_means, const float *proj,
-                   int d_out, const float *thresholds, float threshold, int64_t *idx, float *sim, int64_t *identity,
-                   void *stream);
+                   int d_out, const float *thresholds, float threshold, const float *negatives,
+                   const int32_t *neg_offsets, int64_t *idx, float *sim, int64_t *identity, void *stream);
 /* The archs the CUDA library was built for (e.g. "sm_87;sm_110"). */
 MRT_API const char *mrt_cuda_archs(void);
 

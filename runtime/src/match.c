@@ -11,6 +11,11 @@
  * no -ffast-math; FMA contraction allowed in that kernel only), prototypes in L2-sized chunks; large global
  * problems can be split over threads (the threads argument or mrt_set_threads) by prototype range and
  * merged with the same first-index tie rule.
+ *
+ * "Not NAME" corrections (prototypes.refuse): a detection given identity j stays j only while none of j's
+ * corrections (CSR rows neg_offsets[j] .. neg_offsets[j + 1]) is nearer it than j's prototype; both cosines are
+ * taken by one dot routine (dot_row), so a correction equal to the prototype refuses nothing. Cost: k_j + 1
+ * dot products per named detection.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -32,6 +37,14 @@ MRT_CLONES static void l2n_row(const float *x, float *y, int d) {
     float nrm = (float)sqrt(s);
     if (!(nrm >= 1e-12f) && nrm == nrm) nrm = 1e-12f;
     for (int k = 0; k < d; k++) y[k] = x[k] / nrm;
+}
+
+/* sum_k a[k] * b[k] in float32, in one fixed order for a given d (a prototype and its corrections alike). */
+MRT_CLONES static float dot_row(const float *restrict a, const float *restrict b, int d) {
+    float s = 0.f;
+#pragma omp simd reduction(+ : s)
+    for (int k = 0; k < d; k++) s += a[k] * b[k];
+    return s;
 }
 
 typedef struct {
@@ -200,7 +213,8 @@ static int key_cmp(const void *pa, const void *pb) {
 
 int mrt_match(const float *vectors, int n, int d, const int64_t *det_cls, const float *prototypes, int m,
               const int64_t *proto_cls, int mode, const float *means, int n_means, const float *proj, int d_out,
-              const float *thresholds, float threshold, int threads, int64_t *idx, float *sim, int64_t *identity) {
+              const float *thresholds, float threshold, const float *negatives, const int32_t *neg_offsets,
+              int threads, int64_t *idx, float *sim, int64_t *identity) {
     MRT_CHECK(n >= 0 && m >= 0 && d >= 1, "bad sizes n=%d m=%d d=%d", n, m, d);
     MRT_CHECK(mode == MRT_MATCH_CONDITIONAL || mode == MRT_MATCH_GLOBAL, "matching mode %d unknown", mode);
     MRT_CHECK(n == 0 || (vectors && idx && sim), "null pointer argument");
@@ -208,6 +222,13 @@ int mrt_match(const float *vectors, int n, int d, const int64_t *det_cls, const 
     MRT_CHECK(mode == MRT_MATCH_GLOBAL || n == 0 || m == 0 || (det_cls && proto_cls), "null class arrays");
     MRT_CHECK(n_means >= 0 && (n_means == 0 || means), "bad vector centring means (n_means=%d)", n_means);
     MRT_CHECK(!proj || d_out >= 1, "bad projection output size d_out=%d", d_out);
+    MRT_CHECK(!negatives || neg_offsets, "corrections without their offsets");
+    if (negatives) { /* CSR over the m prototypes */
+        MRT_CHECK(neg_offsets[0] == 0, "corrections offsets start at %d, not 0", neg_offsets[0]);
+        for (int j = 0; j < m; j++)
+            MRT_CHECK(neg_offsets[j + 1] >= neg_offsets[j], "corrections offsets decrease at prototype %d (%d -> %d)",
+                      j, neg_offsets[j], neg_offsets[j + 1]);
+    }
     const int centre = means && n_means > 0 && m > 0; /* nothing to match: the reference skips centring */
     MRT_CHECK(!centre || n_means == 1 || n == 0 || det_cls, "null class array (per-class means)");
     if (centre && n_means > 1)
@@ -297,6 +318,16 @@ int mrt_match(const float *vectors, int n, int d, const int64_t *det_cls, const 
         if (identity) {
             const float thr = idx[i] >= 0 && thresholds ? thresholds[idx[i]] : threshold;
             identity[i] = idx[i] >= 0 && sim[i] >= thr ? idx[i] : -1;
+            if (identity[i] >= 0 && negatives) { /* its identity's corrections: one nearer than it refuses it */
+                const int j = (int)identity[i];
+                const float *u = vs + (size_t)i * d;
+                const float own = dot_row(u, prototypes + (size_t)j * d, d);
+                for (int k = neg_offsets[j]; k < neg_offsets[j + 1]; k++)
+                    if (dot_row(u, negatives + (size_t)k * d, d) > own) {
+                        identity[i] = -1;
+                        break;
+                    }
+            }
         }
     }
     free(vn), free(yv), free(dp), free(pp), free(pidx), free(bv), free(bp), free(dk), free(pk);
