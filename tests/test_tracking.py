@@ -163,3 +163,30 @@ def test_cli_choices_are_the_trackers() -> None:
     from mocha_edge.deploy.tracking import TRACKERS
 
     assert TRACKER_CHOICES == TRACKERS
+
+
+def test_a_person_assigns_and_refuses_identities_of_a_track() -> None:
+    """The web page: an enrolment from a box pins the name on its track (even one whose detections are
+    below the naming confidence, and against a more similar track); "not NAME" takes it off at once, and the
+    matcher never gives it back to that track."""
+    ti = TrackIdentities(
+        "cam", ["mug"], IdentityRule(window=3, commit=1, switch=2, leave_after=1.0), name_conf=0.5
+    )
+    ti.set_identities(["rex"])
+
+    def match(v: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return np.zeros(len(c), np.int64), np.full(len(c), 0.9, np.float32)  # every vote says rex
+
+    d = dets([[10, 10, 50, 50], [150, 10, 200, 50]], scores=[0.3, 0.9])  # track 1 never votes
+    ident, _, ev = ti.update(0.0, 0, d, np.array([1, 2]), IMG, match)
+    assert ident.tolist() == [-1, 0]  # track 2 named by the matcher
+    assert ti.assign(1, "rex") and not ti.assign(99, "rex")
+    ident, _, ev = ti.update(0.1, 1, d, np.array([1, 2]), IMG, match)
+    assert ident.tolist() == [0, -1]  # the person's word beats the matcher's more similar track
+    assert [(e.kind, e.track_id, e.identity) for e in ev] == [("changed", 2, None), ("identified", 1, "rex")]
+    assert ti.refuse(1, "rex")
+    ident, _, ev = ti.update(0.2, 2, d, np.array([1, 2]), IMG, match)
+    assert ident[0] == -1 and ("changed", 1, None) in [(e.kind, e.track_id, e.identity) for e in ev]
+    for f in range(3, 10):  # the matcher says rex for track 1 too (now it votes): it never takes it again
+        ident, _, _ = ti.update(f / 10, f, dets([[10, 10, 50, 50]], scores=[0.9]), np.array([1]), IMG, match)
+        assert ident[0] == -1

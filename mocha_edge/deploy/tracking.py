@@ -206,6 +206,7 @@ class _Track:
     best_vector: np.ndarray | None = None  # unit vector of its best confident detection (enrolment by track)
     vector_quality: float = -1.0
     refused: set[str] = field(default_factory=set)  # identities a person said this track is not
+    pinned: str | None = None  # the identity a person gave this track (it keeps it while it lives)
     active: bool = True  # seen in the last frame
 
 
@@ -267,6 +268,18 @@ class TrackIdentities:
         self.presence = {remap[i]: v for i, v in self.presence.items() if remap.get(i, -1) >= 0}
         self.identity_names = list(names)
 
+    def assign(self, track_id: int, name: str) -> bool:
+        """A person says track ``track_id`` is ``name`` (the web page's enrolment from a box): from the next
+        frame in which ``name`` is in the bank, the track holds it for its life, whatever the running mean
+        says (one track per identity: another track holding it loses it), until :meth:`refuse`. False: no
+        such track."""
+        tr = self.tracks.get(int(track_id))
+        if tr is None:
+            return False
+        tr.pinned = name
+        tr.refused.discard(name)
+        return True
+
     def refuse(self, track_id: int, name: str) -> bool:
         """A person says track ``track_id`` is not ``name`` (the web page's "not NAME"): the track drops that
         identity now (a ``changed`` event with the next frame) and never takes it again. False: no such track."""
@@ -274,6 +287,8 @@ class TrackIdentities:
         if tr is None:
             return False
         tr.refused.add(name)
+        if tr.pinned == name:
+            tr.pinned = None
         if tr.identity >= 0 and self._ident_name(tr.identity) == name:
             prev = tr.identity
             self.presence.pop(prev, None)
@@ -333,6 +348,13 @@ class TrackIdentities:
                 if crop.size:
                     tr.best_quality, tr.best_shot = quality, crop.copy()
             seen.append((i, tr))
+        # identities a person gave to tracks, from the frame their name is in the bank
+        if any(tr.pinned is not None for _, tr in seen):
+            index = {n: k for k, n in enumerate(self.identity_names)}
+            for _, tr in seen:
+                d = index.get(tr.pinned, -1) if tr.pinned is not None else -1
+                if d >= 0 and tr.identity != d:
+                    events += self._commit(tr, d, float("nan"), t, frame, force=True)
         # one decision per track that has evidence: the running mean matched against the bank
         voters = [(i, tr) for i, tr in seen if tr.vectors]
         if voters and self.identity_names:
@@ -341,6 +363,9 @@ class TrackIdentities:
             d_ident, d_sim = match(means, cls)
             for (_, tr), d, s in zip(voters, d_ident, d_sim):
                 d = int(d)
+                if tr.pinned is not None:  # a person's word: the matcher only gives its similarity
+                    tr.similarity = float(s) if d == tr.identity else float("nan")
+                    continue
                 if d >= 0 and tr.refused and self._ident_name(d) in tr.refused:
                     d = -1  # a person said this track is not that identity
                 if d == tr.candidate:
@@ -377,16 +402,17 @@ class TrackIdentities:
             events.append(self._event("leave", tr, t, frame))
         return ident, sim, events
 
-    def _commit(self, tr: _Track, d: int, s: float, t: float, frame: int) -> list[Event]:
-        """Give identity ``d`` to ``tr`` (one track per identity and camera; module doc)."""
+    def _commit(self, tr: _Track, d: int, s: float, t: float, frame: int, force: bool = False) -> list[Event]:
+        """Give identity ``d`` to ``tr`` (one track per identity and camera; module doc); ``force``: even from
+        a more similar track seen now (a person's word)."""
         events: list[Event] = []
         holder = self.presence.get(d)
         other = self.tracks.get(holder[0]) if holder is not None and holder[0] != tr.tid else None
         silent = False
         if other is not None and other.identity == d:
             if other.active:
-                if other.similarity >= s:
-                    return []  # the other track, seen now and more similar, keeps it
+                if not force and (other.similarity >= s or other.pinned == self._ident_name(d)):
+                    return []  # the other track, seen now and more similar (or named by a person), keeps it  # the other track, seen now and more similar, keeps it
                 other.identity, other.similarity = -1, float("nan")
                 events.append(self._event("changed", other, t, frame, previous=d))
             else:  # lost, not yet left: this track continues its presence

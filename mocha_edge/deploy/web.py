@@ -471,10 +471,14 @@ def run_command(cmd: Command, enroller: Any, cams: dict[str, Any]) -> None:
                 )
             enroller.enrol(a["name"], tr.best_vector, tr.cls, f"{a['camera']} track {tr.tid}",
                            thumb=tr.best_shot, done=cmd.future)  # fmt: skip
+            _pin_when_done(cmd, idents, tr.tid)
         elif cmd.kind == "enrol":
             enroller.enrol(
                 a["name"], a["vector"], a["cls"], a["where"], thumb=a.get("thumb"), done=cmd.future
             )
+            idents = cams.get(a["camera"])
+            if idents is not None and a.get("track_id") is not None:
+                _pin_when_done(cmd, idents, int(a["track_id"]))
         elif cmd.kind == "negative":
             enroller.add_negative(a["name"], a["vector"], a["cls"], a["where"], done=cmd.future)
             idents = cams.get(a["camera"])
@@ -493,6 +497,17 @@ def run_command(cmd: Command, enroller: Any, cams: dict[str, Any]) -> None:
         if not cmd.future.done():
             cmd.future.set_exception(CommandError(500, f"{type(e).__name__}: {e}"))
         raise
+
+
+def _pin_when_done(cmd: Command, idents: Any, track_id: int) -> None:
+    """Once the enrolment is in the bank, the clicked track holds the name (a person said so): it shows on the
+    box from the next frame, whatever the track's running mean and confidence say."""
+
+    def pin(fut: concurrent.futures.Future) -> None:
+        if not fut.cancelled() and fut.exception() is None:
+            idents.assign(track_id, cmd.args["name"])
+
+    cmd.future.add_done_callback(pin)
 
 
 # ------------------------------------------------------------------------------------------ ASGI guard
@@ -792,8 +807,9 @@ def create_app(hub: WebHub) -> Any:
             return await outcome(hub.submit("enrol_track", name=name, camera=cam, track_id=req.track_id), 201)
         v, i = held(cam, req.detection_id)
         crop = await run_in_threadpool(v.crop, i)
+        tid = int(v.track_ids[i])
         fut = hub.submit("enrol", name=name, camera=cam, vector=v.vectors[i], cls=int(v.cls[i]), thumb=crop,
-                         where=f"{cam} frame {v.frame} (web)")  # fmt: skip
+                         track_id=tid if tid >= 0 else None, where=f"{cam} frame {v.frame} (web)")  # fmt: skip
         return await outcome(fut, 201)
 
     @app.post(
