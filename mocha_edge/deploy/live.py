@@ -1143,6 +1143,7 @@ def run_cmd(model: Path, bank: Path | None, sources: tuple[str, ...], cameras: t
             raise click.BadParameter(str(e).removeprefix(f"--http {http}: "), param_hint="--http") from None
         if not http_fps > 0:
             raise click.BadParameter("must be > 0", param_hint="--http-fps")
+        http_token = http_token or None  # empty (an unset service variable): generated
         if http_token is not None and len(http_token) < 16:
             raise click.BadParameter("at least 16 characters", param_hint="--http-token")
     opts = RunOptions(save=save, jsonl=jsonl, sinks=list(sinks), show=show, max_frames=max_frames,
