@@ -208,6 +208,51 @@ def test_pipeline_identities_from_bank(random_model, coco8_dir: Path) -> None:
     assert sorted(loose.identity[loose.identity >= 0].tolist()) == [0, 1]
 
 
+def test_pipeline_corrections_refuse_the_corrected_vector(
+    exported: Path, synth_small: Path, coco8_dir: Path
+) -> None:
+    """A "not NAME" correction (``add_negative`` of a vector taken to the model's matching space): the
+    pipeline no longer names that vector, still names vectors nearer the prototype, keeps the prototype's
+    similarity; it equals ``decide`` + ``refuse`` on every mix of the two vectors, frames included."""
+    from mocha_edge.prototypes import PrototypeBank, decide, refuse
+    from mocha_edge.space import match_dim, space_id, to_space
+
+    pipe = Pipeline(exported, conf=CONF, name_conf=0.0)
+    frames = [read_bgr(p) for p in _images(synth_small, coco8_dir)]
+    dets = [pipe(f) for f in frames]
+    found = [(k, i) for k, d in enumerate(dets) for i in range(len(d))]
+    cls = {kd: int(dets[kd[0]].cls[kd[1]]) for kd in found}
+    c = next(c for c in set(cls.values()) if sum(v == c for v in cls.values()) >= 2)
+    (ka, ia), (kb, ib) = [kd for kd in found if cls[kd] == c][:2]
+    a, b = dets[ka].vectors[ia], dets[kb].vectors[ib]
+    bank = PrototypeBank(match_dim(pipe.space, pipe.dim), pipe.facts.model_fingerprint, list(pipe.names),
+                         precision=pipe.facts.precision, space=space_id(pipe.space))  # fmt: skip
+    bank.add("rex", c, to_space(pipe.space, a[None], c))
+    bank.set_threshold("rex", -1.0)  # every vector of its class is rex, until corrected
+    pipe.set_bank(bank)
+    mixes = np.stack([(1 - t) * a + t * b for t in np.linspace(0, 1, 21)]).astype(np.float32)
+    cc = np.full(len(mixes), c)
+    before, sim0 = pipe.match_vectors(mixes, cc)
+    assert (before == 0).all()
+    assert bank.add_negative("rex", to_space(pipe.space, b[None], c)) == 0
+    pipe.set_bank(bank)
+    after, sim1 = pipe.match_vectors(mixes, cc)
+    np.testing.assert_array_equal(sim1, sim0)  # the prototype's similarity, corrected or not
+    assert after[0] == 0 and after[-1] == -1  # the enrolled vector stays rex, the corrected one is refused
+    p, _, _ = bank.prototypes()
+    neg, off = bank.corrections()
+    want = refuse(
+        decide(np.zeros(len(mixes), np.int64), sim1, -1.0), to_space(pipe.space, mixes, cc), p, neg, off
+    )
+    np.testing.assert_array_equal(after, want)
+    assert 0 < (after == -1).sum() < len(mixes)  # the mixes nearer the prototype are still named
+    # in its frame, the corrected detection is unknown (and the enrolled one, in its own, still rex)
+    assert pipe(frames[kb]).identity[ib] == -1
+    assert pipe(frames[ka]).identity[ia] == 0
+    if pipe.space is not None:  # the matching space the corrections live in: centring, projection
+        assert pipe.match_dim == bank.dim
+
+
 def test_pipeline_input_follows_frame_size_changes(
     exported: Path, synth_small: Path, coco8_dir: Path
 ) -> None:

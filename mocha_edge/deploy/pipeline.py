@@ -156,6 +156,9 @@ class Pipeline:
         self._protos = np.zeros((0, self.match_dim), np.float32)
         self._proto_cls = np.zeros(0, np.int64)
         self._thresholds = np.zeros(0, np.float32)
+        # the bank's "not NAME" corrections, CSR over the prototypes (None: none)
+        self._negatives: np.ndarray | None = None
+        self._neg_offsets: np.ndarray | None = None
         self._means, self._proj = matcher_args(self.space)
         # run --threshold: one cosine for every identity instead of the bank's own (None: the bank's)
         self.threshold = None if threshold is None else float(threshold)
@@ -189,7 +192,8 @@ class Pipeline:
         return None, f"pre/post-processing: C kernels on the CPU ({why})"
 
     def set_bank(self, bank: Any) -> None:
-        """Use a :class:`~mocha_edge.prototypes.PrototypeBank` (or its file) for identities."""
+        """Use a :class:`~mocha_edge.prototypes.PrototypeBank` (or its file) for identities: its prototypes,
+        thresholds and "not NAME" corrections."""
         from mocha_edge.prototypes import PrototypeBank
 
         if isinstance(bank, (str, Path)):
@@ -204,6 +208,8 @@ class Pipeline:
         self._protos = np.ascontiguousarray(p, np.float32)
         self._proto_cls = np.ascontiguousarray(coarse, np.int64)
         self._thresholds = np.ascontiguousarray(bank.thresholds(), np.float32)
+        neg, off = bank.corrections()
+        self._negatives, self._neg_offsets = (neg, off) if len(neg) else (None, None)
         self.identity_names = names
 
     def __call__(self, bgr: np.ndarray) -> Detections:
@@ -244,16 +250,18 @@ class Pipeline:
         return Detections(boxes, scores, cls, vectors, ident, sim)
 
     def match_vectors(self, vectors: np.ndarray, cls: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Identity index (-1: below its threshold, or no bank) and cosine of arbitrary object vectors (a
-        track's running mean) against the bank, with the bank's thresholds (or ``threshold``); no detection
-        confidence rule and no one-per-identity rule (the caller's business)."""
+        """Identity index (-1: below its threshold, refused by one of its "not NAME" corrections, or no bank)
+        and cosine of arbitrary object vectors (a track's running mean) against the bank, with the bank's
+        thresholds (or ``threshold``); no detection confidence rule and no one-per-identity rule (the caller's
+        business)."""
         if not len(self._protos):
             return np.full(len(cls), -1, np.int64), np.full(len(cls), -np.inf, np.float32)
         per = None if self.threshold is not None else self._thresholds
         one = -np.inf if self.threshold is None else self.threshold
         _, sim, ident = self.rt.match(np.ascontiguousarray(vectors, np.float32), np.asarray(cls, np.int64),
                                       self._protos, self._proto_cls, self.mode, one, means=self._means,
-                                      thresholds=per, proj=self._proj)  # fmt: skip
+                                      thresholds=per, proj=self._proj, negatives=self._negatives,
+                                      neg_offsets=self._neg_offsets)  # fmt: skip
         return ident, sim
 
     def _match(
