@@ -670,7 +670,8 @@ def _check_bank(bank: PrototypeBank, student: Student, keep_translator: bool, pa
 
 
 def bank_lines(bank: PrototypeBank, path: Path | str = "") -> list[str]:
-    """A human-readable listing: identities, class, shots, threshold and where it came from."""
+    """A human-readable listing: identities, class, shots, "not NAME" corrections, threshold and where it
+    came from."""
     space = "translator space" if bank.translator else "student space"
     centring = "no centring" if bank.space == "none" else f"centring {bank.space.split(':')[0]}"
     out = [
@@ -680,12 +681,13 @@ def bank_lines(bank: PrototypeBank, path: Path | str = "") -> list[str]:
     if bank.identities:
         w = max(8, *(len(n) for n in bank.identities))
         cw = max(5, *(len(c) for c in bank.class_names))
-        out.append(f"  {'identity':<{w}}  {'class':<{cw}}  shots  threshold  source")
+        out.append(f"  {'identity':<{w}}  {'class':<{cw}}  shots  corrections  threshold  source")
         for n in sorted(bank.identities):
             i = bank.identities[n]
+            k = 0 if i.negatives is None else len(i.negatives)
             out.append(
-                f"  {n:<{w}}  {bank.class_names[i.coarse]:<{cw}}  {len(i.shots):>5}  {i.threshold:>9.3f}  "
-                f"{i.threshold_source}"
+                f"  {n:<{w}}  {bank.class_names[i.coarse]:<{cw}}  {len(i.shots):>5}  {k:>11}  "
+                f"{i.threshold:>9.3f}  {i.threshold_source}"
             )
     return out
 

@@ -289,9 +289,17 @@ def test_list(ckpt: Path, support, tmp_path: Path) -> None:
         "--image", a1, "--box", box_arg(ba1), "--image", a2, "--box", box_arg(ba2))  # fmt: skip
     out = run("--bank", bank, "--list").output
     assert "1 identities" in out and "student space" in out and "centring class-mean" in out
-    assert "threshold  source" in out
+    assert "shots  corrections  threshold  source" in out
     row = next(ln.split() for ln in out.splitlines() if ln.split()[:1] == ["cup"])
-    assert row[:3] == ["cup", "mug", "2"] and -1 <= float(row[3]) <= 1, out
+    assert row[:4] == ["cup", "mug", "2", "0"] and -1 <= float(row[4]) <= 1, out
+    # "not NAME" corrections are counted
+    b = PrototypeBank.load(bank)
+    b.add_negative("cup", np.random.default_rng(0).normal(size=(3, b.dim)))
+    b.save(bank)
+    row = next(
+        ln.split() for ln in run("--bank", bank, "--list").output.splitlines() if ln.split()[:1] == ["cup"]
+    )
+    assert row[:4] == ["cup", "mug", "2", "3"], row
 
 
 def test_calibrated_threshold(ckpt: Path, support, tmp_path: Path) -> None:
