@@ -101,6 +101,9 @@ class LiveEnroller:
         self._jobs: collections.deque[concurrent.futures.Future] = collections.deque()
         self._worker: concurrent.futures.ThreadPoolExecutor | None = None
         self.problem: str | None = None  # what is wrong with the bank file now (the web page shows it)
+        # called on the frame thread after each change of the bank or its problem, before the change's request
+        # is answered (the web page's identities list is never older than the answer)
+        self.on_change: Callable[[LiveEnroller], None] | None = None
 
     def auto_name(self) -> str:
         have = self.bank.identities if self.bank is not None else {}
@@ -335,6 +338,8 @@ class LiveEnroller:
                     self.enrolled.append(done.name)
         elif done.msg and not edit and done.future is None:
             self.problem = done.msg.removeprefix("warning: ")  # a reload that failed
+        if self.on_change is not None:
+            self.on_change(self)
         if done.future is not None and not done.future.done():
             if done.result is not None:
                 done.future.set_result(done.result)
@@ -366,6 +371,8 @@ class LiveEnroller:
                 "identities in use (a live enrolment writes a new file)"
             )
             self.log(f"warning: {self.problem}")
+            if self.on_change is not None:
+                self.on_change(self)
 
     def close(self) -> None:
         """Wait for queued edits (the bank file is final afterwards) and stop the worker."""

@@ -568,6 +568,8 @@ def run_loop(
     if web is not None:  # the page names cameras by their labels (URL-safe)
         for c in cams:
             web.add_camera(c.label)
+        enroller.on_change = lambda e: web.set_bank(e.bank, e.path, e.problem)
+        web.set_bank(enroller.bank, enroller.path, enroller.problem)
     all_sinks = [*shared, *(s for c in cams for s in c.own)]
     need_records = any(s.needs_records for s in all_sinks)
     need_image = window is not None or any(s.needs_image for s in all_sinks)
