@@ -686,7 +686,7 @@ def test_identified_events_of_a_generated_sequence_reach_the_broker(broker: Brok
     m = 100 / 255  # FakePipe's vectors follow the frame's brightness
     bank = PrototypeBank(4, "fake-model", ["mug", "toy"])
     bank.add("my mug", 0, np.array([[1.0, m, 0, 0]], np.float32))
-    bank.add("Rex/the #1 toy", 1, np.array([[0, 0, 1.0, m]], np.float32))
+    bank.add("Rex the #1+ toy", 1, np.array([[0, 0, 1.0, m]], np.float32))
     pipe = FakePipe()
     pipe.set_bank(bank)
     sub = Sub(broker.port)
@@ -700,8 +700,8 @@ def test_identified_events_of_a_generated_sequence_reach_the_broker(broker: Brok
     assert out.kind == "mqtt" and out.count == made and out.dropped == out.buffered == 0
     assert sub.wait_topic("mocha/seq/events", n=made)
     got = [json.loads(p) for p in sub.on("mocha/seq/events")]
-    assert sorted(e["identity"] for e in got if e["event"] == "identified") == ["Rex/the #1 toy", "my mug"]
-    for name in ("my mug", "Rex/the #1 toy"):
+    assert sorted(e["identity"] for e in got if e["event"] == "identified") == ["Rex the #1+ toy", "my mug"]
+    for name in ("my mug", "Rex the #1+ toy"):
         assert sub.on(f"mocha/seq/{topic_slug(name)}/presence") == [b"ON", b"OFF"]
     sub.close()
     src.close()
