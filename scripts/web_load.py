@@ -42,9 +42,19 @@ def main() -> None:
     ap.add_argument("--http-fps", type=float, default=10.0)
     ap.add_argument("--seconds", type=float, default=20.0, help="each of the three windows")
     ap.add_argument("--warmup", type=float, default=5.0)
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="--viewer http: windows with the viewer, each between two without",
+    )
     ap.add_argument("--conf", type=float, default=0.25)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--screenshot", type=Path)
+    ap.add_argument("--viewer", choices=["chromium", "http"], default="chromium",
+                    help="chromium: the page in a real browser on this machine (its rendering competes for these "
+                         "CPUs); http: a client making the page's requests (what the device pays when the page "
+                         "is on a phone)")  # fmt: skip
     a = ap.parse_args()
 
     from playwright.sync_api import sync_playwright
@@ -103,6 +113,7 @@ def main() -> None:
         f1 = page.evaluate(COUNT_JS) if page is not None else 0
         lat = [ms for t, ms in hub.done if t0 <= t < t1]
         row = {"seconds": round(t1 - t0, 2), "frames": len(lat), "source_frames": round((t1 - t0) * a.fps),
+               "_lat": lat,
                "loop_fps": round(len(lat) / (t1 - t0), 2),
                "shortfall_pct": round(max(0.0, 100 * (1 - len(lat) / ((t1 - t0) * a.fps))), 2),
                "p50_ms": round(statistics.median(lat), 2) if lat else None}  # fmt: skip
@@ -110,10 +121,26 @@ def main() -> None:
             row["page_fps"] = round((f1 - f0) / (t1 - t0), 2)
         return row
 
-    result: dict[str, Any] = {"model": str(a.model), "video": str(a.video), "fps": a.fps, "http_fps": a.http_fps}
+    result: dict[str, Any] = {
+        "model": str(a.model),
+        "video": str(a.video),
+        "fps": a.fps,
+        "http_fps": a.http_fps,
+    }
     try:
         time.sleep(a.warmup)
         result["no_viewer_before"] = window(a.seconds)
+        if a.viewer == "http":  # off, on, off, on, off, on, off: the machine's drift hits both alike
+            cam = next(iter(hub.cams))
+            ons, offs = [], [result.pop("no_viewer_before")]
+            for _ in range(a.rounds):
+                ons.append(http_viewer(server.port, cam, window, a.seconds))
+                time.sleep(4.0)  # views stop once nobody asks
+                offs.append(window(a.seconds))
+            result["no_viewer_before"], result["one_page_open"], result["no_viewer_after"] = (
+                pooled(offs[:1]), pooled(ons), pooled(offs[1:]))  # fmt: skip
+            result["windows"] = {"off": offs, "on": ons}
+            return finish(result, a, pooled(offs))
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=shutil.which("chromium"), headless=True,
                                         args=["--no-sandbox"])  # fmt: skip
@@ -133,22 +160,86 @@ def main() -> None:
         quit_.stop.set()
         th.join(30)
         server.stop()
+    finish(result, a)
+
+
+def pooled(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Windows of one condition as one: frames, shortfall and p50 over all of their frames."""
+    lat = [x for r in rows for x in r["_lat"]]
+    secs = sum(r["seconds"] for r in rows)
+    src = sum(r["source_frames"] for r in rows)
+    out = {"seconds": round(secs, 2), "frames": len(lat), "source_frames": src, "loop_fps": round(len(lat) / secs, 2),
+           "shortfall_pct": round(max(0.0, 100 * (1 - len(lat) / src)), 2), "p50_ms": round(statistics.median(lat), 2)}  # fmt: skip
+    if all("page_fps" in r for r in rows):
+        out["page_fps"] = round(sum(r["page_fps"] * r["seconds"] for r in rows) / secs, 2)
+    return out
+
+
+def finish(result: dict[str, Any], a: argparse.Namespace, off: dict[str, Any] | None = None) -> None:
+    """Ratios of the page-open window to the two without a viewer; print and write the result."""
+    result["viewer"] = a.viewer
     base = [result["no_viewer_before"], result["no_viewer_after"]]
-    p50 = statistics.mean(r["p50_ms"] for r in base)
+    p50 = off["p50_ms"] if off is not None else statistics.mean(r["p50_ms"] for r in base)
     open_ = result["one_page_open"]
     result["p50_growth_pct"] = round(100 * (open_["p50_ms"] / p50 - 1), 1)
     result["page_fps_of_http_fps_pct"] = round(100 * open_["page_fps"] / a.http_fps, 1)
+    for rows in ([result[k] for k in ("no_viewer_before", "one_page_open", "no_viewer_after")],
+                 *result.get("windows", {}).values()):  # fmt: skip
+        for r in rows:
+            r.pop("_lat", None)
     text = json.dumps(result, indent=2)
     print(text)
     if a.json is not None:
         a.json.write_text(text + "\n")
 
 
+VIEWER = """
+import http.client, json, sys, time
+port, cam, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+frame, n = -1, 0
+while True:
+    conn.request("GET", f"/api/cameras/{cam}/detections" + (f"?after={frame}" if frame >= 0 else ""))
+    d = json.loads(conn.getresponse().read())
+    if d["frame"] == frame or d["frame"] < 0:
+        continue
+    frame = d["frame"]
+    conn.request("GET", f"/api/cameras/{cam}/frame.jpg?boxes=0&frame={frame}")
+    conn.getresponse().read()
+    n += 1
+    with open(out, "a") as f:
+        f.write(f"{time.monotonic()}\\n")
+"""
+
+
+def http_viewer(port: int, cam: str, window: Any, seconds: float) -> dict[str, Any]:
+    """The page's requests (long-poll detections, then that frame's JPEG) from another process, as from a
+    phone, for one window; the frames a second it got."""
+    import subprocess
+    import sys
+
+    log = Path(tempfile.mkstemp(prefix="viewer-")[1])
+    proc = subprocess.Popen([sys.executable, "-c", VIEWER, str(port), cam, str(log)])
+    try:
+        time.sleep(2.0)
+        t0 = time.monotonic()
+        row = window(seconds)
+        t1 = time.monotonic()
+    finally:
+        proc.kill()
+        proc.wait()
+    stamps = [float(x) for x in log.read_text().split()]
+    row["page_fps"] = round(sum(t0 <= t < t1 for t in stamps) / (t1 - t0), 2)
+    return row
+
+
 def click_and_correct(page: Any) -> tuple[float | None, float | None]:
     """Enrol the first box from the page and time the name's appearance; then "not NAME" on it."""
     name = "load-test"
-    box = page.locator("[data-testid=box]").first
-    box.wait_for(timeout=10_000)
+    page.locator("[data-testid=box][data-track-id]").first.wait_for(timeout=10_000)
+    # the steadiest object: the box of the oldest track on screen (a person taps what they have been watching)
+    ids = page.eval_on_selector_all("[data-testid=box][data-track-id]", "els => els.map(e => +e.dataset.trackId)")
+    box = page.locator(f"[data-testid=box][data-track-id='{min(ids)}']").first
     box.click()
     page.get_by_test_id("name-input").fill(name)
     t0 = time.monotonic()
@@ -161,7 +252,7 @@ def click_and_correct(page: Any) -> tuple[float | None, float | None]:
     t0 = time.monotonic()
     page.get_by_test_id("not-name").click()
     sel = f"[data-testid=box][data-track-id='{track}'][data-identity='{name}']"
-    page.wait_for_function(f"document.querySelector(\"{sel}\") === null", timeout=10_000)
+    page.wait_for_function(f'document.querySelector("{sel}") === null', timeout=10_000)
     return round(t_name, 3), round(time.monotonic() - t0, 3)
 
 
