@@ -661,15 +661,27 @@ def bench_cmd(model: Path | None, backend: str, precision: str, imgsz: str | Non
 # ------------------------------------------------------------------------------------------------ eval-video
 @cli.command("eval-video")
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("--data", required=True, type=click.Path(path_type=Path),
-              help="Folder of `data synth --video` (or its video/ folder, or one seq_NNN.json).")  # fmt: skip
+@click.option("--data", required=True, multiple=True, type=click.Path(path_type=Path),
+              help="Folder of `data synth --video` (or its video/ folder, or one seq_NNN.json); repeatable: "
+                   "each enrolled from its own supports, rows pooled.")  # fmt: skip
 @click.option("--json", "json_out", required=True, type=click.Path(path_type=Path), help="Results (JSON).")
 @click.option("--ckpt", type=click.Path(path_type=Path),
               help="Checkpoint to enrol with [default: MODEL's, or the one its export names].")  # fmt: skip
 @click.option("--tracker", "trackers", multiple=True, type=click.Choice(["none", "bytetrack", "botsort"]),
               help="Rows to evaluate (repeatable) [default: none, bytetrack, botsort].")  # fmt: skip
+@click.option("--corrections", is_flag=True,
+              help="\"Not NAME\" protocol: a simulated user corrects wrongly named distractor tracks on the first "
+                   "half of each sequence; the rest is scored with the enrolled and with the corrected bank.")  # fmt: skip
+@click.option("--blocks", "block_s", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
+              help="With --corrections: alternate held-out and scored blocks of SECONDS instead of halves.")  # fmt: skip
 def eval_video_cmd(
-    model: Path, data: Path, json_out: Path, ckpt: Path | None, trackers: tuple[str, ...]
+    model: Path,
+    data: tuple[Path, ...],
+    json_out: Path,
+    ckpt: Path | None,
+    trackers: tuple[str, ...],
+    corrections: bool,
+    block_s: float | None,
 ) -> None:
     """Identities over time on generated video: enrol every identity from the sequences' support photos,
     run the deployed pipeline over every frame, and score per-frame labels (--tracker none) and each
@@ -681,12 +693,17 @@ def eval_video_cmd(
       mocha-edge data synth --out data/v7 --seed 7 --train 8 --val 2 --query 2 --video \\
           --video-frames 600 --video-sequences 2
       mocha-edge eval-video runs/export/student.onnx --data data/v7 --json eval_video.json
+      mocha-edge eval-video runs/export/student.onnx --data data/v7 --data data/v11 --corrections \\
+          --json corrections.json
     """
     from mocha_edge.eval_video import TRACKER_ROWS, format_table, run_eval_video
     from mocha_edge.utils import offline_env, write_json_atomic
 
     offline_env()
-    res = run_eval_video(model, data, trackers=trackers or TRACKER_ROWS, ckpt=ckpt, log=click.echo)
+    if block_s is not None and not corrections:
+        raise click.UsageError("--blocks goes with --corrections")
+    res = run_eval_video(model, data, trackers=trackers or TRACKER_ROWS, ckpt=ckpt, corrections=corrections,
+                         block_s=block_s, log=click.echo)  # fmt: skip
     write_json_atomic(json_out, res)
     click.echo(format_table(res))
     click.echo(f"wrote {json_out}")
