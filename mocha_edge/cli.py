@@ -267,7 +267,15 @@ def _parse_hyp(values: tuple[str, ...]) -> dict:
     show_default=True,
     help="--no-distill trains the baseline: same run without the teacher terms.",
 )
-@click.option("--epochs", type=int, default=None, help="[default: 20; with --resume: the saved run's]")
+@click.option(
+    "--recipe",
+    type=click.Choice(["edge", "paper"]),
+    default=None,
+    help="Named defaults (README: Recipes): edge, the deployed translator-stripped student; paper, the "
+    "public MOCHA code's distillation settings. Each option below overrides its recipe's value; "
+    "--resume keeps the saved run's recipe.  [default: edge]",
+)
+@click.option("--epochs", type=int, default=None, help="[recipe: 20; with --resume: the saved run's]")
 @click.option("--imgsz", default=640, show_default=True)
 @click.option("--batch", default=16, show_default=True)
 @click.option("--workers", default=2, show_default=True, help="Data-loading processes.")
@@ -280,18 +288,53 @@ def _parse_hyp(values: tuple[str, ...]) -> dict:
     show_default=True,
     help="published: translator every epoch, student every --student-every-th; joint: both every epoch.",
 )
-@click.option("--student-every", default=4, show_default=True)
-@click.option("--lr-student", type=float, default=None, help="[default: 1e-3 base, 1e-4 distill]")
-@click.option("--lr-translator", default=1e-3, show_default=True)
+@click.option("--student-every", type=int, default=None, help="[recipe: 4]")
+@click.option("--lr-student", type=float, default=None, help="[default: 1e-3 base; recipe: 1e-4 distill]")
+@click.option("--lr-translator", type=float, default=None, help="[recipe: 1e-3]")
+@click.option(
+    "--optimizer",
+    type=click.Choice(["adam", "adamw"]),
+    default=None,
+    help="adam: weight decay added to the gradient (coupled, paper); adamw: decoupled (edge).",
+)
+@click.option("--betas", default=None, help="Adam betas B1,B2 [paper: 0.937,0.999; edge: 0.9,0.999]")
+@click.option("--weight-decay", type=float, default=None, help="Translator weights [paper: 1e-4; edge: 5e-4]")
+@click.option(
+    "--weight-decay-student",
+    type=float,
+    default=None,
+    help="Student backbone+neck weights [paper: 1e-5 (head 0); edge: 5e-4 (head too)]",
+)
+@click.option(
+    "--warmup-iters",
+    type=int,
+    default=None,
+    help="Linear warm-up shared by all parameter groups, in iterations [paper: 1000; 0: none]",
+)
+@click.option("--warmup-epochs", type=float, default=None, help="... or in epochs of iterations [edge: 1]")
+@click.option("--lrf", type=float, default=None, help="The cosine ends at lrf x lr [paper: 0; edge: 0.01]")
+@click.option(
+    "--augment/--no-augment",
+    default=None,
+    help="ultralytics' augmentation while training [paper: off, letterbox only; edge: on]",
+)
+@click.option("--ema/--no-ema", default=None, help="Save an EMA of the student [paper: off; edge: on]")
+@click.option("--grad-clip", type=float, default=None, help="Max gradient norm, 0: none [paper: 0; edge: 10]")
+@click.option(
+    "--whitened-targets/--no-whitened-targets",
+    default=None,
+    help="Require targets whitened per PCA component in the cache [paper: on; edge: off]",
+)
 @click.option("--lambda-dist", default=1.0, show_default=True, help="Weight of L_dist (local alignment).")
 @click.option("--lambda-emb", default=1.0, show_default=True, help="Weight of L_emb (relational).")
-@click.option("--tau", default=0.01, show_default=True, help="Temperature of L_emb (on distances / dim).")
+@click.option(
+    "--tau", type=float, default=None, help="Temperature of L_emb (on distances / dim) [paper: 1; edge: 0.01]"
+)
 @click.option(
     "--emb-on",
     type=click.Choice(["student", "translated"]),
-    default="student",
-    show_default=True,
-    help="Which student vectors L_emb compares with the teacher's.",
+    default=None,
+    help="Which student vectors L_emb compares with the teacher's [paper: translated; edge: student]",
 )
 @click.option("--focus-weighting", is_flag=True, help="Align-KD: weight L_dist by each box's LLaVA focus.")
 @click.option("--close-mosaic", default=0, show_default=True, help="Turn mosaic off for the last N epochs.")
@@ -299,10 +342,14 @@ def _parse_hyp(values: tuple[str, ...]) -> dict:
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def train(dataset: Path | None, out: Path, model: str, stage: str, teacher_cache: Path | None, distill: bool,
-          epochs: int | None, imgsz: int, batch: int, workers: int, device: str, seed: int, schedule: str,
-          student_every: int, lr_student: float | None, lr_translator: float, lambda_dist: float,
-          lambda_emb: float, tau: float, emb_on: str, focus_weighting: bool, close_mosaic: int,
-          hyp: tuple[str, ...], resume: bool, quiet: bool) -> None:  # fmt: skip
+          recipe: str | None, epochs: int | None, imgsz: int, batch: int, workers: int, device: str, seed: int,
+          schedule: str, student_every: int | None, lr_student: float | None, lr_translator: float | None,
+          optimizer: str | None, betas: str | None, weight_decay: float | None,
+          weight_decay_student: float | None, warmup_iters: int | None, warmup_epochs: float | None,
+          lrf: float | None, augment: bool | None, ema: bool | None, grad_clip: float | None,
+          whitened_targets: bool | None, lambda_dist: float, lambda_emb: float, tau: float | None,
+          emb_on: str | None, focus_weighting: bool, close_mosaic: int, hyp: tuple[str, ...], resume: bool,
+          quiet: bool) -> None:  # fmt: skip
     """Train the coarse base detector, the MOCHA-distilled student, or its plain baseline.
 
     Writes DIR/last.ckpt (student + translator + PCA + config, every epoch, atomically), DIR/student.pt
@@ -314,22 +361,37 @@ def train(dataset: Path | None, out: Path, model: str, stage: str, teacher_cache
       mocha-edge train --data data/synth --model runs/base/last.ckpt \\
           --teacher-cache data/synth/teacher.safetensors --out runs/distill --imgsz 256
       mocha-edge train --data data/synth --model runs/base/last.ckpt --no-distill --out runs/baseline --imgsz 256
+      mocha-edge train --data data/synth --model runs/base/last.ckpt --recipe paper \\
+          --teacher-cache data/synth/teacher.safetensors --out runs/paper --imgsz 256
       mocha-edge train --out runs/distill --resume
     """
-    from mocha_edge.train import TrainConfig
+    from mocha_edge.train import DEFAULT_RECIPE, TrainConfig
     from mocha_edge.train import train as run_train
 
     if dataset is None and not resume:
         raise click.UsageError("--data is required (except with --resume)")
+    beta_pair = None
+    if betas is not None:
+        try:
+            b1, b2 = (float(v) for v in betas.split(","))
+        except ValueError:
+            raise click.BadParameter(
+                f"{betas!r}: expected B1,B2 (e.g. 0.937,0.999)", param_hint="--betas"
+            ) from None
+        beta_pair = (b1, b2)
     cfg = TrainConfig(
         data=str(dataset) if dataset else "", out=str(out), model=model, stage=stage,
-        distill=distill, teacher_cache=str(teacher_cache) if teacher_cache else None, epochs=epochs or 20,
+        distill=distill, teacher_cache=str(teacher_cache) if teacher_cache else None,
+        recipe=recipe or DEFAULT_RECIPE, epochs=epochs,
         imgsz=imgsz, batch=batch, workers=workers, device=device, seed=seed, schedule=schedule,
         student_every=student_every, lr_student=lr_student, lr_translator=lr_translator,
+        optimizer=optimizer, betas=beta_pair, weight_decay=weight_decay,
+        weight_decay_student=weight_decay_student, warmup_iters=warmup_iters, warmup_epochs=warmup_epochs,
+        lrf=lrf, augment=augment, ema=ema, grad_clip=grad_clip, whitened_targets=whitened_targets,
         lambda_dist=lambda_dist, lambda_emb=lambda_emb, tau=tau, emb_on=emb_on,
         focus_weighting=focus_weighting, close_mosaic=close_mosaic, hyp=_parse_hyp(hyp),
     )  # fmt: skip
-    res = run_train(cfg, resume=resume, progress=not quiet, log=click.echo, epochs=epochs)
+    res = run_train(cfg, resume=resume, progress=not quiet, log=click.echo, epochs=epochs, recipe=recipe)
     last = res.history[-1] if res.history else {}
     click.echo(f"checkpoint: {res.checkpoint}\nultralytics student: {res.student}")
     if "val_map50" in last:

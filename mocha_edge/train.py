@@ -7,6 +7,10 @@ learning rates. Built from ultralytics parts: dataset + augmentations, detection
 
 Published schedule (default): the translator trains every epoch; the student joins every
 ``student_every``-th epoch with ``L_det``. ``schedule="joint"``: the student trains every epoch.
+
+Recipes (:data:`RECIPES`): named sets of defaults. ``paper`` is the public MOCHA code's distillation recipe,
+``edge`` this toolkit's (translator-stripped deployment). Every :class:`TrainConfig` field a recipe covers
+is ``None`` until resolved from the recipe; a value passed explicitly overrides it.
 """
 
 from __future__ import annotations
@@ -35,9 +39,92 @@ class TrainError(MochaError):
     """Training cannot start or had to stop (diverged, out of memory, incompatible inputs)."""
 
 
+@dataclass(frozen=True)
+class Recipe:
+    """A named, documented set of training defaults (README: "Recipes" table)."""
+
+    name: str
+    doc: str
+    epochs: int
+    student_every: int  # the student trains every N-th epoch (published schedule)
+    lr_student: float  # distill stage (the base stage defaults to 1e-3 in both recipes)
+    lr_translator: float
+    optimizer: str  # adam: torch Adam, weight decay added to the gradient (coupled L2); adamw: decoupled
+    betas: tuple[float, float]
+    weight_decay: float  # translator
+    weight_decay_student: float  # student backbone + neck
+    weight_decay_head: float  # student Detect head
+    warmup_epochs: float | None  # shared linear warm-up, in epochs of iterations ...
+    warmup_iters: int | None  # ... or in iterations (exactly one of the two is set)
+    lrf: float  # the per-iteration cosine ends at lrf * lr
+    augment: bool  # ultralytics' augmentation while distilling (False: letterboxed images only)
+    loss_per_image: bool  # backpropagate the per-image loss (else ultralytics' per-batch sum, x batch)
+    grad_clip: float  # max gradient norm; 0: none
+    ema: bool  # the saved student is an EMA of its weights (else the weights themselves)
+    tau: float  # L_emb temperature
+    emb_on: str  # student | translated
+    whitened_targets: bool  # require teacher targets whitened per PCA component
+
+
+RECIPES: dict[str, Recipe] = {
+    "paper": Recipe(
+        name="paper",
+        doc="The public MOCHA code's distillation settings (SamsungLabs/MOCHA distillation.py).",
+        epochs=20,
+        student_every=4,
+        lr_student=1e-4,
+        lr_translator=1e-3,
+        optimizer="adam",
+        betas=(0.937, 0.999),
+        weight_decay=1e-4,
+        weight_decay_student=1e-5,
+        weight_decay_head=0.0,
+        warmup_epochs=None,
+        warmup_iters=1000,
+        lrf=0.0,
+        augment=False,
+        loss_per_image=True,
+        grad_clip=0.0,
+        ema=False,
+        tau=1.0,
+        emb_on="translated",
+        whitened_targets=True,
+    ),
+    "edge": Recipe(
+        name="edge",
+        doc="mocha-edge's recipe for the translator-stripped student it deploys (today's defaults, "
+        "with the warm-up shared by all parameter groups).",
+        epochs=20,
+        student_every=4,
+        lr_student=1e-4,
+        lr_translator=1e-3,
+        optimizer="adamw",
+        betas=(0.9, 0.999),
+        weight_decay=5e-4,
+        weight_decay_student=5e-4,
+        weight_decay_head=5e-4,
+        warmup_epochs=1.0,
+        warmup_iters=None,
+        lrf=0.01,
+        augment=True,
+        loss_per_image=False,
+        grad_clip=10.0,
+        ema=True,
+        tau=0.01,
+        emb_on="student",
+        whitened_targets=False,
+    ),
+}
+DEFAULT_RECIPE = "edge"
+_RECIPE_FIELDS = [f for f in Recipe.__dataclass_fields__ if f not in ("name", "doc")]
+
+
 @dataclass
 class TrainConfig:
-    """Everything that determines a training run; stored in every checkpoint."""
+    """Everything that determines a training run; stored (resolved) in every checkpoint.
+
+    Fields left at ``None`` take the value of ``recipe`` (:data:`RECIPES`); explicit values override it.
+    """
 
     data: str
     out: str
@@ -45,26 +132,37 @@ class TrainConfig:
     stage: str = "distill"  # base | distill
     distill: bool = True  # False: the baseline (same run without the teacher terms)
     teacher_cache: str | None = None
-    epochs: int = 20
+    recipe: str = DEFAULT_RECIPE  # paper | edge
+    epochs: int | None = None
     imgsz: int = 640
     batch: int = 16
     workers: int = 2
     device: str = "cpu"
     seed: int = 0
     schedule: str = "published"  # published | joint
-    student_every: int = 4
-    lr_student: float | None = None  # default: 1e-3 for stage base, 1e-4 for distill (MOCHA)
-    lr_translator: float = 1e-3
-    lrf: float = 0.01  # final lr fraction of the cosine
-    warmup_epochs: float = 1.0
-    weight_decay: float = 5e-4
+    student_every: int | None = None
+    lr_student: float | None = None  # default: 1e-3 for stage base, the recipe's (1e-4) for distill
+    lr_translator: float | None = None
+    optimizer: str | None = None
+    betas: tuple[float, float] | None = None
+    weight_decay: float | None = None
+    weight_decay_student: float | None = None
+    weight_decay_head: float | None = None
+    warmup_epochs: float | None = None
+    warmup_iters: int | None = None
+    lrf: float | None = None  # final lr fraction of the cosine
+    augment: bool | None = None
+    loss_per_image: bool | None = None
+    grad_clip: float | None = None
+    ema: bool | None = None
     lambda_dist: float = 1.0
     lambda_emb: float = 1.0
-    # L_emb on the student's own vectors (the space that is deployed once the translator is stripped) at a
-    # temperature matched to distances/dim of unit-RMS targets (~0.02-0.09): at τ = 1 every row's softmax
-    # is flat and the loss carries no signal. Measured in the README (ablation).
-    tau: float = 0.01
-    emb_on: str = "student"  # student | translated: which vectors L_emb compares with the teacher's
+    # edge: L_emb on the student's own vectors (the space that is deployed once the translator is stripped)
+    # at a temperature matched to distances/dim of unit-RMS targets (~0.02-0.09): at τ = 1 every row's
+    # softmax is flat and the loss carries no signal. Measured in the README (ablation).
+    tau: float | None = None
+    emb_on: str | None = None  # student | translated: which vectors L_emb compares with the teacher's
+    whitened_targets: bool | None = None
     focus_weighting: bool = False
     close_mosaic: int = 0
     hyp: dict[str, Any] = field(
@@ -73,16 +171,37 @@ class TrainConfig:
     val_every: int = 1  # validate every N epochs (and after the last); 0 = never
 
     def __post_init__(self) -> None:
+        if self.recipe not in RECIPES:
+            raise TrainError(f"recipe must be one of {', '.join(RECIPES)}, not {self.recipe!r}")
         if self.stage not in ("base", "distill"):
             raise TrainError(f"stage must be 'base' or 'distill', not {self.stage!r}")
+        if self.stage == "base" and self.recipe == "paper":
+            raise TrainError(
+                "the paper recipe is the public code's distillation recipe (its base detector was trained "
+                "with ultralytics); train the base stage with --recipe edge"
+            )
+        rec = RECIPES[self.recipe]
+        if self.warmup_epochs is not None or self.warmup_iters is not None:  # one given: the other is off
+            if self.warmup_epochs is not None and self.warmup_iters is not None:
+                raise TrainError("give the warm-up in epochs or in iterations, not both")
+        else:
+            self.warmup_epochs, self.warmup_iters = rec.warmup_epochs, rec.warmup_iters
+        if self.lr_student is None and self.stage == "base":
+            self.lr_student = 1e-3
+        for name in _RECIPE_FIELDS:
+            if getattr(self, name) is None and name not in ("warmup_epochs", "warmup_iters"):
+                setattr(self, name, getattr(rec, name))
+        self.betas = (float(self.betas[0]), float(self.betas[1]))
         if self.schedule not in ("published", "joint"):
             raise TrainError(f"schedule must be 'published' or 'joint', not {self.schedule!r}")
         if self.emb_on not in ("translated", "student"):
             raise TrainError(f"emb_on must be 'translated' or 'student', not {self.emb_on!r}")
-        if self.lr_student is None:
-            self.lr_student = 1e-3 if self.stage == "base" else 1e-4
+        if self.optimizer not in ("adam", "adamw"):
+            raise TrainError(f"optimizer must be 'adam' or 'adamw', not {self.optimizer!r}")
         if self.epochs < 1 or self.batch < 1 or self.student_every < 1:
             raise TrainError("epochs, batch and student_every must be >= 1")
+        if (self.warmup_iters or 0) < 0 or (self.warmup_epochs or 0) < 0 or not 0 <= self.lrf <= 1:
+            raise TrainError("warm-up must be >= 0 and lrf in [0, 1]")
 
     @property
     def uses_teacher(self) -> bool:
@@ -96,6 +215,32 @@ class TrainConfig:
 
     def student_epochs(self) -> list[int]:
         return [e for e in range(self.epochs) if self.student_trains(e)]
+
+    def warmup_steps(self, batches_per_epoch: int) -> int:
+        """Length of the shared warm-up in optimiser iterations (0: none)."""
+        if self.warmup_iters is not None:
+            return int(self.warmup_iters)
+        return round(float(self.warmup_epochs or 0.0) * batches_per_epoch)
+
+    def settings(self) -> dict[str, Any]:
+        """The recipe name and every setting a recipe covers, as resolved for this run."""
+        return {"recipe": self.recipe, **{k: getattr(self, k) for k in _RECIPE_FIELDS}}
+
+
+def lr_factor(it: int, total: int, warmup: int, lrf: float) -> float:
+    """LR multiplier at global optimiser iteration ``it`` (0-based) of ``total``: a linear warm-up over the
+    first ``warmup`` iterations, shared by every parameter group (``(it + 1) / warmup``), times a cosine
+    from 1 at iteration 0 to ``lrf`` at ``total``. Iterations count every batch of every epoch, whichever
+    groups train in it, so a student that first trains in epoch 4 starts where the schedule is by then."""
+    warm = min(1.0, (it + 1) / warmup) if warmup > 0 else 1.0
+    progress = min(max(it / max(total, 1), 0.0), 1.0)
+    return warm * (lrf + (1.0 - lrf) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def cache_targets_whitened(cache: Any) -> bool | None:
+    """HOOK (issue 17 item 2, target whitening in teach/cache): whether ``cache``'s targets are whitened per
+    PCA component. ``None``: the cache does not say (no whitening metadata yet)."""
+    return None
 
 
 @dataclass
@@ -120,21 +265,53 @@ def _head_preds(preds: Any) -> dict[str, Any]:
     return preds.get("one2many", preds)
 
 
-def _param_groups(model: torch.nn.Module, lr: float, wd: float) -> list[dict[str, Any]]:
-    """ultralytics' convention: weight decay on conv/linear weights only, not on norms or biases."""
-    decay, no_decay = [], []
+def _param_groups(
+    model: torch.nn.Module, lr: float, wd: float, head: torch.nn.Module | None = None, wd_head: float = 0.0
+) -> list[dict[str, Any]]:
+    """ultralytics' convention: weight decay on conv/linear weights only, not on norms or biases; the
+    weights of ``head`` (the student's Detect module) get ``wd_head`` instead of ``wd``."""
+    in_head = {id(p) for p in head.parameters()} if head is not None else set()
+    decay, decay_head, no_decay = [], [], []
     for module in model.modules():
         for name, p in module.named_parameters(recurse=False):
             if name == "bias" or isinstance(
                 module, torch.nn.modules.batchnorm._NormBase | torch.nn.LayerNorm
             ):
                 no_decay.append(p)
+            elif id(p) in in_head:
+                decay_head.append(p)
             else:
                 decay.append(p)
-    return [
+    groups = [
         {"params": decay, "lr": lr, "weight_decay": wd, "initial_lr": lr},
         {"params": no_decay, "lr": lr, "weight_decay": 0.0, "initial_lr": lr},
     ]
+    if head is not None:
+        groups.append({"params": decay_head, "lr": lr, "weight_decay": wd_head, "initial_lr": lr})
+    return groups
+
+
+def build_optimizer(
+    cfg: TrainConfig, student: torch.nn.Module, translator: torch.nn.Module | None
+) -> torch.optim.Optimizer:
+    """``cfg.optimizer`` over the student's groups (weights of backbone+neck / norms and biases / head
+    weights) and the translator's (weights / norms and biases), each group named for the trainer.
+
+    ``adam`` is torch's Adam, whose ``weight_decay`` adds ``wd * p`` to the gradient (coupled L2, as in
+    the public MOCHA code); ``adamw`` decays the weights apart from the gradient (decoupled). The head's
+    own group exists only when its decay differs (the groups of runs saved before it stay resumable)."""
+    head = None
+    if cfg.weight_decay_head != cfg.weight_decay_student and hasattr(student, "model"):
+        head = student.model[-1]
+    groups = _param_groups(student, cfg.lr_student, cfg.weight_decay_student, head, cfg.weight_decay_head)
+    for g in groups:
+        g["name"] = "student"
+    if translator is not None:
+        for g in _param_groups(translator, cfg.lr_translator, cfg.weight_decay):
+            g["name"] = "translator"
+            groups.append(g)
+    opt = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
+    return opt(groups, betas=cfg.betas)
 
 
 def _memory_check(model: torch.nn.Module, cfg: TrainConfig, log: Callable[[str], None]) -> None:
@@ -207,6 +384,19 @@ class Trainer:
                 )
             self.cache = TeacherCache.load(cfg.teacher_cache)
             self.cache.check(dataset_fingerprint=self.ds_fingerprint)
+            if cfg.whitened_targets:
+                whitened = cache_targets_whitened(self.cache)
+                if whitened is False:
+                    raise TrainError(
+                        f"{cfg.teacher_cache}: recipe {cfg.recipe} distils whitened targets (each PCA "
+                        "component divided by its scale); rebuild the cache with whitening, or pass "
+                        "--no-whitened-targets"
+                    )
+                if whitened is None:
+                    self.log(
+                        f"warning: {cfg.teacher_cache} does not say whether its targets are whitened per "
+                        f"PCA component; recipe {cfg.recipe} expects whitened targets"
+                    )
             if resume_state and resume_state.get("teacher"):
                 want = resume_state["teacher"]
                 self.cache.check(teacher_fingerprint=want["teacher_fingerprint"], d_t=int(want["d_t"]))
@@ -254,15 +444,9 @@ class Trainer:
             self.translator = Translator(self.dim, self.cache.d_t).to(self.device)
         from ultralytics.utils.torch_utils import ModelEMA
 
-        self.ema = ModelEMA(self.model)
-        groups = _param_groups(self.model, cfg.lr_student, cfg.weight_decay)
-        for g in groups:
-            g["name"] = "student"
-        if self.translator is not None:
-            for g in _param_groups(self.translator, cfg.lr_translator, cfg.weight_decay):
-                g["name"] = "translator"
-                groups.append(g)
-        self.optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999))
+        # ema=False: decay 0, so the "EMA" is a copy of the weights after every student step
+        self.ema = ModelEMA(self.model) if cfg.ema else ModelEMA(self.model, decay=0.0)
+        self.optimizer = build_optimizer(cfg, self.model, self.translator)
         self.steps = {"student": 0, "translator": 0}
         self.history: list[dict[str, Any]] = []
         self.start_epoch = 0
@@ -277,7 +461,8 @@ class Trainer:
             self.start_epoch = int(resume_state["epoch"]) + 1
         self.view_yaml = write_yolo_view(ds, self.out / "yolo_view") if self.val_items else None
         self.n_batches = math.ceil(len(self.train_items) / cfg.batch)
-        self.warmup_steps = max(int(cfg.warmup_epochs * self.n_batches), 1)
+        self.warmup_steps = cfg.warmup_steps(self.n_batches)
+        self.total_steps = cfg.epochs * self.n_batches
 
     def _cache_rows(self, items, strict: bool = True) -> list[np.ndarray]:
         """Cache row of every box of ``items`` (-1 for novel instances, which never contribute teacher
@@ -369,13 +554,11 @@ class Trainer:
         }
 
     def _set_lr(self, epoch: int, i: int) -> dict[str, float]:
-        cfg = self.cfg
-        progress = (epoch + i / self.n_batches) / cfg.epochs
-        f = cfg.lrf + (1 - cfg.lrf) * 0.5 * (1 + math.cos(math.pi * progress))
+        """Every group at its initial lr times :func:`lr_factor` of the run's global iteration."""
+        f = lr_factor(epoch * self.n_batches + i, self.total_steps, self.warmup_steps, self.cfg.lrf)
         out = {}
         for g in self.optimizer.param_groups:
-            warm = min(1.0, (self.steps[g["name"]] + 1) / self.warmup_steps)
-            g["lr"] = g["initial_lr"] * f * warm
+            g["lr"] = g["initial_lr"] * f
             out[g["name"]] = g["lr"]
         return out
 
@@ -388,7 +571,7 @@ class Trainer:
         student_on = cfg.student_trains(epoch)
         distill_on = self.translator is not None
         _seed_all(cfg.seed * 100_003 + epoch)
-        loader = self._loader(epoch, self.train_items, self.train_rows, augment=True, shuffle=True)
+        loader = self._loader(epoch, self.train_items, self.train_rows, augment=cfg.augment, shuffle=True)
         self.model.train() if student_on else self.model.eval()
         for p in self.model.parameters():
             p.requires_grad_(student_on)
@@ -440,9 +623,12 @@ class Trainer:
                         f"Last good checkpoint kept: {self.ckpt_path if self.ckpt_path.exists() else 'none yet'}"
                     )
                 self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-                torch.nn.utils.clip_grad_norm_(params, max_norm=10.0)
+                (loss / img.shape[0] if cfg.loss_per_image else loss).backward()
+                if cfg.grad_clip > 0:
+                    params = [
+                        p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None
+                    ]
+                    torch.nn.utils.clip_grad_norm_(params, max_norm=cfg.grad_clip)
                 self.optimizer.step()
             except torch.cuda.OutOfMemoryError:
                 raise TrainError(
@@ -541,6 +727,7 @@ class Trainer:
             "format": CKPT_FORMAT,
             "epoch": epoch,
             "config": asdict(cfg),
+            "recipe": {**cfg.settings(), "warmup_steps": self.warmup_steps, "total_steps": self.total_steps},
             "names": dict(enumerate(self.names)),
             "student_yaml": self.model.yaml,
             "student": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
@@ -598,9 +785,9 @@ class Trainer:
         plot_metrics(self.history, self.out / "metrics.png")
 
     # ----------------------------------------------------------------------------- run
-    def run(self, resume: bool = False, epochs: int | None = None) -> TrainResult:
-        """Train from scratch, or (``resume``) continue the run in ``out`` with its saved config;
-        ``epochs`` may extend a resumed run."""
+    def run(self, resume: bool = False, epochs: int | None = None, recipe: str | None = None) -> TrainResult:
+        """Train from scratch, or (``resume``) continue the run in ``out`` with its saved config, recipe
+        included (``recipe``, when given, must be the saved one); ``epochs`` may extend a resumed run."""
         cfg = self.cfg
         state = None
         if resume:
@@ -608,6 +795,11 @@ class Trainer:
                 raise TrainError(f"{self.ckpt_path}: nothing to resume (no checkpoint in {self.out})")
             state = load_checkpoint(self.ckpt_path)
             saved = TrainConfig(**state["config"])
+            if recipe is not None and recipe != saved.recipe:
+                raise TrainError(
+                    f"{self.out} was trained with --recipe {saved.recipe}; --resume keeps it "
+                    f"(drop --recipe {recipe}, or start a new run in another --out)"
+                )
             if epochs:
                 saved.epochs = epochs  # extend (or shorten) the resumed run
             self.cfg = cfg = saved
@@ -618,6 +810,16 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         _seed_all(cfg.seed)
         self._setup(state)
+        self.log(
+            f"recipe {cfg.recipe}: "
+            + ", ".join(f"{k}={v}" for k, v in cfg.settings().items() if k != "recipe")
+            + f" (warm-up {self.warmup_steps} of {self.total_steps} iterations)"
+        )
+        if self.warmup_steps > self.total_steps / 2:
+            self.log(f"note: the warm-up ({self.warmup_steps} iterations) is over half of this run's "
+                     f"{self.total_steps} iterations")  # fmt: skip
+        if not cfg.augment and (cfg.hyp or cfg.close_mosaic):
+            self.log("note: --hyp/--close-mosaic have no effect without augmentation (--no-augment)")
         if state is None:
             write_json_atomic(self.out / "config.json", asdict(cfg))
             _memory_check(self.model, cfg, self.log)
@@ -702,9 +904,21 @@ def train(
     progress: bool = True,
     log: Callable[[str], None] = print,
     epochs: int | None = None,
+    recipe: str | None = None,
 ) -> TrainResult:
     """Train (or resume) according to ``cfg``; see :class:`Trainer`."""
-    return Trainer(cfg, progress=progress, log=log).run(resume=resume, epochs=epochs)
+    return Trainer(cfg, progress=progress, log=log).run(resume=resume, epochs=epochs, recipe=recipe)
 
 
-__all__ = ["TrainConfig", "TrainError", "TrainResult", "Trainer", "load_checkpoint", "train"]
+__all__ = [
+    "RECIPES",
+    "Recipe",
+    "TrainConfig",
+    "TrainError",
+    "TrainResult",
+    "Trainer",
+    "build_optimizer",
+    "load_checkpoint",
+    "lr_factor",
+    "train",
+]
