@@ -2,6 +2,11 @@
 
 Rows are keyed by *image content hash + box*, so a cache survives moved or renamed files and is
 refused when the data, teacher or ``d_t`` it was built for differ from what a caller expects.
+
+Targets are whitened per PCA component (header ``pca_whiten``, tensor ``pca_scale`` = the divisors). A cache
+written before whitening existed has no ``pca_whiten``: it is read as ``"none"`` (its ``pca_scale`` is all
+ones, so its targets are exactly what ``whiten="none"`` writes today), except one built with the removed
+``pca_decay`` option, whose targets were *multiplied* by the decay: that one is refused.
 """
 
 from __future__ import annotations
@@ -32,9 +37,30 @@ def bytes_to_hash(b: np.ndarray) -> str:
     return bytes(np.asarray(b, np.uint8)).hex()
 
 
+#: How ``teach`` scales each PCA component (``--whiten``): divided by its std measured on the fit rows
+#: (default), by MOCHA's public fixed fit of the OpenImages spectrum (:func:`paper_fit_scale`), or not at all.
+WHITEN_MODES = ("measured", "paper-fit", "none")
+#: ``measured``: a component's std is floored at this fraction of the first one's, so a numerically null
+#: component (e.g. when d_t reaches the number of fit rows) is not blown up.
+WHITEN_FLOOR = 1e-3
+
+
+def paper_fit_scale(d: int) -> np.ndarray:
+    """MOCHA's public fixed fit of the per-component std: ``σ_k = 18 / (k + 1) ** 0.47 - 0.26``, ``k < d``."""
+    k = np.arange(d, dtype=np.float64)
+    scale = 18.0 / (k + 1) ** 0.47 - 0.26
+    if d and scale[-1] <= 0:
+        first = int(np.argmax(scale <= 0))
+        raise ValueError(f"the paper fit's σ_k is not positive from component {first} on; use d_t <= {first}")
+    return scale
+
+
 @dataclass
 class PCA:
-    """``y = ((x - mean) @ components.T) * scale``; ``scale`` is 1 unless the decay option was used."""
+    """``y = ((x - mean) @ components.T) / scale``: ``scale`` is each component's whitening divisor.
+
+    ``scale`` is 1 for ``whiten="none"`` (and in caches written before whitening existed).
+    """
 
     mean: np.ndarray  # (D,)
     components: np.ndarray  # (d, D)
@@ -42,28 +68,37 @@ class PCA:
     explained_variance: np.ndarray  # (d,)
 
     def transform(self, x: np.ndarray) -> np.ndarray:
-        return (((np.asarray(x, np.float32) - self.mean) @ self.components.T) * self.scale).astype(np.float32)
+        return (((np.asarray(x, np.float32) - self.mean) @ self.components.T) / self.scale).astype(np.float32)
 
     @property
     def dim(self) -> int:
         return int(self.components.shape[0])
 
 
-def fit_pca(x: np.ndarray, d: int, decay: bool = False) -> PCA:
+def fit_pca(x: np.ndarray, d: int, whiten: str = "none") -> PCA:
     """PCA by SVD of the centred rows of ``x`` (float64 for stability), keeping ``d`` components.
 
     Component signs are fixed (largest-|loading| entry positive) so refits give identical targets.
-    ``decay`` rescales component k by ``18 / (k + 1) ** 0.47 - 0.26`` (MOCHA's public code; optional).
+    ``whiten`` (one of :data:`WHITEN_MODES`) sets component k's divisor: ``"measured"`` its std on ``x``
+    (floored at :data:`WHITEN_FLOOR` of the first one's), so each component has unit variance on ``x``;
+    ``"paper-fit"`` :func:`paper_fit_scale`; ``"none"`` 1.
     """
+    if whiten not in WHITEN_MODES:
+        raise ValueError(f"unknown whitening {whiten!r}; choose one of: {', '.join(WHITEN_MODES)}")
     x = np.asarray(x, np.float64)
     mean = x.mean(0)
     _, s, vt = np.linalg.svd(x - mean, full_matrices=False)
     vt = vt[:d]
     signs = np.sign(vt[np.arange(len(vt)), np.abs(vt).argmax(1)])
     vt *= np.where(signs == 0, 1, signs)[:, None]
-    var = (s[:d] ** 2) / max(len(x) - 1, 1)
-    k = np.arange(len(vt))
-    scale = (18.0 / (k + 1) ** 0.47 - 0.26) if decay else np.ones(len(vt))
+    var = (s[: len(vt)] ** 2) / max(len(x) - 1, 1)
+    if whiten == "measured" and len(var) and var[0] > 0:
+        std = np.sqrt(var)
+        scale = np.maximum(std, WHITEN_FLOOR * std[0])
+    elif whiten == "paper-fit":
+        scale = paper_fit_scale(len(vt))
+    else:
+        scale = np.ones(len(vt))
     return PCA(
         mean.astype(np.float32), vt.astype(np.float32), scale.astype(np.float32), var.astype(np.float32)
     )
@@ -71,7 +106,7 @@ def fit_pca(x: np.ndarray, d: int, decay: bool = False) -> PCA:
 
 @dataclass
 class TeacherCache:
-    """A loaded cache. ``targets[i]`` is the PCA-reduced teacher vector of box ``i``."""
+    """A loaded cache. ``targets[i]`` is the PCA-reduced, whitened (:attr:`whiten`) teacher vector of box ``i``."""
 
     path: Path
     meta: dict[str, str]
@@ -98,6 +133,14 @@ class TeacherCache:
         )
         if meta.get("format") != CACHE_FORMAT:
             raise CacheError(f"{path}: not a mocha-edge teacher cache (format {meta.get('format')!r})")
+        whiten = meta.get("pca_whiten", "none")
+        if "pca_whiten" not in meta and meta.get("pca_decay") == "True":
+            raise CacheError(
+                f"{path}: built with the removed --pca-decay (targets multiplied by the decay, the inverse of "
+                "whitening); rebuild it with `mocha-edge teach --whiten paper-fit`"
+            )
+        if whiten not in WHITEN_MODES:
+            raise CacheError(f"{path}: unknown target whitening {whiten!r} (a newer mocha-edge wrote it)")
         splits = json.loads(meta["split_names"])
         extras = {k[len("extra.") :]: v for k, v in t.items() if k.startswith("extra.")}
         return cls(
@@ -120,6 +163,11 @@ class TeacherCache:
     @property
     def d_t(self) -> int:
         return int(self.targets.shape[1])
+
+    @property
+    def whiten(self) -> str:
+        """How the targets' PCA components were scaled (:data:`WHITEN_MODES`); ``"none"`` for older caches."""
+        return self.meta.get("pca_whiten", "none")
 
     def index_of(self, image_hash: str, box: np.ndarray) -> int | None:
         """Row of a ground-truth box, or ``None`` when the cache has no target for it."""

@@ -171,9 +171,11 @@ def data_synth(
 @click.option(
     "--dim", "d_t", default=512, show_default=True, help="PCA size d_t (capped by samples and teacher dim)."
 )
-@click.option(
-    "--pca-decay", is_flag=True, help="Rescale PCA component k by 18/(k+1)^0.47-0.26 (MOCHA's public code)."
-)
+@click.option("--whiten", type=click.Choice(["measured", "paper-fit", "none"]), default=None,
+              help="Divide each PCA component of the targets by its std on the PCA's fit rows (measured), "
+              "by MOCHA's public fixed fit 18/(k+1)^0.47-0.26 (paper-fit) or not at all (none).  "
+              "[default: measured]")  # fmt: skip
+@click.option("--pca-decay", is_flag=True, hidden=True, help="Deprecated: same as --whiten paper-fit.")
 @click.option("--batch", default=32, show_default=True, help="Crops per teacher call.")
 @click.option("--chunk", default=64, show_default=True, help="Images per resumable shard.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1 ...")
@@ -183,13 +185,16 @@ def data_synth(
 @click.option(
     "--max-new-tokens", type=int, default=None, help="LLaVA: tokens generated per crop [default: 300]."
 )
+@click.option("--decoding", type=click.Choice(["paper", "greedy"]), default=None,
+              help="LLaVA: paper = MOCHA's public code (question before the image, 3 beams, no repeated 3-grams, "
+              "one crop per call); greedy = the fast option (chat format, batched).  [default: paper]")  # fmt: skip
 @click.option("--focus", is_flag=True, help="Align-KD: also store each box's share of LLaVA's text-to-image "
               "attention focus (for train --focus-weighting).")  # fmt: skip
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def teach(
     teacher_name: str, dataset: Path, out: Path, model: str | None, clip_model: str | None, d_t: int,
-    pca_decay: bool, batch: int, chunk: int, device: str, fp16: bool | None, max_new_tokens: int | None,
-    focus: bool, quiet: bool,
+    whiten: str | None, pca_decay: bool, batch: int, chunk: int, device: str, fp16: bool | None,
+    max_new_tokens: int | None, decoding: str | None, focus: bool, quiet: bool,
 ) -> None:  # fmt: skip
     """Compute a frozen teacher's target for every ground-truth box of --data and cache it in --out.
 
@@ -203,17 +208,24 @@ def teach(
           --clip-model openai/clip-vit-base-patch32 --data my.yaml --out cache.safetensors --device cuda
       mocha-edge teach --teacher llava --focus --data my.yaml --out cache.safetensors --device cuda
     """
+    if pca_decay:  # it used to multiply by the decay (the inverse of whitening); now it divides
+        if whiten not in (None, "paper-fit"):
+            raise click.UsageError(f"--pca-decay means --whiten paper-fit, not --whiten {whiten}; drop one")
+        click.echo("warning: --pca-decay is deprecated and now means --whiten paper-fit (divide, as MOCHA's "
+                   "public code does; it used to multiply)", err=True)  # fmt: skip
+        whiten = "paper-fit"
     from mocha_edge.data import load_dataset
     from mocha_edge.teach import teach as run_teach
     from mocha_edge.teachers import get_teacher, teacher_options
 
     ds = load_dataset(dataset)
-    given = {"model": model, "clip_model": clip_model, "fp16": fp16, "max_new_tokens": max_new_tokens}
+    given = {"model": model, "clip_model": clip_model, "fp16": fp16, "max_new_tokens": max_new_tokens,
+             "decoding": decoding}  # fmt: skip
     opts = {"device": device, **{k: v for k, v in given.items() if v is not None}}
     if "progress" in teacher_options(teacher_name):
         opts["progress"] = not quiet
     teacher = get_teacher(teacher_name, **opts)
-    res = run_teach(ds, teacher, out, d_t=d_t, batch=batch, chunk_images=chunk, pca_decay=pca_decay,
+    res = run_teach(ds, teacher, out, d_t=d_t, batch=batch, chunk_images=chunk, whiten=whiten or "measured",
                     focus=focus, progress=not quiet, log=click.echo)  # fmt: skip
     for p in res.skipped_images:
         click.echo(f"warning: {p} (skipped)")

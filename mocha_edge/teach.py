@@ -2,17 +2,18 @@
 
 Work is split into chunks of images; each finished chunk is written atomically as a shard in
 ``<cache>.partial/``, so a killed run resumes where it stopped. When every chunk is done, PCA is fitted
-on the *training* split's base-instance rows only and the cache is written atomically in one file.
+on the *training* split's base-instance rows only, each component is whitened (``whiten``: divided by its
+measured std by default) and the cache is written atomically in one file.
 
 ``focus=True`` (LLaVA teachers) also stores each box's Align-KD focus mass (``teacher.box_focus``) as the
 cache extra ``focus``; an otherwise up-to-date cache without it gets it added without recomputing targets.
 
 Several ``teach`` runs may aim at one cache: each holds ``<cache>.lock`` for its whole run (the cache, its
 ``.partial/`` shards and the teacher's work folder are one unit of work). A run that finds the lock taken
-waits, then finds the cache the other run wrote: up to date (same dataset, teacher, ``d_t``) it is reused,
+waits, then finds the cache the other run wrote: up to date (same dataset, teacher, ``d_t``, whitening) it is reused,
 with focus masses added when asked for (the one extra a cache may gain); written for something else while
 this run waited, it is refused in one line rather than overwritten (a cache is a function of dataset,
-teacher and ``d_t``: two runs for the same ones have nothing else to merge).
+teacher, ``d_t`` and whitening: two runs for the same ones have nothing else to merge).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mocha_edge.cache import CACHE_FORMAT, TeacherCache, fit_pca, hash_to_bytes
+from mocha_edge.cache import CACHE_FORMAT, WHITEN_MODES, TeacherCache, fit_pca, hash_to_bytes
 from mocha_edge.data.dataset import Dataset, ImageItem, Problem
 from mocha_edge.data.images import ImageReadError, read_rgb
 from mocha_edge.errors import CacheError, DataError, TeacherError
@@ -75,24 +76,28 @@ def teach(
     d_t: int = 512,
     batch: int = 32,
     chunk_images: int = 64,
-    pca_decay: bool = False,
+    whiten: str = "measured",
     focus: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> TeachResult:
     """Compute (or resume, or reuse) the teacher cache for every box of every split of ``ds``.
 
-    ``focus``: also store each box's Align-KD focus mass (needs a teacher with ``box_focus``: llava,
+    ``whiten``: how each PCA component of the targets is divided (:data:`~mocha_edge.cache.WHITEN_MODES`):
+    by its std on the PCA's fit rows (``"measured"``, unit variance each), by MOCHA's public fixed fit
+    (``"paper-fit"``), or not at all (``"none"``). ``focus``: also store each box's Align-KD focus mass (needs a teacher with ``box_focus``: llava,
     llava+clip). A cache with focus is reused when focus is not asked for. The whole run holds
     ``<out>.lock`` (see the module doc).
     """
+    if whiten not in WHITEN_MODES:
+        raise CacheError(f"unknown target whitening {whiten!r}; choose one of: {', '.join(WHITEN_MODES)}")
     if focus and not callable(getattr(teacher, "box_focus", None)):
         raise TeacherError(f"--focus needs a LLaVA teacher (llava or llava+clip), not {teacher.name}")
     out = Path(out)
     before = file_stamp(out)
     with file_lock(out, CacheError, timeout=None, waiting=log):
         return _teach(ds, teacher, out, before, d_t=d_t, batch=batch, chunk_images=chunk_images,
-                      pca_decay=pca_decay, focus=focus, progress=progress, log=log)  # fmt: skip
+                      whiten=whiten, focus=focus, progress=progress, log=log)  # fmt: skip
 
 
 def _teach(
@@ -104,7 +109,7 @@ def _teach(
     d_t: int,
     batch: int,
     chunk_images: int,
-    pca_decay: bool,
+    whiten: str,
     focus: bool,
     progress: bool,
     log: Callable[[str], None],
@@ -123,11 +128,11 @@ def _teach(
         try:
             old = TeacherCache.load(out)
             old.check(dataset_fingerprint=ds_fp, teacher_fingerprint=teacher.fingerprint)
-            built = (old.meta.get("d_t_requested"), old.meta.get("pca_decay"))
-            if built != (str(d_t), str(pca_decay)):
-                raise CacheError(f"{out}: built with d_t={built[0]}, pca_decay={built[1]}")
+            built = (old.meta.get("d_t_requested"), old.whiten)
+            if built != (str(d_t), whiten):
+                raise CacheError(f"{out}: built with d_t={built[0]}, whiten={built[1]}")
             if not focus or _has_focus(old, focus_recipe):
-                log(f"cache up to date: {out} ({len(old)} boxes, d_t={old.d_t})")
+                log(f"cache up to date: {out} ({len(old)} boxes, d_t={old.d_t}, whiten={old.whiten})")
                 return TeachResult(old, 0, 0, [], time.perf_counter() - t0, up_to_date=True)
             log(f"adding focus masses to {out} (its teacher targets are up to date)")
             cache = _add_focus(ds, teacher, old, items, out, progress=progress)
@@ -182,7 +187,7 @@ def _teach(
         bar.close()
 
     cache = _merge(
-        ds, teacher, chunks, shard_path, out, d_t=d_t, pca_decay=pca_decay, ds_fp=ds_fp, focus=focus, log=log
+        ds, teacher, chunks, shard_path, out, d_t=d_t, whiten=whiten, ds_fp=ds_fp, focus=focus, log=log
     )
     skipped = _skipped(chunks, shard_path)
     shutil.rmtree(partial, ignore_errors=True)
@@ -336,7 +341,7 @@ def _skipped(chunks, shard_path) -> list[Problem]:
 
 
 def _merge(
-    ds, teacher, chunks, shard_path, out: Path, *, d_t, pca_decay, ds_fp, focus: bool = False, log
+    ds, teacher, chunks, shard_path, out: Path, *, d_t, whiten: str, ds_fp, focus: bool = False, log
 ) -> TeacherCache:
     from safetensors.numpy import save_file
 
@@ -371,8 +376,11 @@ def _merge(
             caps.append(f"teacher dim {raw.shape[1]}")
         log(f"PCA: d_t={d_t} requested, {d_eff} used (capped by {' and '.join(caps)})")
     else:
-        log(f"PCA: d_t={d_eff}, fitted on {n_fit} training boxes")
-    pca = fit_pca(raw[fit], d_eff, decay=pca_decay)
+        log(f"PCA: d_t={d_eff}, fitted on {n_fit} training boxes, whiten={whiten}")
+    try:
+        pca = fit_pca(raw[fit], d_eff, whiten=whiten)
+    except ValueError as e:
+        raise CacheError(str(e)) from None
     targets = pca.transform(raw)
     split_names = sorted(set(splits))
     tensors = {
@@ -397,7 +405,7 @@ def _merge(
         **{k: str(v) for k, v in teacher.describe().items()},
         "d_t": str(d_eff),
         "d_t_requested": str(d_t),
-        "pca_decay": str(pca_decay),
+        "pca_whiten": whiten,
         "pca_fit_rows": str(n_fit),
         "dataset_fingerprint": ds_fp,
         "dataset_source": str(ds.source),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mocha_edge.cache import box_key, fit_pca
+from mocha_edge.cache import WHITEN_FLOOR, box_key, fit_pca, paper_fit_scale
 
 
 def test_pca_matches_covariance_eigendecomposition() -> None:
@@ -30,10 +30,37 @@ def test_pca_is_deterministic_and_sign_fixed() -> None:
     np.testing.assert_allclose(a.components, b.components, atol=1e-5)
 
 
-def test_pca_decay_golden() -> None:
+def test_paper_fit_whitening_golden() -> None:
+    """``paper-fit`` divides component k by MOCHA's public fixed fit σ_k = 18/(k+1)^0.47 - 0.26."""
     x = np.random.default_rng(2).normal(size=(20, 5))
-    p = fit_pca(x, 3, decay=True)
-    np.testing.assert_allclose(p.scale, [18 - 0.26, 18 / 2**0.47 - 0.26, 18 / 3**0.47 - 0.26], rtol=1e-6)
+    p = fit_pca(x, 3, whiten="paper-fit")
+    sigma = [18 - 0.26, 18 / 2**0.47 - 0.26, 18 / 3**0.47 - 0.26]
+    np.testing.assert_allclose(p.scale, sigma, rtol=1e-6)
+    np.testing.assert_allclose(paper_fit_scale(3), sigma, rtol=1e-12)
+    plain = fit_pca(x, 3).transform(x)
+    np.testing.assert_allclose(p.transform(x), plain / np.asarray(sigma, np.float32), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="not positive from component 8232"):
+        paper_fit_scale(9000)
+
+
+def test_measured_whitening_gives_unit_variance() -> None:
+    rng = np.random.default_rng(3)
+    x = (
+        rng.normal(size=(300, 8))
+        * np.array([30, 10, 5, 2, 1, 0.5, 0.1, 0.05])
+        @ np.linalg.qr(rng.normal(size=(8, 8)))[0]
+    )
+    p = fit_pca(x, 6, whiten="measured")
+    y = p.transform(x)
+    np.testing.assert_allclose(y.var(0, ddof=1), 1.0, rtol=1e-4)  # every component, not one global scale
+    np.testing.assert_allclose(p.scale, np.sqrt(p.explained_variance), rtol=1e-5)
+    np.testing.assert_allclose(fit_pca(x, 6).transform(x) / p.scale, y, rtol=1e-4, atol=1e-5)  # a division
+    # a numerically null component (d = number of rows) is divided by the floor, not blown up
+    q = fit_pca(x[:5], 5, whiten="measured")
+    assert q.scale[-1] == pytest.approx(WHITEN_FLOOR * q.scale[0], rel=1e-5)
+    assert np.abs(q.transform(x)).max() < 1e6
+    with pytest.raises(ValueError, match="measured, paper-fit, none"):
+        fit_pca(x, 3, whiten="pca")
 
 
 def test_box_key_quantisation() -> None:

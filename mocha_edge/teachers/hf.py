@@ -4,11 +4,19 @@ Every crop is resized to a ``crop_size`` square (PIL bicubic, aspect ratio not k
 does) and then handed to the model's own processor. ``transformers`` is imported lazily; models load through
 ``from_pretrained`` from a local folder or a hub id already in the Hugging Face cache.
 
-LLaVA vector ``h``: greedy decoding (``do_sample=False, num_beams=1``) of up to ``max_new_tokens`` tokens, then
-``h = mean_t H_t`` where ``H_t`` is the last-layer (post final norm) hidden state at the position that predicted
-generated token ``t`` -- step 0 is the last prompt position, step ``t > 0`` the position of generated token
-``t - 1``. Steps after a sample's first EOS are masked; the step that emitted EOS is kept, so a sample that stops
-at once still averages one step. Prompts are left-padded so one batch gives the same vectors as single crops.
+LLaVA vector ``h`` (``decoding``, :data:`DECODINGS`), from the last-layer (post final norm) hidden state ``H_t``
+of decoding step ``t`` at its last position -- step 0 is the prompt pass, step ``t > 0`` the pass over generated
+token ``t - 1``:
+
+- ``"paper"`` (default; MOCHA's public code): the question *before* the image, no chat template
+  (``"{question}\\n<image>\\n"``); beam search with :data:`PAPER_BEAMS` beams, ``no_repeat_ngram_size``
+  :data:`PAPER_NO_REPEAT_NGRAM`, up to ``max_new_tokens``; ``h`` = the mean of ``H_t`` over every beam and the
+  steps ``1 .. T-2`` (the first and the last step left out; fewer than 3 steps: all of them). One crop per
+  ``generate`` call, as the public code does, so which steps a crop averages never depends on its batch. The
+  public code *samples* its beams (``do_sample=True``); this one does not, so a cache rebuilds identically.
+- ``"greedy"`` (the fast option, several crops per call): the LLaVA-1.5 chat format (image first),
+  ``do_sample=False, num_beams=1``, ``h = mean_t H_t`` over every step up to and including the one that emitted
+  the sample's first EOS. Prompts are left-padded so one batch gives the same vectors as single crops.
 
 Align-KD focus (optional, :meth:`LlavaTeacher.box_focus`): each box's share of LLaVA's first-layer attention
 from a "Where is the {cls}?" query to the image tokens of the whole (square-padded) image.
@@ -40,8 +48,16 @@ DEFAULT_PROMPT = (
 )
 #: How crops are brought to ``crop_size`` before the model's processor sees them.
 CROP_RESAMPLE = "PIL bicubic, square (aspect ratio not kept)"
+#: LLaVA decodings (``teach --decoding``); the first is the default. See the module doc.
+DECODINGS = ("paper", "greedy")
+PAPER_BEAMS = 3
+PAPER_NO_REPEAT_NGRAM = 3
 #: Bump when the pooling / prompt assembly changes, so old caches become stale.
 _LLAVA_RECIPE = "llava-v1:greedy:mean-last-layer-per-generated-step:mask-after-first-eos:left-pad"
+_LLAVA_PAPER_RECIPE = (
+    f"llava-paper-v1:text-then-image-no-chat-template:beam-search-{PAPER_BEAMS}-no-sampling:"
+    f"no-repeat-ngram-{PAPER_NO_REPEAT_NGRAM}:mean-last-layer-over-beams-and-steps-1..T-2:one-crop-per-call"
+)
 _CLIP_RECIPE = "clip-v1:get_image_features:l2-normalised"
 #: Align-KD focus query, asked in the same chat format as the teacher prompt; ``{cls}`` = coarse class name.
 FOCUS_QUERY = "Where is the {cls}?"
@@ -247,6 +263,22 @@ def pool_generated_hidden_states(
     return mean, counts.long()
 
 
+def paper_step_indices(n_steps: int) -> list[int]:
+    """Decoding steps averaged by the ``paper`` decoding: all but the first and the last (all when fewer than 3)."""
+    return list(range(1, n_steps - 1)) if n_steps >= 3 else list(range(n_steps))
+
+
+def pool_beam_hidden_states(step_hidden_states: Sequence[Sequence[torch.Tensor]]) -> tuple[torch.Tensor, int]:
+    """The ``paper`` decoding's vector of ONE crop: mean last-layer state over its beams and :func:`paper_step_indices`.
+
+    ``step_hidden_states[t][-1]`` is the last layer of decoding step ``t``, ``(beams, L_t, H)``; its last position
+    is used. Returns the ``(H,)`` float32 mean and the number of steps averaged.
+    """
+    steps = paper_step_indices(len(step_hidden_states))
+    last = torch.stack([step_hidden_states[t][-1][:, -1, :].float() for t in steps])  # (S, beams, H)
+    return last.mean(dim=(0, 1)), len(steps)
+
+
 # ------------------------------------------------------------------------------------------------ Align-KD focus
 class _StopForward(Exception):
     """Raised by the first-layer attention hook: nothing after that layer is needed for the focus map."""
@@ -298,10 +330,11 @@ def _as_id_list(value: Any) -> list[int]:
 # ------------------------------------------------------------------------------------------------ teachers
 @register("llava")
 class LlavaTeacher(Teacher):
-    """LLaVA-1.5 teacher: mean last-layer hidden state over greedily generated tokens (``dim`` = text width).
+    """LLaVA-1.5 teacher: mean last-layer hidden state over generated tokens (``dim`` = text width).
 
     ``model``: local folder or hub id already cached (default :data:`DEFAULT_LLAVA`); ``fp16``: ``None`` =
-    fp16 on CUDA, fp32 on CPU; ``prompt``: question template with ``{cls}`` (default :data:`DEFAULT_PROMPT`).
+    fp16 on CUDA, fp32 on CPU; ``prompt``: question template with ``{cls}`` (default :data:`DEFAULT_PROMPT`);
+    ``decoding``: ``"paper"`` (default) or ``"greedy"`` (:data:`DECODINGS`, see the module doc).
     """
 
     name = "llava"
@@ -314,8 +347,12 @@ class LlavaTeacher(Teacher):
         fp16: bool | None = None,
         max_new_tokens: int = 300,
         prompt: str | None = None,
+        decoding: str = DECODINGS[0],
     ) -> None:
         tf = _import_transformers()
+        if decoding not in DECODINGS:
+            raise TeacherError(f"unknown llava decoding {decoding!r}; choose one of: {', '.join(DECODINGS)}")
+        self.decoding = decoding
         if int(max_new_tokens) < 1:
             raise TeacherError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         self.prompt = DEFAULT_PROMPT if prompt is None else str(prompt)
@@ -353,12 +390,16 @@ class LlavaTeacher(Teacher):
 
     @property
     def fingerprint(self) -> str:
+        if self.decoding == "paper":
+            recipe, layout = _LLAVA_PAPER_RECIPE, "layout=text-before-image"
+        else:  # greedy: the same identity as before decodings existed, so its caches stay valid
+            recipe, layout = _LLAVA_RECIPE, f"chat_template={self._use_chat_template}"
         return text_hash(
             self.name,
-            _LLAVA_RECIPE,
+            recipe,
             self._identity,
             f"prompt={self.prompt}",
-            f"chat_template={self._use_chat_template}",
+            layout,
             f"max_new_tokens={self.max_new_tokens}",
             f"crop_size={self.crop_size}:{CROP_RESAMPLE}",
             f"dtype={self.dtype}",
@@ -372,7 +413,7 @@ class LlavaTeacher(Teacher):
             teacher_model_revision=self.revision,
             teacher_prompt=self.prompt,
             teacher_max_new_tokens=str(self.max_new_tokens),
-            teacher_decoding="greedy (do_sample=False, num_beams=1)",
+            teacher_decoding=self.decoding_summary,
             teacher_dtype=str(self.dtype).replace("torch.", ""),
             teacher_crop_size=f"{self.crop_size} ({CROP_RESAMPLE})",
         )
@@ -381,13 +422,31 @@ class LlavaTeacher(Teacher):
         return out
 
     @property
+    def decoding_summary(self) -> str:
+        """One line on how the vectors are decoded and pooled (stored in the cache header)."""
+        if self.decoding == "paper":
+            return (
+                f"paper: question before the image, no chat template; beam search (num_beams={PAPER_BEAMS}, "
+                f"do_sample=False, no_repeat_ngram_size={PAPER_NO_REPEAT_NGRAM}); mean over the beams and the "
+                "steps but the first and the last"
+            )
+        return "greedy (do_sample=False, num_beams=1); chat format; mean over the steps up to the first EOS"
+
+    @property
     def focus_recipe(self) -> str:
         """Identity of the :meth:`box_focus` computation (stored in caches that hold focus masses)."""
         return f"{_FOCUS_RECIPE}:query={FOCUS_QUERY}"
 
     def prompt_text(self, class_name: str) -> str:
-        """The full LLaVA-1.5 conversation for one crop ("USER: <image>\\n... ASSISTANT:")."""
-        return self._conversation(self.prompt.replace("{cls}", str(class_name)))
+        """The full text for one crop: ``"{question}\\n<image>\\n"`` (paper) or the LLaVA-1.5 conversation
+        ``"USER: <image>\\n{question} ASSISTANT:"`` (greedy)."""
+        question = self.prompt.replace("{cls}", str(class_name))
+        if self.decoding == "paper":
+            return f"{question}\n{self._image_token()}\n"
+        return self._conversation(question)
+
+    def _image_token(self) -> str:
+        return getattr(self._processor, "image_token", None) or "<image>"
 
     def _conversation(self, question: str) -> str:
         if self._use_chat_template:
@@ -397,8 +456,7 @@ class LlavaTeacher(Teacher):
             return self._processor.apply_chat_template(
                 conversation, add_generation_prompt=True, tokenize=False
             )
-        image_token = getattr(self._processor, "image_token", None) or "<image>"
-        return f"USER: {image_token}\n{question} ASSISTANT:"
+        return f"USER: {self._image_token()}\n{question} ASSISTANT:"
 
     def decode_last(self) -> list[str]:
         """The descriptions generated in the last :meth:`encode` call (for inspection)."""
@@ -408,14 +466,20 @@ class LlavaTeacher(Teacher):
         ids = _as_id_list(getattr(self._model.generation_config, "eos_token_id", None))
         return ids or _as_id_list(self._processor.tokenizer.eos_token_id)
 
-    def encode(self, crops: list[np.ndarray], class_names: list[str]) -> np.ndarray:
-        _check_batch(crops, class_names)
-        images = [crop_to_pil(c, self.crop_size) for c in crops]
-        texts = [self.prompt_text(n) for n in class_names]
+    def _inputs(self, images: list[Image.Image], texts: list[str]) -> dict[str, torch.Tensor]:
         inputs = self._processor(images=images, text=texts, return_tensors="pt", padding=True)
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        return inputs
+
+    def encode(self, crops: list[np.ndarray], class_names: list[str]) -> np.ndarray:
+        _check_batch(crops, class_names)
+        images = [crop_to_pil(c, self.crop_size) for c in crops]
+        texts = [self.prompt_text(n) for n in class_names]
+        if self.decoding == "paper":
+            return self._encode_paper(images, texts)
+        inputs = self._inputs(images, texts)
         eos_ids = self._eos_ids()
         with torch.inference_mode():
             out = self._model.generate(
@@ -435,6 +499,34 @@ class LlavaTeacher(Teacher):
             row[:n].tolist() for row, n in zip(generated.cpu(), self.last_token_counts)
         ]
         return vectors.cpu().numpy().astype(np.float32)
+
+    def _encode_paper(self, images: list[Image.Image], texts: list[str]) -> np.ndarray:
+        """The ``paper`` decoding, one crop per ``generate`` call (see the module doc)."""
+        eos_ids = self._eos_ids()
+        vectors, counts, generated_ids = [], [], []
+        for image, text in zip(images, texts):
+            inputs = self._inputs([image], [text])
+            with torch.inference_mode():
+                out = self._model.generate(
+                    **inputs,
+                    do_sample=False,
+                    num_beams=PAPER_BEAMS,
+                    no_repeat_ngram_size=PAPER_NO_REPEAT_NGRAM,
+                    max_new_tokens=self.max_new_tokens,
+                    eos_token_id=eos_ids or None,
+                    pad_token_id=self._pad_id,
+                    output_hidden_states=True,
+                    return_dict_in_generate=True,
+                )
+                vector, n = pool_beam_hidden_states(out.hidden_states)
+            best = out.sequences[0, inputs["input_ids"].shape[1] :].cpu().tolist()
+            end = next((i + 1 for i, tok in enumerate(best) if tok in eos_ids), len(best))
+            vectors.append(vector.cpu().numpy())
+            counts.append(n)
+            generated_ids.append(best[:end])
+        self.last_token_counts = np.asarray(counts, np.int64)
+        self.last_generated_ids = generated_ids
+        return np.stack(vectors).astype(np.float32)
 
     # -------------------------------------------------------------------------------------- Align-KD focus
     def box_focus(self, image: np.ndarray, boxes: np.ndarray, class_names: list[str]) -> np.ndarray:
@@ -632,9 +724,10 @@ class LlavaClipTeacher(Teacher):
         fp16: bool | None = None,
         max_new_tokens: int = 300,
         prompt: str | None = None,
+        decoding: str = DECODINGS[0],
     ) -> None:
         self.llava = LlavaTeacher(
-            model, device=device, fp16=fp16, max_new_tokens=max_new_tokens, prompt=prompt
+            model, device=device, fp16=fp16, max_new_tokens=max_new_tokens, prompt=prompt, decoding=decoding
         )
         self.clip = ClipTeacher(clip_model, device=device, fp16=fp16)
 
@@ -679,15 +772,20 @@ class LlavaClipTeacher(Teacher):
 
 __all__ = [
     "CROP_RESAMPLE",
+    "DECODINGS",
     "DEFAULT_CLIP",
     "DEFAULT_LLAVA",
     "DEFAULT_PROMPT",
     "FOCUS_QUERY",
+    "PAPER_BEAMS",
+    "PAPER_NO_REPEAT_NGRAM",
     "ClipTeacher",
     "LlavaClipTeacher",
     "LlavaTeacher",
     "box_mass",
     "crop_to_pil",
     "pad_to_square",
+    "paper_step_indices",
+    "pool_beam_hidden_states",
     "pool_generated_hidden_states",
 ]
