@@ -190,3 +190,23 @@ def test_a_person_assigns_and_refuses_identities_of_a_track() -> None:
     for f in range(3, 10):  # the matcher says rex for track 1 too (now it votes): it never takes it again
         ident, _, _ = ti.update(f / 10, f, dets([[10, 10, 50, 50]], scores=[0.9]), np.array([1]), IMG, match)
         assert ident[0] == -1
+
+
+def test_a_name_given_by_a_person_follows_the_object_to_its_next_track() -> None:
+    """ByteTrack loses the named object and finds it again as a new track at the same place: the pin moves
+    there (not to a new track elsewhere, nor of another class)."""
+    ti = TrackIdentities("cam", ["mug", "toy"], IdentityRule(window=3, commit=1, switch=2, leave_after=1.0))
+    ti.set_identities(["rex"])
+
+    def match(v: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return np.full(len(c), -1, np.int64), np.full(len(c), 0.1, np.float32)  # the matcher names nobody
+
+    ti.update(0.0, 0, dets([[10, 10, 50, 50]]), np.array([1]), IMG, match)
+    ti.assign(1, "rex")
+    ident, _, _ = ti.update(0.1, 1, dets([[10, 10, 50, 50]]), np.array([1]), IMG, match)
+    assert ident.tolist() == [0]
+    # track 1 lost; new tracks: 2 far away, 3 of another class on the spot, 4 on the spot
+    d = dets([[150, 10, 190, 50], [12, 12, 52, 52], [11, 11, 51, 51]], cls=[0, 1, 0])
+    ident, _, _ = ti.update(0.2, 2, d, np.array([2, 3, 4]), IMG, match)
+    assert ident.tolist() == [-1, -1, 0]
+    assert ti.tracks[4].pinned == "rex" and ti.tracks[1].pinned is None

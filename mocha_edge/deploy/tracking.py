@@ -35,6 +35,7 @@ from mocha_edge.errors import MochaError
 
 TRACKERS = ("bytetrack", "botsort", "none")
 EVENT_KINDS = ("enter", "identified", "changed", "leave")
+PIN_IOU = 0.3  # a new track this close to a lost track a person named takes over the name
 EDGE_MARGIN = 2.0  # px: a box this close to the frame's edge is cut off by it (completeness 0.5)
 
 
@@ -222,6 +223,15 @@ def _add_vector(tr: _Track, v: np.ndarray) -> None:
         tr.vsum += v
 
 
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    w = min(a[2], b[2]) - max(a[0], b[0])
+    h = min(a[3], b[3]) - max(a[1], b[1])
+    if w <= 0 or h <= 0:
+        return 0.0
+    inter = float(w * h)
+    return inter / float((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
 MatchFn = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
@@ -348,6 +358,21 @@ class TrackIdentities:
                 if crop.size:
                     tr.best_quality, tr.best_shot = quality, crop.copy()
             seen.append((i, tr))
+        # a name a person gave stays with the object: a track the tracker lost hands it to the track seen now
+        # where it was (same class, IoU >= PIN_IOU with its last box, within leave_after): ByteTrack re-finds
+        # an object as a new track, or follows it on a duplicate
+        lost = [tr for tr in self.tracks.values() if tr.pinned is not None and not tr.active]
+        if lost:
+            for _, tr in seen:
+                if tr.pinned is not None:
+                    continue
+                heirs = [o for o in lost if o.cls == tr.cls and t - o.last_t < rule.leave_after
+                         and _iou(o.box, tr.box) >= PIN_IOU]  # fmt: skip
+                if heirs:
+                    src = max(heirs, key=lambda o: _iou(o.box, tr.box))
+                    tr.pinned, src.pinned = src.pinned, None
+                    tr.refused |= src.refused
+                    lost.remove(src)
         # identities a person gave to tracks, from the frame their name is in the bank
         if any(tr.pinned is not None for _, tr in seen):
             index = {n: k for k, n in enumerate(self.identity_names)}
