@@ -462,3 +462,45 @@ def test_page_and_enroll_cli_share_the_bank(student_ckpt: Path, tmp_path: Path) 
         th.join(20)
         server.stop()
     assert not out["summary"].faults, out["summary"].faults
+
+
+def test_two_cameras_and_views_only_for_the_watched_one(tmp_path: Path) -> None:
+    """Several cameras: each is listed and served by its label; a camera nobody asks for gets no views
+    (nothing copied or encoded for it), the watched one about --http-fps of them."""
+    from mocha_edge.deploy.cameras import Stopper
+
+    stopper = Stopper()
+    from mocha_edge.deploy.sources import open_source
+
+    srcs = {
+        name: open_source(f"{_video(tmp_path / f'{name}.mp4')}?loop=1&realtime=1", sleep=stopper.sleep)
+        for name in ("front", "garden")
+    }
+    pipe, console = FakePipe(), Quiet()
+    hub = WebHub(http_fps=10)
+    server = WebServer(hub, "127.0.0.1", 0)
+    server.start()
+    cmds = StopCommands()
+    enroller = LiveEnroller(pipe, None, tmp_path / "b.bank", console.log, background=True)
+    th = threading.Thread(target=lambda: run_loop(
+        srcs, pipe, RunOptions(handle_signals=False, fps_every=0), enroller, commands=cmds, console=console, web=hub
+    ), daemon=True)  # fmt: skip
+    th.start()
+    live = Live(server.url, hub, tmp_path / "b.bank", console, pipe, "127.0.0.1", server.port)
+    try:
+        while len(hub.cams) < 2:
+            time.sleep(0.01)
+        live.detections("front", need=1)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 2.0:  # a page watching `front` for 2 s
+            live.json("GET", f"/api/cameras/front/detections?after={live.hub.latest('front').frame}")
+        made = hub.cams["front"].seq
+        assert 15 <= made <= 30, made  # ~10 a second (plus the first)
+        assert hub.cams["garden"].seq == 0 and not hub.cams["garden"].views
+        cams = {c["name"]: c for c in live.json("GET", "/api/cameras")[1]["cameras"]}
+        assert set(cams) == {"front", "garden"} and cams["garden"]["fps"] > 5  # the loop runs it all the same
+        assert live.json("GET", "/api/cameras/garden/detections")[0] == 200
+    finally:
+        cmds.stop.set()
+        th.join(20)
+        server.stop()
