@@ -163,6 +163,7 @@ def test_live_view_api_and_openapi(live: Live) -> None:
     assert live.request("GET", "/docs")[0] == 404  # no docs page: its assets would come from a CDN
     status, hdr, page = live.request("GET", "/")
     assert status == 200 and b"<html" in page.lower()
+    assert "frame-ancestors 'none'" in hdr["content-security-policy"] and hdr["x-frame-options"] == "DENY"
     assert live.json("GET", "/api/cameras/nope/detections")[0] == 404
 
 
