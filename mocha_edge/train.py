@@ -237,10 +237,10 @@ def lr_factor(it: int, total: int, warmup: int, lrf: float) -> float:
     return warm * (lrf + (1.0 - lrf) * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-def cache_targets_whitened(cache: Any) -> bool | None:
-    """HOOK (issue 17 item 2, target whitening in teach/cache): whether ``cache``'s targets are whitened per
-    PCA component. ``None``: the cache does not say (no whitening metadata yet)."""
-    return None
+def cache_targets_whitened(cache: Any) -> bool:
+    """Whether ``cache``'s targets are whitened per PCA component (``teach --whiten measured|paper-fit``;
+    caches written before whitening existed read as ``"none"``)."""
+    return getattr(cache, "whiten", "none") != "none"
 
 
 @dataclass
@@ -384,19 +384,12 @@ class Trainer:
                 )
             self.cache = TeacherCache.load(cfg.teacher_cache)
             self.cache.check(dataset_fingerprint=self.ds_fingerprint)
-            if cfg.whitened_targets:
-                whitened = cache_targets_whitened(self.cache)
-                if whitened is False:
-                    raise TrainError(
-                        f"{cfg.teacher_cache}: recipe {cfg.recipe} distils whitened targets (each PCA "
-                        "component divided by its scale); rebuild the cache with whitening, or pass "
-                        "--no-whitened-targets"
-                    )
-                if whitened is None:
-                    self.log(
-                        f"warning: {cfg.teacher_cache} does not say whether its targets are whitened per "
-                        f"PCA component; recipe {cfg.recipe} expects whitened targets"
-                    )
+            if cfg.whitened_targets and not cache_targets_whitened(self.cache):
+                raise TrainError(
+                    f"{cfg.teacher_cache}: recipe {cfg.recipe} distils targets whitened per PCA component, "
+                    f"this cache's are not (whiten={getattr(self.cache, 'whiten', 'none')}); rebuild it with "
+                    "`mocha-edge teach --whiten measured` (or paper-fit), or pass --no-whitened-targets"
+                )
             if resume_state and resume_state.get("teacher"):
                 want = resume_state["teacher"]
                 self.cache.check(teacher_fingerprint=want["teacher_fingerprint"], d_t=int(want["d_t"]))

@@ -291,3 +291,248 @@ def test_cpu_memory_estimate_warns(base_run: Path, monkeypatch) -> None:
     model = build_student("yolov8n.yaml", ["a"])
     _memory_check(model, TrainConfig(data="x", out="y", imgsz=64, batch=512), msgs.append)
     assert msgs and "lower --batch" in msgs[0]
+
+
+# ------------------------------------------------------------------------------------------- recipes
+def test_recipes_resolve_and_flags_override() -> None:
+    from mocha_edge.train import RECIPES
+
+    paper = TrainConfig(data="x", out="y", recipe="paper")
+    assert paper.settings() == {"recipe": "paper", **{k: v for k, v in vars(RECIPES["paper"]).items()
+                                                      if k not in ("name", "doc")}}  # fmt: skip
+    assert (paper.optimizer, paper.betas, paper.warmup_iters, paper.lrf, paper.augment) == (
+        "adam",
+        (0.937, 0.999),
+        1000,
+        0.0,
+        False,
+    )
+    assert (paper.epochs, paper.student_every, paper.lr_student, paper.lr_translator) == (20, 4, 1e-4, 1e-3)
+    edge = TrainConfig(data="x", out="y")
+    assert edge.recipe == "edge" and edge.optimizer == "adamw" and edge.augment and edge.warmup_epochs == 1.0
+    # an explicit value beats the recipe's; the rest stays the recipe's
+    over = TrainConfig(data="x", out="y", recipe="paper", optimizer="adamw", augment=True, warmup_epochs=2.0)
+    assert (over.optimizer, over.augment, over.warmup_epochs, over.warmup_iters) == ("adamw", True, 2.0, None)
+    assert over.betas == (0.937, 0.999) and over.lrf == 0.0 and not over.ema
+    assert TrainConfig(data="x", out="y", stage="base").lr_student == 1e-3  # the base stage's own default
+    with pytest.raises(TrainError, match="distillation recipe"):
+        TrainConfig(data="x", out="y", recipe="paper", stage="base")
+    with pytest.raises(TrainError, match="recipe must be"):
+        TrainConfig(data="x", out="y", recipe="fast")
+
+
+def test_cli_flags_override_the_recipe(monkeypatch, tmp_path: Path) -> None:
+    import mocha_edge.train as train_mod
+
+    seen: dict = {}
+
+    def fake_train(cfg, **kw):
+        seen.update(cfg=cfg, **kw)
+        raise TrainError("stop here")
+
+    monkeypatch.setattr(train_mod, "train", fake_train)
+    args = ["train", "--data", "d", "--out", str(tmp_path / "r"), "--recipe", "paper"]
+    r = CliRunner().invoke(cli, [*args, "--augment", "--betas", "0.9,0.99", "--warmup-iters", "5",
+                                 "--lrf", "0.1", "--weight-decay-student", "0.002", "--ema"])  # fmt: skip
+    assert "stop here" in r.output and seen["recipe"] == "paper"
+    cfg = seen["cfg"]
+    assert (cfg.recipe, cfg.augment, cfg.betas, cfg.warmup_iters, cfg.lrf, cfg.ema) == (
+        "paper",
+        True,
+        (0.9, 0.99),
+        5,
+        0.1,
+        True,
+    )
+    assert (cfg.weight_decay_student, cfg.optimizer, cfg.grad_clip, cfg.tau) == (0.002, "adam", 0.0, 1.0)
+    CliRunner().invoke(cli, ["train", "--data", "d", "--out", str(tmp_path / "r")])
+    assert seen["cfg"].settings() == TrainConfig(data="d", out="r").settings() and seen["recipe"] is None
+    r = CliRunner().invoke(cli, [*args, "--betas", "0.9"])
+    assert r.exit_code != 0 and "B1,B2" in r.output
+
+
+def test_paper_optimizer_is_adam_with_coupled_weight_decay() -> None:
+    from mocha_edge.train import build_optimizer
+
+    student = build_student("yolov8n.yaml", ["a", "b"])
+    translator = Translator(448, 16)
+    opt = build_optimizer(TrainConfig(data="x", out="y", recipe="paper"), student, translator)
+    assert type(opt) is torch.optim.Adam and not opt.defaults.get("decoupled_weight_decay", False)
+    assert all(g["betas"] == (0.937, 0.999) for g in opt.param_groups)
+    head = {id(p) for p in student.model[-1].parameters()}
+    wd: dict[tuple[str, bool], set[float]] = {}
+    for g in opt.param_groups:
+        for p in g["params"]:
+            wd.setdefault((g["name"], id(p) in head and p.ndim > 1), set()).add(g["weight_decay"])
+    assert wd[("translator", False)] >= {1e-4} and wd[("student", True)] == {0.0}
+    assert wd[("student", False)] == {1e-5, 0.0}  # conv weights / norms and biases
+    assert {g["lr"] for g in opt.param_groups if g["name"] == "student"} == {1e-4}
+    assert {g["lr"] for g in opt.param_groups if g["name"] == "translator"} == {1e-3}
+
+    # coupled: wd * p is added to the gradient, so with a zero loss gradient Adam's normalised step still
+    # moves a decayed weight by ~lr; decoupled (edge's AdamW) shrinks it by lr * wd only
+    def one_step(recipe: str) -> float:
+        t = Translator(448, 16)
+        o = build_optimizer(
+            TrainConfig(data="x", out="y", recipe=recipe), build_student("yolov8n.yaml", ["a"]), t
+        )
+        w = t.proj.weight
+        with torch.no_grad():
+            w.fill_(1.0)
+        for g in o.param_groups:
+            g["lr"] = 0.01
+            for p in g["params"]:
+                p.grad = torch.zeros_like(p)
+        o.step()
+        return float(w.detach().mean())
+
+    assert one_step("paper") == pytest.approx(1.0 - 0.01, abs=1e-4)
+    assert one_step("edge") == pytest.approx(1.0 - 0.01 * 5e-4, abs=1e-6)  # float32
+    assert type(build_optimizer(TrainConfig(data="x", out="y"), student, translator)) is torch.optim.AdamW
+
+
+def test_lr_schedule_shared_warmup_then_cosine_to_zero() -> None:
+    import warnings
+
+    from mocha_edge.train import lr_factor
+
+    # warm-up over the first 1000 global iterations, then the cosine: per iteration, to 0 at the end
+    total = 3000
+    assert lr_factor(0, total, 1000, 0.0) == pytest.approx(1e-3 * 1.0, rel=1e-5)
+    assert lr_factor(499, total, 1000, 0.0) == pytest.approx(
+        0.5 * 0.5 * (1 + math.cos(math.pi * 499 / total))
+    )
+    assert lr_factor(999, total, 1000, 0.0) == pytest.approx(0.5 * (1 + math.cos(math.pi * 999 / total)))
+    assert lr_factor(1500, total, 1000, 0.0) == pytest.approx(0.5)
+    assert lr_factor(1500, total, 1000, 0.0) > lr_factor(1501, total, 1000, 0.0)  # per iteration
+    assert lr_factor(total, total, 1000, 0.0) == pytest.approx(0.0, abs=1e-12)
+    assert lr_factor(total, total, 0, 0.01) == pytest.approx(0.01) and lr_factor(0, total, 0, 0.01) == 1.0
+    # the public code's torch schedulers (linear warm-up chained with a cosine over all iterations): the
+    # same, up to the warm-up starting one iteration later there (its first iteration runs at lr ~0)
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.Adam([p], lr=1.0)
+    warmup, total = 50, 200
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sched = torch.optim.lr_scheduler.ChainedScheduler([
+            torch.optim.lr_scheduler.LinearLR(opt, 1e-6, 1.0, warmup),
+            torch.optim.lr_scheduler.CosineAnnealingLR(opt, total),
+        ])  # fmt: skip
+        for it in range(total):
+            ours = lr_factor(it, total, warmup, 0.0)
+            assert opt.param_groups[0]["lr"] == pytest.approx(ours, abs=1.0 / warmup if it < warmup else 1e-9)
+            opt.step()
+            sched.step()
+
+
+def test_every_group_follows_the_global_iteration(synth_small: Path, tmp_path: Path) -> None:
+    """The student first training in epoch 4 is not warmed up again: its lr is the shared schedule's."""
+    from mocha_edge.train import lr_factor
+
+    cfg = TrainConfig(data=str(synth_small), out=str(tmp_path), recipe="paper", warmup_iters=10, **TINY)
+    tr = Trainer(cfg, progress=False)
+    tr.cfg, tr.n_batches, tr.total_steps, tr.warmup_steps = cfg, 6, 120, 10
+    tr.steps = {"student": 0, "translator": 18}
+    groups = [
+        {"name": n, "initial_lr": lr, "lr": 0.0, "params": []}
+        for n, lr in (("student", 1e-4), ("translator", 1e-3))
+    ]
+    tr.optimizer = type("Opt", (), {"param_groups": groups})()
+    lrs = tr._set_lr(3, 0)  # the published schedule's first student epoch; 18 iterations done
+    f = lr_factor(18, 120, 10, 0.0)
+    assert lrs == {"student": pytest.approx(1e-4 * f), "translator": pytest.approx(1e-3 * f)} and f > 0.8
+    assert tr._set_lr(0, 4)["student"] == pytest.approx(1e-4 * lr_factor(4, 120, 10, 0.0))  # warming
+
+
+@pytest.fixture(scope="module")
+def paper_run(base_run: Path, synth_small: Path, synth_cache: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A paper-recipe run (2 epochs, student in the 2nd) cut after its first epoch, then resumed by the CLI
+    (first with a different --recipe, refused). Records the loaders' datasets and the log."""
+    import mocha_edge.student as student_mod
+
+    out = tmp_path_factory.mktemp("paper") / "run"
+    datasets: list = []
+    real_make = student_mod.make_yolo_dataset
+
+    def spy(*a, **kw):
+        ds = real_make(*a, **kw)
+        datasets.append(ds)
+        return ds
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(student_mod, "make_yolo_dataset", spy)
+    real_save = Trainer._save
+
+    def save_then_die(self, epoch):
+        real_save(self, epoch)
+        raise KeyboardInterrupt
+
+    mp.setattr(Trainer, "_save", save_then_die)
+    log: list[str] = []
+    cfg = TrainConfig(data=str(synth_small), out=str(out), model=str(base_run / "last.ckpt"), recipe="paper",
+                      teacher_cache=str(synth_cache), epochs=2, student_every=2, **TINY)  # fmt: skip
+    tr = Trainer(cfg, progress=False, log=log.append)
+    with pytest.raises(KeyboardInterrupt):
+        tr.run()
+    mp.setattr(Trainer, "_save", real_save)
+    refused = CliRunner().invoke(cli, ["train", "--out", str(out), "--resume", "--recipe", "edge", "--quiet"])
+    resumed = CliRunner().invoke(cli, ["train", "--out", str(out), "--resume", "--quiet"])
+    mp.undo()
+    return {
+        "out": out,
+        "trainer": tr,
+        "datasets": datasets,
+        "log": log,
+        "refused": refused,
+        "resumed": resumed,
+    }
+
+
+def test_paper_run_optimiser_and_no_augmentation(paper_run: dict) -> None:
+    from ultralytics.data.augment import LetterBox
+
+    tr = paper_run["trainer"]
+    assert type(tr.optimizer) is torch.optim.Adam
+    assert tr.warmup_steps == 1000 and tr.total_steps == 2 * math.ceil(48 / 8)
+    train_sets = [d for d in paper_run["datasets"] if d.im_files and len(d) == 48]
+    assert train_sets, "no training loader seen"
+    for d in train_sets:  # letterboxed images only: no mosaic, HSV jitter, flips or affine
+        assert d.augment is False
+        assert [type(t).__name__ for t in d.transforms.transforms] == ["LetterBox", "Format"]
+        assert isinstance(d.transforms.transforms[0], LetterBox)
+    a, b = train_sets[0][0], train_sets[0][0]
+    assert torch.equal(a["img"], b["img"])  # the same image every time it is drawn
+    assert tr.cache.whiten != "none"  # paper distils whitened targets (teach's default)
+    assert any(m.startswith("recipe paper: ") and "optimizer=adam" in m for m in paper_run["log"])
+
+
+def test_paper_run_records_recipe_and_resume_keeps_it(paper_run: dict) -> None:
+    r = paper_run["refused"]
+    assert r.exit_code != 0 and "trained with --recipe paper" in r.output
+    r = paper_run["resumed"]
+    assert r.exit_code == 0, r.output
+    assert "resuming" in r.output and "recipe paper: " in r.output
+    state = load_checkpoint(paper_run["out"] / "last.ckpt")
+    assert state["epoch"] == 1 and state["config"]["recipe"] == "paper"
+    assert state["recipe"]["recipe"] == "paper" and state["recipe"]["optimizer"] == "adam"
+    assert tuple(state["recipe"]["betas"]) == (0.937, 0.999) and state["recipe"]["warmup_steps"] == 1000
+    groups = state["optimizer"]["param_groups"]
+    assert all(tuple(g["betas"]) == (0.937, 0.999) for g in groups)
+    assert sorted({g["weight_decay"] for g in groups}) == [0.0, 1e-5, 1e-4]
+    assert [r["student_trained"] for r in state["history"] if r["epoch"] > 0] == [0, 1]
+
+
+def test_unwhitened_cache_is_refused_by_paper(
+    base_run: Path, synth_small: Path, synth_cache: Path, tmp_path: Path, monkeypatch
+) -> None:
+    from mocha_edge.cache import TeacherCache
+
+    monkeypatch.setattr(TeacherCache, "whiten", property(lambda self: "none"))  # as a pre-whitening cache
+    cfg = TrainConfig(data=str(synth_small), out=str(tmp_path / "p"), model=str(base_run / "last.ckpt"),
+                      recipe="paper", teacher_cache=str(synth_cache), epochs=1, **TINY)  # fmt: skip
+    with pytest.raises(TrainError, match=r"whitened per PCA component, this cache.s are not"):
+        train(cfg, progress=False)
+    cfg = TrainConfig(data=str(synth_small), out=str(tmp_path / "q"), model=str(base_run / "last.ckpt"),
+                      recipe="paper", whitened_targets=False, teacher_cache=str(synth_cache), epochs=1,
+                      val_every=0, **TINY)  # fmt: skip
+    assert train(cfg, progress=False).history[-1]["epoch"] == 1  # --no-whitened-targets lets it run
