@@ -1,10 +1,12 @@
 """``mocha-edge eval``: episodic few-shot evaluation on *instance* labels, several models, same episodes.
 
-Per episode: support boxes -> prototypes (normalised mean of normalised shots per instance); every query
-detection takes the identity of its nearest prototype (conditional: within its predicted coarse class;
-global: all) and the score ``det_conf · max(cos, 0)``; mAP50 and mAP50-95 over the episode's query images
-come from ultralytics' metrics (``match_predictions`` + ``ap_per_class``). Reported: mean over episodes and
-the 95 % confidence half-width (Student t). No "unknown" threshold here: mAP ranks every detection.
+Per episode: support boxes -> prototypes; every query detection takes the identity of a prototype
+(conditional: within its predicted coarse class; global: all) and a score, by one of :data:`SCORINGS`
+(``conf-cosine``, the default: nearest normalised prototype by cosine in the model's matching space, score
+``det_conf · max(cos, 0)``; ``paper``: MOCHA's public code, see :func:`paper_match`); mAP50 and mAP50-95
+over the episode's query images come from ultralytics' metrics (``match_predictions`` + ``ap_per_class``).
+Reported: mean over episodes and the 95 % confidence half-width (Student t). No "unknown" threshold here:
+mAP ranks every detection.
 
 Rows: each ``--model NAME=PATH`` (``NAME`` ending in ``+translator`` keeps the translator), ``teacher``
 (teacher vectors from the cache on ground-truth boxes, score = cosine: the ceiling) and ``random_init``
@@ -40,10 +42,83 @@ from mocha_edge.space import (
 
 IOUV = torch.linspace(0.5, 0.95, 10)
 RUN_CONF = 0.25  # `mocha-edge run`'s default confidence threshold (its NMS IoU 0.7 is eval's too)
+PAPER_EPS = 1e-5  # MOCHA's public code: similarity = 1 / (distance + 1e-5)
+SCORINGS: dict[str, str] = {
+    "conf-cosine": "identity: nearest prototype by cosine in the model's matching space (prototype = "
+    "normalised mean of the shots in it); score: det_conf * max(cosine, 0)",
+    "paper": "identity: argmax over the eligible prototypes (raw means of raw shot vectors) of the mean, "
+    "over cosine, L1 and MSE distances, of softmax(1 / (distance + 1e-5)); score: det_conf "
+    "(MOCHA's public code)",
+}
 
 
 class EvalError(MochaError):
     """The evaluation cannot run (no episodes, no instance labels, missing cache rows...)."""
+
+
+def check_names(ds: Dataset, models: dict[str, Any], matches: tuple[str, ...]) -> None:
+    """Refuse a model whose class names are not the dataset's coarse names, in order, when conditional
+    matching (which compares the detector's class index with the dataset's) is asked for."""
+    if "conditional" not in matches:
+        return
+    for name, student in models.items():
+        have = [str(x) for x in getattr(student, "names", ds.names)]
+        if have == list(ds.names):
+            continue
+        only_m = [x for x in have if x not in ds.names]
+        only_d = [x for x in ds.names if x not in have]
+        diff = (f"only in the model {only_m}, only in the dataset {only_d}" if only_m or only_d
+                else f"same names in another order: model {have}, dataset {list(ds.names)}")  # fmt: skip
+        raise EvalError(
+            f"model {name!r}: its classes are not {ds.source}'s coarse names ({diff}); conditional matching "
+            "needs them equal: train on this dataset, or evaluate with --match global"
+        )
+
+
+def paper_match(
+    vectors: np.ndarray, det_cls: np.ndarray, prototypes: np.ndarray, proto_cls: np.ndarray, mode: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """The identity MOCHA's public code gives each detection (its ``Conditional`` prototype classifier).
+
+    Vectors and prototypes are raw: a prototype is the plain mean of its shots' vectors, nothing is
+    normalised or centred. For a vector ``x`` (dimension ``D``) and each eligible prototype ``p`` (``mode``
+    ``conditional``: those of the detection's coarse class; ``global``: all — the public code's global
+    classifier uses MSE alone, this one keeps the same average) three distances:
+
+    - cosine: ``1 - x·p / (|x| |p|)``;
+    - L1: ``sum |x - p| / D`` (mean absolute difference);
+    - MSE: ``sum (x - p)² / D`` (mean squared difference).
+
+    Each distance becomes a similarity ``1 / (d + 1e-5)`` and a distribution over the eligible prototypes
+    by a softmax of those similarities; the three distributions are averaged with equal weights and the
+    identity is their argmax. Returns ``(index into prototypes or -1 when none is eligible, averaged
+    probability of the chosen one)``; the probability is not used as a score (the paper's score is the
+    detector's confidence).
+    """
+    n = len(vectors)
+    if n == 0 or len(prototypes) == 0:
+        return np.full(n, -1, np.int64), np.zeros(n, np.float32)
+    x = torch.as_tensor(np.asarray(vectors, np.float32))
+    p = torch.as_tensor(np.asarray(prototypes, np.float32))
+    d = x.shape[1]
+    xn = x / x.norm(dim=1, keepdim=True).clamp_min(1e-8)
+    pn = p / p.norm(dim=1, keepdim=True).clamp_min(1e-8)
+    dists = torch.stack([
+        1.0 - xn @ pn.T,
+        torch.cdist(x, p, p=1) / d,
+        torch.cdist(x, p, p=2, compute_mode="donot_use_mm_for_euclid_dist") ** 2 / d,
+    ])  # fmt: skip
+    sim = 1.0 / (dists.clamp_min(0.0) + PAPER_EPS)  # (3, n, m)
+    eligible = torch.ones(n, len(p), dtype=torch.bool)
+    if mode == "conditional":
+        eligible = torch.as_tensor(np.asarray(det_cls)[:, None] == np.asarray(proto_cls)[None, :])
+    elif mode != "global":
+        raise EvalError(f"matching mode must be 'conditional' or 'global', not {mode!r}")
+    prob = torch.softmax(sim.masked_fill(~eligible, -torch.inf), dim=-1).nan_to_num(0.0).mean(0)  # (n, m)
+    best, idx = prob.max(1)
+    any_ok = eligible.any(1)
+    return (torch.where(any_ok, idx, -1).numpy().astype(np.int64),
+            torch.where(any_ok, best, 0.0).numpy().astype(np.float32))  # fmt: skip
 
 
 @dataclass
@@ -127,6 +202,44 @@ def _student_views(
     return Views(sup, qry, sup_views if augment else None)
 
 
+def _weights_id(student: Any) -> str | None:
+    """The student's weights + pooling + input size, translator left out (None when unknown)."""
+    h = getattr(student, "_base_hash", None)
+    return None if h is None else h.hexdigest()
+
+
+@torch.no_grad()
+def _translated_views(v: Views, student: Any) -> Views:
+    """``student``'s views (a translator on the weights that pooled ``v``) from ``v``'s raw vectors: the
+    translator maps each object's vector on its own, so this equals a second pass over the images."""
+    parts: list[np.ndarray] = []
+
+    def take(x: np.ndarray) -> int:
+        parts.append(np.asarray(x, np.float32).reshape(-1, x.shape[-1]))
+        return len(parts) - 1
+
+    sup = {k: take(x) for k, x in v.support.items()}
+    qry = {k: take(q[3]) for k, q in v.query.items()}
+    views = {k: take(x) for k, x in v.support_views.items()} if v.support_views is not None else None
+    flat = np.concatenate(parts) if parts else np.zeros((0, 1), np.float32)
+    out = np.zeros((len(flat), student.dim), np.float32)
+    for s in range(0, len(flat), 4096):  # bounded memory: up to 300 detections per query image
+        out[s : s + 4096] = (
+            student.translator(torch.from_numpy(flat[s : s + 4096]).to(student.device)).cpu().numpy()
+        )
+    ends = np.cumsum([len(x) for x in parts])
+    chunks = np.split(out, ends[:-1]) if parts else []
+
+    def back(i: int, like: np.ndarray) -> np.ndarray:
+        return chunks[i].reshape(*like.shape[:-1], student.dim)
+
+    return Views(
+        {k: back(i, v.support[k]) for k, i in sup.items()},
+        {k: (*v.query[k][:3], back(i, v.query[k][3])) for k, i in qry.items()},
+        None if views is None else {k: back(i, v.support_views[k]) for k, i in views.items()},
+    )
+
+
 def _teacher_views(
     cache, ds: Dataset, support: set[Path], query: set[Path], kind: str = "class-mean", proj: bool = True
 ) -> Views:
@@ -185,8 +298,10 @@ def _episode_map(
     mode: str,
     gt_px: dict[Path, np.ndarray],
     items: dict[Path, Any] | None = None,
+    scoring: str = "conf-cosine",
 ) -> tuple[float, float]:
-    """mAP50 / mAP50-95 of one episode; ``items`` (path -> ImageItem) may be passed to avoid rebuilding it."""
+    """mAP50 / mAP50-95 of one episode under ``scoring`` (see :data:`SCORINGS`); ``items`` (path ->
+    ImageItem) may be passed to avoid rebuilding it."""
     from ultralytics.engine.validator import BaseValidator
     from ultralytics.utils.metrics import ap_per_class, box_iou
 
@@ -199,8 +314,16 @@ def _episode_map(
             shots.setdefault(int(inst), []).append(views.support[(p, j)])
     inst_ids = sorted(shots)
     proto_cls = np.asarray([ds.idmap[i] for i in inst_ids], np.int64)
-    sp = views.space  # rank in the matching space (prototypes: normalised mean of the shots in it)
-    protos = np.stack([l2n(to_space(sp, np.stack(shots[i]), c).mean(0)) for i, c in zip(inst_ids, proto_cls)])
+    if scoring not in SCORINGS:
+        raise EvalError(f"scoring {scoring!r}: expected one of {', '.join(SCORINGS)}")
+    paper = scoring == "paper"
+    sp = views.space  # conf-cosine ranks in the matching space (prototypes: normalised mean of shots in it)
+    if paper:  # raw means of raw vectors
+        protos = np.stack([np.stack(shots[i]).mean(0) for i in inst_ids])
+    else:
+        protos = np.stack(
+            [l2n(to_space(sp, np.stack(shots[i]), c).mean(0)) for i, c in zip(inst_ids, proto_cls)]
+        )
     means, proj = matcher_args(sp)
     matcher = SimpleNamespace(iouv=IOUV)
     tps, confs, pcls, tcls = [], [], [], []
@@ -212,10 +335,15 @@ def _episode_map(
         tcls.append(it.instance.astype(np.int64))
         if len(scores) == 0:
             continue
-        idx, sim = match(vecs, cls, protos, proto_cls, mode, means, proj)
-        keep = idx >= 0
+        if paper:
+            idx, _ = paper_match(vecs, cls, protos, proto_cls, mode)
+            keep = idx >= 0
+            score = np.asarray(scores, np.float32) * keep
+        else:
+            idx, sim = match(vecs, cls, protos, proto_cls, mode, means, proj)
+            keep = idx >= 0
+            score = scores * np.maximum(sim, 0) * keep
         ident = np.where(keep, np.asarray(inst_ids)[np.maximum(idx, 0)], -1)
-        score = scores * np.maximum(sim, 0) * keep
         order = np.argsort(-score, kind="stable")
         order = order[keep[order]]
         if len(order) == 0:
@@ -321,18 +449,26 @@ def evaluate(
     run_conf: float = RUN_CONF,
     centring: str | None = None,
     threshold: float | None = None,
+    scorings: tuple[str, ...] = ("conf-cosine",),
 ) -> dict[str, Any]:
     """Evaluate every model on the same episodes; returns the JSON-ready report.
 
-    Each row has the ranking metrics (mAP50, mAP50-95) and, with ``openset``, the operating-point metrics
-    of :func:`_episode_openset` (``id_precision``, ``id_recall``, ``id_f1``, ``false_id_rate``,
-    ``det_recall_novel`` and their 95 % half-widths). ``centring`` overrides each model's vector space
-    kind (``class-mean`` / ``global-mean`` / ``none``, refitted on the training split); ``threshold`` one
-    cosine threshold for every identity instead of the banks' calibrated ones."""
+    Each row (model, match, scoring, shots) has the ranking metrics (mAP50, mAP50-95) under its scoring
+    (:data:`SCORINGS`) and, with ``openset``, the operating-point metrics of :func:`_episode_openset`
+    (``id_precision``, ``id_recall``, ``id_f1``, ``false_id_rate``, ``det_recall_novel`` and their 95 %
+    half-widths: the bank's decision as ``run`` makes it, the same whatever the scoring). ``centring``
+    overrides each model's vector space kind (``class-mean`` / ``global-mean`` / ``none``, refitted on the
+    training split); ``threshold`` one cosine threshold for every identity instead of the banks' calibrated
+    ones. A model whose class names differ from the dataset's coarse names is refused when ``matches``
+    holds ``conditional`` (:func:`check_names`)."""
     if not ds.has_instances:
         raise EvalError(
             f"{ds.source}: episodic evaluation needs instance labels (MOCHA layout: fine_names + idmap)"
         )
+    bad = [s for s in scorings if s not in SCORINGS]
+    if bad or not scorings:
+        raise EvalError(f"scoring {', '.join(bad) or '(none)'}: expected one of {', '.join(SCORINGS)}")
+    check_names(ds, models, matches)
     episodes: dict[int, list[Episode]] = {}
     for k in shots:
         eps = ds.episodes.get(k)
@@ -343,12 +479,23 @@ def evaluate(
     query = {p for eps in episodes.values() for ep in eps for p in ep.query}
 
     views: dict[str, Views] = {}
-    for name, student in models.items():
-        t0 = time.perf_counter()
-        views[name] = _student_views(student, ds, support, query, conf, augment=openset)
+    plain: dict[str, str] = {}  # weights id -> a model evaluated without translator
+    # models without translator first: one with a translator on the same weights reuses their pass
+    for name in sorted(models, key=lambda n: getattr(models[n], "translator", None) is not None):
+        student, t0 = models[name], time.perf_counter()
+        wid = _weights_id(student)
+        src = plain.get(wid) if wid is not None and getattr(student, "translator", None) is not None else None
+        if src is not None:
+            views[name] = _translated_views(views[src], student)
+        else:
+            views[name] = _student_views(student, ds, support, query, conf, augment=openset)
+            if wid is not None and getattr(student, "translator", None) is None:
+                plain.setdefault(wid, name)
         if openset:
             views[name].space = _model_space(student, ds, centring, name, log)
-        log(f"{name}: {len(support)} support + {len(query)} query images in {time.perf_counter() - t0:.1f} s")
+        how = f"{src}'s vectors translated" if src else f"{len(support)} support + {len(query)} query images"
+        log(f"{name}: {how} in {time.perf_counter() - t0:.1f} s")
+    views = {n: views[n] for n in models}
     if random_init:
         if not models:
             raise EvalError("the random_init row needs at least one --model (its detections are reused)")
@@ -380,24 +527,27 @@ def evaluate(
     results = []
     for name, v in views.items():
         for mode in matches:
-            for k, eps in episodes.items():
-                m = np.asarray([_episode_map(ds, ep, v, mode, gt_px, items) for ep in eps])
-                row = {
-                    "model": name, "match": mode, "shots": k, "episodes": len(eps),
-                    "map50": float(m[:, 0].mean()), "map50_95": float(m[:, 1].mean()),
-                    "ci95_map50": _ci95(m[:, 0]), "ci95_map50_95": _ci95(m[:, 1]),
-                }  # fmt: skip
-                if openset and name != "random_init":
+            ops: dict[int, dict[str, Any]] = {}  # the operating point does not depend on the scoring
+            if openset and name != "random_init":
+                for k, eps in episodes.items():
                     counts = [
                         _episode_openset(ds, ep, v, mode, gt_px, items, [seed, k, e], run_conf, threshold)
                         for e, ep in enumerate(eps)
                     ]
-                    row.update(summarise(counts))
-                    row["space"] = v.space.name if v.space is not None else "none"
-                results.append(row)
+                    ops[k] = {**summarise(counts), "space": v.space.name if v.space is not None else "none"}
+            for sc in scorings:
+                for k, eps in episodes.items():
+                    m = np.asarray([_episode_map(ds, ep, v, mode, gt_px, items, sc) for ep in eps])
+                    row = {
+                        "model": name, "match": mode, "scoring": sc, "shots": k, "episodes": len(eps),
+                        "map50": float(m[:, 0].mean()), "map50_95": float(m[:, 1].mean()),
+                        "ci95_map50": _ci95(m[:, 0]), "ci95_map50_95": _ci95(m[:, 1]),
+                    }  # fmt: skip
+                    row.update(ops.get(k, {}))
+                    results.append(row)
     return {
         "dataset": str(ds.source),
-        "score": "det_conf * max(cosine, 0)",
+        "scorings": {sc: SCORINGS[sc] for sc in scorings},
         "conf": conf,
         "openset": {
             "run_conf": run_conf,
@@ -473,7 +623,7 @@ def format_table(report: dict[str, Any]) -> str:
     """Markdown table of a report's rows: the ranking (mAP) and, when measured, the decision at the
     operating point (identity precision / recall / false identifications, ± 95 %)."""
     ops = any("id_precision" in r for r in report["results"])
-    head = "| model | match | shots | mAP50 | ±95% | mAP50-95 |"
+    head = "| model | match | scoring | shots | mAP50 | ±95% | mAP50-95 |"
     if ops:
         head += " id precision | id recall | false IDs | detected |"
     lines = [head + " episodes |", "|" + "---|" * (head.count("|"))]
@@ -483,7 +633,8 @@ def format_table(report: dict[str, Any]) -> str:
         return "—" if not np.isfinite(v) else f"{v:.1f} ± {ci:.1f}"
 
     for r in report["results"]:
-        row = f"| {r['model']} | {r['match']} | {r['shots']} | {r['map50']:.1f} | {r['ci95_map50']:.1f} | {r['map50_95']:.1f} |"
+        row = (f"| {r['model']} | {r['match']} | {r.get('scoring', 'conf-cosine')} | {r['shots']} | {r['map50']:.1f} | "
+               f"{r['ci95_map50']:.1f} | {r['map50_95']:.1f} |")  # fmt: skip
         if ops:
             det = r.get("det_recall_novel", float("nan"))
             row += f" {pm(r, 'id_precision')} | {pm(r, 'id_recall')} | {pm(r, 'false_id_rate')} | "

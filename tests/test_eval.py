@@ -11,7 +11,16 @@ from click.testing import CliRunner
 
 from mocha_edge.cli import cli
 from mocha_edge.data import load_dataset
-from mocha_edge.evaluate import Views, _episode_map, _gt_pixels, sample_episodes
+from mocha_edge.evaluate import (
+    EvalError,
+    Views,
+    _episode_map,
+    _gt_pixels,
+    check_names,
+    evaluate,
+    paper_match,
+    sample_episodes,
+)
 
 
 def _oracle_views(ds, eps, noise: float = 0.0, seed: int = 0) -> Views:
@@ -47,6 +56,72 @@ def test_oracle_vectors_score_100_and_noise_lowers_it(synth_small: Path) -> None
     assert _episode_map(ds, eps[0], noisy, "global", gt)[0] < 90.0
 
 
+def test_paper_match_by_hand() -> None:
+    """Cosine picks the parallel prototype A; L1 and MSE (raw vectors, per-component means) pick the near B;
+    the paper's identity is the argmax of the three softmax(1 / (d + 1e-5)) averaged."""
+    from mocha_edge.prototypes import l2n, match
+
+    x = np.array([[1.0, 0.1]], np.float32)
+    protos = np.array([[10.0, 1.0], [1.0, 1.0]], np.float32)  # A, B (raw means, not normalised)
+    assert match(x, np.array([0]), l2n(protos), np.array([0, 0]), "conditional")[0].tolist() == [0]
+    idx, prob = paper_match(x, np.array([0]), protos, np.array([0, 0]), "conditional")
+    assert idx.tolist() == [1]
+
+    def soft(d: np.ndarray) -> np.ndarray:
+        e = np.exp(1 / (d + 1e-5) - (1 / (d + 1e-5)).max())
+        return e / e.sum()
+
+    cos = 1 - (protos @ x[0]) / (np.linalg.norm(protos, axis=1) * np.linalg.norm(x[0]))
+    l1, mse = np.abs(protos - x).mean(1), ((protos - x) ** 2).mean(1)
+    expect = (soft(cos) + soft(l1) + soft(mse)) / 3
+    assert prob[0] == pytest.approx(expect[1], abs=1e-5) and 0.5 < prob[0] < 2 / 3
+    # conditional: a detection of a class without prototypes gets none; global: all prototypes compete
+    assert paper_match(x, np.array([1]), protos, np.array([0, 0]), "conditional")[0].tolist() == [-1]
+    assert paper_match(x, np.array([1]), protos, np.array([0, 0]), "global")[0].tolist() == [1]
+
+
+def test_paper_scoring_ranks_by_detector_confidence(synth_small: Path) -> None:
+    """A confident false detection whose vector is far from every prototype sinks under conf-cosine
+    (score conf x cos) but leads under paper (score = conf): only the paper's mAP drops."""
+    ds = load_dataset(synth_small)
+    eps = ds.episodes[1][:1]
+    views, gt = _oracle_views(ds, eps)
+    n, base = (
+        len(ds.fine_names),
+        int(min(i for i in range(len(ds.fine_names)) if i not in ds.novel_instances)),
+    )
+    for sc in ("conf-cosine", "paper"):  # right identities, confidence 1: both rank perfectly
+        assert _episode_map(ds, eps[0], views, "conditional", gt, scoring=sc)[0] == pytest.approx(99.5)
+    for p in eps[0].query:
+        b, _, c, v = views.query[p]
+        # beside each object a detection far away, of its class, nearest its prototype yet at cosine ~0.2
+        far = 0.2 * v + np.eye(n, dtype=np.float32)[[base] * len(v)]
+        views.query[p] = (np.concatenate([b, b + 10_000]), np.r_[np.full(len(b), 0.5), np.full(len(b), 0.9)]
+                          .astype(np.float32), np.r_[c, c], np.concatenate([v, far]))  # fmt: skip
+    today = _episode_map(ds, eps[0], views, "conditional", gt, scoring="conf-cosine")
+    paper = _episode_map(ds, eps[0], views, "conditional", gt, scoring="paper")
+    # conf-cosine: every false one (0.9 x 0.2) ranks after every true one (0.5 x 1); paper: all before
+    assert today == pytest.approx((99.5, 99.5)) and paper[0] < 60.0 and paper[1] < 60.0
+    with pytest.raises(EvalError, match="scoring"):
+        _episode_map(ds, eps[0], views, "conditional", gt, scoring="nope")
+
+
+def test_eval_refuses_other_class_names(synth_small: Path) -> None:
+    from types import SimpleNamespace
+
+    ds = load_dataset(synth_small)
+    other = SimpleNamespace(names=["cup", *ds.names[1:]])
+    with pytest.raises(EvalError) as e:
+        evaluate(ds, {"m": other}, [1], 1, ("conditional",), log=lambda _: None)
+    msg = str(e.value)
+    assert "\n" not in msg and "only in the model ['cup']" in msg and "only in the dataset ['mug']" in msg
+    swapped = SimpleNamespace(names=[ds.names[1], ds.names[0], *ds.names[2:]])
+    with pytest.raises(EvalError, match="another order"):
+        check_names(ds, {"m": swapped}, ("conditional", "global"))
+    check_names(ds, {"m": other}, ("global",))  # global matching never compares classes
+    check_names(ds, {"m": SimpleNamespace(names=list(ds.names))}, ("conditional",))
+
+
 def test_sampled_episodes_when_the_dataset_has_none(synth_small: Path) -> None:
     ds = load_dataset(synth_small)
     ds.episodes = {}
@@ -79,17 +154,25 @@ def test_eval_cli_schema(synth_small: Path, synth_cache: Path, tiny_student: Pat
     r = CliRunner().invoke(
         cli,
         ["eval", "--data", str(synth_small), "--model", f"baseline={tiny_student}", "--teacher-cache", str(synth_cache),
-         "--random-init", "--shots", "1,5", "--episodes", "3", "--conf", "0.01", "--json", str(out)],
+         "--random-init", "--shots", "1,5", "--episodes", "3", "--conf", "0.01", "--score", "conf-cosine,paper",
+         "--json", str(out)],
     )  # fmt: skip
     assert r.exit_code == 0, r.output
     rep = json.loads(out.read_text())
     rows = rep["results"]
-    assert {(x["model"], x["match"], x["shots"]) for x in rows} == {
-        (m, mode, k)
+    assert {(x["model"], x["match"], x["scoring"], x["shots"]) for x in rows} == {
+        (m, mode, sc, k)
         for m in ("baseline", "random_init", "teacher")
         for mode in ("conditional", "global")
+        for sc in ("conf-cosine", "paper")
         for k in (1, 5)
     }
+    assert list(rep["scorings"]) == ["conf-cosine", "paper"] and "L1" in rep["scorings"]["paper"]
+    # the operating point is the bank's decision: the same under both scorings
+    by = {(x["model"], x["match"], x["shots"], x["scoring"]): x for x in rows if x["model"] != "random_init"}
+    for (m, mode, k, sc), x in by.items():
+        if sc == "paper":
+            assert x["counts"] == by[(m, mode, k, "conf-cosine")]["counts"]
     for x in rows:
         assert set(x) >= {"model", "match", "shots", "episodes", "map50", "map50_95", "ci95_map50"}
         assert (
@@ -99,7 +182,11 @@ def test_eval_cli_schema(synth_small: Path, synth_cache: Path, tiny_student: Pat
         )
     teacher = [x for x in rows if x["model"] == "teacher"]
     assert all(x["map50"] > 0 for x in teacher)
-    assert "| model | match | shots |" in r.output and "id precision" in r.output
+    assert (
+        "| model | match | scoring | shots |" in r.output
+        and "| paper |" in r.output
+        and "id precision" in r.output
+    )
     # the operating point: every row but the floor has the open-set metrics, consistent with its counts
     keys = {"id_precision", "id_recall", "id_f1", "false_id_rate", "det_recall_novel", "ci95_id_precision",
             "ci95_id_recall", "ci95_false_id_rate", "counts", "space"}  # fmt: skip
@@ -163,3 +250,50 @@ def test_eval_and_enroll_on_public_mocha_layout(coco8_dir: Path, tiny_student: P
     from mocha_edge.prototypes import PrototypeBank
 
     assert sorted(PrototypeBank.load(bank).identities) == ["bottle_a", "bottle_b", "mug_a", "mug_b"]
+
+
+def test_eval_refuses_a_student_of_other_classes_cli(synth_copy: Path, tiny_student: Path) -> None:
+    synth_copy.write_text(synth_copy.read_text().replace("  0: mug\n", "  0: cup\n", 1))
+    r = CliRunner().invoke(
+        cli, ["eval", "--data", str(synth_copy), "--model", f"b={tiny_student}", "--episodes", "1"]
+    )
+    assert r.exit_code != 0 and "only in the model ['mug'], only in the dataset ['cup']" in r.output, r.output
+
+
+def test_translator_row_reuses_the_students_pass(synth_small: Path, student_ckpt: Path) -> None:
+    """A `+translator` model on the same weights takes the plain model's vectors through its translator:
+    the same views as its own pass over the images."""
+    from mocha_edge.evaluate import _student_views, _translated_views, _weights_id
+    from mocha_edge.infer import Student
+
+    ds = load_dataset(synth_small)
+    ep = ds.episodes[1][0]
+    plain, tr = Student.load(student_ckpt), Student.load(student_ckpt, translator=True)
+    assert _weights_id(plain) == _weights_id(tr) and tr.translator is not None
+    sup, qry = set(ep.support[:2]), set(ep.query[:3])
+    own = _student_views(tr, ds, sup, qry, 0.05, augment=True)
+    got = _translated_views(_student_views(plain, ds, sup, qry, 0.05, augment=True), tr)
+    assert set(own.support) == set(got.support) and set(own.query) == set(got.query)
+    for k in own.support:
+        np.testing.assert_allclose(got.support[k], own.support[k], atol=1e-4)
+        np.testing.assert_allclose(got.support_views[k], own.support_views[k], atol=1e-4)
+    for k in own.query:
+        for a, b in zip(got.query[k], own.query[k]):
+            np.testing.assert_allclose(a, b, atol=1e-4)
+    assert sum(len(q[0]) for q in own.query.values()) > 0
+
+
+def test_demo_summary_rows_teacher_and_translator() -> None:
+    from mocha_edge.demo import summary_table
+
+    def row(m: str, k: int, v: float, sc: str = "conf-cosine") -> dict:
+        return {"model": m, "match": "conditional", "scoring": sc, "shots": k, "map50": v, "ci95_map50": 0.5}
+
+    s = {"quick": True, "eval": {"results": [row("distilled", 1, 20.0), row("baseline", 1, 10.0),
+                                             row("distilled+translator", 1, 24.0), row("teacher", 1, 80.0),
+                                             row("teacher", 1, 1.0, "paper")]},
+         "export": {"precisions": {}}, "bench": {"rows": []}, "stages_s": {"eval": 1.0}, "total_s": 1.0}  # fmt: skip
+    t = summary_table(s)
+    assert "1-shot: distilled 20.0 ± 0.5 | baseline 10.0 ± 0.5 | gain +10.0" in t
+    assert "distilled+translator (teacher's space) 24.0 ± 0.5" in t and "the ceiling) 80.0 ± 0.5" in t
+    assert "distilled at 25 % of the teacher" in t
