@@ -374,7 +374,7 @@ def _merge(
             caps.append(f"{n_fit} training boxes")
         if raw.shape[1] <= d_eff:
             caps.append(f"teacher dim {raw.shape[1]}")
-        log(f"PCA: d_t={d_t} requested, {d_eff} used (capped by {' and '.join(caps)})")
+        log(f"PCA: d_t={d_t} requested, {d_eff} used (capped by {' and '.join(caps)}), whiten={whiten}")
     else:
         log(f"PCA: d_t={d_eff}, fitted on {n_fit} training boxes, whiten={whiten}")
     try:

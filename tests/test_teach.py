@@ -14,12 +14,13 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from mocha_edge.cache import TeacherCache
+from mocha_edge.cache import TeacherCache, paper_fit_scale
 from mocha_edge.cli import cli
 from mocha_edge.data import load_dataset
 from mocha_edge.errors import CacheError, TeacherError
-from mocha_edge.teach import teach
+from mocha_edge.teach import TeachResult, teach
 from mocha_edge.teachers import get_teacher, list_teachers
+from mocha_edge.teachers.base import Teacher
 from mocha_edge.teachers.builtin import BuiltinTeacher
 
 
@@ -192,7 +193,9 @@ def test_teach_resumes_after_kill(synth_small: Path, tmp_path: Path) -> None:
     ds = load_dataset(synth_small)
     weights = out.with_name(out.stem + ".teacher") / "builtin_teacher.pt"
     full = teach(ds, get_teacher("builtin", model=weights, progress=False), ref, d_t=32, progress=False).cache
-    np.testing.assert_allclose(resumed.targets, full.targets, atol=1e-4)
+    # (compared before whitening: dividing by a component's std, ~0.05 here, scales float noise up too)
+    np.testing.assert_allclose(resumed.pca.scale, full.pca.scale, rtol=1e-3)
+    np.testing.assert_allclose(resumed.targets * resumed.pca.scale, full.targets * full.pca.scale, atol=1e-4)
     assert resumed.image_hash == full.image_hash
     assert before  # shards of the first run were reused, not recomputed (checked via the log above)
 
@@ -210,13 +213,15 @@ def test_teach_hf_teachers_on_synth_and_coco8(
     opts = {
         "clip": ["--model", str(tiny_clip_dir)],
         "llava": ["--model", str(tiny_llava_dir), "--max-new-tokens", "4"],
-        "llava+clip": [
+        "llava+clip": [  # the fast decoding (the default, paper, runs one crop per call: see llava)
             "--model",
             str(tiny_llava_dir),
             "--clip-model",
             str(tiny_clip_dir),
             "--max-new-tokens",
             "4",
+            "--decoding",
+            "greedy",
         ],
     }[teacher_name]
     for data in (synth_small, coco8_yaml):
@@ -231,6 +236,9 @@ def test_teach_hf_teachers_on_synth_and_coco8(
         _assert_every_box_cached(ds, cache)
         assert cache.meta["teacher"] == teacher_name
         assert cache.d_t == min(512, int(cache.meta["pca_fit_rows"]), int(cache.meta["teacher_dim"]))
+        if teacher_name != "clip":
+            want = "greedy" if teacher_name == "llava+clip" else "paper: "
+            assert cache.meta["teacher_decoding"].startswith(want)
 
 
 def test_option_that_does_not_apply_is_refused(synth_small: Path, tmp_path: Path) -> None:
@@ -249,3 +257,162 @@ def test_option_that_does_not_apply_is_refused(synth_small: Path, tmp_path: Path
         ],
     )
     assert r.exit_code != 0 and "does not take clip_model" in r.output
+
+
+# ------------------------------------------------------------------------------------- target whitening
+class _PixelTeacher(Teacher):
+    """A fast, deterministic stand-in teacher: colour statistics of the crop on an uneven spectrum."""
+
+    name = "pixels"
+    fingerprint = "pixels-v1"
+    dim = 24
+    _mix = np.random.default_rng(0).normal(size=(15, 24)) * np.geomspace(10, 0.01, 24)
+
+    def __init__(self, device: str = "cpu") -> None:  # the CLI passes --device
+        self.device = device
+
+    def encode(self, crops: list[np.ndarray], class_names: list[str]) -> np.ndarray:
+        rows = []
+        for c in crops:
+            c = c.astype(np.float32) / 255
+            h, w = c.shape[:2]
+            top, left = c[: max(h // 2, 1)], c[:, : max(w // 2, 1)]
+            rows.append(
+                np.concatenate(
+                    [c.mean((0, 1)), c.std((0, 1)), top.mean((0, 1)), left.mean((0, 1)), c[h // 2, w // 2]]
+                )
+            )
+        return (np.stack(rows) @ self._mix).astype(np.float32)
+
+
+def _teach_pixels(ds, out: Path, logs: list[str] | None = None, **kw) -> TeachResult:
+    log = logs.append if logs is not None else (lambda _: None)
+    return teach(ds, _PixelTeacher(), out, d_t=8, progress=False, log=log, **kw)
+
+
+def _rewrite_meta(path: Path, drop: tuple[str, ...] = (), **add: str) -> None:
+    """Rewrite a cache's header as an older mocha-edge would have written it."""
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+
+    with safe_open(str(path), framework="numpy") as f:
+        meta = dict(f.metadata())
+    tensors = load_file(str(path))
+    meta = {k: v for k, v in meta.items() if k not in drop} | add
+    save_file(tensors, str(path), metadata=meta)
+
+
+def test_targets_whitened_per_component(synth_small: Path, tmp_path: Path) -> None:
+    """Default: each component divided by its std on the fit rows (unit variance each); paper-fit and none."""
+    from safetensors.numpy import load_file
+
+    ds = load_dataset(synth_small)
+    caches = {}
+    for whiten in ("measured", "paper-fit", "none"):
+        kw = {} if whiten == "measured" else {"whiten": whiten}  # measured is the default
+        caches[whiten] = _teach_pixels(ds, tmp_path / f"{whiten}.safetensors", **kw).cache
+        assert caches[whiten].whiten == caches[whiten].meta["pca_whiten"] == whiten  # round-trips
+    measured, paper, none = caches["measured"], caches["paper-fit"], caches["none"]
+    fit = load_file(str(measured.path))["pca_fit"].astype(bool)
+    assert measured.d_t == 8 and fit.sum() > 8
+    np.testing.assert_allclose(measured.targets[fit].var(0, ddof=1), 1.0, rtol=1e-3)
+    np.testing.assert_allclose(measured.targets[fit].mean(0), 0.0, atol=1e-3)
+    assert none.targets[fit].var(0, ddof=1)[0] > 50 * none.targets[fit].var(0, ddof=1)[-1]  # it was uneven
+    np.testing.assert_allclose(measured.pca.scale, np.sqrt(measured.pca.explained_variance), rtol=1e-5)
+    np.testing.assert_allclose(paper.pca.scale, paper_fit_scale(8), rtol=1e-6)
+    np.testing.assert_array_equal(none.pca.scale, np.ones(8, np.float32))
+    # the same PCA, divided: targets x scale give the unwhitened targets back
+    for c in (measured, paper):
+        np.testing.assert_allclose(c.targets * c.pca.scale, none.targets, rtol=1e-4, atol=1e-4)
+
+
+def test_whitening_is_part_of_the_cache_identity(synth_small: Path, tmp_path: Path) -> None:
+    ds = load_dataset(synth_small)
+    out = tmp_path / "c.safetensors"
+    first = _teach_pixels(ds, out).cache
+    assert _teach_pixels(ds, out).up_to_date
+    logs: list[str] = []
+    res = _teach_pixels(ds, out, logs, whiten="none")
+    assert not res.up_to_date and res.cache.whiten == "none"
+    assert any("rebuilding" in line and "whiten=measured" in line for line in logs)
+    assert not np.allclose(res.cache.targets, first.targets)
+    with pytest.raises(CacheError, match="unknown target whitening 'pca'"):
+        _teach_pixels(ds, out, whiten="pca")
+
+
+def test_old_cache_reads_as_unwhitened(synth_small: Path, tmp_path: Path) -> None:
+    """A cache from before whitening: read as "none"; one built with the old --pca-decay is refused."""
+    ds = load_dataset(synth_small)
+    out = tmp_path / "old.safetensors"
+    new = _teach_pixels(ds, out, whiten="none").cache
+    _rewrite_meta(out, drop=("pca_whiten",), pca_decay="False")
+    old = TeacherCache.load(out)
+    assert old.whiten == "none" and "pca_whiten" not in old.meta
+    np.testing.assert_array_equal(old.targets, new.targets)
+    np.testing.assert_array_equal(old.pca.scale, np.ones(old.d_t, np.float32))
+    assert _teach_pixels(ds, out, whiten="none").up_to_date  # what `--whiten none` writes: reused
+    logs: list[str] = []
+    assert _teach_pixels(ds, out, logs).cache.whiten == "measured"  # the default rebuilds it
+    assert any("whiten=none" in line for line in logs)
+
+    _teach_pixels(ds, out, whiten="none")
+    _rewrite_meta(out, drop=("pca_whiten",), pca_decay="True")
+    with pytest.raises(CacheError, match=r"removed --pca-decay .* --whiten paper-fit`$"):
+        TeacherCache.load(out)
+    logs.clear()
+    assert _teach_pixels(ds, out, logs, whiten="paper-fit").cache.whiten == "paper-fit"
+    assert any(line.startswith(f"rebuilding {out}") and "--pca-decay" in line for line in logs)
+
+
+def test_cli_whiten_and_deprecated_pca_decay(
+    synth_small: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mocha_edge.teachers as registry
+
+    list_teachers()  # registers the built-in teachers first
+    monkeypatch.setitem(registry._REGISTRY, "pixels", _PixelTeacher)
+    base = ["teach", "--teacher", "pixels", "--data", str(synth_small), "--dim", "8", "--quiet"]
+    out = tmp_path / "a.safetensors"
+    r = CliRunner().invoke(cli, [*base, "--out", str(out), "--whiten", "none"])
+    assert r.exit_code == 0, r.output
+    assert TeacherCache.load(out).whiten == "none"
+    r = CliRunner().invoke(cli, [*base, "--out", str(out), "--pca-decay"])
+    assert r.exit_code == 0, r.output
+    assert "--pca-decay is deprecated and now means --whiten paper-fit" in r.output
+    c = TeacherCache.load(out)
+    assert c.whiten == "paper-fit"
+    np.testing.assert_allclose(c.pca.scale, paper_fit_scale(8), rtol=1e-6)  # divided, no longer multiplied
+    r = CliRunner().invoke(cli, [*base, "--out", str(out), "--pca-decay", "--whiten", "measured"])
+    assert r.exit_code == 2 and "--pca-decay means --whiten paper-fit, not --whiten measured" in r.output
+    r = CliRunner().invoke(cli, [*base, "--out", str(tmp_path / "b.safetensors")])
+    assert r.exit_code == 0, r.output
+    assert TeacherCache.load(tmp_path / "b.safetensors").whiten == "measured"
+
+
+# ------------------------------------------------------------------------------------------ LLaVA decoding
+def test_llava_decodings_are_not_mixed(tiny_llava_dir: Path, coco8_yaml: Path, tmp_path: Path) -> None:
+    ds = load_dataset(coco8_yaml)
+    out = tmp_path / "llava.safetensors"
+    greedy = get_teacher("llava", model=str(tiny_llava_dir), max_new_tokens=4, decoding="greedy")
+    paper = get_teacher("llava", model=str(tiny_llava_dir), max_new_tokens=4)
+    g = teach(ds, greedy, out, d_t=8, progress=False, log=lambda _: None).cache
+    assert g.meta["teacher_decoding"].startswith("greedy")
+    res = teach(ds, paper, out, d_t=8, progress=False, log=lambda _: None)
+    assert not res.up_to_date  # another decoding: rebuilt, never reused
+    assert res.cache.meta["teacher_decoding"].startswith("paper: ")
+    assert res.cache.meta["teacher_fingerprint"] == paper.fingerprint != g.meta["teacher_fingerprint"]
+    r = CliRunner().invoke(
+        cli,
+        [
+            "teach",
+            "--teacher",
+            "builtin",
+            "--decoding",
+            "greedy",
+            "--data",
+            str(coco8_yaml),
+            "--out",
+            str(out),
+        ],
+    )
+    assert r.exit_code != 0 and "does not take decoding" in r.output

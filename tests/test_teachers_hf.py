@@ -22,7 +22,11 @@ from mocha_edge.teachers.hf import (
     DEFAULT_CLIP,
     DEFAULT_LLAVA,
     DEFAULT_PROMPT,
+    PAPER_BEAMS,
+    PAPER_NO_REPEAT_NGRAM,
     crop_to_pil,
+    paper_step_indices,
+    pool_beam_hidden_states,
     pool_generated_hidden_states,
 )
 
@@ -41,6 +45,13 @@ def crops() -> list[np.ndarray]:
 
 @pytest.fixture(scope="module")
 def llava(tiny_llava_dir: Path):
+    """The greedy decoding (the fast option): batched, chat format."""
+    return get_teacher("llava", model=str(tiny_llava_dir), max_new_tokens=NEW_TOKENS, decoding="greedy")
+
+
+@pytest.fixture(scope="module")
+def llava_paper(tiny_llava_dir: Path):
+    """The default decoding, MOCHA's public code's."""
     return get_teacher("llava", model=str(tiny_llava_dir), max_new_tokens=NEW_TOKENS)
 
 
@@ -166,7 +177,7 @@ def test_llava_vectors(llava, tiny_llava_dir: Path, crops) -> None:
     assert list(llava.last_token_counts) == [NEW_TOKENS] * len(crops)
     assert len(llava.decode_last()) == len(crops)
     np.testing.assert_allclose(llava.encode(crops, NAMES), vecs, atol=1e-6)
-    other = get_teacher("llava", model=str(tiny_llava_dir), max_new_tokens=NEW_TOKENS)
+    other = get_teacher("llava", model=str(tiny_llava_dir), max_new_tokens=NEW_TOKENS, decoding="greedy")
     np.testing.assert_allclose(other.encode(crops, NAMES), vecs, atol=1e-6)
     # different crops, same class -> different vectors
     same_cls = llava.encode(crops[:3], ["dog"] * 3)
@@ -209,7 +220,8 @@ def test_llava_batch_equals_single_with_early_stops(llava, crops) -> None:
         _set_eos(llava, orig_eos)
 
 
-def test_llava_fingerprint(llava, tiny_llava_dir: Path, tmp_path: Path) -> None:
+def test_llava_fingerprint(llava_paper, tiny_llava_dir: Path, tmp_path: Path) -> None:
+    llava = llava_paper  # the default decoding
     fp = llava.fingerprint
     assert fp == get_teacher("llava", model=str(tiny_llava_dir), max_new_tokens=NEW_TOKENS).fingerprint
     moved = tmp_path / "elsewhere" / "llava"
@@ -228,6 +240,119 @@ def test_llava_fingerprint(llava, tiny_llava_dir: Path, tmp_path: Path) -> None:
     assert info["teacher_prompt"] == DEFAULT_PROMPT and info["teacher_max_new_tokens"] == str(NEW_TOKENS)
     assert info["teacher_dtype"] == "float32"
     assert all(isinstance(v, str) for v in info.values())
+
+
+# ------------------------------------------------------------------------------------------ llava, paper
+def test_paper_pooling_leaves_out_first_and_last_step() -> None:
+    """Step t of beam b carries 10 t + b: the mean says exactly which steps and beams entered it."""
+    beams, hidden = PAPER_BEAMS, 2
+
+    def states(n_steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        out = []
+        for t in range(n_steps):
+            length = 7 if t == 0 else 1  # step 0 is the prompt pass
+            last = torch.full((beams, length, hidden), 1e6)  # only the last position may be used
+            last[:, -1] = (10.0 * t + torch.arange(beams, dtype=torch.float32))[:, None]
+            out.append((torch.zeros(beams, length, hidden), last))
+        return out
+
+    assert paper_step_indices(6) == [1, 2, 3, 4] and paper_step_indices(2) == [0, 1]
+    mean, n = pool_beam_hidden_states(states(6))
+    assert n == 4
+    torch.testing.assert_close(mean, torch.full((hidden,), 10.0 * (1 + 2 + 3 + 4) / 4 + 1.0))
+    mean, n = pool_beam_hidden_states(states(2))  # too short to leave two out: every step
+    assert n == 2
+    torch.testing.assert_close(mean, torch.full((hidden,), 5.0 + 1.0))
+
+
+def test_llava_paper_prompt(llava_paper) -> None:
+    text = llava_paper.prompt_text("red car")
+    assert text == DEFAULT_PROMPT.replace("{cls}", "red car") + "\n<image>\n"  # text first, no chat template
+    ids = llava_paper._processor(images=[crop_to_pil(np.zeros((8, 8, 3), np.uint8), 32)], text=[text])[
+        "input_ids"
+    ][0]
+    cfg = llava_paper._model.config
+    image_id = getattr(cfg, "image_token_id", None) or cfg.image_token_index
+    first_image = list(ids).index(image_id)
+    assert first_image > 10 and "USER" not in text and "ASSISTANT" not in text
+
+
+def _spy_generate(teacher, monkeypatch: pytest.MonkeyPatch, edit=None) -> list[tuple[dict, object]]:
+    """Record every ``generate`` call (kwargs, output); ``edit(output)`` may rewrite the output first."""
+    calls: list[tuple[dict, object]] = []
+    real = teacher._model.generate
+
+    def spy(**kwargs):
+        out = real(**kwargs)
+        if edit is not None:
+            edit(out)
+        calls.append((kwargs, out))
+        return out
+
+    monkeypatch.setattr(teacher._model, "generate", spy)
+    return calls
+
+
+def test_llava_paper_decoding(llava_paper, crops, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Beams really used, one crop per call, no-repeat n-grams, max length, the mean over the inner steps."""
+    calls = _spy_generate(llava_paper, monkeypatch)
+    vecs = llava_paper.encode(crops, NAMES)
+    assert vecs.shape == (len(crops), LLAVA_DIM) and vecs.dtype == np.float32 and np.isfinite(vecs).all()
+    assert len(calls) == len(crops)  # one crop per generate call
+    for i, (kwargs, out) in enumerate(calls):
+        assert kwargs["num_beams"] == PAPER_BEAMS == 3 and kwargs["do_sample"] is False
+        assert kwargs["no_repeat_ngram_size"] == PAPER_NO_REPEAT_NGRAM == 3
+        assert kwargs["max_new_tokens"] == NEW_TOKENS and kwargs["input_ids"].shape[0] == 1
+        steps = out.hidden_states
+        assert 3 <= len(steps) <= NEW_TOKENS  # the tiny model never stops early: all 12 steps
+        assert all(step[-1].shape[0] == PAPER_BEAMS for step in steps)  # the beam dimension is there
+        inner = torch.stack([steps[t][-1][:, -1].float() for t in range(1, len(steps) - 1)])
+        np.testing.assert_allclose(vecs[i], inner.mean(dim=(0, 1)).numpy(), atol=1e-6)
+        every = torch.stack([steps[t][-1][:, -1].float() for t in range(len(steps))])
+        assert not np.allclose(vecs[i], every.mean(dim=(0, 1)).numpy(), atol=1e-4)  # first/last matter
+        assert llava_paper.last_token_counts[i] == len(steps) - 2
+        generated = llava_paper.last_generated_ids[i]
+        assert 1 <= len(generated) <= NEW_TOKENS
+        grams = [tuple(generated[j : j + 3]) for j in range(len(generated) - 2)]
+        assert len(grams) == len(set(grams)), "a 3-gram repeats"
+    # deterministic (no sampling), and a crop's vector does not depend on its batch
+    np.testing.assert_array_equal(llava_paper.encode(crops, NAMES), vecs)
+    np.testing.assert_allclose(llava_paper.encode(crops[1:2], NAMES[1:2])[0], vecs[1], atol=1e-6)
+
+
+def test_llava_paper_steps_entering_the_mean(llava_paper, crops, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The model's hidden states replaced by markers (10 t + beam at step t): encode averages steps 1..T-2."""
+
+    def mark(out) -> None:
+        marked = []
+        for t, step in enumerate(out.hidden_states):
+            last = torch.empty_like(step[-1])
+            last[:] = (10.0 * t + torch.arange(last.shape[0], dtype=last.dtype))[:, None, None]
+            marked.append((*step[:-1], last))
+        out.hidden_states = tuple(marked)
+
+    calls = _spy_generate(llava_paper, monkeypatch, mark)
+    vec = llava_paper.encode(crops[:1], NAMES[:1])[0]
+    n_steps = len(calls[0][1].hidden_states)
+    assert n_steps == NEW_TOKENS
+    inner = range(1, n_steps - 1)
+    np.testing.assert_allclose(vec, 10.0 * sum(inner) / len(inner) + (PAPER_BEAMS - 1) / 2, rtol=1e-6)
+
+
+def test_llava_paper_short_generation(tiny_llava_dir: Path, crops) -> None:
+    short = get_teacher("llava", model=str(tiny_llava_dir), max_new_tokens=2)
+    vecs = short.encode(crops[:2], NAMES[:2])
+    assert np.isfinite(vecs).all() and list(short.last_token_counts) == [2, 2]  # fewer than 3 steps: all
+    assert all(len(g) <= 2 for g in short.last_generated_ids)
+
+
+def test_llava_decoding_identity(llava, llava_paper, tiny_llava_dir: Path) -> None:
+    assert llava_paper.decoding == "paper" and llava.decoding == "greedy"
+    assert llava_paper.fingerprint != llava.fingerprint  # caches of different decodings are not mixed
+    assert llava_paper.describe()["teacher_decoding"].startswith("paper: ")
+    assert llava.describe()["teacher_decoding"].startswith("greedy")
+    with pytest.raises(TeacherError, match="paper, greedy"):
+        get_teacher("llava", model=str(tiny_llava_dir), decoding="sample")
 
 
 # ------------------------------------------------------------------------------------------------- clip
@@ -279,7 +404,11 @@ def test_hub_cache_snapshot(
 # ------------------------------------------------------------------------------------------------- fused
 def test_fused(llava, clip, tiny_llava_dir: Path, tiny_clip_dir: Path, crops) -> None:
     fused = get_teacher(
-        "llava+clip", model=str(tiny_llava_dir), clip_model=str(tiny_clip_dir), max_new_tokens=NEW_TOKENS
+        "llava+clip",
+        model=str(tiny_llava_dir),
+        clip_model=str(tiny_clip_dir),
+        max_new_tokens=NEW_TOKENS,
+        decoding="greedy",
     )
     assert fused.dim == LLAVA_DIM + CLIP_DIM
     u = fused.encode(crops, NAMES)
@@ -295,15 +424,25 @@ def test_fused(llava, clip, tiny_llava_dir: Path, tiny_clip_dir: Path, crops) ->
     fp = fused.fingerprint
     assert fp not in (llava.fingerprint, clip.fingerprint)
     again = get_teacher(
-        "llava+clip", model=str(tiny_llava_dir), clip_model=str(tiny_clip_dir), max_new_tokens=NEW_TOKENS
+        "llava+clip",
+        model=str(tiny_llava_dir),
+        clip_model=str(tiny_clip_dir),
+        max_new_tokens=NEW_TOKENS,
+        decoding="greedy",
     )
     assert again.fingerprint == fp
+    paper = get_teacher(
+        "llava+clip", model=str(tiny_llava_dir), clip_model=str(tiny_clip_dir), max_new_tokens=NEW_TOKENS
+    )
+    assert paper.llava.decoding == "paper" and paper.fingerprint != fp  # the default; decodings never mix
+    assert paper.describe()["teacher_decoding"].startswith("paper")
     assert (
         get_teacher(
             "llava+clip",
             model=str(tiny_llava_dir),
             clip_model=str(tiny_clip_dir),
             max_new_tokens=NEW_TOKENS - 1,
+            decoding="greedy",
         ).fingerprint
         != fp
     )
