@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -28,7 +28,15 @@ import torch
 from mocha_edge.data.dataset import Dataset, Episode
 from mocha_edge.errors import MochaError
 from mocha_edge.openset import IdCounts, score_image, summarise
-from mocha_edge.prototypes import NAME_CONF, PrototypeBank, decide, l2n, match, one_per_identity
+from mocha_edge.prototypes import (
+    NAME_CONF,
+    PrototypeBank,
+    centre_vectors,
+    decide,
+    l2n,
+    match,
+    one_per_identity,
+)
 from mocha_edge.space import (
     VectorSpace,
     anisotropy,
@@ -130,6 +138,29 @@ class Views:
     query: dict[Path, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]  # boxes_px, scores, cls, vectors
     support_views: dict[tuple[Path, int], np.ndarray] | None = None  # (V, D) augmented views
     space: VectorSpace | None = None
+    memo: dict[Any, tuple[Any, ...]] = field(default_factory=dict, repr=False, compare=False)
+
+
+def _query_centred(views: Views, p: Path) -> np.ndarray:
+    """Image ``p``'s detection vectors in the matching space: the same in every episode, so computed once
+    (recomputed when the detections or the space are replaced)."""
+    q, hit = views.query[p], views.memo.get(("u", p))
+    if hit is None or hit[0] is not q or hit[1] is not views.space:
+        means, proj = matcher_args(views.space)
+        hit = (q, views.space, centre_vectors(q[3], q[2], means, proj))
+        views.memo[("u", p)] = hit
+    return hit[2]
+
+
+def _query_iou(views: Views, p: Path, gt: np.ndarray) -> torch.Tensor:
+    """IoU (ground truth x detections) of image ``p``, computed once per view and image."""
+    from ultralytics.utils.metrics import box_iou
+
+    q, hit = views.query[p], views.memo.get(("iou", p))
+    if hit is None or hit[0] is not q or hit[1] is not gt:
+        hit = (q, gt, box_iou(torch.from_numpy(gt), torch.from_numpy(np.asarray(q[0], np.float32))))
+        views.memo[("iou", p)] = hit
+    return hit[2]
 
 
 def sample_episodes(ds: Dataset, shots: int, n: int, seed: int) -> list[Episode]:
@@ -303,7 +334,7 @@ def _episode_map(
     """mAP50 / mAP50-95 of one episode under ``scoring`` (see :data:`SCORINGS`); ``items`` (path ->
     ImageItem) may be passed to avoid rebuilding it."""
     from ultralytics.engine.validator import BaseValidator
-    from ultralytics.utils.metrics import ap_per_class, box_iou
+    from ultralytics.utils.metrics import ap_per_class
 
     if items is None:
         items = {it.path: it for it in ds.items()}
@@ -324,13 +355,11 @@ def _episode_map(
         protos = np.stack(
             [l2n(to_space(sp, np.stack(shots[i]), c).mean(0)) for i, c in zip(inst_ids, proto_cls)]
         )
-    means, proj = matcher_args(sp)
     matcher = SimpleNamespace(iouv=IOUV)
     tps, confs, pcls, tcls = [], [], [], []
     for p in ep.query:
         it = items[p]
-        boxes, scores, cls, vecs = views.query[p]
-        gt = torch.from_numpy(gt_px[p])
+        _, scores, cls, vecs = views.query[p]
         gt_ids = torch.from_numpy(it.instance.astype(np.int64))
         tcls.append(it.instance.astype(np.int64))
         if len(scores) == 0:
@@ -339,8 +368,8 @@ def _episode_map(
             idx, _ = paper_match(vecs, cls, protos, proto_cls, mode)
             keep = idx >= 0
             score = np.asarray(scores, np.float32) * keep
-        else:
-            idx, sim = match(vecs, cls, protos, proto_cls, mode, means, proj)
+        else:  # the query vectors are centred once per view (means/proj already applied)
+            idx, sim = match(_query_centred(views, p), cls, protos, proto_cls, mode)
             keep = idx >= 0
             score = scores * np.maximum(sim, 0) * keep
         ident = np.where(keep, np.asarray(inst_ids)[np.maximum(idx, 0)], -1)
@@ -349,7 +378,7 @@ def _episode_map(
         if len(order) == 0:
             continue
         pred = torch.from_numpy(ident[order])
-        iou = box_iou(gt, torch.from_numpy(np.asarray(boxes)[order]))
+        iou = _query_iou(views, p, gt_px[p])[:, torch.from_numpy(order)]
         correct = BaseValidator.match_predictions(matcher, pred, gt_ids, iou)
         tps.append(correct.numpy())
         confs.append(score[order])
@@ -410,13 +439,12 @@ def _episode_openset(
                  negatives=space.negatives if space is not None else None)  # fmt: skip
     protos, names, proto_cls = bank.prototypes()
     thr = bank.thresholds() if threshold is None else np.full(len(names), threshold, np.float32)
-    means, proj = matcher_args(space)
     total = IdCounts()
     for p in ep.query:
         it = items[p]
-        boxes, scores, cls, vecs = views.query[p]
+        boxes, scores, cls, _ = views.query[p]
         keep = np.asarray(scores) >= run_conf
-        idx, sim = match(np.asarray(vecs)[keep], np.asarray(cls)[keep], protos, proto_cls, mode, means, proj)
+        idx, sim = match(_query_centred(views, p)[keep], np.asarray(cls)[keep], protos, proto_cls, mode)
         ident = np.where(np.asarray(scores)[keep] >= name_conf, decide(idx, sim, thr), -1)
         if unique:
             ident = one_per_identity(ident, sim)
