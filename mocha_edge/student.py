@@ -19,6 +19,7 @@ import copy
 import math
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -169,11 +170,54 @@ def detection_model(
     except Exception as e:
         raise StudentError(f"{source}: cannot build the model from its config ({_first_line(e)})") from None
     if state is not None:
+        _widen_cls_branches(model, cfg, state)
         try:
             model.load_state_dict(state)
         except Exception as e:
             raise StudentError(f"{source}: weights do not fit the model config ({_first_line(e)})") from None
     return model
+
+
+def _cls_convs(model: torch.nn.Module) -> dict[str, torch.nn.Conv2d]:
+    """The Detect head's class-logit convolutions (last layer of each ``cv3`` / ``one2one_cv3`` branch) of a
+    model, or of a head itself."""
+    from ultralytics.nn.modules.head import Detect
+
+    head = model.model[-1] if hasattr(model, "model") else model
+    if not isinstance(head, Detect):
+        return {}
+    return {
+        f"{attr}.{i}": seq[-1]
+        for attr in ("cv3", "one2one_cv3")
+        for i, seq in enumerate(getattr(head, attr, None) or ())
+        if isinstance(seq[-1], torch.nn.Conv2d)
+    }
+
+
+def _widen_cls_branches(model: torch.nn.Module, cfg: dict[str, Any], state: dict) -> None:
+    """Rebuild the head's class branches at the width ``state`` was saved with, when it differs.
+
+    Ultralytics sizes a class branch from the class count (YOLOv8n: 64 wide for 3 classes, 80 for 80) and,
+    when it transfers a pretrained head of another class count, rebuilds the branch at the source's width
+    (``BaseModel.load``). A student started from a COCO ``.pt`` therefore has a wider head than its config
+    says; the same transfer, from a throw-away model of that width, rebuilds it here.
+    """
+    from ultralytics.nn.tasks import DetectionModel
+
+    convs = _cls_convs(model)
+    if "cv3.0" not in convs:
+        return
+    key = f"model.{len(model.model) - 1}.cv3.0.{len(model.model[-1].cv3[0]) - 1}.weight"
+    saved = state.get(key)
+    width = convs["cv3.0"].in_channels
+    if saved is None or saved.ndim != 4 or int(saved.shape[1]) == width or not 0 < int(saved.shape[1]) <= 100:
+        return  # nothing to do, or not a width ultralytics makes: the state load names the mismatch
+    try:
+        wide_cfg = {**copy.deepcopy(cfg), "nc": int(saved.shape[1])}  # same nc: no "Overriding" log line
+        wide = DetectionModel(wide_cfg, nc=int(saved.shape[1]), verbose=False)
+        model.load(wide, verbose=False)
+    except Exception:
+        return
 
 
 def _first_line(e: BaseException) -> str:
@@ -218,12 +262,18 @@ def load_ultralytics_pt(path: str | Path) -> tuple[torch.nn.Module, dict[str, An
     return model, ckpt
 
 
-def build_student(spec: str | Path, names: list[str], verbose: bool = False) -> torch.nn.Module:
+def build_student(
+    spec: str | Path,
+    names: list[str],
+    verbose: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> torch.nn.Module:
     """An ultralytics DetectionModel for ``names`` from a ``.yaml`` config or a ``.pt`` checkpoint.
 
-    Both are checked before ultralytics sees them (:func:`check_model_config`). A checkpoint whose class
-    count differs keeps every weight whose shape still fits (ultralytics' transfer convention); the
-    classification layers of the head start fresh.
+    Both are checked before ultralytics sees them (:func:`check_model_config`). From a checkpoint, every
+    weight whose shape fits is kept (ultralytics' transfer; a class branch of another width is rebuilt at
+    the checkpoint's) and the class-logit rows are mapped by name (:func:`map_class_rows`): a class the
+    checkpoint knows keeps its row, the others start fresh. ``log`` gets one line saying which.
     """
     from ultralytics.nn.tasks import yaml_model_load
 
@@ -243,11 +293,70 @@ def build_student(spec: str | Path, names: list[str], verbose: bool = False) -> 
         loaded, _ = load_ultralytics_pt(spec)
         model = detection_model(loaded.yaml, nc, spec, verbose=verbose)
         model.load(loaded, verbose=verbose)
+        kept, fresh = map_class_rows(model, loaded, names)
+        if log is not None:
+            log(_transfer_line(spec, kept, fresh))
     else:
         raise StudentError(f"{spec}: expected an ultralytics .yaml config or .pt checkpoint")
     model.names = dict(enumerate(names))
     model.nc = nc
     return model.float()
+
+
+def class_key(name: Any) -> str:
+    """How class names are compared: case, surrounding space, ``_`` / ``-`` / repeated spaces ignored."""
+    return " ".join(str(name).replace("_", " ").replace("-", " ").lower().split())
+
+
+def map_class_rows(
+    model: torch.nn.Module, source: torch.nn.Module, names: list[str]
+) -> tuple[list[tuple[str, str]], list[str]]:
+    """Set ``model``'s class-logit rows from ``source``'s by class name; ``(kept, fresh)``.
+
+    Row ``j`` (class ``names[j]``) of every class-logit convolution becomes the row of the source class of the
+    same name (:func:`class_key`); a class the source does not know gets a fresh row (PyTorch's default
+    init, ultralytics' prior bias), also when the class counts are equal — a row is never inherited by
+    position alone. ``kept`` pairs ``(class, source class)``. A source without real names (ultralytics'
+    placeholders ``"0"``, ``"1"`` ...) or whose branches do not fit keeps nothing.
+    """
+    raw = getattr(source, "names", None)
+    src_names = [raw[i] for i in range(len(raw))] if isinstance(raw, (dict, list)) else []
+    if src_names and all(str(v) == str(i) for i, v in enumerate(src_names)):
+        src_names = []  # placeholder names of a .yaml-built model: nothing to match on
+    lookup: dict[str, int] = {}
+    for i, n in enumerate(src_names):
+        lookup.setdefault(class_key(n), i)
+    idx = [lookup.get(class_key(n), -1) for n in names]
+    dst, src = _cls_convs(model), _cls_convs(source)
+    if not dst or any(k not in src or src[k].weight.shape[1:] != c.weight.shape[1:] for k, c in dst.items()):
+        idx = [-1] * len(names)
+    fresh_head = copy.deepcopy(model.model[-1])
+    fresh = _cls_convs(fresh_head)
+    for conv in fresh.values():
+        conv.reset_parameters()
+    fresh_head.bias_init()
+    with torch.no_grad():
+        for key, conv in dst.items():
+            conv.weight.copy_(fresh[key].weight)
+            conv.bias.copy_(fresh[key].bias)
+            for j, i in enumerate(idx):
+                if i >= 0:
+                    conv.weight[j] = src[key].weight[i].to(conv.weight.dtype)
+                    conv.bias[j] = src[key].bias[i].to(conv.bias.dtype)
+    kept = [(n, str(src_names[i])) for n, i in zip(names, idx) if i >= 0]
+    return kept, [n for n, i in zip(names, idx) if i < 0]
+
+
+def _transfer_line(spec: str, kept: list[tuple[str, str]], fresh: list[str], most: int = 20) -> str:
+    def listed(items: list[str]) -> str:
+        more = f" ... ({len(items) - most} more)" if len(items) > most else ""
+        return ", ".join(items[:most]) + more if items else "none"
+
+    pairs = [n if n == s else f"{n}<-{s}" for n, s in kept]
+    return (
+        f"{spec}: class rows by name: {len(kept)} of {len(kept) + len(fresh)} classes keep the checkpoint's "
+        f"weights ({listed(pairs)}); fresh: {listed(fresh)}"
+    )
 
 
 def set_loss_args(model: torch.nn.Module, overrides: dict[str, Any] | None = None) -> Any:

@@ -494,7 +494,7 @@ class Trainer:
             return model
         if cfg.stage == "distill" and spec.endswith((".yaml", ".yml")):
             self.log(f"note: distilling into an untrained {spec}; usually --model is a trained base detector")
-        return build_student(spec, self.names)
+        return build_student(spec, self.names, log=self.log)
 
     # ----------------------------------------------------------------------------- data
     def _loader(self, epoch: int, items, rows, augment: bool, shuffle: bool):
