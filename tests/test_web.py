@@ -62,6 +62,14 @@ class Live:
         conn.close()
         return r.status, {k.lower(): v for k, v in r.getheaders()}, data
 
+    def stream(self, path: str, content_type: str) -> tuple[http.client.HTTPConnection, Any]:
+        """An open streaming response (status 200 and ``content_type`` checked) and its connection."""
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=10)
+        conn.request("GET", path)
+        r = conn.getresponse()
+        assert r.status == 200 and r.getheader("content-type").startswith(content_type)
+        return conn, r
+
     def json(self, method: str, path: str, body: Any = None, **kw: Any) -> tuple[int, Any]:
         status, _, data = self.request(method, path, body, **kw)
         return status, json.loads(data) if data else None
@@ -168,10 +176,7 @@ def test_live_view_api_and_openapi(live: Live) -> None:
 
 
 def test_mjpeg_stream_sends_annotated_frames(live: Live) -> None:
-    conn = http.client.HTTPConnection(live.host, live.port, timeout=10)
-    conn.request("GET", "/api/cameras/clip/stream.mjpg")
-    r = conn.getresponse()
-    assert r.status == 200 and r.getheader("content-type").startswith("multipart/x-mixed-replace")
+    conn, r = live.stream("/api/cameras/clip/stream.mjpg", "multipart/x-mixed-replace")
     buf = b""
     while buf.count(b"--frame") < 3:
         buf += r.read1(65536)
@@ -236,10 +241,7 @@ def test_enrol_correct_rename_remove(live: Live) -> None:
 
 
 def test_events_stream_and_history(live: Live) -> None:
-    conn = http.client.HTTPConnection(live.host, live.port, timeout=10)
-    conn.request("GET", "/api/events")
-    r = conn.getresponse()
-    assert r.status == 200 and r.getheader("content-type").startswith("text/event-stream")
+    conn, r = live.stream("/api/events", "text/event-stream")
     d = live.detections(need=1)
     live.json(
         "POST", "/api/identities", {"name": "Rex", "camera": "clip", "detection_id": d["detections"][0]["id"]}

@@ -588,13 +588,14 @@ def run_loop(
             web.add_events([{**e.record(), "camera": cam.label} for e in events])  # the API's camera names
 
     def web_turn() -> None:
-        """The page's commands, between frames; the bank state it shows."""
+        """The page's commands, between frames (the bank state it shows follows enroller.on_change)."""
         assert web is not None
         from mocha_edge.deploy.web import run_command
 
-        for cmd in web.take_commands():
-            faults.attempt("web", None, run_command, cmd, enroller, {c.label: c.idents for c in cams})
-        web.set_bank(enroller.bank, enroller.path, enroller.problem)
+        cmds = web.take_commands()
+        idents = {c.label: c.idents for c in cams} if cmds else {}
+        for cmd in cmds:
+            faults.attempt("web", None, run_command, cmd, enroller, idents)
 
     def finish(cam: _Camera, why: str) -> None:
         """``cam`` is done: its tracks leave (their events written), its capture stops."""
