@@ -462,7 +462,7 @@ def test_broker_down_at_start_then_up(tmp_path: Path) -> None:
     evs = [e for step in life("rex") for e in step]
     t0 = time.perf_counter()
     sink.write_events(frame(), evs)
-    assert time.perf_counter() - t0 < 0.05
+    assert time.perf_counter() - t0 < 0.25  # not waiting on a connection (a block would be seconds)
     deadline = time.monotonic() + 10
     while not logs and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -499,7 +499,8 @@ def test_broker_that_stops_answering_never_blocks_the_loop(broker: Broker) -> No
             n += 1
             if i % 100 == 0:
                 time.sleep(0.01)  # the worker and paho's thread run meanwhile
-        assert worst < 0.005, f"write_events took {worst * 1e3:.1f} ms with the broker stopped"
+        # never blocks: a call that waited on the stopped broker would take seconds, not a scheduling hiccup
+        assert worst < 0.1, f"write_events took {worst * 1e3:.1f} ms with the broker stopped"
         assert sink.pending() <= 300 + 100 + 1  # the queue plus what paho holds in flight
         assert sink.drops.count >= 1500 - 401
         assert sum("dropping events" in x for x in logs) == 1, logs
@@ -653,7 +654,7 @@ def test_webhook_never_blocks_the_loop() -> None:
         t0 = time.perf_counter()
         sink.write_events(frame(i), [event("enter", None, i, i)])
         worst = max(worst, time.perf_counter() - t0)
-    assert worst < 0.005, f"write_events took {worst * 1e3:.1f} ms"
+    assert worst < 0.1, f"write_events took {worst * 1e3:.1f} ms (the server hangs 3 s: a blocked call)"
     assert sink.pending() <= 51
     t0 = time.monotonic()
     rep = sink.close()

@@ -1,8 +1,10 @@
 """The web page of ``mocha-edge run --http`` in a real browser: Debian's chromium driven by Playwright's sync API
 against a real ``mocha-edge run`` process (the test student exported to ONNX, a generated video looping in
-real time, an empty bank). The live view updates; a clicked box is enrolled and its name is on a box within
-a second; "not NAME" takes the name off that track within a second; the identity is removed through the
-list. A screenshot of each step is saved in the test's tmp_path (paths printed; ``pytest -s`` shows them).
+real time, an empty bank). The live view updates; a clicked box is enrolled and every frame after the one
+the answer names shows the name on that track; "not NAME" takes the name off that track from the frame its
+answer names; the identity is removed through the list. The checks go by frame numbers, not wall time (the
+tap-to-name time is measured by ``scripts/web_load.py``, README "Web page and REST API"; the times are
+printed here). A screenshot of each step is saved in the test's tmp_path (``pytest -s`` shows the paths).
 
 Never ``playwright install`` (it downloads a browser): the system's chromium is used. Skipped when chromium or
 playwright is missing, except in CI (``CI`` set), where that fails."""
@@ -30,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium")
 HAVE_PLAYWRIGHT = importlib.util.find_spec("playwright") is not None
 NAME = "my mug"  # a space: names are percent-encoded in paths
-WITHIN = 1.0  # s from the click to the name on (or off) a box
+WAIT = 10.0  # s at most for a view after the answer's frame that shows the clicked track (not a speed limit)
 PHONE = {"width": 390, "height": 844}
 DESKTOP = {"width": 1280, "height": 800}
 
@@ -139,9 +141,25 @@ RECTS = """v => {
     const r = (e) => { const b = e.getBoundingClientRect(); return {x: b.x, y: b.y, width: b.width, height: b.height}; };
     return [r(v.querySelector("[data-testid=frame]")), [...v.querySelectorAll("[data-testid=box]")].map(r)];
 }"""
-# the server has answered (status line "ok") and a box of track t is shown without the name n
-UNNAMED = """([t, n]) => document.querySelector("[data-testid=status]").dataset.kind === "ok"
-    && [...document.querySelectorAll(`[data-testid=box][data-track-id="${t}"]`)].some(e => e.dataset.identity !== n)"""
+# a view's shown frame, the identities on the boxes of track t and how many boxes show name n (one instant:
+# the page puts a frame and its boxes up in one task)
+SHOWN = """(v, [t, n]) => ({
+    frame: Number(v.querySelector("[data-testid=frame]").dataset.frame ?? -1),
+    track: [...v.querySelectorAll(`[data-testid=box][data-track-id="${t}"]`)].map(e => e.dataset.identity ?? ""),
+    named: [...v.querySelectorAll("[data-testid=box]")].filter(e => e.dataset.identity === n).length,
+})"""
+
+
+def views_after(view: Any, frame: int, tid: int, name: str, seconds: float) -> list[dict[str, Any]]:
+    """The distinct views the page shows after ``frame`` (the answer's) over ``seconds``: each as :data:`SHOWN`."""
+    seen: dict[int, dict[str, Any]] = {}
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        now = view.evaluate(SHOWN, [tid, name])
+        if now["frame"] > frame:
+            seen.setdefault(now["frame"], now)
+        time.sleep(0.02)
+    return [seen[f] for f in sorted(seen)]
 
 
 def click_track(view: Any, boxes: Any, steady: float = 0.0, tries: int = 3) -> int:
@@ -188,7 +206,7 @@ def inside(bb: dict[str, float], ib: dict[str, float], slack: float = 1.0) -> bo
 
 def test_enrol_correct_and_remove_in_a_real_browser(page: Any, web_run: Run, tmp_path: Path) -> None:
     """Open the page, watch the live view, enrol a box, "not NAME" it, remove the identity: each step
-    asserted, the two naming steps within :data:`WITHIN` s of the click."""
+    asserted; the two naming steps by the frame their answer names."""
     from playwright.sync_api import expect
 
     cam, errors = web_run.camera, []
@@ -222,7 +240,7 @@ def test_enrol_correct_and_remove_in_a_real_browser(page: Any, web_run: Run, tmp
     assert f"#{tid}" in page.get_by_test_id("panel-title").inner_text()
     shot(page, tmp_path, "2-clicked")
 
-    # 3. type a name, Enrol: the name is on a box within a second
+    # 3. type a name, Enrol: every view after the frame the answer names shows the name on the clicked track
     page.get_by_test_id("name-input").fill(NAME)
     named = view.locator(f'[data-testid=box][data-identity="{NAME}"]')
     status = page.get_by_test_id("status")
@@ -232,14 +250,19 @@ def test_enrol_correct_and_remove_in_a_real_browser(page: Any, web_run: Run, tmp
     ) as res:
         page.get_by_test_id("enrol").click()
     answered = time.monotonic() - t0
-    named.first.wait_for(timeout=10_000)
-    took = time.monotonic() - t0
-    print(f"enrol: answered {res.value.status} after {answered:.3f} s, name on a box after {took:.3f} s")
     assert res.value.status == 201, res.value.text()
-    expect(status).to_have_attribute("data-kind", "ok")
-    assert took < WITHIN, (
-        f"the name took {took:.3f} s to show (limit {WITHIN} s; POST answered after {answered:.3f} s)"
+    after = res.value.json()["frame"]
+    assert isinstance(after, int) and after >= 0, res.value.json()
+    named.first.wait_for(timeout=WAIT * 1000)
+    print(
+        f"enrol: answered after {answered:.3f} s (frame {after}), name on a box after {time.monotonic() - t0:.3f} s"
     )
+    later = views_after(view, after, tid, NAME, 2.0)
+    assert later, f"no view after frame {after} in 2 s"
+    wrong = [v for v in later if any(i != NAME for i in v["track"])]
+    assert not wrong, f"track #{tid} shown without {NAME} after frame {after} (the enrolment's): {wrong}"
+    assert any(v["named"] for v in later), f"no box named {NAME} after frame {after}: {later}"
+    expect(status).to_have_attribute("data-kind", "ok")
     page.get_by_test_id(f"identity-{NAME}").wait_for(timeout=5_000)
     # the live events (SSE) and the camera's stats are on the page too
     identified = page.locator("[data-testid=event][data-event=identified]", has_text=NAME)
@@ -247,34 +270,37 @@ def test_enrol_correct_and_remove_in_a_real_browser(page: Any, web_run: Run, tmp
     expect(page.get_by_test_id(f"stats-{cam}").get_by_test_id("fps")).to_contain_text("FPS")
     shot(page, tmp_path, "3-named")
 
-    # 4. "not NAME" on a named box: its track is shown without the name within a second (a track of the weak
-    #    student that ends before it is seen again is no proof: then again on the box the name moved to)
+    # 4. "not NAME" on a named box: no view after the frame the answer names shows NAME on that track (a track
+    #    of the weak student that is not seen again is no proof: then again on a box the name is on)
     not_name, corrections = page.get_by_test_id("not-name"), 0
     while corrections < 3:
         corrections += 1
+        named.first.wait_for(timeout=WAIT * 1000)
         tid = click_track(view, named)
         expect(not_name).to_have_text(f"not {NAME}", timeout=2_000)
         if corrections == 1:
             shot(page, tmp_path, "4-named-selected")
         t0 = time.monotonic()
-        not_name.click()
-        try:
-            page.wait_for_function(UNNAMED, arg=[tid, NAME], timeout=3_000, polling=20)
-        except Exception:  # not seen unnamed: still named (a failure) or ended
-            assert not view.locator(
-                f'[data-testid=box][data-track-id="{tid}"][data-identity="{NAME}"]'
-            ).count(), f"track #{tid} still shows {NAME} 3 s after 'not {NAME}'"
-            print(f"not {NAME}: track #{tid} ended before it was seen again; once more")
-            expect(status).to_have_attribute("data-kind", "ok")
-            named.first.wait_for(timeout=5_000)
-            continue
-        took = time.monotonic() - t0
-        print(f"not {NAME}: track #{tid} shown unnamed after {took:.3f} s")
+        with page.expect_response(
+            lambda r: r.request.method == "POST" and r.url.endswith("/negatives")
+        ) as res:
+            not_name.click()
+        answered = time.monotonic() - t0
+        assert res.value.status == 200, res.value.text()
+        after = res.value.json()["frame"]
+        later = views_after(view, after, tid, NAME, 2.0)
+        wrong = [v for v in later if NAME in v["track"]]
+        assert not wrong, f"track #{tid} still shows {NAME} after frame {after} (the correction's): {wrong}"
         expect(status).to_have_attribute("data-kind", "ok")
-        assert took < WITHIN, f"track #{tid} showed {NAME} for {took:.3f} s after 'not' (limit {WITHIN} s)"
+        seen = [v["frame"] for v in later if v["track"]]
+        if not seen:
+            print(f"not {NAME}: track #{tid} not seen after frame {after}; once more")
+            continue
+        print(f"not {NAME}: answered after {answered:.3f} s (frame {after}); track #{tid} shown "
+              f"unnamed in frames {seen[0]}..{seen[-1]} ({len(seen)} views)")  # fmt: skip
         break
     else:
-        raise AssertionError(f"no corrected track was seen again without {NAME} (3 tries)")
+        raise AssertionError("no corrected track was seen again after its correction (3 tries)")
     row = page.get_by_test_id(f"identity-{NAME}")
     expect(row).to_have_attribute("data-negatives", str(corrections), timeout=6_000)
     shot(page, tmp_path, "5-not-name")

@@ -482,15 +482,12 @@ def run_command(cmd: Command, enroller: Any, cams: dict[str, Any]) -> None:
                     404, f"track {a['track_id']} is not on camera {a['camera']} now (or has no shot yet)"
                 )
             enroller.enrol(a["name"], tr.best_vector, tr.cls, f"{a['camera']} track {tr.tid}",
-                           thumb=tr.best_shot, done=cmd.future)  # fmt: skip
-            _pin_when_done(cmd, idents, tr.tid)
+                           thumb=tr.best_shot, done=_pin_when_done(cmd, idents, tr.tid))  # fmt: skip
         elif cmd.kind == "enrol":
-            enroller.enrol(
-                a["name"], a["vector"], a["cls"], a["where"], thumb=a.get("thumb"), done=cmd.future
-            )
             idents = cams.get(a["camera"])
-            if idents is not None and a.get("track_id") is not None:
-                _pin_when_done(cmd, idents, int(a["track_id"]))
+            tid = a.get("track_id")
+            done = cmd.future if idents is None or tid is None else _pin_when_done(cmd, idents, int(tid))
+            enroller.enrol(a["name"], a["vector"], a["cls"], a["where"], thumb=a.get("thumb"), done=done)
         elif cmd.kind == "negative":
             enroller.add_negative(a["name"], a["vector"], a["cls"], a["where"], done=cmd.future)
             idents = cams.get(a["camera"])
@@ -511,15 +508,27 @@ def run_command(cmd: Command, enroller: Any, cams: dict[str, Any]) -> None:
         raise
 
 
-def _pin_when_done(cmd: Command, idents: Any, track_id: int) -> None:
-    """Once the enrolment is in the bank, the clicked track holds the name (a person said so): it shows on the
-    box from the next frame, whatever the track's running mean and confidence say."""
+def _pin_when_done(cmd: Command, idents: Any, track_id: int) -> concurrent.futures.Future:
+    """The future to hand the enroller: once the enrolment is in the bank, the clicked track holds the name (a
+    person said so; from the next frame, whatever the track's running mean and confidence say), and only then
+    is ``cmd.future`` resolved, so an answered request means the pin is in place."""
+    inner: concurrent.futures.Future = concurrent.futures.Future()
 
     def pin(fut: concurrent.futures.Future) -> None:
-        if not fut.cancelled() and fut.exception() is None:
+        if fut.cancelled():
+            cmd.future.cancel()
+            return
+        err = fut.exception()
+        if err is not None:
+            cmd.future.set_exception(err)
+            return
+        try:
             idents.assign(track_id, cmd.args["name"])
+        finally:
+            cmd.future.set_result(fut.result())
 
-    cmd.future.add_done_callback(pin)
+    inner.add_done_callback(pin)
+    return inner
 
 
 # ------------------------------------------------------------------------------------------ ASGI guard
@@ -692,13 +701,19 @@ def create_app(hub: WebHub) -> Any:
                                      "they are shown): click the box again")  # fmt: skip
         return got
 
-    async def outcome(fut: concurrent.futures.Future, status: int = 200) -> JSONResponse:
+    async def outcome(
+        fut: concurrent.futures.Future, status: int = 200, camera: str | None = None
+    ) -> JSONResponse:
+        """The command's answer; with ``camera``, ``frame``: the change shows on every frame of it after this one
+        (read once the loop answered, so at or after the frame before which the change was made)."""
         try:
             body = await asyncio.wait_for(asyncio.wrap_future(fut), COMMAND_TIMEOUT)
         except CommandError as e:
             raise HTTPException(e.status, e.detail) from None
         except TimeoutError:
             raise HTTPException(503, "the live loop did not answer in time (is it running?)") from None
+        if camera is not None and isinstance(body, dict):
+            body = {**body, "frame": hub.cams[camera].frame}
         return JSONResponse(body, status_code=status)
 
     @app.exception_handler(_TooLarge)
@@ -826,13 +841,15 @@ def create_app(hub: WebHub) -> Any:
         if (req.detection_id is None) == (req.track_id is None):
             raise HTTPException(422, "give detection_id or track_id (one of them)")
         if req.track_id is not None:
-            return await outcome(hub.submit("enrol_track", name=name, camera=cam, track_id=req.track_id), 201)
+            return await outcome(
+                hub.submit("enrol_track", name=name, camera=cam, track_id=req.track_id), 201, cam
+            )
         v, i = held(cam, req.detection_id)
         crop = await run_in_threadpool(v.crop, i)
         tid = int(v.track_ids[i])
         fut = hub.submit("enrol", name=name, camera=cam, vector=v.vectors[i], cls=int(v.cls[i]), thumb=crop,
                          track_id=tid if tid >= 0 else None, where=f"{cam} frame {v.frame} (web)")  # fmt: skip
-        return await outcome(fut, 201)
+        return await outcome(fut, 201, cam)
 
     @app.post(
         "/api/identities/{name}/negatives", summary='"Not NAME": the detection becomes a correction of NAME'
@@ -844,7 +861,7 @@ def create_app(hub: WebHub) -> Any:
         tid = int(v.track_ids[i])
         fut = hub.submit("negative", name=name, camera=cam, vector=v.vectors[i], cls=int(v.cls[i]),
                          track_id=tid if tid >= 0 else None, where=f"{cam} frame {v.frame} (web)")  # fmt: skip
-        return await outcome(fut)
+        return await outcome(fut, 200, cam)
 
     @app.patch("/api/identities/{name}", summary="Rename")
     async def rename(name: str, req: Rename = Body(...)) -> JSONResponse:  # noqa: B008
