@@ -324,6 +324,13 @@ def _parse_hyp(values: tuple[str, ...]) -> dict:
     help="Linear warm-up shared by all parameter groups, in iterations [paper: 1000; 0: none]",
 )
 @click.option("--warmup-epochs", type=float, default=None, help="... or in epochs of iterations [edge: 1]")
+@click.option(
+    "--warmup-mode",
+    type=click.Choice(["shared", "per-group"]),
+    default="shared",
+    show_default=True,
+    help="per-group: each group warms over its own first trained iterations (the README's ablation)",
+)
 @click.option("--lrf", type=float, default=None, help="The cosine ends at lrf x lr [paper: 0; edge: 0.01]")
 @click.option(
     "--augment/--no-augment",
@@ -358,6 +365,7 @@ def train(dataset: Path | None, out: Path, model: str, stage: str, teacher_cache
           schedule: str, student_every: int | None, lr_student: float | None, lr_translator: float | None,
           optimizer: str | None, betas: str | None, weight_decay: float | None,
           weight_decay_student: float | None, warmup_iters: int | None, warmup_epochs: float | None,
+          warmup_mode: str,
           lrf: float | None, augment: bool | None, ema: bool | None, grad_clip: float | None,
           whitened_targets: bool | None, lambda_dist: float, lambda_emb: float, tau: float | None,
           emb_on: str | None, focus_weighting: bool, close_mosaic: int, hyp: tuple[str, ...], resume: bool,
@@ -399,6 +407,7 @@ def train(dataset: Path | None, out: Path, model: str, stage: str, teacher_cache
         student_every=student_every, lr_student=lr_student, lr_translator=lr_translator,
         optimizer=optimizer, betas=beta_pair, weight_decay=weight_decay,
         weight_decay_student=weight_decay_student, warmup_iters=warmup_iters, warmup_epochs=warmup_epochs,
+        warmup_mode=warmup_mode,
         lrf=lrf, augment=augment, ema=ema, grad_clip=grad_clip, whitened_targets=whitened_targets,
         lambda_dist=lambda_dist, lambda_emb=lambda_emb, tau=tau, emb_on=emb_on,
         focus_weighting=focus_weighting, close_mosaic=close_mosaic, hyp=_parse_hyp(hyp),

@@ -151,6 +151,9 @@ class TrainConfig:
     warmup_epochs: float | None = None
     warmup_iters: int | None = None
     lrf: float | None = None  # final lr fraction of the cosine
+    # shared: one warm-up over the run's first iterations; per-group: each group warms over its own first
+    # trained iterations (mocha-edge before the recipes; kept for the README's ablation)
+    warmup_mode: str = "shared"
     augment: bool | None = None
     loss_per_image: bool | None = None
     grad_clip: float | None = None
@@ -196,6 +199,8 @@ class TrainConfig:
             raise TrainError(f"schedule must be 'published' or 'joint', not {self.schedule!r}")
         if self.emb_on not in ("translated", "student"):
             raise TrainError(f"emb_on must be 'translated' or 'student', not {self.emb_on!r}")
+        if self.warmup_mode not in ("shared", "per-group"):
+            raise TrainError(f"warmup_mode must be 'shared' or 'per-group', not {self.warmup_mode!r}")
         if self.optimizer not in ("adam", "adamw"):
             raise TrainError(f"optimizer must be 'adam' or 'adamw', not {self.optimizer!r}")
         if self.epochs < 1 or self.batch < 1 or self.student_every < 1:
@@ -547,11 +552,18 @@ class Trainer:
         }
 
     def _set_lr(self, epoch: int, i: int) -> dict[str, float]:
-        """Every group at its initial lr times :func:`lr_factor` of the run's global iteration."""
-        f = lr_factor(epoch * self.n_batches + i, self.total_steps, self.warmup_steps, self.cfg.lrf)
+        """Every group at its initial lr times :func:`lr_factor` of the run's global iteration; with
+        ``warmup_mode="per-group"`` the warm-up part counts the group's own trained iterations instead."""
+        it = epoch * self.n_batches + i
+        f = lr_factor(it, self.total_steps, self.warmup_steps, self.cfg.lrf)
         out = {}
         for g in self.optimizer.param_groups:
-            g["lr"] = g["initial_lr"] * f
+            if self.cfg.warmup_mode == "per-group" and self.warmup_steps > 0:
+                own = self.steps["student" if g["name"].startswith("student") else "translator"]
+                cos = lr_factor(it, self.total_steps, 0, self.cfg.lrf)
+                g["lr"] = g["initial_lr"] * min(1.0, (own + 1) / self.warmup_steps) * cos
+            else:
+                g["lr"] = g["initial_lr"] * f
             out[g["name"]] = g["lr"]
         return out
 

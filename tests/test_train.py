@@ -442,6 +442,14 @@ def test_every_group_follows_the_global_iteration(synth_small: Path, tmp_path: P
     f = lr_factor(18, 120, 10, 0.0)
     assert lrs == {"student": pytest.approx(1e-4 * f), "translator": pytest.approx(1e-3 * f)} and f > 0.8
     assert tr._set_lr(0, 4)["student"] == pytest.approx(1e-4 * lr_factor(4, 120, 10, 0.0))  # warming
+    # per-group (the ablation's old behaviour): the student's warm-up counts its own steps (none yet)
+    tr.cfg = TrainConfig(data=str(synth_small), out=str(tmp_path), recipe="paper", warmup_iters=10,
+                         warmup_mode="per-group", **TINY)  # fmt: skip
+    lrs = tr._set_lr(3, 0)
+    cos = lr_factor(18, 120, 0, 0.0)
+    assert lrs == {"student": pytest.approx(1e-4 * cos / 10), "translator": pytest.approx(1e-3 * cos)}
+    with pytest.raises(TrainError, match="warmup_mode"):
+        TrainConfig(data=str(synth_small), out=str(tmp_path), warmup_mode="each", **TINY)
 
 
 @pytest.fixture(scope="module")
