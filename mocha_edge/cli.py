@@ -176,9 +176,15 @@ def data_synth(
               "by MOCHA's public fixed fit 18/(k+1)^0.47-0.26 (paper-fit) or not at all (none).  "
               "[default: measured]")  # fmt: skip
 @click.option("--pca-decay", is_flag=True, hidden=True, help="Deprecated: same as --whiten paper-fit.")
-@click.option("--batch", default=32, show_default=True, help="Crops per teacher call.")
-@click.option("--chunk", default=64, show_default=True, help="Images per resumable shard.")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1 ...")
+@click.option("--batch", default=32, show_default=True, type=click.IntRange(min=1),
+              help="Crops per teacher call, in total: under torchrun each of the N ranks uses batch // N.")  # fmt: skip
+@click.option("--chunk", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Images per resumable shard (under torchrun, shard i is rank i % N's).")  # fmt: skip
+@click.option("--nproc", type=click.IntRange(min=1), default=None,
+              help="Run as N torchrun ranks on this machine (with --device cuda: one GPU each), i.e. "
+              "`torchrun --standalone --nproc_per_node N -m mocha_edge teach ...`.")  # fmt: skip
+@click.option("--device", default="cpu", show_default=True,
+              help="cpu, cuda, cuda:1 ... (under torchrun, cuda is each rank's cuda:LOCAL_RANK)")  # fmt: skip
 @click.option(
     "--fp16/--fp32", "fp16", default=None, help="Teacher precision (default: fp16 on CUDA, fp32 on CPU)."
 )
@@ -191,10 +197,11 @@ def data_synth(
 @click.option("--focus", is_flag=True, help="Align-KD: also store each box's share of LLaVA's text-to-image "
               "attention focus (for train --focus-weighting).")  # fmt: skip
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.pass_context
 def teach(
-    teacher_name: str, dataset: Path, out: Path, model: str | None, clip_model: str | None, d_t: int,
-    whiten: str | None, pca_decay: bool, batch: int, chunk: int, device: str, fp16: bool | None,
-    max_new_tokens: int | None, decoding: str | None, focus: bool, quiet: bool,
+    ctx: click.Context, teacher_name: str, dataset: Path, out: Path, model: str | None, clip_model: str | None,
+    d_t: int, whiten: str | None, pca_decay: bool, batch: int, chunk: int, nproc: int | None, device: str,
+    fp16: bool | None, max_new_tokens: int | None, decoding: str | None, focus: bool, quiet: bool,
 ) -> None:  # fmt: skip
     """Compute a frozen teacher's target for every ground-truth box of --data and cache it in --out.
 
@@ -207,6 +214,9 @@ def teach(
       mocha-edge teach --teacher llava+clip --model llava-hf/llava-1.5-7b-hf \\
           --clip-model openai/clip-vit-base-patch32 --data my.yaml --out cache.safetensors --device cuda
       mocha-edge teach --teacher llava --focus --data my.yaml --out cache.safetensors --device cuda
+      mocha-edge teach --teacher clip --data my.yaml --out cache.safetensors --device cuda --nproc 4
+      torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
+          -m mocha_edge teach --teacher clip --data my.yaml --out /shared/cache.safetensors --device cuda
     """
     if pca_decay:  # it used to multiply by the decay (the inverse of whitening); now it divides
         if whiten not in (None, "paper-fit"):
@@ -214,27 +224,87 @@ def teach(
         click.echo("warning: --pca-decay is deprecated and now means --whiten paper-fit (divide, as MOCHA's "
                    "public code does; it used to multiply)", err=True)  # fmt: skip
         whiten = "paper-fit"
+    from mocha_edge import distributed
     from mocha_edge.data import load_dataset
     from mocha_edge.teach import teach as run_teach
-    from mocha_edge.teachers import get_teacher, teacher_options
+    from mocha_edge.teachers import check_teacher_options, get_teacher, teacher_options
 
-    ds = load_dataset(dataset)
     given = {"model": model, "clip_model": clip_model, "fp16": fp16, "max_new_tokens": max_new_tokens,
              "decoding": decoding}  # fmt: skip
     opts = {"device": device, **{k: v for k, v in given.items() if v is not None}}
     if "progress" in teacher_options(teacher_name):
         opts["progress"] = not quiet
-    teacher = get_teacher(teacher_name, **opts)
-    res = run_teach(ds, teacher, out, d_t=d_t, batch=batch, chunk_images=chunk, whiten=whiten or "measured",
-                    focus=focus, progress=not quiet, log=click.echo)  # fmt: skip
+    if nproc is not None and nproc > 1:  # bad input fails here, in one line, before torchrun starts
+        if distributed.is_distributed():
+            raise click.UsageError("--nproc launches torchrun itself; drop it when running under torchrun")
+        if batch < nproc:
+            raise click.BadParameter(f"{batch} is the global batch: fewer than one crop per rank with --nproc "
+                                     f"{nproc}", param_hint="--batch")  # fmt: skip
+        if device == "cuda":
+            import torch
+
+            if torch.cuda.device_count() < nproc:
+                raise click.BadParameter(f"--nproc {nproc} with --device cuda needs {nproc} GPUs, "
+                                         f"{torch.cuda.device_count()} visible", param_hint="--nproc")  # fmt: skip
+        check_teacher_options(teacher_name, opts)
+        load_dataset(dataset)
+        sys.exit(distributed.launch_torchrun(nproc, ["teach", *_argv_of(ctx, drop=("nproc",))]))
+    env = distributed.init(device)
+    try:
+        if env.distributed:
+            opts["device"] = env.device
+            if "progress" in opts:
+                opts["progress"] = opts["progress"] and env.is_main
+        ds = load_dataset(dataset)
+        teacher = get_teacher(teacher_name, **opts)
+        res = run_teach(ds, teacher, out, d_t=d_t, batch=batch, chunk_images=chunk, whiten=whiten or "measured",
+                        focus=focus, progress=not quiet, log=click.echo, dist=env)  # fmt: skip
+    except MochaError as e:
+        if env.distributed and not str(e).startswith(env.tag):
+            e.args = (f"{env.tag}: {e}",)
+        partial = out.with_name(out.name + ".partial")
+        if isinstance(e, distributed.DistributedError) and partial.is_dir():
+            e.args = (f"{e}; finished shards stay in {partial}: rerun the same command to resume",)
+        raise
+    finally:
+        distributed.shutdown(env)
+    c = res.cache
+    if c is None:  # a rank other than 0 under torchrun
+        done = (
+            "nothing to do"
+            if res.up_to_date
+            else f"{res.computed_chunks} chunks computed, {res.resumed_chunks} resumed"
+        )
+        click.echo(f"{env.tag}: {done}; rank 0 wrote {out}")
+        return
     for p in res.skipped_images:
         click.echo(f"warning: {p} (skipped)")
-    c = res.cache
     click.echo(
         f"cache: {out} — {len(c)} boxes, teacher={c.meta['teacher']} (dim {c.meta['teacher_dim']}), "
         f"d_t={c.d_t}, {res.computed_chunks} chunks computed, {res.resumed_chunks} resumed, {res.seconds:.1f} s"
         + (", with focus masses" if "focus" in c.extras else "")
+        + (f", {env.world} ranks" if env.distributed else "")
     )
+
+
+def _argv_of(ctx: click.Context, drop: tuple[str, ...] = ()) -> list[str]:
+    """Options that give ``ctx``'s command the parameters it was given (not defaults), less those in ``drop``."""
+    from click.core import ParameterSource
+
+    argv: list[str] = []
+    for p in ctx.command.params:
+        if not isinstance(p, click.Option) or p.name in drop:
+            continue
+        if ctx.get_parameter_source(p.name) in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP, None):
+            continue
+        value = ctx.params[p.name]
+        if p.is_flag and p.secondary_opts:
+            argv.append(p.opts[0] if value else p.secondary_opts[0])
+        elif p.is_flag:
+            argv += [p.opts[0]] if value else []
+        elif value is not None:
+            argv += [x for v in (value if p.multiple else [value]) for x in (p.opts[0], str(v))]
+    return argv
 
 
 # ------------------------------------------------------------------------------------------------ train

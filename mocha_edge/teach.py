@@ -14,10 +14,30 @@ waits, then finds the cache the other run wrote: up to date (same dataset, teach
 with focus masses added when asked for (the one extra a cache may gain); written for something else while
 this run waited, it is refused in one line rather than overwritten (a cache is a function of dataset,
 teacher, ``d_t`` and whitening: two runs for the same ones have nothing else to merge).
+
+**Under torchrun** (``dist``, :mod:`mocha_edge.distributed`) every rank runs :func:`teach` on the same arguments.
+Chunk boundaries do not depend on the number of ranks; chunk ``i`` is rank ``i % world``'s (a static
+assignment: a rerun after a crash, with any number of ranks, finds the same shards and computes only the
+missing ones). Rank 0 alone trains a teacher that must be trained (``teacher.prepare``: the builtin teacher
+saves ``builtin_teacher.pt`` in the teacher's work folder); the others wait for it, then load that file.
+``batch`` is the global batch: each rank encodes ``batch // world`` crops per call, so a run on W ranks with
+``batch = W * b`` makes the same calls per shard as one process with ``batch = b``, and (same threads per
+process) the same cache bit for bit. When every rank has written its shards, rank 0 merges them and fits
+the PCA while the others wait, then all exit. A rank that fails tells the others at the next step; one that
+is killed loses only the shard it was writing.
+
+The lock: **rank 0 holds** ``<cache>.lock`` for the whole run, the other ranks never take it. A file lock is
+exclusive between processes, so ranks taking it too would wait for each other (a deadlock); and they need
+not: they touch the cache's files only between steps that rank 0 passes while holding it (they first wait
+for rank 0 to have it). Another run aiming at the same cache therefore waits as before. Rank 0 waits for a
+busy lock at most half the ranks' step timeout (``MOCHA_EDGE_DIST_TIMEOUT``), so it gives up with a clear
+line before the other ranks time out waiting for it. On several nodes, the cache's folder must be on a file
+system every node shares (checked: a rank that cannot see rank 0's ``state.json`` stops).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
@@ -31,6 +51,7 @@ import numpy as np
 from mocha_edge.cache import CACHE_FORMAT, WHITEN_MODES, TeacherCache, fit_pca, hash_to_bytes
 from mocha_edge.data.dataset import Dataset, ImageItem, Problem
 from mocha_edge.data.images import ImageReadError, read_rgb
+from mocha_edge.distributed import DistEnv, DistributedError
 from mocha_edge.errors import CacheError, DataError, TeacherError
 from mocha_edge.teachers.base import Teacher
 from mocha_edge.utils import atomic_path, file_lock, file_stamp, lock_path, text_hash, write_json_atomic
@@ -40,7 +61,9 @@ PCA_SPLITS = ("train",)
 
 @dataclass
 class TeachResult:
-    cache: TeacherCache
+    """What :func:`teach` did. Under torchrun, ranks other than 0 get ``cache=None`` and their own chunk counts."""
+
+    cache: TeacherCache | None
     computed_chunks: int
     resumed_chunks: int
     skipped_images: list[Problem]
@@ -80,6 +103,7 @@ def teach(
     focus: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    dist: DistEnv | None = None,
 ) -> TeachResult:
     """Compute (or resume, or reuse) the teacher cache for every box of every split of ``ds``.
 
@@ -88,16 +112,29 @@ def teach(
     (``"paper-fit"``), or not at all (``"none"``). ``focus``: also store each box's Align-KD focus mass (needs a teacher with ``box_focus``: llava,
     llava+clip). A cache with focus is reused when focus is not asked for. The whole run holds
     ``<out>.lock`` (see the module doc).
+
+    ``dist``: this process's rank under torchrun (:func:`mocha_edge.distributed.init`; None: one process).
+    ``batch`` is the global batch: each rank encodes ``batch // dist.world`` crops per teacher call. On ranks
+    other than 0 the result's ``cache`` is None and its chunk counts are the rank's own share.
     """
+    env = dist or DistEnv()
     if whiten not in WHITEN_MODES:
         raise CacheError(f"unknown target whitening {whiten!r}; choose one of: {', '.join(WHITEN_MODES)}")
     if focus and not callable(getattr(teacher, "box_focus", None)):
         raise TeacherError(f"--focus needs a LLaVA teacher (llava or llava+clip), not {teacher.name}")
+    if batch < env.world:
+        raise DistributedError(
+            f"--batch {batch} is the global batch: fewer than one crop per teacher call on each of {env.world} ranks"
+        )
     out = Path(out)
     before = file_stamp(out)
-    with file_lock(out, CacheError, timeout=None, waiting=log):
+    with contextlib.ExitStack() as held:
+        with env.together(f"taking {lock_path(out)} (rank 0)"):
+            if env.is_main:  # the other ranks work only between steps rank 0 passes holding it
+                wait = None if not env.distributed else env.timeout_s / 2  # the others wait timeout_s for it
+                held.enter_context(file_lock(out, CacheError, timeout=wait, waiting=log))
         return _teach(ds, teacher, out, before, d_t=d_t, batch=batch, chunk_images=chunk_images,
-                      whiten=whiten, focus=focus, progress=progress, log=log)  # fmt: skip
+                      whiten=whiten, focus=focus, progress=progress, log=log, env=env)  # fmt: skip
 
 
 def _teach(
@@ -113,85 +150,156 @@ def _teach(
     focus: bool,
     progress: bool,
     log: Callable[[str], None],
+    env: DistEnv,
 ) -> TeachResult:
-    """:func:`teach` under the cache's lock; ``before``: the cache file's stamp before waiting for it."""
+    """:func:`teach` with the cache's lock held (by rank 0); ``before``: the cache file's stamp before the lock.
+
+    Every rank runs this; rank 0 alone trains the teacher, decides about the existing cache, resets
+    ``.partial/`` and merges. Each step ends with the ranks exchanging their outcome (:meth:`DistEnv.together`).
+    """
     t0 = time.perf_counter()
     focus_recipe = str(getattr(teacher, "focus_recipe", "")) if focus else ""
     partial = out.with_name(out.name + ".partial")
-    teacher.prepare(ds, out.with_name(out.stem + ".teacher"))
+    workdir = out.with_name(out.stem + ".teacher")
+    with env.together("preparing the teacher (rank 0 trains it when it must be trained)"):
+        if env.is_main:
+            teacher.prepare(ds, workdir)
+    if env.distributed:  # then the others load what rank 0 trained and saved
+        with env.together("loading the teacher rank 0 prepared"):
+            if not env.is_main:
+                teacher.prepare(ds, workdir)
     items = [it for it in ds.items() if len(it.boxes)]
     if not items:
         raise DataError(f"{ds.source}: no labelled box to compute teacher targets for")
-    ds_fp = ds.fingerprint()
-
-    if out.is_file():
-        try:
-            old = TeacherCache.load(out)
-            old.check(dataset_fingerprint=ds_fp, teacher_fingerprint=teacher.fingerprint)
-            built = (old.meta.get("d_t_requested"), old.whiten)
-            if built != (str(d_t), whiten):
-                raise CacheError(f"{out}: built with d_t={built[0]}, whiten={built[1]}")
-            if not focus or _has_focus(old, focus_recipe):
-                log(f"cache up to date: {out} ({len(old)} boxes, d_t={old.d_t}, whiten={old.whiten})")
-                return TeachResult(old, 0, 0, [], time.perf_counter() - t0, up_to_date=True)
-            log(f"adding focus masses to {out} (its teacher targets are up to date)")
-            cache = _add_focus(ds, teacher, old, items, out, progress=progress)
-            return TeachResult(cache, 0, 0, [], time.perf_counter() - t0)
-        except CacheError as e:
-            if file_stamp(out) != before:  # another run wrote it while this one waited for the lock
-                why = str(e).removeprefix(f"{out}: ")
-                raise CacheError(
-                    f"{out}: another `mocha-edge teach` wrote it while this one waited for {lock_path(out)}, "
-                    f"for something else ({why}); not overwriting it: use another output path"
-                ) from None
-            log(f"rebuilding {out}: {e}")
-
     chunks = [items[i : i + chunk_images] for i in range(0, len(items), chunk_images)]
-    state = {
-        "format": CACHE_FORMAT,
-        "teacher_fingerprint": teacher.fingerprint,
-        "dataset_fingerprint": ds_fp,
-        "chunk_images": chunk_images,
-        "chunks": len(chunks),
-    }
-    if focus:
-        state["focus"] = focus_recipe
-    state_file = partial / "state.json"
-    if partial.is_dir():
-        try:
-            prev = json.loads(state_file.read_text())
-        except (OSError, json.JSONDecodeError):
-            prev = None
-        if prev != state:
-            log(f"discarding {partial}: it was made for another teacher, dataset, chunking or focus setting")
-            shutil.rmtree(partial)
-    partial.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(state_file, state)
+
+    ds_fp = ""
+    reused: TeachResult | None = None
+    with env.together("checking the existing cache (rank 0)") as step:
+        if env.is_main:
+            ds_fp = ds.fingerprint()
+            reused = _reuse(ds, teacher, out, before, items, d_t=d_t, whiten=whiten, focus=focus,
+                            focus_recipe=focus_recipe, ds_fp=ds_fp, progress=progress, log=log, t0=t0)  # fmt: skip
+            step.value = None if reused is None else reused.up_to_date
+    if reused is not None:
+        return reused
+    if step.values[0] is not None:  # rank 0 reused the cache (or added focus masses to it): nothing to do
+        return TeachResult(None, 0, 0, [], time.perf_counter() - t0, up_to_date=step.values[0])
 
     def shard_path(i: int) -> Path:
         return partial / f"chunk_{i:06d}.safetensors"
 
-    done = [i for i in range(len(chunks)) if shard_path(i).is_file()]
-    todo = [i for i in range(len(chunks)) if not shard_path(i).is_file()]
-    if done:
-        log(f"resuming: {len(done)} of {len(chunks)} chunks already computed in {partial}")
+    state_file = partial / "state.json"
+    with env.together("resetting the shard folder (rank 0)") as step:
+        if env.is_main:
+            state = {
+                "format": CACHE_FORMAT,
+                "teacher_fingerprint": teacher.fingerprint,
+                "dataset_fingerprint": ds_fp,
+                "chunk_images": chunk_images,
+                "chunks": len(chunks),
+            }
+            if focus:
+                state["focus"] = focus_recipe
+            if partial.is_dir():
+                try:
+                    prev = json.loads(state_file.read_text())
+                except (OSError, json.JSONDecodeError):
+                    prev = None
+                if prev != state:
+                    log(f"discarding {partial}: it was made for another teacher, dataset, chunking or focus "
+                        "setting")  # fmt: skip
+                    shutil.rmtree(partial)
+            partial.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(state_file, state)
+            done = sum(shard_path(i).is_file() for i in range(len(chunks)))
+            if done:
+                log(f"resuming: {done} of {len(chunks)} chunks already computed in {partial}")
+            if env.distributed:
+                log(f"torchrun: {env.world} ranks share {len(chunks)} chunks (rank r takes chunks r, r+{env.world}, "
+                    f"...); {batch // env.world} crops per teacher call on each (--batch {batch} in total)")  # fmt: skip
+            step.value = state
+    if env.distributed and not env.is_main:
+        try:
+            seen = json.loads(state_file.read_text())
+        except (OSError, json.JSONDecodeError):
+            seen = None
+        if seen != step.values[0]:
+            raise DistributedError(
+                f"{env.tag}: cannot see {state_file} as rank 0 wrote it: on several nodes, --out must be on a "
+                "file system every node shares"
+            )
 
-    n_todo_boxes = sum(len(it.boxes) for i in todo for it in chunks[i])
-    bar = _progress(n_todo_boxes, progress, f"teach[{teacher.name}]")
-    pool = ThreadPoolExecutor(4)
+    mine = range(env.rank, len(chunks), env.world)  # static: a rerun finds the same shards to do
+    todo = [i for i in mine if not shard_path(i).is_file()]
+    desc = f"teach[{teacher.name}]" + (f" {env.tag}" if env.distributed else "")
+    with env.together("computing its shards") as step:
+        n_todo_boxes = sum(len(it.boxes) for i in todo for it in chunks[i])
+        bar = _progress(n_todo_boxes, progress and env.is_main, desc)
+        pool = ThreadPoolExecutor(4)
+        try:
+            for i in todo:
+                _compute_chunk(
+                    chunks[i], ds, teacher, batch // env.world, pool, shard_path(i), bar, focus=focus
+                )
+        finally:
+            pool.shutdown()
+            bar.close()
+        step.value = (len(todo), len(mine) - len(todo))
+    computed, resumed = (sum(c) for c in zip(*step.values))
+    if not env.is_main:
+        with env.together("merging the shards and fitting the PCA (rank 0)"):
+            pass
+        return TeachResult(None, len(todo), len(mine) - len(todo), [], time.perf_counter() - t0)
+    with env.together("merging the shards and fitting the PCA (rank 0)"):
+        cache = _merge(
+            ds, teacher, chunks, shard_path, out, d_t=d_t, whiten=whiten, ds_fp=ds_fp, focus=focus, log=log
+        )
+        skipped = _skipped(chunks, shard_path)
+        shutil.rmtree(partial, ignore_errors=True)
+    return TeachResult(cache, computed, resumed, skipped, time.perf_counter() - t0)
+
+
+def _reuse(
+    ds: Dataset,
+    teacher: Teacher,
+    out: Path,
+    before: tuple[int, int, int] | None,
+    items: list[ImageItem],
+    *,
+    d_t: int,
+    whiten: str,
+    focus: bool,
+    focus_recipe: str,
+    ds_fp: str,
+    progress: bool,
+    log: Callable[[str], None],
+    t0: float,
+) -> TeachResult | None:
+    """The result when the cache at ``out`` is up to date (focus masses added if asked for); None: build it."""
+    if not out.is_file():
+        return None
     try:
-        for i in todo:
-            _compute_chunk(chunks[i], ds, teacher, batch, pool, shard_path(i), bar, focus=focus)
-    finally:
-        pool.shutdown()
-        bar.close()
-
-    cache = _merge(
-        ds, teacher, chunks, shard_path, out, d_t=d_t, whiten=whiten, ds_fp=ds_fp, focus=focus, log=log
-    )
-    skipped = _skipped(chunks, shard_path)
-    shutil.rmtree(partial, ignore_errors=True)
-    return TeachResult(cache, len(todo), len(done), skipped, time.perf_counter() - t0)
+        old = TeacherCache.load(out)
+        old.check(dataset_fingerprint=ds_fp, teacher_fingerprint=teacher.fingerprint)
+        built = (old.meta.get("d_t_requested"), old.whiten)
+        if built != (str(d_t), whiten):
+            raise CacheError(f"{out}: built with d_t={built[0]}, whiten={built[1]}")
+        if not focus or _has_focus(old, focus_recipe):
+            log(f"cache up to date: {out} ({len(old)} boxes, d_t={old.d_t}, whiten={old.whiten})")
+            return TeachResult(old, 0, 0, [], time.perf_counter() - t0, up_to_date=True)
+        log(f"adding focus masses to {out} (its teacher targets are up to date)")
+        cache = _add_focus(ds, teacher, old, items, out, progress=progress)
+        return TeachResult(cache, 0, 0, [], time.perf_counter() - t0)
+    except CacheError as e:
+        if file_stamp(out) != before:  # another run wrote it while this one waited for the lock
+            why = str(e).removeprefix(f"{out}: ")
+            raise CacheError(
+                f"{out}: another `mocha-edge teach` wrote it while this one waited for {lock_path(out)}, "
+                f"for something else ({why}); not overwriting it: use another output path"
+            ) from None
+        log(f"rebuilding {out}: {e}")
+    return None
 
 
 def _progress(total: int, enabled: bool, desc: str):

@@ -41,8 +41,8 @@ def teacher_options(name: str) -> set[str]:
     return set(inspect.signature(_REGISTRY[name]).parameters)
 
 
-def get_teacher(name: str, **options: Any) -> Teacher:
-    """Build the teacher registered as ``name``; unknown names list the valid ones."""
+def check_teacher_options(name: str, options: Any) -> Callable[..., Teacher]:
+    """The factory registered as ``name`` once it is known to accept ``options`` (names); else :class:`TeacherError`."""
     _load_builtins()
     if name not in _REGISTRY:
         raise TeacherError(f"unknown teacher {name!r}; choose one of: {', '.join(sorted(_REGISTRY))}")
@@ -54,7 +54,12 @@ def get_teacher(name: str, **options: Any) -> Teacher:
             raise TeacherError(
                 f"teacher {name!r} does not take {', '.join(extra)}; it takes: {', '.join(params) or 'nothing'}"
             )
-    return factory(**options)
+    return factory
 
 
-__all__ = ["Teacher", "get_teacher", "list_teachers", "register", "teacher_options"]
+def get_teacher(name: str, **options: Any) -> Teacher:
+    """Build the teacher registered as ``name``; unknown names list the valid ones."""
+    return check_teacher_options(name, options)(**options)
+
+
+__all__ = ["Teacher", "check_teacher_options", "get_teacher", "list_teachers", "register", "teacher_options"]

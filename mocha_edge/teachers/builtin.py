@@ -116,8 +116,10 @@ class BuiltinTeacher(Teacher):
         crops, ids = training_crops(dataset, int(self.cfg["input_size"]))
         ckpt = self._fit(crops, ids)
         ckpt["fit_key"] = fit_key
-        with atomic_path(path) as tmp:
-            torch.save(ckpt, tmp)
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:  # a file object: the archive's inner folder is
+            torch.save(
+                ckpt, fh
+            )  # "archive", not the temporary name, so a retrained teacher has the same hash
         self._load(ckpt, path)
 
     def encode(self, crops: list[np.ndarray], class_names: list[str]) -> np.ndarray:
