@@ -77,8 +77,13 @@ def main() -> None:
     ds = load_dataset(data)
     teacher_pt = data / "teacher.teacher" / "builtin_teacher.pt"
     caches = {}
+    demo_cache = data / "teacher.safetensors"
+    if TeacherCache.load(demo_cache).whiten == "measured":  # the demo's own (teach's default)
+        caches["measured"] = demo_cache
     for whiten in ("measured", "none"):
         path = args.out / f"teacher-{whiten}.safetensors"
+        if whiten in caches:
+            continue
         if not path.is_file():
             t0 = time.perf_counter()
             teach(ds, get_teacher("builtin", model=str(teacher_pt), seed=seed), path, whiten=whiten,
@@ -98,6 +103,12 @@ def main() -> None:
                 continue
             cfg = TrainConfig(data=str(data), out=str(out), model=base, teacher_cache=str(cache),
                               imgsz=recipe["imgsz"], batch=recipe["batch"], seed=seed, workers=2, **kw)  # fmt: skip
+            same = same_run(args.demo, cfg)
+            if same is not None:  # the demo trained exactly this run: its checkpoint is the variant's
+                log(f"{name}: the demo's {same} (same settings)")
+                write_json_atomic(done, {"checkpoint": str(same), "seconds": None, "config": cfg.settings()})
+                ckpts[name] = str(same)
+                continue
             resume = (out / "last.ckpt").is_file()
             t0 = time.perf_counter()
             res = train(cfg, resume=resume, progress=False, log=lambda m, n=name: log(f"[{n}] {m}"))
@@ -122,6 +133,23 @@ def main() -> None:
     table = format_table(rep)
     (args.out / "table.md").write_text(table + "\n")
     log(table)
+
+
+def same_run(demo: Path, cfg: Any) -> Path | None:
+    """The demo's checkpoint trained with exactly ``cfg``'s settings (its ``distill`` or ``baseline`` stage
+    with the same data, base, cache and resolved config, output folder aside), else None."""
+    from dataclasses import asdict
+
+    ours = json.loads(json.dumps(asdict(cfg)))
+    ours.pop("out")
+    for stage in ("distill", "baseline"):
+        run = demo / stage
+        if (run / "config.json").is_file() and (run / "last.ckpt").is_file():
+            theirs = json.loads((run / "config.json").read_text())
+            theirs.pop("out", None)
+            if theirs == ours:
+                return run / "last.ckpt"
+    return None
 
 
 def val_metrics(run: Path) -> dict[str, float]:
