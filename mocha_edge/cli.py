@@ -308,6 +308,17 @@ def _argv_of(ctx: click.Context, drop: tuple[str, ...] = ()) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------ train
+def _saved_train_config(out: Path) -> dict:
+    """The config.json of the run in ``out`` ({} when there is none or it is unreadable)."""
+    import json
+
+    try:
+        saved = json.loads((out / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return saved if isinstance(saved, dict) else {}
+
+
 def _parse_hyp(values: tuple[str, ...]) -> dict:
     import yaml
 
@@ -359,9 +370,16 @@ def _parse_hyp(values: tuple[str, ...]) -> dict:
 )
 @click.option("--epochs", type=int, default=None, help="[recipe: 20; with --resume: the saved run's]")
 @click.option("--imgsz", default=640, show_default=True)
-@click.option("--batch", default=16, show_default=True)
-@click.option("--workers", default=2, show_default=True, help="Data-loading processes.")
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--batch", default=16, show_default=True,
+              help="Images per optimiser step, in total: under torchrun each of the N ranks takes batch / N.")  # fmt: skip
+@click.option("--workers", default=2, show_default=True, help="Data-loading processes (per rank).")
+@click.option("--device", default="cpu", show_default=True,
+              help="cpu, cuda, cuda:1 ... (under torchrun, cuda is each rank's cuda:LOCAL_RANK)")  # fmt: skip
+@click.option("--nproc", type=click.IntRange(min=1), default=None,
+              help="Run as N torchrun ranks on this machine (DDP; with --device cuda: one GPU each), i.e. "
+              "`torchrun --standalone --nproc_per_node N -m mocha_edge train ...`.")  # fmt: skip
+@click.option("--sync-bn", is_flag=True, help="Under torchrun on GPUs: the student's BatchNorm normalises over "
+              "the global batch (SyncBatchNorm) instead of each rank's images.")  # fmt: skip
 @click.option("--seed", default=0, show_default=True)
 @click.option(
     "--schedule",
@@ -430,8 +448,10 @@ def _parse_hyp(values: tuple[str, ...]) -> dict:
 @click.option("--hyp", multiple=True, help="ultralytics augmentation override, key=value (repeatable).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def train(dataset: Path | None, out: Path, model: str, stage: str, teacher_cache: Path | None, distill: bool,
-          recipe: str | None, epochs: int | None, imgsz: int, batch: int, workers: int, device: str, seed: int,
+@click.pass_context
+def train(ctx: click.Context, dataset: Path | None, out: Path, model: str, stage: str, teacher_cache: Path | None,
+          distill: bool, recipe: str | None, epochs: int | None, imgsz: int, batch: int, workers: int, device: str,
+          nproc: int | None, sync_bn: bool, seed: int,
           schedule: str, student_every: int | None, lr_student: float | None, lr_translator: float | None,
           optimizer: str | None, betas: str | None, weight_decay: float | None,
           weight_decay_student: float | None, warmup_iters: int | None, warmup_epochs: float | None,
@@ -454,12 +474,22 @@ def train(dataset: Path | None, out: Path, model: str, stage: str, teacher_cache
       mocha-edge train --data data/synth --model runs/base/last.ckpt --recipe paper \\
           --teacher-cache data/synth/teacher.safetensors --out runs/paper --imgsz 256
       mocha-edge train --out runs/distill --resume
+      mocha-edge train --data my.yaml --model runs/base/last.ckpt --teacher-cache cache.safetensors \\
+          --out runs/distill --device cuda --batch 64 --nproc 4
+      torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
+          -m mocha_edge train --data my.yaml ... --out /shared/runs/distill --device cuda --batch 128
     """
+    from click.core import ParameterSource
+
+    from mocha_edge import distributed
     from mocha_edge.train import DEFAULT_RECIPE, TrainConfig
     from mocha_edge.train import train as run_train
 
     if dataset is None and not resume:
         raise click.UsageError("--data is required (except with --resume)")
+    saved = _saved_train_config(out) if resume else {}
+    if resume and ctx.get_parameter_source("device") is ParameterSource.DEFAULT and "device" in saved:
+        device = str(saved["device"])  # a resumed run keeps its device, as its config does
     beta_pair = None
     if betas is not None:
         try:
@@ -482,7 +512,39 @@ def train(dataset: Path | None, out: Path, model: str, stage: str, teacher_cache
         lambda_dist=lambda_dist, lambda_emb=lambda_emb, tau=tau, emb_on=emb_on,
         focus_weighting=focus_weighting, close_mosaic=close_mosaic, hyp=_parse_hyp(hyp),
     )  # fmt: skip
-    res = run_train(cfg, resume=resume, progress=not quiet, log=click.echo, epochs=epochs, recipe=recipe)
+    if nproc is not None and nproc > 1:  # bad input fails here, in one line, before torchrun starts
+        if distributed.is_distributed():
+            raise click.UsageError("--nproc launches torchrun itself; drop it when running under torchrun")
+        global_batch = int(saved.get("batch", batch))
+        if global_batch % nproc:
+            raise click.BadParameter(
+                f"{global_batch} is the global batch{' (of the run to resume)' if 'batch' in saved else ''}: "
+                f"it must divide by --nproc {nproc} (e.g. {max(global_batch // nproc, 1) * nproc})",
+                param_hint="--batch",
+            )
+        if not device.startswith("cuda") and sync_bn:
+            raise click.BadParameter("needs GPUs (--device cuda): torch's SyncBatchNorm has no CPU kernel",
+                                     param_hint="--sync-bn")  # fmt: skip
+        if device == "cuda":
+            import torch
+
+            if torch.cuda.device_count() < nproc:
+                raise click.BadParameter(f"--nproc {nproc} with --device cuda needs {nproc} GPUs, "
+                                         f"{torch.cuda.device_count()} visible", param_hint="--nproc")  # fmt: skip
+        sys.exit(distributed.launch_torchrun(nproc, ["train", *_argv_of(ctx, drop=("nproc",))]))
+    env = distributed.init(device)
+    try:
+        res = run_train(cfg, resume=resume, progress=not quiet, log=click.echo, epochs=epochs, recipe=recipe,
+                        dist=env, sync_bn=sync_bn)  # fmt: skip
+    except MochaError as e:
+        if env.distributed and not str(e).startswith(env.tag):
+            e.args = (f"{env.tag}: {e}",)
+        raise
+    finally:
+        distributed.shutdown(env)
+    if not env.is_main:
+        click.echo(f"{env.tag}: done; rank 0 wrote {res.checkpoint}")
+        return
     last = res.history[-1] if res.history else {}
     click.echo(f"checkpoint: {res.checkpoint}\nultralytics student: {res.student}")
     if "val_map50" in last:

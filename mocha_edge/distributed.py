@@ -23,15 +23,19 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import os
 import signal
 import subprocess
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mocha_edge.errors import MochaError
+
+if TYPE_CHECKING:
+    import torch
 
 TIMEOUT_ENV = "MOCHA_EDGE_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 3600.0
@@ -157,11 +161,97 @@ class DistEnv:
         try:
             dist.all_gather_object(out, obj, group=self._group)
         except RuntimeError as e:  # gloo: peer closed the connection, or timed out
-            raise DistributedError(
-                f"{self.tag}: lost the other ranks while {what} ({_one_line(e)}): a rank failed or was killed "
-                f"(see its output), or the wait passed {TIMEOUT_ENV}={self.timeout_s:g} s"
-            ) from None
+            raise self.lost(what, e) from None
         return out
+
+    def lost(self, what: str, e: BaseException) -> DistributedError:
+        """The one-line error of a rank that lost the others (a collective failed) while ``what``."""
+        return DistributedError(
+            f"{self.tag}: lost the other ranks while {what} ({_one_line(e)}): a rank failed or was killed "
+            f"(see its output), or the wait passed {TIMEOUT_ENV}={self.timeout_s:g} s"
+        )
+
+    @contextlib.contextmanager
+    def guard(self, what: str) -> Iterator[None]:
+        """Turn a failed tensor collective in the block (DDP's gradient all-reduce, :meth:`all_sum`, ...) into
+        :meth:`lost`'s :class:`DistributedError`; other errors pass unchanged."""
+        try:
+            yield
+        except RuntimeError as e:
+            if self.distributed and is_comm_error(e):
+                raise self.lost(what, e) from None
+            raise
+
+    # tensor collectives on the default group (gloo on CPU, nccl on GPUs: tensors on this rank's device)
+    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` summed over the ranks, in place (``t`` itself in a single process)."""
+        if self.distributed:
+            import torch.distributed as dist
+
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+    def broadcast_tensors(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Overwrite ``tensors`` with rank 0's, in place (a no-op in a single process)."""
+        if self.distributed:
+            import torch.distributed as dist
+
+            for t in tensors:
+                dist.broadcast(t, src=0)
+
+    def gather_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """Every rank's rows of ``t`` (any number per rank, same trailing shape), concatenated by rank.
+
+        Differentiable: the gradient of a rank's rows is the sum of the gradients all ranks computed for them
+        (every rank computing the same loss of the gathered rows gives ``world`` times that loss' gradient,
+        which DDP's averaging divides back). Built from all-reduces only (summing into zeros is exact), so
+        it runs on every backend. Every rank must call it, in the same order.
+        """
+        if not self.distributed:
+            return t
+        return _gather_rows_fn().apply(t, self.rank, self.world)
+
+
+@functools.cache
+def _gather_rows_fn() -> Any:
+    """:meth:`DistEnv.gather_rows` as an autograd function (built on first use: torch is imported lazily)."""
+    import torch
+    import torch.distributed as dist
+
+    class GatherRows(torch.autograd.Function):
+        """Rows placed at this rank's offset in zeros, summed over the ranks; the backward sums the gradient."""
+
+        @staticmethod
+        def forward(ctx: Any, t: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+            counts = torch.zeros(world, dtype=torch.int64, device=t.device)
+            counts[rank] = t.shape[0]
+            dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+            sizes = counts.tolist()
+            start = sum(sizes[:rank])
+            out = t.new_zeros((sum(sizes), *t.shape[1:]))
+            out[start : start + t.shape[0]] = t.detach()
+            dist.all_reduce(out, op=dist.ReduceOp.SUM)
+            ctx.rows = (start, t.shape[0])
+            return out
+
+        @staticmethod
+        def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+            grad = grad.contiguous().clone()
+            dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+            start, n = ctx.rows
+            return grad[start : start + n], None, None
+
+    return GatherRows
+
+
+def is_comm_error(e: BaseException) -> bool:
+    """Whether ``e`` comes from a failed collective (a peer closed its connections, a wait timed out)."""
+    import torch.distributed as dist
+
+    if isinstance(e, getattr(dist, "DistError", ())):
+        return True
+    text = str(e)
+    return any(k in text for k in ("gloo", "NCCL", "Connection closed", "Connection reset", "Timed out"))
 
 
 @dataclass

@@ -8,6 +8,12 @@ learning rates. Built from ultralytics parts: dataset + augmentations, detection
 Published schedule (default): the translator trains every epoch; the student joins every
 ``student_every``-th epoch with ``L_det``. ``schedule="joint"``: the student trains every epoch.
 
+Under torchrun (:mod:`mocha_edge.distributed`; ``mocha-edge train --nproc N``) each rank trains on its
+contiguous part of every global batch of the one-process loader (:func:`rank_batches`); DDP averages the
+gradients of losses renormalised to the global batch (:meth:`Trainer._global_batch_loss`), so the steps are
+one process's up to float summation order (BatchNorm aside: per rank unless ``sync_bn``); rank 0 alone
+keeps the EMA, validates and writes the run folder.
+
 Recipes (:data:`RECIPES`): named sets of defaults. ``paper`` is the public MOCHA code's distillation recipe,
 ``edge`` this toolkit's (translator-stripped deployment). Every :class:`TrainConfig` field a recipe covers
 is ``None`` until resolved from the recipe; a value passed explicitly overrides it.
@@ -28,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mocha_edge.distributed import DistEnv
 from mocha_edge.errors import MochaError
 from mocha_edge.models.pooling import POOLING
 from mocha_edge.utils import atomic_path, write_json_atomic
@@ -263,6 +270,85 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _quiet(_: str) -> None:
+    """The log of ranks other than 0 under torchrun (rank 0 logs for the run)."""
+
+
+def single_process_batches(n: int, batch: int, generator: torch.Generator, shuffle: bool) -> list[list[int]]:
+    """The dataset indices of every batch a one-process ``DataLoader(batch_size=batch, shuffle=shuffle,
+    generator=generator)`` over ``n`` images yields (the same draws from ``generator``, no image loaded)."""
+    order = torch.utils.data.DataLoader(
+        range(n), batch_size=batch, shuffle=shuffle, generator=generator, collate_fn=list
+    )
+    return [list(b) for b in order]
+
+
+def rank_batches(batches: list[list[int]], rank: int, world: int) -> tuple[list[list[int]], list[int]]:
+    """Rank ``rank``'s part of every global batch, and the global batches' sizes.
+
+    Each global batch is cut into ``world`` contiguous parts in order (sizes differ by at most one, so
+    rank 0 holds the batch's first images): the ranks' parts, concatenated by rank, are the batch. A batch
+    with fewer images than ranks (only the last can be) is left out on every rank.
+    """
+    mine, sizes = [], []
+    for b in batches:
+        if len(b) < world:
+            continue
+        q, extra = divmod(len(b), world)
+        start = rank * q + min(rank, extra)
+        mine.append(b[start : start + q + (rank < extra)])
+        sizes.append(len(b))
+    return mine, sizes
+
+
+def _ultralytics_sees_one_process() -> None:
+    """Make the loaded ultralytics modules see one process (``RANK = LOCAL_RANK = -1``, ``WORLD_SIZE = 1``).
+
+    ultralytics reads torchrun's variables once, at import, into module globals, and then its validator
+    joins collectives of its own DDP training (barriers, gathers of the metrics). Here the ranks are ours and
+    rank 0 validates alone, so ultralytics must behave as in one process; modules imported later copy the
+    values from ``ultralytics.utils``, set here first.
+    """
+    import sys
+
+    import ultralytics.utils  # noqa: F401  (the others copy its values when imported)
+
+    one = {"RANK": -1, "LOCAL_RANK": -1, "WORLD_SIZE": 1}
+    for name, module in list(sys.modules.items()):
+        if name == "ultralytics" or name.startswith("ultralytics."):
+            for key, value in one.items():
+                if isinstance(getattr(module, key, None), int):
+                    setattr(module, key, value)
+
+
+class _ScoreSum:
+    """Stands in for the detection loss' assigner and keeps the sum of its target scores (the loss'
+    normaliser) for :meth:`Trainer._global_batch_loss`; everything else is the assigner's."""
+
+    def __init__(self, assigner: Any) -> None:
+        self.assigner = assigner
+        self.last: torch.Tensor | None = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        out = self.assigner(*args, **kwargs)
+        self.last = out[2].detach().sum()  # (labels, boxes, scores, fg mask, gt index): as the loss sums them
+        return out
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "assigner":  # not set yet (copying)
+            raise AttributeError(name)
+        return getattr(self.assigner, name)
+
+    def take(self) -> torch.Tensor:
+        last, self.last = self.last, None
+        if last is None:
+            raise TrainError(
+                "the detection loss did not run its assigner: this student's loss cannot be normalised "
+                "over the ranks (torchrun supports ultralytics' v8 detection loss)"
+            )
+        return last
+
+
 def _head_preds(preds: Any) -> dict[str, Any]:
     """The raw head-output dict (training mode), for plain and end-to-end heads alike."""
     if isinstance(preds, tuple):
@@ -319,8 +405,11 @@ def build_optimizer(
     return opt(groups, betas=cfg.betas)
 
 
-def _memory_check(model: torch.nn.Module, cfg: TrainConfig, log: Callable[[str], None]) -> None:
-    """On CPU, estimate peak RAM from one small forward/backward and warn before an OOM kill can happen."""
+def _memory_check(
+    model: torch.nn.Module, cfg: TrainConfig, log: Callable[[str], None], batch: int | None = None
+) -> None:
+    """On CPU, estimate peak RAM from one small forward/backward and warn before an OOM kill can happen
+    (``batch``: the images this process trains on at once; default ``cfg.batch``)."""
     if not cfg.device.startswith("cpu"):
         return
     import psutil
@@ -333,7 +422,8 @@ def _memory_check(model: torch.nn.Module, cfg: TrainConfig, log: Callable[[str],
     sum(f.float().mean() for f in out["feats"]).backward()
     model.zero_grad(set_to_none=True)
     per_image = max(proc.memory_info().rss - before, 0) / 2
-    need = before + per_image * cfg.batch * 1.5
+    batch = cfg.batch if batch is None else batch
+    need = before + per_image * batch * 1.5
     avail = psutil.virtual_memory().available + before
     if need > 0.8 * avail:
         log(
@@ -344,12 +434,27 @@ def _memory_check(model: torch.nn.Module, cfg: TrainConfig, log: Callable[[str],
 
 # --------------------------------------------------------------------------------------------- trainer
 class Trainer:
-    """One training run. ``run()`` trains (or resumes) and returns a :class:`TrainResult`."""
+    """One training run. ``run()`` trains (or resumes) and returns a :class:`TrainResult`.
 
-    def __init__(self, cfg: TrainConfig, progress: bool = True, log: Callable[[str], None] = print) -> None:
+    Under torchrun (``dist``, :func:`mocha_edge.distributed.init`) every rank runs the same trainer on its
+    share of each global batch (:func:`rank_batches`), DDP averages the gradients, and rank 0 alone keeps the
+    EMA, validates, logs and writes the run folder (the others wait for it in a step). ``sync_bn``: the
+    student's BatchNorm layers normalise over the global batch (``SyncBatchNorm``, GPUs only).
+    """
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        progress: bool = True,
+        log: Callable[[str], None] = print,
+        dist: DistEnv | None = None,
+        sync_bn: bool = False,
+    ) -> None:
         self.cfg = cfg
-        self.progress = progress
-        self.log = log
+        self.dist = dist or DistEnv()
+        self.progress = progress and self.dist.is_main
+        self.log = log if self.dist.is_main else _quiet
+        self.sync_bn = sync_bn
         self.out = Path(cfg.out)
         self.ckpt_path = self.out / "last.ckpt"
         self.student_path = self.out / "student.pt"
@@ -364,7 +469,21 @@ class Trainer:
         from mocha_edge.student import build_student, set_loss_args, write_yolo_view
 
         cfg = self.cfg
-        self.device = torch.device(cfg.device)
+        env = self.dist
+        if env.distributed:
+            _ultralytics_sees_one_process()
+        if env.distributed and cfg.batch % env.world:
+            raise TrainError(
+                f"--batch {cfg.batch} is the global batch: it must divide by the {env.world} ranks "
+                f"(e.g. --batch {max(cfg.batch // env.world, 1) * env.world})"
+            )
+        # under torchrun: this rank's device (cuda:LOCAL_RANK); else the configured one
+        self.device_name = env.device if env.distributed else cfg.device
+        if resume_state is not None:
+            self.sync_bn = self.sync_bn or bool((resume_state.get("distributed") or {}).get("sync_bn"))
+        if self.sync_bn and env.distributed and not self.device_name.startswith("cuda"):
+            raise TrainError("--sync-bn needs GPUs (--device cuda): torch's SyncBatchNorm has no CPU kernel")
+        self.device = torch.device(self.device_name)
         ds = load_dataset(cfg.data)
         self.ds_fingerprint = ds.fingerprint()
         report = check_dataset(ds)
@@ -437,6 +556,13 @@ class Trainer:
         self.channels = head_channels(model)
         self.dim = sum(self.channels)
         self.criterion = model.init_criterion()
+        if env.distributed:
+            if not hasattr(self.criterion, "assigner"):
+                raise TrainError(
+                    f"{type(self.criterion).__name__}: torchrun training supports ultralytics' v8 detection "
+                    "loss (a student whose loss has a target assigner)"
+                )
+            self.criterion.assigner = _ScoreSum(self.criterion.assigner)
         self.translator = None
         if self.cache is not None:
             self.translator = Translator(self.dim, self.cache.d_t).to(self.device)
@@ -457,10 +583,39 @@ class Trainer:
             self.steps = dict(resume_state["steps"])
             self.history = list(resume_state["history"])
             self.start_epoch = int(resume_state["epoch"]) + 1
-        self.view_yaml = write_yolo_view(ds, self.out / "yolo_view") if self.val_items else None
+        # validation is rank 0's: the other ranks never read (or write) the YOLO view
+        self.view_yaml = (
+            write_yolo_view(ds, self.out / "yolo_view") if self.val_items and env.is_main else None
+        )
         self.n_batches = math.ceil(len(self.train_items) / cfg.batch)
         self.warmup_steps = cfg.warmup_steps(self.n_batches)
         self.total_steps = cfg.epochs * self.n_batches
+        self._student, self._translator = self.model, self.translator  # DDP-wrapped by _wrap under torchrun
+
+    def _wrap(self) -> None:
+        """Under torchrun: SyncBatchNorm in the student (``sync_bn``), then DDP around it and the translator.
+
+        The EMA, the checkpoint and the optimiser keep the plain modules (the same parameters). Buffers are
+        not broadcast at every forward: each epoch starts from rank 0's BatchNorm statistics instead. The
+        translator may leave its input norm unused (a global batch with one object): it finds unused ones.
+        """
+        env = self.dist
+        if not env.distributed:
+            return
+        import inspect
+
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        if self.sync_bn:
+            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        opts: dict[str, Any] = {"device_ids": [self.device.index] if self.device.type == "cuda" else None}
+        # rank 0's buffers at construction, none at every forward (newer torch renames the option)
+        no_sync = "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
+        opts["forward_sync_buffers" if no_sync else "broadcast_buffers"] = False
+        with env.guard("wrapping the student and the translator in DistributedDataParallel"):
+            self._student = DDP(self.model, **opts)
+            if self.translator is not None:
+                self._translator = DDP(self.translator, find_unused_parameters=True, **opts)
 
     def _cache_rows(self, items, strict: bool = True) -> list[np.ndarray]:
         """Cache row of every box of ``items`` (-1 for novel instances, which never contribute teacher
@@ -502,7 +657,9 @@ class Trainer:
         return build_student(spec, self.names, log=self.log)
 
     # ----------------------------------------------------------------------------- data
-    def _loader(self, epoch: int, items, rows, augment: bool, shuffle: bool):
+    def _loader(self, epoch: int, items, rows, augment: bool, shuffle: bool, split: bool = False):
+        """The epoch's loader; ``split`` (training under torchrun): this rank's part of every global batch
+        (:func:`rank_batches`), with its own worker seeds; the global batch sizes go to ``self.batch_sizes``."""
         from ultralytics.data.build import seed_worker
 
         from mocha_edge.student import make_yolo_dataset
@@ -514,6 +671,15 @@ class Trainer:
         if augment and self.cfg.close_mosaic and epoch >= self.cfg.epochs - self.cfg.close_mosaic:
             dataset.close_mosaic(hyp=self.hyp)
         g = torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch)
+        if split and self.dist.distributed:
+            order = single_process_batches(len(dataset), self.cfg.batch, g, shuffle)
+            mine, self.batch_sizes = rank_batches(order, self.dist.rank, self.dist.world)
+            g = torch.Generator().manual_seed((self.cfg.seed * 100_003 + epoch) * 1_009 + self.dist.rank)
+            return torch.utils.data.DataLoader(
+                dataset, batch_sampler=mine, num_workers=self.cfg.workers, collate_fn=dataset.collate_fn,
+                worker_init_fn=seed_worker, generator=g, pin_memory=self.device.type == "cuda",
+                persistent_workers=False,
+            )  # fmt: skip
         return torch.utils.data.DataLoader(
             dataset, batch_size=self.cfg.batch, shuffle=shuffle, num_workers=self.cfg.workers,
             collate_fn=dataset.collate_fn, worker_init_fn=seed_worker, generator=g, drop_last=False,
@@ -530,19 +696,41 @@ class Trainer:
         xyxy = torch.cat([xywh[:, :2] - xywh[:, 2:] / 2, xywh[:, :2] + xywh[:, 2:] / 2], 1) * scale
         return box_mean_pool(feats, xyxy, batch["batch_idx"][valid].to(self.device), self.strides)
 
-    def _distill_losses(self, feats, batch, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _distill_losses(
+        self, feats, batch, rows: torch.Tensor, grad: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """L_dist, L_emb and the mean cosine of the batch's objects that have a teacher target.
+
+        Under torchrun every rank computes them over the whole global batch: the object vectors and their
+        rows are gathered from all ranks (:meth:`DistEnv.gather_rows`, in global batch order), so the
+        translator's BatchNorm and L_emb's pairs see the same objects as in one process. ``grad``: the student
+        trains (its vectors carry gradients back to each rank).
+        """
         from mocha_edge.losses import local_alignment_loss, relational_loss
 
         valid = rows >= 0
         zero = torch.zeros((), device=self.device)
-        if int(valid.sum()) == 0:
-            return {"dist": zero, "emb": zero, "cos": zero}
-        v = self._object_vectors(feats, batch, valid)
-        t = self.targets[rows[valid].cpu()].to(self.device)
-        s = self.translator(v)
+        if self.dist.distributed:
+            if bool(valid.any()):
+                v = self._object_vectors(feats, batch, valid)
+            else:
+                v = torch.zeros((0, self.dim), device=self.device)
+            if grad and not v.requires_grad:  # no object on this rank: it still joins the gather's backward
+                v = v.detach().requires_grad_(True)
+            v = self.dist.gather_rows(v)
+            r = self.dist.gather_rows(rows[valid].to(self.device)).cpu()
+            if len(r) == 0:
+                return {"dist": zero, "emb": zero, "cos": zero}
+        else:
+            if int(valid.sum()) == 0:
+                return {"dist": zero, "emb": zero, "cos": zero}
+            v = self._object_vectors(feats, batch, valid)
+            r = rows[valid].cpu()
+        t = self.targets[r].to(self.device)
+        s = self._translator(v)
         w = None
         if self.focus is not None:
-            m = self.focus[rows[valid].cpu()].to(self.device)
+            m = self.focus[r].to(self.device)
             w = 0.5 + 0.5 * m / m.mean().clamp(min=1e-12)
         emb_src = s if self.cfg.emb_on == "translated" else v
         return {
@@ -567,21 +755,35 @@ class Trainer:
             out[g["name"]] = g["lr"]
         return out
 
+    def _set_modes(self, student_on: bool) -> None:
+        """Modes for an epoch: the student trains (train mode, gradients) only in its epochs."""
+        self.model.train() if student_on else self.model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(student_on)
+        if self.translator is not None:
+            self.translator.train()
+
     def _epoch(self, epoch: int) -> dict[str, Any]:
         from tqdm import tqdm
 
         from mocha_edge.student import decode_cls
 
         cfg = self.cfg
+        env = self.dist
         student_on = cfg.student_trains(epoch)
         distill_on = self.translator is not None
         _seed_all(cfg.seed * 100_003 + epoch)
-        loader = self._loader(epoch, self.train_items, self.train_rows, augment=cfg.augment, shuffle=True)
-        self.model.train() if student_on else self.model.eval()
-        for p in self.model.parameters():
-            p.requires_grad_(student_on)
-        if self.translator is not None:
-            self.translator.train()
+        if env.distributed:
+            # each rank draws its own augmentations (python's and numpy's generators; torch's stays shared)
+            aug_seed = (cfg.seed * 100_003 + epoch) * 1_009 + env.rank
+            random.seed(aug_seed)
+            np.random.seed(aug_seed % 2**32)
+            with env.guard(f"taking rank 0's BatchNorm statistics before epoch {epoch + 1}"):
+                env.broadcast_tensors(list(self.model.buffers()))  # what rank 0 checkpoints; resumes alike
+        loader = self._loader(
+            epoch, self.train_items, self.train_rows, augment=cfg.augment, shuffle=True, split=True
+        )
+        self._set_modes(student_on)
         sums: dict[str, float] = {}
         n = 0
         lrs: dict[str, float] = {}
@@ -596,51 +798,63 @@ class Trainer:
             loss = torch.zeros((), device=self.device)
             parts: dict[str, float] = {}
             try:
-                if student_on:
-                    preds = _head_preds(self.model(img))
-                    det_batch = {
-                        "batch_idx": batch["batch_idx"].to(self.device),
-                        "cls": coarse.float().view(-1, 1).to(self.device),
-                        "bboxes": batch["bboxes"].to(self.device).float(),
-                    }
-                    det, det_items = self.criterion(preds, det_batch)
-                    loss = loss + det.sum()
-                    items = list(det_items.values()) if isinstance(det_items, dict) else list(det_items)
-                    for name, v in zip(("box", "cls", "dfl"), items):
-                        parts[f"loss_{name}"] = float(v)
-                    parts["loss_det"] = float(det.detach().sum()) / img.shape[0]
-                else:
-                    with torch.no_grad():
-                        preds = _head_preds(self.model(img))
-                if distill_on:
-                    d = self._distill_losses(preds["feats"], batch, rows)
-                    bs = img.shape[0]  # same per-batch scaling as ultralytics' detection loss
-                    loss = loss + bs * (cfg.lambda_dist * d["dist"] + cfg.lambda_emb * d["emb"])
-                    parts.update(
-                        loss_dist=float(d["dist"].detach()),
-                        loss_emb=float(d["emb"].detach()),
-                        train_cos=float(d["cos"]),
-                    )
-                if not torch.isfinite(loss):
-                    raise TrainError(
-                        f"loss became {float(loss.detach())} at epoch {epoch + 1}, batch {i + 1} "
-                        f"({', '.join(f'{k}={v:.4g}' for k, v in parts.items())}); stopped. "
-                        f"Last good checkpoint kept: {self.ckpt_path if self.ckpt_path.exists() else 'none yet'}"
-                    )
-                self.optimizer.zero_grad(set_to_none=True)
-                (loss / img.shape[0] if cfg.loss_per_image else loss).backward()
-                if cfg.grad_clip > 0:
-                    params = [
-                        p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None
-                    ]
-                    torch.nn.utils.clip_grad_norm_(params, max_norm=cfg.grad_clip)
-                self.optimizer.step()
+                with env.guard(f"training epoch {epoch + 1}, batch {i + 1}"):
+                    if env.distributed:
+                        n_img = self.batch_sizes[i]  # the global batch's
+                        loss, total, parts = self._global_batch_loss(
+                            img, batch, coarse, rows, student_on, n_img
+                        )
+                    else:
+                        n_img = img.shape[0]
+                        if student_on:
+                            preds = _head_preds(self.model(img))
+                            det_batch = {
+                                "batch_idx": batch["batch_idx"].to(self.device),
+                                "cls": coarse.float().view(-1, 1).to(self.device),
+                                "bboxes": batch["bboxes"].to(self.device).float(),
+                            }
+                            det, det_items = self.criterion(preds, det_batch)
+                            loss = loss + det.sum()
+                            items = (
+                                list(det_items.values()) if isinstance(det_items, dict) else list(det_items)
+                            )
+                            for name, v in zip(("box", "cls", "dfl"), items):
+                                parts[f"loss_{name}"] = float(v)
+                            parts["loss_det"] = float(det.detach().sum()) / img.shape[0]
+                        else:
+                            with torch.no_grad():
+                                preds = _head_preds(self.model(img))
+                        if distill_on:
+                            d = self._distill_losses(preds["feats"], batch, rows)
+                            bs = img.shape[0]  # same per-batch scaling as ultralytics' detection loss
+                            loss = loss + bs * (cfg.lambda_dist * d["dist"] + cfg.lambda_emb * d["emb"])
+                            parts.update(
+                                loss_dist=float(d["dist"].detach()),
+                                loss_emb=float(d["emb"].detach()),
+                                train_cos=float(d["cos"]),
+                            )
+                        total = loss
+                    if not torch.isfinite(total):
+                        raise TrainError(
+                            f"loss became {float(total.detach())} at epoch {epoch + 1}, batch {i + 1} "
+                            f"({', '.join(f'{k}={v:.4g}' for k, v in parts.items())}); stopped. "
+                            f"Last good checkpoint kept: {self.ckpt_path if self.ckpt_path.exists() else 'none yet'}"
+                        )
+                    self.optimizer.zero_grad(set_to_none=True)
+                    (loss / n_img if cfg.loss_per_image else loss).backward()  # DDP: all-reduced here
+                    if cfg.grad_clip > 0:
+                        params = [
+                            p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None
+                        ]
+                        torch.nn.utils.clip_grad_norm_(params, max_norm=cfg.grad_clip)
+                    self.optimizer.step()
             except torch.cuda.OutOfMemoryError:
                 raise TrainError(
                     f"CUDA out of memory at --batch {cfg.batch}, --imgsz {cfg.imgsz}; retry with --batch {max(cfg.batch // 2, 1)}"
                 ) from None
             if student_on:
-                self.ema.update(self.model)
+                if env.is_main:  # the EMA is rank 0's (it validates and saves)
+                    self.ema.update(self.model)
                 self.steps["student"] += 1
             if distill_on:
                 self.steps["translator"] += 1
@@ -658,6 +872,59 @@ class Trainer:
         row.update({f"lr_{k}": v for k, v in lrs.items()})
         return row
 
+    def _global_batch_loss(
+        self, img: torch.Tensor, batch: dict[str, Any], coarse: torch.Tensor, rows: torch.Tensor,
+        student_on: bool, n_batch: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:  # fmt: skip
+        """Under torchrun: (this rank's loss to backpropagate, the global batch's loss, its logged parts).
+
+        ultralytics' detection loss is a sum over the batch divided by the batch's sum of target scores (then
+        x batch size). One all-reduce of every rank's score sum and unnormalised losses gives the global
+        batch's, and each rank's part is renormalised to it: the parts add up to the one-process loss of the
+        global batch, and ``world`` x a part, averaged by DDP, gives its gradient. The teacher terms are the
+        global batch's on every rank (:meth:`_distill_losses`; their gather sums the ranks' gradients).
+        """
+        cfg, env = self.cfg, self.dist
+        parts: dict[str, float] = {}
+        loss = torch.zeros((), device=self.device)
+        total = torch.zeros((), device=self.device)
+        if student_on:
+            preds = _head_preds(self._student(img))
+            det_batch = {
+                "batch_idx": batch["batch_idx"].to(self.device),
+                "cls": coarse.float().view(-1, 1).to(self.device),
+                "bboxes": batch["bboxes"].to(self.device).float(),
+            }
+            det, det_items = self.criterion(preds, det_batch)
+            items = list(det_items.values()) if isinstance(det_items, dict) else list(det_items)
+            mine = self.criterion.assigner.take().float()  # this rank's (unclamped) sum of target scores
+            norm_mine = mine.clamp(min=1)
+            stats = torch.cat(
+                [mine.reshape(1), torch.stack([torch.as_tensor(v) for v in items]).float() * norm_mine]
+            )
+            env.all_sum(stats)
+            norm = stats[0].clamp(min=1)
+            comps = stats[1:] / norm  # box, cls, dfl of the global batch
+            loss = det.sum() * (norm_mine / norm) * (env.world * n_batch / img.shape[0])
+            total = comps.sum() * n_batch
+            for name, v in zip(("box", "cls", "dfl"), comps.tolist()):
+                parts[f"loss_{name}"] = v
+            parts["loss_det"] = float(comps.sum())
+        else:
+            with torch.no_grad():
+                preds = _head_preds(self.model(img))
+        if self.translator is not None:
+            d = self._distill_losses(preds["feats"], batch, rows, grad=student_on)
+            extra = n_batch * (cfg.lambda_dist * d["dist"] + cfg.lambda_emb * d["emb"])
+            loss = loss + extra
+            total = total + extra.detach()
+            parts.update(
+                loss_dist=float(d["dist"].detach()),
+                loss_emb=float(d["emb"].detach()),
+                train_cos=float(d["cos"]),
+            )
+        return loss, total, parts
+
     # ----------------------------------------------------------------------------- evaluation
     def evaluate(self) -> dict[str, float]:
         """Val detection mAP50/mAP50-95 of the EMA student; mean cosine translator(student) vs teacher."""
@@ -671,7 +938,7 @@ class Trainer:
 
         model = deepcopy(self.ema.ema).float().eval()
         args = {
-            "data": str(self.view_yaml), "imgsz": self.cfg.imgsz, "batch": self.cfg.batch, "device": self.cfg.device,
+            "data": str(self.view_yaml), "imgsz": self.cfg.imgsz, "batch": self.cfg.batch, "device": self.device_name,
             "plots": False, "verbose": False, "save_json": False, "split": "val", "workers": 0,
         }  # fmt: skip
         level = LOGGER.level
@@ -717,12 +984,13 @@ class Trainer:
         from mocha_edge.space import fit_space
 
         model = deepcopy(self.ema.ema).float().eval()
-        student = Student(model, list(self.names), self.cfg.imgsz, device=self.cfg.device)
+        student = Student(model, list(self.names), self.cfg.imgsz, device=self.device_name)
         return fit_space(student, self.ds, seed=self.cfg.seed)
 
     # ----------------------------------------------------------------------------- outputs
     def _state(self, epoch: int) -> dict[str, Any]:
         cfg = self.cfg
+        env = self.dist
         teacher = None
         if self.cache is not None:
             m = self.cache.meta
@@ -767,6 +1035,8 @@ class Trainer:
             },
             "dataset_fingerprint": self.ds_fingerprint,
             "vector_space": None if self.vector_space is None else self.vector_space.to_state(),
+            # how a torchrun run ran (absent from one-process runs, whose checkpoints stay as they were)
+            **({"distributed": {"world": env.world, "sync_bn": self.sync_bn}} if env.distributed else {}),
         }
 
     def _save(self, epoch: int) -> None:
@@ -792,48 +1062,64 @@ class Trainer:
     # ----------------------------------------------------------------------------- run
     def run(self, resume: bool = False, epochs: int | None = None, recipe: str | None = None) -> TrainResult:
         """Train from scratch, or (``resume``) continue the run in ``out`` with its saved config, recipe
-        included (``recipe``, when given, must be the saved one); ``epochs`` may extend a resumed run."""
+        included (``recipe``, when given, must be the saved one); ``epochs`` may extend a resumed run.
+
+        Under torchrun every rank reads the same checkpoint to resume; rank 0 alone writes (config.json,
+        checkpoints, metrics, student.pt) while the others wait for it in a step that shares its failure.
+        """
         cfg = self.cfg
+        env = self.dist
         state = None
-        if resume:
-            if not self.ckpt_path.is_file():
-                raise TrainError(f"{self.ckpt_path}: nothing to resume (no checkpoint in {self.out})")
-            state = load_checkpoint(self.ckpt_path)
-            saved = TrainConfig(**state["config"])
-            if recipe is not None and recipe != saved.recipe:
+        with env.together(f"checking {self.out}"):  # on every rank, before rank 0 writes anything there
+            if resume:
+                if not self.ckpt_path.is_file():
+                    raise TrainError(f"{self.ckpt_path}: nothing to resume (no checkpoint in {self.out})")
+                state = load_checkpoint(self.ckpt_path)
+                saved = TrainConfig(**state["config"])
+                if recipe is not None and recipe != saved.recipe:
+                    raise TrainError(
+                        f"{self.out} was trained with --recipe {saved.recipe}; --resume keeps it "
+                        f"(drop --recipe {recipe}, or start a new run in another --out)"
+                    )
+                if epochs:
+                    saved.epochs = epochs  # extend (or shorten) the resumed run
+                self.cfg = cfg = saved
+            elif self.ckpt_path.exists():
                 raise TrainError(
-                    f"{self.out} was trained with --recipe {saved.recipe}; --resume keeps it "
-                    f"(drop --recipe {recipe}, or start a new run in another --out)"
+                    f"{self.out} already holds a run; pass --resume to continue it or choose another --out"
                 )
-            if epochs:
-                saved.epochs = epochs  # extend (or shorten) the resumed run
-            self.cfg = cfg = saved
-        elif self.ckpt_path.exists():
-            raise TrainError(
-                f"{self.out} already holds a run; pass --resume to continue it or choose another --out"
-            )
-        self.out.mkdir(parents=True, exist_ok=True)
-        _seed_all(cfg.seed)
-        self._setup(state)
+            self.out.mkdir(parents=True, exist_ok=True)
+        with env.together("setting up the run"):
+            _seed_all(cfg.seed)
+            self._setup(state)
+        self._wrap()
         self.log(
             f"recipe {cfg.recipe}: "
             + ", ".join(f"{k}={v}" for k, v in cfg.settings().items() if k != "recipe")
             + f" (warm-up {self.warmup_steps} of {self.total_steps} iterations)"
         )
+        if env.distributed:
+            self.log(f"torchrun: {env.world} ranks ({env.backend}), {cfg.batch // env.world} images each per "
+                     f"batch of {cfg.batch}" + (", SyncBatchNorm" if self.sync_bn else ""))  # fmt: skip
+        elif self.sync_bn:
+            self.log("note: --sync-bn has no effect in one process")
         if self.warmup_steps > self.total_steps / 2:
             self.log(f"note: the warm-up ({self.warmup_steps} iterations) is over half of this run's "
                      f"{self.total_steps} iterations")  # fmt: skip
         if not cfg.augment and (cfg.hyp or cfg.close_mosaic):
             self.log("note: --hyp/--close-mosaic have no effect without augmentation (--no-augment)")
         if state is None:
-            write_json_atomic(self.out / "config.json", asdict(cfg))
-            _memory_check(self.model, cfg, self.log)
-            first = {
-                "epoch": 0,
-                **(self.evaluate() if cfg.val_every > 0 else {}),
-            }  # before training: reference
-            self.history.append(first)
-            self.log(_fmt_row(first))
+            with env.together("validating the initial student (rank 0)"):
+                if env.is_main:
+                    write_json_atomic(self.out / "config.json", asdict(cfg))
+                _memory_check(self.model, cfg, self.log, batch=cfg.batch // env.world)  # every rank: same BN
+                if env.is_main:
+                    first = {
+                        "epoch": 0,
+                        **(self.evaluate() if cfg.val_every > 0 else {}),
+                    }  # before training: reference
+                    self.history.append(first)
+                    self.log(_fmt_row(first))
         else:
             self.log(f"resuming {self.out} after epoch {self.start_epoch} of {cfg.epochs}")
         for epoch in range(self.start_epoch, cfg.epochs):
@@ -841,18 +1127,22 @@ class Trainer:
             if not cfg.student_trains(epoch) and self.translator is None:
                 continue  # baseline: the distilled run's translator-only epochs are no-ops here
             row = self._epoch(epoch)
-            if cfg.val_every > 0 and ((epoch + 1) % cfg.val_every == 0 or epoch == cfg.epochs - 1):
-                row.update(self.evaluate())
-            row["seconds"] = time.perf_counter() - t0
-            self.history.append(row)
-            self.log(_fmt_row(row))
-            self._save(epoch)
+            with env.together(f"validating and saving epoch {epoch + 1} (rank 0)"):
+                if env.is_main:
+                    if cfg.val_every > 0 and ((epoch + 1) % cfg.val_every == 0 or epoch == cfg.epochs - 1):
+                        row.update(self.evaluate())
+                    row["seconds"] = time.perf_counter() - t0
+                    self.history.append(row)
+                    self.log(_fmt_row(row))
+                    self._save(epoch)
         # the matching space of the final student: centring means + shipped base vectors (mocha_edge.space)
-        t0 = time.perf_counter()
-        self.vector_space = self.fit_vector_space()
-        self.log(f"vector space: {self.vector_space.name}, {len(self.vector_space.base_vectors)} base "
-                 f"vectors kept ({time.perf_counter() - t0:.1f} s)")  # fmt: skip
-        self._save(cfg.epochs - 1)
+        with env.together("fitting the vector space and saving (rank 0)"):
+            if env.is_main:
+                t0 = time.perf_counter()
+                self.vector_space = self.fit_vector_space()
+                self.log(f"vector space: {self.vector_space.name}, {len(self.vector_space.base_vectors)} base "
+                         f"vectors kept ({time.perf_counter() - t0:.1f} s)")  # fmt: skip
+                self._save(cfg.epochs - 1)
         return TrainResult(self.out, self.ckpt_path, self.student_path, self.history)
 
 
@@ -910,9 +1200,12 @@ def train(
     log: Callable[[str], None] = print,
     epochs: int | None = None,
     recipe: str | None = None,
+    dist: DistEnv | None = None,
+    sync_bn: bool = False,
 ) -> TrainResult:
-    """Train (or resume) according to ``cfg``; see :class:`Trainer`."""
-    return Trainer(cfg, progress=progress, log=log).run(resume=resume, epochs=epochs, recipe=recipe)
+    """Train (or resume) according to ``cfg``; see :class:`Trainer` (``dist``: this rank under torchrun)."""
+    trainer = Trainer(cfg, progress=progress, log=log, dist=dist, sync_bn=sync_bn)
+    return trainer.run(resume=resume, epochs=epochs, recipe=recipe)
 
 
 __all__ = [
@@ -925,5 +1218,7 @@ __all__ = [
     "build_optimizer",
     "load_checkpoint",
     "lr_factor",
+    "rank_batches",
+    "single_process_batches",
     "train",
 ]
