@@ -384,9 +384,9 @@ def _parse_hyp(values: tuple[str, ...]) -> dict:
 @click.option(
     "--schedule",
     type=click.Choice(["published", "joint"]),
-    default="published",
-    show_default=True,
-    help="published: translator every epoch, student every --student-every-th; joint: both every epoch.",
+    default=None,
+    help="published: translator every epoch, student every --student-every-th; joint: both every epoch "
+    "[paper: published; edge: published].",
 )
 @click.option("--student-every", type=int, default=None, help="[recipe: 4]")
 @click.option("--lr-student", type=float, default=None, help="[default: 1e-3 base; recipe: 1e-4 distill]")
@@ -452,7 +452,7 @@ def _parse_hyp(values: tuple[str, ...]) -> dict:
 def train(ctx: click.Context, dataset: Path | None, out: Path, model: str, stage: str, teacher_cache: Path | None,
           distill: bool, recipe: str | None, epochs: int | None, imgsz: int, batch: int, workers: int, device: str,
           nproc: int | None, sync_bn: bool, seed: int,
-          schedule: str, student_every: int | None, lr_student: float | None, lr_translator: float | None,
+          schedule: str | None, student_every: int | None, lr_student: float | None, lr_translator: float | None,
           optimizer: str | None, betas: str | None, weight_decay: float | None,
           weight_decay_student: float | None, warmup_iters: int | None, warmup_epochs: float | None,
           warmup_mode: str,

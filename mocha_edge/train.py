@@ -53,6 +53,9 @@ class Recipe:
     name: str
     doc: str
     epochs: int
+    schedule: (
+        str  # published: translator every epoch, student every student_every-th; joint: both every epoch
+    )
     student_every: int  # the student trains every N-th epoch (published schedule)
     lr_student: float  # distill stage (the base stage defaults to 1e-3 in both recipes)
     lr_translator: float
@@ -78,6 +81,7 @@ RECIPES: dict[str, Recipe] = {
         name="paper",
         doc="The public MOCHA code's distillation settings (SamsungLabs/MOCHA distillation.py).",
         epochs=20,
+        schedule="published",
         student_every=4,
         lr_student=1e-4,
         lr_translator=1e-3,
@@ -102,6 +106,7 @@ RECIPES: dict[str, Recipe] = {
         doc="mocha-edge's recipe for the translator-stripped student it deploys (today's defaults, "
         "with the warm-up shared by all parameter groups).",
         epochs=20,
+        schedule="published",
         student_every=4,
         lr_student=1e-4,
         lr_translator=1e-3,
@@ -146,7 +151,7 @@ class TrainConfig:
     workers: int = 2
     device: str = "cpu"
     seed: int = 0
-    schedule: str = "published"  # published | joint
+    schedule: str | None = None  # published | joint
     student_every: int | None = None
     lr_student: float | None = None  # default: 1e-3 for stage base, the recipe's (1e-4) for distill
     lr_translator: float | None = None
