@@ -75,33 +75,162 @@ class PCA:
         return int(self.components.shape[0])
 
 
-def fit_pca(x: np.ndarray, d: int, whiten: str = "none") -> PCA:
-    """PCA by SVD of the centred rows of ``x`` (float64 for stability), keeping ``d`` components.
+class PCAFit:
+    """Streaming PCA fit: feed row blocks with :meth:`add`, then :meth:`fit`. Memory O(D²), not O(N·D).
 
-    Component signs are fixed (largest-|loading| entry positive) so refits give identical targets.
-    ``whiten`` (one of :data:`WHITEN_MODES`) sets component k's divisor: ``"measured"`` its std on ``x``
-    (floored at :data:`WHITEN_FLOOR` of the first one's), so each component has unit variance on ``x``;
-    ``"paper-fit"`` :func:`paper_fit_scale`; ``"none"`` 1.
+    Keeps the row count, the running mean and the centred scatter matrix ``Σ (x - mean)(x - mean)ᵀ`` in
+    float64, merging each block exactly (Chan et al.'s pairwise update: a block's own mean and scatter, plus
+    the shift between the means), so the result does not depend on how the rows are split into blocks, and
+    equals the covariance of all rows at once up to float64 rounding. For a D-dimensional teacher that is
+    D² float64: 0.5 MB for D = 256, 128 MB for LLaVA's D = 4096, whatever the number of boxes.
+    """
+
+    def __init__(self, dim: int) -> None:
+        self.n = 0
+        self.mean = np.zeros(dim, np.float64)
+        self.scatter = np.zeros((dim, dim), np.float64)
+
+    def add(self, x: np.ndarray) -> None:
+        """Add the rows of ``x`` (n, D)."""
+        x = np.asarray(x, np.float64)
+        if x.ndim != 2 or x.shape[1] != len(self.mean):
+            raise ValueError(f"PCA fit: rows of shape {x.shape}, expected (n, {len(self.mean)})")
+        m = len(x)
+        if m == 0:
+            return
+        mean_b = x.mean(0)
+        xc = x - mean_b
+        delta = mean_b - self.mean
+        n = self.n + m
+        self.scatter += xc.T @ xc + np.outer(delta, delta) * (self.n * m / n)
+        self.mean += delta * (m / n)
+        self.n = n
+
+    def fit(self, d: int, whiten: str = "none") -> PCA:
+        """The top ``d`` components of the rows added (eigendecomposition of their covariance).
+
+        Component signs are fixed (largest-|loading| entry positive) so refits give identical targets.
+        ``whiten`` (one of :data:`WHITEN_MODES`) sets component k's divisor: ``"measured"`` its std on the
+        rows (floored at :data:`WHITEN_FLOOR` of the first one's), so each component has unit variance on
+        them; ``"paper-fit"`` :func:`paper_fit_scale`; ``"none"`` 1.
+        """
+        if whiten not in WHITEN_MODES:
+            raise ValueError(f"unknown whitening {whiten!r}; choose one of: {', '.join(WHITEN_MODES)}")
+        if self.n == 0:
+            raise ValueError("PCA fit: no rows")
+        d = min(d, len(self.mean))
+        cov = self.scatter / max(self.n - 1, 1)
+        w, v = np.linalg.eigh((cov + cov.T) / 2)  # ascending
+        order = np.argsort(-w, kind="stable")[:d]
+        vt = np.ascontiguousarray(v[:, order].T)
+        var = np.maximum(w[order], 0.0)  # a null direction can come out as -1e-17
+        signs = np.sign(vt[np.arange(len(vt)), np.abs(vt).argmax(1)])
+        vt *= np.where(signs == 0, 1, signs)[:, None]
+        if whiten == "measured" and len(var) and var[0] > 0:
+            std = np.sqrt(var)
+            scale = np.maximum(std, WHITEN_FLOOR * std[0])
+        elif whiten == "paper-fit":
+            scale = paper_fit_scale(len(vt))
+        else:
+            scale = np.ones(len(vt))
+        return PCA(
+            self.mean.astype(np.float32),
+            vt.astype(np.float32),
+            scale.astype(np.float32),
+            var.astype(np.float32),
+        )
+
+
+def fit_pca(x: np.ndarray, d: int, whiten: str = "none", block: int = 4096) -> PCA:
+    """PCA of the rows of ``x`` keeping ``d`` components: :class:`PCAFit` fed ``block`` rows at a time.
+
+    The covariance is eigendecomposed in float64; the components equal those of an SVD of the centred rows
+    up to float rounding (signs fixed: largest-|loading| entry positive). See :meth:`PCAFit.fit`.
     """
     if whiten not in WHITEN_MODES:
         raise ValueError(f"unknown whitening {whiten!r}; choose one of: {', '.join(WHITEN_MODES)}")
-    x = np.asarray(x, np.float64)
-    mean = x.mean(0)
-    _, s, vt = np.linalg.svd(x - mean, full_matrices=False)
-    vt = vt[:d]
-    signs = np.sign(vt[np.arange(len(vt)), np.abs(vt).argmax(1)])
-    vt *= np.where(signs == 0, 1, signs)[:, None]
-    var = (s[: len(vt)] ** 2) / max(len(x) - 1, 1)
-    if whiten == "measured" and len(var) and var[0] > 0:
-        std = np.sqrt(var)
-        scale = np.maximum(std, WHITEN_FLOOR * std[0])
-    elif whiten == "paper-fit":
-        scale = paper_fit_scale(len(vt))
-    else:
-        scale = np.ones(len(vt))
-    return PCA(
-        mean.astype(np.float32), vt.astype(np.float32), scale.astype(np.float32), var.astype(np.float32)
-    )
+    x = np.asarray(x)
+    acc = PCAFit(x.shape[1])
+    for s in range(0, len(x), block):
+        acc.add(x[s : s + block])
+    return acc.fit(d, whiten)
+
+
+#: safetensors dtype names of the numpy dtypes a cache holds
+_ST_DTYPES = {
+    "float16": "F16",
+    "float32": "F32",
+    "float64": "F64",
+    "int64": "I64",
+    "int8": "I8",
+    "uint8": "U8",
+}
+_NP_DTYPES = {v: np.dtype(k).newbyteorder("<") for k, v in _ST_DTYPES.items()}
+
+
+class SafetensorsWriter:
+    """Write a safetensors file tensor by tensor, a tensor in row blocks, without holding it whole.
+
+    Every tensor is declared first (name -> (dtype, shape)); the data then comes in declaration order
+    (:meth:`write`, any number of row blocks per tensor) and :meth:`close` checks that all of it came. The file
+    reads back with ``safetensors`` like one written by ``save_file``.
+    """
+
+    def __init__(self, fh, tensors: dict[str, tuple[str, tuple[int, ...]]], metadata: dict[str, str]) -> None:
+        header: dict[str, object] = {"__metadata__": dict(metadata)}
+        self._plan: list[tuple[str, np.dtype, int]] = []
+        at = 0
+        for name, (dtype, shape) in tensors.items():
+            dt = np.dtype(dtype)
+            size = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+            header[name] = {
+                "dtype": _ST_DTYPES[dt.name],
+                "shape": list(shape),
+                "data_offsets": [at, at + size],
+            }
+            self._plan.append((name, dt, size))
+            at += size
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as save_file writes it
+        fh.write(len(raw).to_bytes(8, "little") + raw)
+        self._fh, self._i, self._left = fh, 0, self._plan[0][2] if self._plan else 0
+
+    def write(self, name: str, block: np.ndarray) -> None:
+        """The next rows of tensor ``name`` (tensors in declaration order)."""
+        while self._i < len(self._plan) and self._left == 0 and self._plan[self._i][0] != name:
+            self._next()
+        want, dt, _ = self._plan[self._i]
+        if want != name:
+            raise ValueError(f"safetensors writer: got {name!r}, expected {want!r}")
+        data = np.ascontiguousarray(block, dt.newbyteorder("<")).tobytes()
+        if len(data) > self._left:
+            raise ValueError(f"safetensors writer: more data than declared for {name!r}")
+        self._fh.write(data)
+        self._left -= len(data)
+
+    def _next(self) -> None:
+        self._i += 1
+        self._left = self._plan[self._i][2] if self._i < len(self._plan) else 0
+
+    def close(self) -> None:
+        while self._left == 0 and self._i < len(self._plan):
+            self._next()
+        if self._i < len(self._plan):
+            raise ValueError(f"safetensors writer: {self._plan[self._i][0]!r} is incomplete")
+
+
+def _mmap_tensor(path: Path, name: str) -> np.ndarray | None:
+    """Tensor ``name`` of a safetensors file as a read-only memory map (None when absent)."""
+    with open(path, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        info = json.loads(fh.read(n)).get(name)
+    if info is None:
+        return None
+    begin, end = info["data_offsets"]
+    shape = tuple(info["shape"])
+    if end == begin:
+        return np.zeros(shape, _NP_DTYPES[info["dtype"]])
+    return np.memmap(path, dtype=_NP_DTYPES[info["dtype"]], mode="r", offset=8 + n + begin, shape=shape)
 
 
 @dataclass
@@ -111,7 +240,7 @@ class TeacherCache:
     path: Path
     meta: dict[str, str]
     targets: np.ndarray  # (N, d_t) float32
-    raw: np.ndarray | None  # (N, D) float16, the teacher's own vectors
+    raw: np.ndarray | None  # (N, D) float16, the teacher's own vectors: a read-only memory map of the file
     image_hash: list[str]
     boxes: np.ndarray  # (N, 4) normalised xyxy
     cls: np.ndarray  # (N,)
@@ -129,7 +258,11 @@ class TeacherCache:
 
         path = Path(path)
         meta, t = read_safetensors(
-            path, CacheError, "teacher cache", "no teacher cache here (build one with `mocha-edge teach`)"
+            path,
+            CacheError,
+            "teacher cache",
+            "no teacher cache here (build one with `mocha-edge teach`)",
+            skip=("raw",),
         )
         if meta.get("format") != CACHE_FORMAT:
             raise CacheError(f"{path}: not a mocha-edge teacher cache (format {meta.get('format')!r})")
@@ -147,7 +280,7 @@ class TeacherCache:
             path=path,
             meta=meta,
             targets=t["targets"],
-            raw=t.get("raw"),
+            raw=_mmap_tensor(path, "raw"),  # (N, D): mapped, not read; rows are paged in when used
             image_hash=[bytes_to_hash(r) for r in t["image_hash"]],
             boxes=t["boxes"],
             cls=t["cls"],

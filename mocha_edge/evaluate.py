@@ -49,6 +49,10 @@ from mocha_edge.space import (
 )
 
 IOUV = torch.linspace(0.5, 0.95, 10)
+#: How :func:`evaluate` stores query-detection vectors (raw and centred, per view and image, for every episode):
+#: float16 halves what grows with the number of query images (300 detections × D × 2 B per image at most);
+#: every product with them is still computed in float32 (:func:`~mocha_edge.prototypes.l2n` converts).
+QUERY_DTYPE = np.float16
 RUN_CONF = 0.25  # `mocha-edge run`'s default confidence threshold (its NMS IoU 0.7 is eval's too)
 PAPER_EPS = 1e-5  # MOCHA's public code: similarity = 1 / (distance + 1e-5)
 SCORINGS: dict[str, str] = {
@@ -135,7 +139,9 @@ class Views:
     for the open-set rows also the augmented views of each support box and the model's vector space."""
 
     support: dict[tuple[Path, int], np.ndarray]  # (image, box index) -> vector
-    query: dict[Path, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]  # boxes_px, scores, cls, vectors
+    # boxes_px, scores, cls, vectors; ``evaluate`` stores the vectors of query detections as float16 (see
+    # :data:`QUERY_DTYPE`): they are most of its memory (up to 300 detections per image at conf 0.001)
+    query: dict[Path, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
     support_views: dict[tuple[Path, int], np.ndarray] | None = None  # (V, D) augmented views
     space: VectorSpace | None = None
     memo: dict[Any, tuple[Any, ...]] = field(default_factory=dict, repr=False, compare=False)
@@ -147,7 +153,8 @@ def _query_centred(views: Views, p: Path) -> np.ndarray:
     q, hit = views.query[p], views.memo.get(("u", p))
     if hit is None or hit[0] is not q or hit[1] is not views.space:
         means, proj = matcher_args(views.space)
-        hit = (q, views.space, centre_vectors(q[3], q[2], means, proj))
+        u = centre_vectors(q[3], q[2], means, proj)  # float32; kept in the vectors' storage dtype
+        hit = (q, views.space, u.astype(q[3].dtype) if q[3].dtype == QUERY_DTYPE else u)
         views.memo[("u", p)] = hit
     return hit[2]
 
@@ -187,8 +194,16 @@ def sample_episodes(ds: Dataset, shots: int, n: int, seed: int) -> list[Episode]
 
 
 def _student_views(
-    student, ds: Dataset, support: set[Path], query: set[Path], conf: float, det_source=None, augment=False
+    student,
+    ds: Dataset,
+    support: set[Path],
+    query: set[Path],
+    conf: float,
+    det_source=None,
+    augment=False,
+    dtype: Any = np.float32,
 ) -> Views:
+    """``student``'s views; query-detection vectors stored as ``dtype`` (:func:`evaluate`: :data:`QUERY_DTYPE`)."""
     from mocha_edge.enroll import embed_views
     from mocha_edge.infer import read_bgr
 
@@ -220,7 +235,7 @@ def _student_views(
         if det_source is None:
             dets = student.detect(imgs, conf=conf)
             for p, d in zip(chunk, dets):
-                qry[p] = (d.boxes, d.scores, d.cls, d.vectors)
+                qry[p] = (d.boxes, d.scores, d.cls, np.asarray(d.vectors, dtype))
         else:  # pool this student's vectors on another model's detections (random_init floor)
             for p, img in zip(chunk, imgs):
                 b, sc, c, _ = det_source.query[p]
@@ -228,7 +243,7 @@ def _student_views(
                     b,
                     sc,
                     c,
-                    student.embed(img, b) if len(b) else np.zeros((0, student.dim), np.float32),
+                    np.asarray(student.embed(img, b) if len(b) else np.zeros((0, student.dim)), dtype),
                 )
     return Views(sup, qry, sup_views if augment else None)
 
@@ -242,7 +257,8 @@ def _weights_id(student: Any) -> str | None:
 @torch.no_grad()
 def _translated_views(v: Views, student: Any) -> Views:
     """``student``'s views (a translator on the weights that pooled ``v``) from ``v``'s raw vectors: the
-    translator maps each object's vector on its own, so this equals a second pass over the images."""
+    translator maps each object's vector on its own, so this equals a second pass over the images (query
+    vectors stored in ``v``'s dtype; a float16 input is taken to float32 first)."""
     parts: list[np.ndarray] = []
 
     def take(x: np.ndarray) -> int:
@@ -266,7 +282,7 @@ def _translated_views(v: Views, student: Any) -> Views:
 
     return Views(
         {k: back(i, v.support[k]) for k, i in sup.items()},
-        {k: (*v.query[k][:3], back(i, v.query[k][3])) for k, i in qry.items()},
+        {k: (*v.query[k][:3], back(i, v.query[k][3]).astype(v.query[k][3].dtype)) for k, i in qry.items()},
         None if views is None else {k: back(i, v.support_views[k]) for k, i in views.items()},
     )
 
@@ -275,7 +291,10 @@ def _teacher_views(
     cache, ds: Dataset, support: set[Path], query: set[Path], kind: str = "class-mean", proj: bool = True
 ) -> Views:
     items = {it.path: it for it in ds.items()}
-    vecs = cache.raw.astype(np.float32) if cache.raw is not None else cache.targets
+    table = cache.raw if cache.raw is not None else cache.targets  # raw: memory-mapped, rows read when used
+
+    def vecs_of(r: list[int]) -> np.ndarray:
+        return np.asarray(table[np.asarray(r, np.int64)], np.float32).reshape(len(r), table.shape[1])
 
     def rows(it):
         out = [cache.index_of(it.content_hash, b) for b in it.boxes]
@@ -288,7 +307,7 @@ def _teacher_views(
     sup = {}
     for p in sorted(support):
         for j, r in enumerate(rows(items[p])):
-            sup[(p, j)] = vecs[r]
+            sup[(p, j)] = vecs_of([r])[0]
     base_rows, base_cls, base_ids = [], [], []  # the teacher's base vectors (training split) fit its space
     for it in ds.items("train"):
         for b, c, i in zip(it.boxes, it.cls, it.instance):
@@ -303,11 +322,11 @@ def _teacher_views(
         it = items[p]
         r = rows(it)
         qry[p] = (gt_px[p], np.ones(len(r), np.float32), it.cls.copy(),
-                  vecs[r] if r else np.zeros((0, vecs.shape[1]), np.float32))  # fmt: skip
+                  vecs_of(r))  # fmt: skip
     space = None
     if base_rows:
         ids = np.asarray(base_ids) if proj else None
-        space = build_space(vecs[base_rows], np.asarray(base_cls), len(ds.names), kind, instance=ids)
+        space = build_space(vecs_of(base_rows), np.asarray(base_cls), len(ds.names), kind, instance=ids)
     return Views(sup, qry, None, space)
 
 
@@ -516,7 +535,9 @@ def evaluate(
         if src is not None:
             views[name] = _translated_views(views[src], student)
         else:
-            views[name] = _student_views(student, ds, support, query, conf, augment=openset)
+            views[name] = _student_views(
+                student, ds, support, query, conf, augment=openset, dtype=QUERY_DTYPE
+            )
             if wid is not None and getattr(student, "translator", None) is None:
                 plain.setdefault(wid, name)
         if openset:
@@ -531,8 +552,9 @@ def evaluate(
 
         first = next(iter(models))
         views["random_init"] = _student_views(
-            Student.random_init(models[first], seed), ds, support, query, conf, det_source=views[first]
-        )
+            Student.random_init(models[first], seed), ds, support, query, conf, det_source=views[first],
+            dtype=QUERY_DTYPE,
+        )  # fmt: skip
     if teacher_cache is not None:
         kind, proj = parse_space(centring or "class-mean+wccn")
         views["teacher"] = _teacher_views(teacher_cache, ds, support, query, kind, proj)

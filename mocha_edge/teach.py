@@ -3,7 +3,8 @@
 Work is split into chunks of images; each finished chunk is written atomically as a shard in
 ``<cache>.partial/``, so a killed run resumes where it stopped. When every chunk is done, PCA is fitted
 on the *training* split's base-instance rows only, each component is whitened (``whiten``: divided by its
-measured std by default) and the cache is written atomically in one file.
+measured std by default) and the cache is written atomically in one file. The merge streams over the
+shards (:func:`_merge`): its memory is the D × D covariance plus the N × d_t targets, never N × D vectors.
 
 ``focus=True`` (LLaVA teachers) also stores each box's Align-KD focus mass (``teacher.box_focus``) as the
 cache extra ``focus``; an otherwise up-to-date cache without it gets it added without recomputing targets.
@@ -48,7 +49,14 @@ from pathlib import Path
 
 import numpy as np
 
-from mocha_edge.cache import CACHE_FORMAT, WHITEN_MODES, TeacherCache, fit_pca, hash_to_bytes
+from mocha_edge.cache import (
+    CACHE_FORMAT,
+    WHITEN_MODES,
+    PCAFit,
+    SafetensorsWriter,
+    TeacherCache,
+    hash_to_bytes,
+)
 from mocha_edge.data.dataset import Dataset, ImageItem, Problem
 from mocha_edge.data.images import ImageReadError, read_rgb
 from mocha_edge.distributed import DistEnv, DistributedError
@@ -451,54 +459,70 @@ def _skipped(chunks, shard_path) -> list[Problem]:
 def _merge(
     ds, teacher, chunks, shard_path, out: Path, *, d_t, whiten: str, ds_fp, focus: bool = False, log
 ) -> TeacherCache:
-    from safetensors.numpy import save_file
+    """Merge the shards into the cache, streaming: never all raw teacher vectors at once.
 
-    parts, splits = [], []
+    Pass 1 reads each shard's per-box fields (hash, box, class, ...: O(N), small); pass 2 feeds the PCA fit
+    rows to :class:`~mocha_edge.cache.PCAFit` shard by shard (O(D²)); pass 3 writes each shard's raw vectors
+    (float16) and keeps its targets (N × d_t float32), which are written last. Peak memory: one shard's
+    raw vectors, the D × D covariance and the targets.
+    """
+    from safetensors import safe_open
+
+    small: dict[str, list[np.ndarray]] = {k: [] for k in (*_ROW_FIELDS, "focus")}
+    splits: list[str] = []
+    dim = 0
     for i in range(len(chunks)):
-        t, meta = _read_shard(shard_path(i))
-        if meta["images"] != text_hash(*[str(it.path) for it in chunks[i]]):
-            raise CacheError(
-                f"{shard_path(i)}: shard does not match the dataset's images; delete it and rerun"
-            )
-        if focus and "focus" not in t:
-            raise CacheError(f"{shard_path(i)}: shard has no focus masses; delete it and rerun")
-        if not focus:
-            t.pop("focus", None)
-        parts.append(t)
+        with safe_open(str(shard_path(i)), framework="numpy") as f:
+            meta = dict(f.metadata() or {})
+            if meta["images"] != text_hash(*[str(it.path) for it in chunks[i]]):
+                raise CacheError(
+                    f"{shard_path(i)}: shard does not match the dataset's images; delete it and rerun"
+                )
+            keys = set(f.keys())
+            if focus and "focus" not in keys:
+                raise CacheError(f"{shard_path(i)}: shard has no focus masses; delete it and rerun")
+            for k in (*_ROW_FIELDS, "focus") if focus else _ROW_FIELDS:
+                small[k].append(f.get_tensor(k))
+            dim = int(f.get_slice("raw").get_shape()[1])
         splits += json.loads(meta["splits"])
-    cat = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    raw = cat["raw"]
-    if len(raw) == 0:
+    cat = {k: np.concatenate(v) for k, v in small.items() if v}
+    n = len(splits)
+    if n == 0:
         raise DataError(f"{ds.source}: no image could be read; nothing to cache")
     fit = pca_rows(ds, splits, cat["instance"])
     if not fit.any():
         log("warning: no training-split rows; fitting PCA on all rows")
-        fit = np.ones(len(raw), bool)
+        fit = np.ones(n, bool)
     n_fit = int(fit.sum())
-    d_eff = min(d_t, n_fit, raw.shape[1])
+    d_eff = min(d_t, n_fit, dim)
     if d_eff < d_t:
         caps = []
         if n_fit <= d_eff:
             caps.append(f"{n_fit} training boxes")
-        if raw.shape[1] <= d_eff:
-            caps.append(f"teacher dim {raw.shape[1]}")
+        if dim <= d_eff:
+            caps.append(f"teacher dim {dim}")
         log(f"PCA: d_t={d_t} requested, {d_eff} used (capped by {' and '.join(caps)}), whiten={whiten}")
     else:
         log(f"PCA: d_t={d_eff}, fitted on {n_fit} training boxes, whiten={whiten}")
+    ends = np.cumsum([len(h) for h in small["image_hash"]])
+    starts = ends - np.asarray([len(h) for h in small["image_hash"]])
+
+    def shard_raw(i: int) -> np.ndarray:
+        with safe_open(str(shard_path(i)), framework="numpy") as f:
+            return f.get_tensor("raw")
+
+    acc = PCAFit(dim)
+    for i in range(len(chunks)):
+        rows = fit[starts[i] : ends[i]]
+        if rows.any():
+            acc.add(shard_raw(i)[rows])
     try:
-        pca = fit_pca(raw[fit], d_eff, whiten=whiten)
+        pca = acc.fit(d_eff, whiten=whiten)
     except ValueError as e:
         raise CacheError(str(e)) from None
-    targets = pca.transform(raw)
     split_names = sorted(set(splits))
-    tensors = {
-        "targets": targets,
-        "raw": raw.astype(np.float16),
-        "image_hash": cat["image_hash"],
-        "boxes": cat["boxes"],
-        "cls": cat["cls"],
-        "instance": cat["instance"],
-        "box_index": cat["box_index"],
+    row_tensors = {
+        **{k: cat[k] for k in _ROW_FIELDS},
         "split": np.asarray([split_names.index(s) for s in splits], np.int8),
         "pca_fit": fit.astype(np.uint8),
         "pca_mean": pca.mean,
@@ -507,7 +531,7 @@ def _merge(
         "pca_explained_variance": pca.explained_variance,
     }
     if focus:
-        tensors["extra.focus"] = cat["focus"].astype(np.float32)
+        row_tensors["extra.focus"] = cat["focus"].astype(np.float32)
     meta = {
         "format": CACHE_FORMAT,
         **{k: str(v) for k, v in teacher.describe().items()},
@@ -521,11 +545,27 @@ def _merge(
         "names": json.dumps(ds.names),
         "fine_names": json.dumps(ds.fine_names),
         "split_names": json.dumps(split_names),
-        "boxes": str(len(raw)),
+        "boxes": str(n),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     if focus:
         meta.update(_focus_meta(teacher))
-    with atomic_path(out) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
+    plan = {"raw": ("float16", (n, dim)), "targets": ("float32", (n, pca.dim))}
+    plan.update({k: (v.dtype.name, v.shape) for k, v in row_tensors.items()})
+    targets = []
+    with atomic_path(out) as tmp, open(tmp, "wb") as fh:
+        w = SafetensorsWriter(fh, plan, meta)
+        for i in range(len(chunks)):
+            raw = shard_raw(i)
+            w.write("raw", raw.astype(np.float16))
+            targets.append(pca.transform(raw))
+        w.write("targets", np.concatenate(targets) if targets else np.zeros((0, pca.dim), np.float32))
+        del targets
+        for k, v in row_tensors.items():
+            w.write(k, v)
+        w.close()
     return TeacherCache.load(out)
+
+
+#: per-box fields of a shard (besides ``raw`` and ``focus``), copied into the cache as they are
+_ROW_FIELDS = ("image_hash", "boxes", "cls", "instance", "box_index")

@@ -147,9 +147,11 @@ def offline_env() -> None:
 
 
 def read_safetensors(
-    path: str | os.PathLike, error: type[Exception], what: str, missing: str
+    path: str | os.PathLike, error: type[Exception], what: str, missing: str, skip: tuple[str, ...] = ()
 ) -> tuple[dict[str, str], dict[str, Any]]:
     """``(metadata, tensors)`` of a safetensors file: plain arrays and strings, nothing in it can run code.
+
+    Tensors named in ``skip`` are not read (the file is still checked whole by the parser).
 
     A missing file raises ``error("PATH: missing")``, an unreadable one ``error("PATH: unreadable WHAT
     (reason)")`` — one line naming the file either way.
@@ -162,7 +164,7 @@ def read_safetensors(
     try:
         with safe_open(str(path), framework="numpy") as f:
             meta = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+            tensors = {k: f.get_tensor(k) for k in f.keys() if k not in skip}  # noqa: SIM118 - no __iter__
     except (SafetensorError, OSError, ValueError) as e:
         raise error(f"{path}: unreadable {what} ({str(e).splitlines()[0]})") from None
     return meta, tensors

@@ -416,3 +416,24 @@ def test_llava_decodings_are_not_mixed(tiny_llava_dir: Path, coco8_yaml: Path, t
         ],
     )
     assert r.exit_code != 0 and "does not take decoding" in r.output
+
+
+def test_merge_streams_the_pca_fit_over_shards(synth_small: Path, tmp_path: Path) -> None:
+    """The merge fits the PCA shard by shard (issue 18): any chunking gives the same cache up to float rounding,
+    the exact covariance PCA of the fit rows; ``raw`` is memory-mapped and the file reads back with safetensors."""
+    from safetensors.numpy import load_file
+
+    ds = load_dataset(synth_small)
+    one = _teach_pixels(ds, tmp_path / "one.safetensors", chunk_images=10_000).cache
+    many = _teach_pixels(ds, tmp_path / "many.safetensors", chunk_images=3).cache
+    assert isinstance(many.raw, np.memmap) and len(many.raw) == len(many)
+    np.testing.assert_array_equal(np.asarray(many.raw), np.asarray(one.raw))
+    np.testing.assert_allclose(many.pca.components, one.pca.components, atol=1e-5)
+    np.testing.assert_allclose(many.pca.explained_variance, one.pca.explained_variance, rtol=1e-5)
+    np.testing.assert_allclose(many.targets, one.targets, rtol=1e-4, atol=1e-4)
+    t = load_file(str(many.path))
+    np.testing.assert_array_equal(t["raw"], np.asarray(many.raw))
+    np.testing.assert_array_equal(t["targets"], many.targets)
+    fit = t["pca_fit"].astype(bool)  # the fit rows' covariance, eigendecomposed (raw is stored as float16)
+    w = np.linalg.eigvalsh(np.cov(t["raw"][fit].astype(np.float64), rowvar=False))[::-1][: many.d_t]
+    np.testing.assert_allclose(many.pca.explained_variance, w, rtol=1e-2)
