@@ -108,10 +108,31 @@ def paper_match(
     detector's confidence).
     """
     n = len(vectors)
+    idx, best = np.full(n, -1, np.int64), np.zeros(n, np.float32)
     if n == 0 or len(prototypes) == 0:
-        return np.full(n, -1, np.int64), np.zeros(n, np.float32)
+        return idx, best
+    if mode not in ("conditional", "global"):
+        raise EvalError(f"matching mode must be 'conditional' or 'global', not {mode!r}")
     x = torch.as_tensor(np.asarray(vectors, np.float32))
     p = torch.as_tensor(np.asarray(prototypes, np.float32))
+    if mode == "global":
+        i, b = _paper_probs(x, p)
+        return i, b
+    # conditional: only a class's own prototypes are eligible, so each class is matched on its own (the
+    # same softmax as masking the others out, without the distances to them: ~classes x less work)
+    det_cls, proto_cls = np.asarray(det_cls), np.asarray(proto_cls)
+    for c in np.unique(det_cls):
+        cols = np.flatnonzero(proto_cls == c)
+        if len(cols) == 0:
+            continue
+        rows = np.flatnonzero(det_cls == c)
+        i, b = _paper_probs(x[torch.as_tensor(rows)], p[torch.as_tensor(cols)])
+        idx[rows], best[rows] = cols[i], b
+    return idx, best
+
+
+def _paper_probs(x: torch.Tensor, p: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`paper_match` over all of ``p``: the argmax of the three averaged softmaxes and its value."""
     d = x.shape[1]
     xn = x / x.norm(dim=1, keepdim=True).clamp_min(1e-8)
     pn = p / p.norm(dim=1, keepdim=True).clamp_min(1e-8)
@@ -121,16 +142,8 @@ def paper_match(
         torch.cdist(x, p, p=2, compute_mode="donot_use_mm_for_euclid_dist") ** 2 / d,
     ])  # fmt: skip
     sim = 1.0 / (dists.clamp_min(0.0) + PAPER_EPS)  # (3, n, m)
-    eligible = torch.ones(n, len(p), dtype=torch.bool)
-    if mode == "conditional":
-        eligible = torch.as_tensor(np.asarray(det_cls)[:, None] == np.asarray(proto_cls)[None, :])
-    elif mode != "global":
-        raise EvalError(f"matching mode must be 'conditional' or 'global', not {mode!r}")
-    prob = torch.softmax(sim.masked_fill(~eligible, -torch.inf), dim=-1).nan_to_num(0.0).mean(0)  # (n, m)
-    best, idx = prob.max(1)
-    any_ok = eligible.any(1)
-    return (torch.where(any_ok, idx, -1).numpy().astype(np.int64),
-            torch.where(any_ok, best, 0.0).numpy().astype(np.float32))  # fmt: skip
+    best, idx = torch.softmax(sim, dim=-1).mean(0).max(1)
+    return idx.numpy().astype(np.int64), best.numpy().astype(np.float32)
 
 
 @dataclass
