@@ -158,6 +158,9 @@ class Views:
     support_views: dict[tuple[Path, int], np.ndarray] | None = None  # (V, D) augmented views
     space: VectorSpace | None = None
     memo: dict[Any, tuple[Any, ...]] = field(default_factory=dict, repr=False, compare=False)
+    #: the query vectors are already in :attr:`space` (centred, :func:`_student_views` ``centre``): the raw
+    #: ones were not kept, so the ``paper`` scoring (raw vectors) cannot use these views
+    centred_only: bool = False
 
 
 def _query_centred(views: Views, p: Path) -> np.ndarray:
@@ -215,8 +218,14 @@ def _student_views(
     det_source=None,
     augment=False,
     dtype: Any = np.float32,
+    centre: VectorSpace | bool | None = False,
 ) -> Views:
-    """``student``'s views; query-detection vectors stored as ``dtype`` (:func:`evaluate`: :data:`QUERY_DTYPE`)."""
+    """``student``'s views; query-detection vectors stored as ``dtype`` (:func:`evaluate`: :data:`QUERY_DTYPE`).
+
+    ``centre`` (a space, or None for plain normalisation; False: keep the raw vectors): store each query
+    image's vectors already in that space and drop the raw ones, image by image (``centred_only`` views: the
+    space usually has fewer dimensions than the raw vectors, e.g. 128 vs 448).
+    """
     from mocha_edge.enroll import embed_views
     from mocha_edge.infer import read_bgr
 
@@ -248,7 +257,8 @@ def _student_views(
         if det_source is None:
             dets = student.detect(imgs, conf=conf)
             for p, d in zip(chunk, dets):
-                qry[p] = (d.boxes, d.scores, d.cls, np.asarray(d.vectors, dtype))
+                v = d.vectors if centre is False else centre_vectors(d.vectors, d.cls, *matcher_args(centre))
+                qry[p] = (d.boxes, d.scores, d.cls, np.asarray(v, dtype))
         else:  # pool this student's vectors on another model's detections (random_init floor)
             for p, img in zip(chunk, imgs):
                 b, sc, c, _ = det_source.query[p]
@@ -258,7 +268,11 @@ def _student_views(
                     c,
                     np.asarray(student.embed(img, b) if len(b) else np.zeros((0, student.dim)), dtype),
                 )
-    return Views(sup, qry, sup_views if augment else None)
+    out = Views(sup, qry, sup_views if augment else None)
+    if centre is not False:
+        out.space, out.centred_only = centre, True
+        out.memo.update({("u", p): (q, centre, q[3]) for p, q in qry.items()})  # what _query_centred returns
+    return out
 
 
 def _weights_id(student: Any) -> str | None:
@@ -380,6 +394,8 @@ def _episode_map(
     if scoring not in SCORINGS:
         raise EvalError(f"scoring {scoring!r}: expected one of {', '.join(SCORINGS)}")
     paper = scoring == "paper"
+    if paper and views.centred_only:
+        raise EvalError("the paper scoring needs raw query vectors; these views kept only centred ones")
     sp = views.space  # conf-cosine ranks in the matching space (prototypes: normalised mean of shots in it)
     if paper:  # raw means of raw vectors
         protos = np.stack([np.stack(shots[i]).mean(0) for i in inst_ids])
@@ -540,21 +556,27 @@ def evaluate(
 
     views: dict[str, Views] = {}
     plain: dict[str, str] = {}  # weights id -> a model evaluated without translator
+    translated_wids = {_weights_id(m) for m in models.values() if getattr(m, "translator", None) is not None}
     # models without translator first: one with a translator on the same weights reuses their pass
     for name in sorted(models, key=lambda n: getattr(models[n], "translator", None) is not None):
         student, t0 = models[name], time.perf_counter()
         wid = _weights_id(student)
         src = plain.get(wid) if wid is not None and getattr(student, "translator", None) is not None else None
+        space = _model_space(student, ds, centring, name, log) if openset else None
         if src is not None:
             views[name] = _translated_views(views[src], student)
         else:
+            # raw query vectors are needed by the paper scoring and by a +translator model on these weights;
+            # otherwise only their centred form is kept (smaller: the matching space's dimension)
+            raw_needed = "paper" in scorings or (wid is not None and wid in translated_wids)
+            centre = False if raw_needed or not openset else space
             views[name] = _student_views(
-                student, ds, support, query, conf, augment=openset, dtype=QUERY_DTYPE
+                student, ds, support, query, conf, augment=openset, dtype=QUERY_DTYPE, centre=centre
             )
             if wid is not None and getattr(student, "translator", None) is None:
                 plain.setdefault(wid, name)
         if openset:
-            views[name].space = _model_space(student, ds, centring, name, log)
+            views[name].space = space
         how = f"{src}'s vectors translated" if src else f"{len(support)} support + {len(query)} query images"
         log(f"{name}: {how} in {time.perf_counter() - t0:.1f} s")
     views = {n: views[n] for n in models}

@@ -552,14 +552,14 @@ def _merge(
         meta.update(_focus_meta(teacher))
     plan = {"raw": ("float16", (n, dim)), "targets": ("float32", (n, pca.dim))}
     plan.update({k: (v.dtype.name, v.shape) for k, v in row_tensors.items()})
-    targets = []
+    targets = np.zeros((n, pca.dim), np.float32)  # filled in place: one copy, never a list to concatenate
     with atomic_path(out) as tmp, open(tmp, "wb") as fh:
         w = SafetensorsWriter(fh, plan, meta)
         for i in range(len(chunks)):
             raw = shard_raw(i)
             w.write("raw", raw.astype(np.float16))
-            targets.append(pca.transform(raw))
-        w.write("targets", np.concatenate(targets) if targets else np.zeros((0, pca.dim), np.float32))
+            targets[starts[i] : ends[i]] = pca.transform(raw)
+        w.write("targets", targets)
         del targets
         for k, v in row_tensors.items():
             w.write(k, v)
