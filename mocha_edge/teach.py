@@ -241,6 +241,7 @@ def _teach(
     mine = range(env.rank, len(chunks), env.world)  # static: a rerun finds the same shards to do
     todo = [i for i in mine if not shard_path(i).is_file()]
     desc = f"teach[{teacher.name}]" + (f" {env.tag}" if env.distributed else "")
+    t_pass = time.perf_counter()  # the teacher pass alone: no teacher training, cache check or merge
     with env.together("computing its shards") as step:
         n_todo_boxes = sum(len(it.boxes) for i in todo for it in chunks[i])
         bar = _progress(n_todo_boxes, progress and env.is_main, desc)
@@ -253,8 +254,12 @@ def _teach(
         finally:
             pool.shutdown()
             bar.close()
-        step.value = (len(todo), len(mine) - len(todo))
-    computed, resumed = (sum(c) for c in zip(*step.values))
+        step.value = (len(todo), len(mine) - len(todo), n_todo_boxes)
+    computed, resumed, boxes = (sum(c) for c in zip(*step.values))
+    if env.is_main and boxes:  # every rank's boxes, until the last rank finished (scripts/scale_bench.py reads it)
+        s = time.perf_counter() - t_pass
+        log(f"teacher pass: {boxes} boxes in {s:.2f} s ({boxes / s:.1f} boxes/s, {env.world} "
+            f"process{'es' if env.world > 1 else ''})")  # fmt: skip
     if not env.is_main:
         with env.together("merging the shards and fitting the PCA (rank 0)"):
             pass

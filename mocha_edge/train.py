@@ -1132,6 +1132,7 @@ class Trainer:
             if not cfg.student_trains(epoch) and self.translator is None:
                 continue  # baseline: the distilled run's translator-only epochs are no-ops here
             row = self._epoch(epoch)
+            row["train_s"] = time.perf_counter() - t0  # the epoch's steps alone (scripts/scale_bench.py)
             with env.together(f"validating and saving epoch {epoch + 1} (rank 0)"):
                 if env.is_main:
                     if cfg.val_every > 0 and ((epoch + 1) % cfg.val_every == 0 or epoch == cfg.epochs - 1):
