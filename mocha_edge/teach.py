@@ -256,7 +256,8 @@ def _teach(
             bar.close()
         step.value = (len(todo), len(mine) - len(todo), n_todo_boxes)
     computed, resumed, boxes = (sum(c) for c in zip(*step.values))
-    if env.is_main and boxes:  # every rank's boxes, until the last rank finished (scripts/scale_bench.py reads it)
+    # every rank's boxes, until the last rank finished (scripts/scale_bench.py reads this line)
+    if env.is_main and boxes:
         s = time.perf_counter() - t_pass
         log(f"teacher pass: {boxes} boxes in {s:.2f} s ({boxes / s:.1f} boxes/s, {env.world} "
             f"process{'es' if env.world > 1 else ''})")  # fmt: skip

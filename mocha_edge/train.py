@@ -128,6 +128,9 @@ RECIPES: dict[str, Recipe] = {
     ),
 }
 DEFAULT_RECIPE = "edge"
+# --stage base (the coarse detector, no teacher): ultralytics-like training whatever the recipe's distillation
+# settings (20 epochs, student lr 1e-3, its default augmentation); other options come from the edge recipe
+BASE_STAGE: dict[str, Any] = {"epochs": 20, "lr_student": 1e-3, "augment": True}
 _RECIPE_FIELDS = [f for f in Recipe.__dataclass_fields__ if f not in ("name", "doc")]
 
 
@@ -153,7 +156,7 @@ class TrainConfig:
     seed: int = 0
     schedule: str | None = None  # published | joint
     student_every: int | None = None
-    lr_student: float | None = None  # default: 1e-3 for stage base, the recipe's (1e-4) for distill
+    lr_student: float | None = None  # default: BASE_STAGE's for stage base, the recipe's for distill
     lr_translator: float | None = None
     optimizer: str | None = None
     betas: tuple[float, float] | None = None
@@ -201,8 +204,10 @@ class TrainConfig:
                 raise TrainError("give the warm-up in epochs or in iterations, not both")
         else:
             self.warmup_epochs, self.warmup_iters = rec.warmup_epochs, rec.warmup_iters
-        if self.lr_student is None and self.stage == "base":
-            self.lr_student = 1e-3
+        if self.stage == "base":  # a plain detector: its own defaults, whatever the recipe distils with
+            for name, value in BASE_STAGE.items():
+                if getattr(self, name) is None:
+                    setattr(self, name, value)
         for name in _RECIPE_FIELDS:
             if getattr(self, name) is None and name not in ("warmup_epochs", "warmup_iters"):
                 setattr(self, name, getattr(rec, name))
