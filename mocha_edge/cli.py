@@ -368,7 +368,12 @@ def _parse_hyp(values: tuple[str, ...]) -> dict:
     "public MOCHA code's distillation settings. Each option below overrides its recipe's value; "
     "--resume keeps the saved run's recipe.  [default: edge]",
 )
-@click.option("--epochs", type=int, default=None, help="[recipe: 20; with --resume: the saved run's]")
+@click.option(
+    "--epochs",
+    type=int,
+    default=None,
+    help="[paper: 20; edge: 5; --stage base: 20; with --resume: the saved run's]",
+)
 @click.option("--imgsz", default=640, show_default=True)
 @click.option("--batch", default=16, show_default=True,
               help="Images per optimiser step, in total: under torchrun each of the N ranks takes batch / N.")  # fmt: skip
@@ -386,10 +391,10 @@ def _parse_hyp(values: tuple[str, ...]) -> dict:
     type=click.Choice(["published", "joint"]),
     default=None,
     help="published: translator every epoch, student every --student-every-th; joint: both every epoch "
-    "[paper: published; edge: published].",
+    "[paper: published; edge: joint].",
 )
 @click.option("--student-every", type=int, default=None, help="[recipe: 4]")
-@click.option("--lr-student", type=float, default=None, help="[default: 1e-3 base; recipe: 1e-4 distill]")
+@click.option("--lr-student", type=float, default=None, help="[paper: 1e-4; edge: 1e-3; --stage base: 1e-3]")
 @click.option("--lr-translator", type=float, default=None, help="[recipe: 1e-3]")
 @click.option(
     "--optimizer",

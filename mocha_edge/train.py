@@ -105,10 +105,10 @@ RECIPES: dict[str, Recipe] = {
         name="edge",
         doc="mocha-edge's recipe for the translator-stripped student it deploys (today's defaults, "
         "with the warm-up shared by all parameter groups).",
-        epochs=20,
-        schedule="published",
+        epochs=5,
+        schedule="joint",
         student_every=4,
-        lr_student=1e-4,
+        lr_student=1e-3,
         lr_translator=1e-3,
         optimizer="adamw",
         betas=(0.9, 0.999),

@@ -314,7 +314,10 @@ def test_recipes_resolve_and_flags_override() -> None:
     over = TrainConfig(data="x", out="y", recipe="paper", optimizer="adamw", augment=True, warmup_epochs=2.0)
     assert (over.optimizer, over.augment, over.warmup_epochs, over.warmup_iters) == ("adamw", True, 2.0, None)
     assert over.betas == (0.937, 0.999) and over.lrf == 0.0 and not over.ema
-    assert TrainConfig(data="x", out="y", stage="base").lr_student == 1e-3  # the base stage's own default
+    # the base stage keeps its own defaults, whatever the edge recipe distils with
+    base = TrainConfig(data="x", out="y", stage="base")
+    assert (base.epochs, base.lr_student, base.augment) == (20, 1e-3, True)
+    assert TrainConfig(data="x", out="y", stage="base", epochs=3, augment=False).augment is False
     with pytest.raises(TrainError, match="distillation recipe"):
         TrainConfig(data="x", out="y", recipe="paper", stage="base")
     with pytest.raises(TrainError, match="recipe must be"):
