@@ -15,8 +15,10 @@ Rows: each ``--model NAME=PATH`` (``NAME`` ending in ``+translator`` keeps the t
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -146,44 +148,132 @@ def _paper_probs(x: torch.Tensor, p: torch.Tensor) -> tuple[np.ndarray, np.ndarr
     return idx.numpy().astype(np.int64), best.numpy().astype(np.float32)
 
 
+class SpillStore(MutableMapping):
+    """Tuples of arrays per key, kept in an unlinked temporary file instead of RAM: what grows with the number
+    of query images (their detections and vectors) costs ``eval`` no resident memory (issue 18).
+
+    Values are appended to the file (``tempfile``'s folder: ``TMPDIR``; gone with the store or the process);
+    RAM holds only where each array lies and a write count per key (:meth:`version`). A read returns fresh
+    writable arrays, from the page cache once written. A key written again appends (eval writes each image
+    once, and a derived array again only when what it derives from changed).
+    """
+
+    def __init__(self) -> None:
+        self._file = tempfile.TemporaryFile(prefix="mocha-edge-eval-")  # noqa: SIM115 (held for the store's life)
+        self._fd = self._file.fileno()
+        self._end = 0
+        self._index: dict[Any, tuple[tuple[int, str, tuple[int, ...]], ...]] = {}
+        self._versions: dict[Any, int] = {}
+
+    def __setitem__(self, key: Any, value: tuple[np.ndarray, ...]) -> None:
+        where = []
+        for a in value:
+            a = np.asarray(a)
+            a = a if a.flags.c_contiguous else a.copy(order="C")  # (ascontiguousarray makes 0-d 1-d)
+            data = memoryview(a.reshape(-1).view(np.uint8)) if a.nbytes else memoryview(b"")
+            done = 0
+            while done < len(data):  # pwrite may write less than asked
+                done += os.pwrite(self._fd, data[done:], self._end + done)
+            where.append((self._end, a.dtype.str, a.shape))
+            self._end += a.nbytes
+        self._index[key] = tuple(where)
+        self._versions[key] = self._versions.get(key, 0) + 1
+
+    def __getitem__(self, key: Any) -> tuple[np.ndarray, ...]:
+        out = []
+        for offset, dtype, shape in self._index[key]:
+            dt = np.dtype(dtype)
+            buf = bytearray(int(np.prod(shape, dtype=np.int64)) * dt.itemsize)
+            done = 0
+            while done < len(buf):
+                n = os.preadv(self._fd, [memoryview(buf)[done:]], offset + done)
+                if n <= 0:
+                    raise EvalError(f"evaluation spill file: short read for {key!r}")
+                done += n
+            out.append(np.frombuffer(buf, dt).reshape(shape))
+        return tuple(out)
+
+    def __delitem__(self, key: Any) -> None:
+        del self._index[key]
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._index)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def version(self, key: Any) -> int:
+        """How many times ``key`` was written (what a derived array was computed from)."""
+        return self._versions[key]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes written to the file so far."""
+        return self._end
+
+
 @dataclass
 class Views:
     """What one model sees: vectors of every support box, detections (+vectors) of every query image;
     for the open-set rows also the augmented views of each support box and the model's vector space."""
 
     support: dict[tuple[Path, int], np.ndarray]  # (image, box index) -> vector
-    # boxes_px, scores, cls, vectors; ``evaluate`` stores the vectors of query detections as float16 (see
-    # :data:`QUERY_DTYPE`): they are most of its memory (up to 300 detections per image at conf 0.001)
-    query: dict[Path, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
+    # boxes_px, scores, cls, vectors per query image: ``evaluate`` keeps them in a :class:`SpillStore` (on
+    # disk, not in RAM: they grow with the dataset), the vectors as float16 (:data:`QUERY_DTYPE`); a plain
+    # dict works too
+    query: MutableMapping[Path, tuple[np.ndarray, ...]]
     support_views: dict[tuple[Path, int], np.ndarray] | None = None  # (V, D) augmented views
     space: VectorSpace | None = None
-    memo: dict[Any, tuple[Any, ...]] = field(default_factory=dict, repr=False, compare=False)
+    #: per query image, arrays derived from its detections (centred vectors, IoU with the ground truth),
+    #: computed once and kept in a :class:`SpillStore`; ``derived_from`` says from what (in RAM: small)
+    derived: SpillStore | None = field(default=None, repr=False, compare=False)
+    derived_from: dict[Any, tuple[Any, Any]] = field(default_factory=dict, repr=False, compare=False)
     #: the query vectors are already in :attr:`space` (centred, :func:`_student_views` ``centre``): the raw
     #: ones were not kept, so the ``paper`` scoring (raw vectors) cannot use these views
     centred_only: bool = False
 
 
+def _derived(
+    views: Views, kind: str, p: Path, dep: Any, make: Callable[[tuple[np.ndarray, ...]], np.ndarray]
+) -> np.ndarray:
+    """``make(detections of p)``, computed once per image and ``kind`` and again only when the image's
+    detections or ``dep`` (the space, the ground truth) were replaced."""
+    src: Any = views.query.version(p) if isinstance(views.query, SpillStore) else views.query[p]
+    key = (kind, p)
+    hit = views.derived_from.get(key)
+    if hit is not None and (hit[0] == src if isinstance(src, int) else hit[0] is src) and hit[1] is dep:
+        assert views.derived is not None
+        return views.derived[key][0]
+    arr = make(views.query[p])
+    if views.derived is None:
+        views.derived = SpillStore()
+    views.derived[key] = (arr,)
+    views.derived_from[key] = (src, dep)
+    return arr
+
+
 def _query_centred(views: Views, p: Path) -> np.ndarray:
     """Image ``p``'s detection vectors in the matching space: the same in every episode, so computed once
     (recomputed when the detections or the space are replaced)."""
-    q, hit = views.query[p], views.memo.get(("u", p))
-    if hit is None or hit[0] is not q or hit[1] is not views.space:
+    if views.centred_only:
+        return views.query[p][3]
+
+    def make(q: tuple[np.ndarray, ...]) -> np.ndarray:
         means, proj = matcher_args(views.space)
         u = centre_vectors(q[3], q[2], means, proj)  # float32; kept in the vectors' storage dtype
-        hit = (q, views.space, u.astype(q[3].dtype) if q[3].dtype == QUERY_DTYPE else u)
-        views.memo[("u", p)] = hit
-    return hit[2]
+        return u.astype(q[3].dtype) if q[3].dtype == QUERY_DTYPE else u
+
+    return _derived(views, "u", p, views.space, make)
 
 
 def _query_iou(views: Views, p: Path, gt: np.ndarray) -> torch.Tensor:
     """IoU (ground truth x detections) of image ``p``, computed once per view and image."""
     from ultralytics.utils.metrics import box_iou
 
-    q, hit = views.query[p], views.memo.get(("iou", p))
-    if hit is None or hit[0] is not q or hit[1] is not gt:
-        hit = (q, gt, box_iou(torch.from_numpy(gt), torch.from_numpy(np.asarray(q[0], np.float32))))
-        views.memo[("iou", p)] = hit
-    return hit[2]
+    def make(q: tuple[np.ndarray, ...]) -> np.ndarray:
+        return box_iou(torch.from_numpy(gt), torch.from_numpy(np.asarray(q[0], np.float32))).numpy()
+
+    return torch.from_numpy(_derived(views, "iou", p, gt, make))
 
 
 def sample_episodes(ds: Dataset, shots: int, n: int, seed: int) -> list[Episode]:
@@ -249,7 +339,7 @@ def _student_views(
         for p, vecs in zip(chunk, student.embed_batch(imgs, boxes)):
             for j, v in enumerate(vecs):
                 sup[(p, j)] = v
-    qry = {}
+    qry = SpillStore()  # what grows with the query images: on disk
     paths = sorted(query)
     for s in range(0, len(paths), 16):
         chunk = paths[s : s + 16]
@@ -271,7 +361,6 @@ def _student_views(
     out = Views(sup, qry, sup_views if augment else None)
     if centre is not False:
         out.space, out.centred_only = centre, True
-        out.memo.update({("u", p): (q, centre, q[3]) for p, q in qry.items()})  # what _query_centred returns
     return out
 
 
@@ -285,33 +374,43 @@ def _weights_id(student: Any) -> str | None:
 def _translated_views(v: Views, student: Any) -> Views:
     """``student``'s views (a translator on the weights that pooled ``v``) from ``v``'s raw vectors: the
     translator maps each object's vector on its own, so this equals a second pass over the images (query
-    vectors stored in ``v``'s dtype; a float16 input is taken to float32 first)."""
-    parts: list[np.ndarray] = []
+    vectors stored in ``v``'s dtype; a float16 input is taken to float32 first). Query images are streamed
+    from ``v``'s store into a new one, translated about 4096 vectors at a time."""
 
-    def take(x: np.ndarray) -> int:
-        parts.append(np.asarray(x, np.float32).reshape(-1, x.shape[-1]))
-        return len(parts) - 1
+    def translate(xs: list[np.ndarray]) -> list[np.ndarray]:
+        flat = [np.asarray(x, np.float32).reshape(-1, x.shape[-1]) for x in xs]
+        if not flat:
+            return []
+        cat = np.concatenate(flat)
+        out = np.zeros((len(cat), student.dim), np.float32)
+        for s in range(0, len(cat), 4096):  # bounded memory: up to 300 detections per query image
+            out[s : s + 4096] = (
+                student.translator(torch.from_numpy(cat[s : s + 4096]).to(student.device)).cpu().numpy()
+            )
+        parts = np.split(out, np.cumsum([len(f) for f in flat])[:-1])
+        return [y.reshape(*x.shape[:-1], student.dim) for x, y in zip(xs, parts)]
 
-    sup = {k: take(x) for k, x in v.support.items()}
-    qry = {k: take(q[3]) for k, q in v.query.items()}
-    views = {k: take(x) for k, x in v.support_views.items()} if v.support_views is not None else None
-    flat = np.concatenate(parts) if parts else np.zeros((0, 1), np.float32)
-    out = np.zeros((len(flat), student.dim), np.float32)
-    for s in range(0, len(flat), 4096):  # bounded memory: up to 300 detections per query image
-        out[s : s + 4096] = (
-            student.translator(torch.from_numpy(flat[s : s + 4096]).to(student.device)).cpu().numpy()
-        )
-    ends = np.cumsum([len(x) for x in parts])
-    chunks = np.split(out, ends[:-1]) if parts else []
+    def mapped(d: Mapping[Any, np.ndarray]) -> dict[Any, np.ndarray]:
+        keys = list(d)
+        return dict(zip(keys, translate([d[k] for k in keys])))
 
-    def back(i: int, like: np.ndarray) -> np.ndarray:
-        return chunks[i].reshape(*like.shape[:-1], student.dim)
+    qry = SpillStore()
+    batch: list[tuple[Path, tuple[np.ndarray, ...]]] = []
 
-    return Views(
-        {k: back(i, v.support[k]) for k, i in sup.items()},
-        {k: (*v.query[k][:3], back(i, v.query[k][3]).astype(v.query[k][3].dtype)) for k, i in qry.items()},
-        None if views is None else {k: back(i, v.support_views[k]) for k, i in views.items()},
-    )
+    def flush() -> None:
+        for (k, q), y in zip(batch, translate([q[3] for _, q in batch])):
+            qry[k] = (*q[:3], y.astype(q[3].dtype))
+        batch.clear()
+
+    rows = 0
+    for k in v.query:
+        batch.append((k, v.query[k]))
+        rows += len(batch[-1][1][3])
+        if rows >= 4096:
+            flush()
+            rows = 0
+    flush()
+    return Views(mapped(v.support), qry, None if v.support_views is None else mapped(v.support_views))
 
 
 def _teacher_views(
@@ -343,7 +442,7 @@ def _teacher_views(
                 base_rows.append(r)
                 base_cls.append(int(c))
                 base_ids.append(int(i))
-    qry = {}
+    qry = SpillStore()
     gt_px = _gt_pixels(ds, query)
     for p in sorted(query):
         it = items[p]

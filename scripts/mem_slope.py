@@ -58,6 +58,7 @@ def main() -> None:
     ap.add_argument("--episodes", type=int, default=20, help="eval --episodes")
     ap.add_argument("--label", default="", help="Tag for the logs and the table (e.g. before/after).")
     ap.add_argument("--json", type=Path, help="Also write the rows here.")
+    ap.add_argument("--commands", default="teach,eval", help="Which to measure (comma list).")
     args = ap.parse_args()
     work, repo = args.work.resolve(), args.repo.resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -92,17 +93,21 @@ def main() -> None:
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
         teach = ["teach", "--teacher", "builtin", "--model", str(weights), "--data", str(d), "--out", str(out),
                  "--quiet"]  # fmt: skip
-        mb, s = run(teach, repo, work / f"teach_{scale}{tag}.log")
-        rows.append(("teach", scale, count_images(d, ("train", "val", "novel")), mb, s))
+        if "teach" in args.commands:
+            mb, s = run(teach, repo, work / f"teach_{scale}{tag}.log")
+            rows.append(("teach", scale, count_images(d, ("train", "val", "novel")), mb, s))
         ev = ["eval", "--data", str(d), "--model", f"s={student}", "--shots", "1,5", "--episodes",
               str(args.episodes), "--json", str(work / f"eval_{scale}{tag}.json")]  # fmt: skip
-        mb, s = run(ev, repo, work / f"eval_{scale}{tag}.log")
-        rows.append(("eval", scale, count_images(d, ("novel",)), mb, s))
+        if "eval" in args.commands:
+            mb, s = run(ev, repo, work / f"eval_{scale}{tag}.log")
+            rows.append(("eval", scale, count_images(d, ("novel",)), mb, s))
     print(f"| command{' (' + args.label + ')' if args.label else ''} | scale | images | peak RSS MB | s |")
     print("|---|---|---|---|---|")
     for r in rows:
         print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]:.0f} | {r[4]:.0f} |")
     for cmd in ("teach", "eval"):
+        if cmd not in args.commands:
+            continue
         a, b = [r for r in rows if r[0] == cmd]
         print(f"{cmd}: slope {(b[3] - a[3]) / (b[2] - a[2]) * 1000:.1f} MB per 1,000 images")
     if args.json:

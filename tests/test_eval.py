@@ -297,3 +297,64 @@ def test_demo_summary_rows_teacher_and_translator() -> None:
     assert "1-shot: distilled 20.0 ± 0.5 | baseline 10.0 ± 0.5 | gain +10.0" in t
     assert "distilled+translator (teacher's space) 24.0 ± 0.5" in t and "the ceiling) 80.0 ± 0.5" in t
     assert "distilled at 25 % of the teacher" in t
+
+
+def test_spill_store_round_trips_arrays_off_the_heap() -> None:
+    """Query detections live in a temporary file: every dtype/shape (empty too) reads back equal and writable,
+    a rewrite is seen (version), and what is written does not stay in the process's memory."""
+    from mocha_edge.evaluate import SpillStore
+
+    st = SpillStore()
+    rng = np.random.default_rng(0)
+    vals = {
+        "a": (rng.random((7, 4), dtype=np.float32), rng.random(7).astype(np.float16), np.arange(7)),
+        "empty": (np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros((0, 128), np.float16)),
+        ("tuple", 3): (np.asfortranarray(rng.random((3, 5))), np.array(2.5)),
+    }
+    for k, v in vals.items():
+        st[k] = v
+    assert len(st) == 3 and set(st) == set(vals) and st.version("a") == 1
+    for k, v in vals.items():
+        got = st[k]
+        assert len(got) == len(v)
+        for x, y in zip(got, v):
+            assert x.dtype == y.dtype and x.shape == y.shape and np.array_equal(x, y)
+            assert x.flags.writeable
+    got = st["a"]
+    got[0][:] = -1  # a read is a copy: the store is unchanged
+    assert np.array_equal(st["a"][0], vals["a"][0])
+    st["a"] = (np.ones(2, np.int8),)
+    assert st.version("a") == 2 and st["a"][0].tolist() == [1, 1]
+    assert st.nbytes == sum(x.nbytes for v in vals.values() for x in v) + 2
+    del st["a"]
+    assert "a" not in st and len(st) == 2
+
+
+def test_derived_arrays_of_spilled_queries_are_computed_once(synth_small: Path, monkeypatch) -> None:
+    """Views over a SpillStore: centred vectors and IoU of each query image are computed once, not once
+    per episode, and again only for an image whose detections were rewritten; the mAP is the dict's."""
+    import mocha_edge.evaluate as ev
+
+    ds = load_dataset(synth_small)
+    eps = ds.episodes[1][:3]
+    views, gt = _oracle_views(ds, eps, noise=0.5)  # plain dicts
+    store = ev.SpillStore()
+    for p, q in views.query.items():
+        store[p] = q
+    spilled = ev.Views(views.support, store, space=views.space)
+    calls = []
+    real = ev.centre_vectors
+    monkeypatch.setattr(ev, "centre_vectors", lambda *a: calls.append(1) or real(*a))
+    for _ in range(3):
+        for p in store:
+            ev._query_centred(spilled, p)
+            ev._query_iou(spilled, p, gt[p])
+    assert len(calls) == len(store) and spilled.derived is not None and len(spilled.derived) == 2 * len(store)
+    first = next(iter(store))
+    store[first] = store[first]  # rewritten: derived again for that image only
+    ev._query_centred(spilled, first)
+    assert len(calls) == len(store) + 1
+    for mode in ("conditional", "global"):
+        assert _episode_map(ds, eps[0], spilled, mode, gt) == pytest.approx(
+            _episode_map(ds, eps[0], views, mode, gt)
+        )
