@@ -435,7 +435,9 @@ def _parse_hyp(values: tuple[str, ...]) -> dict:
 @click.option(
     "--whitened-targets/--no-whitened-targets",
     default=None,
-    help="Require targets whitened per PCA component in the cache [paper: on; edge: off]",
+    help="Distil targets whitened per PCA component (the cache must be whitened: teach's default) or the "
+    "PCA projection itself (a whitened cache's targets are multiplied back by its divisors) "
+    "[paper: on; edge: off]",
 )
 @click.option("--lambda-dist", default=1.0, show_default=True, help="Weight of L_dist (local alignment).")
 @click.option("--lambda-emb", default=1.0, show_default=True, help="Weight of L_emb (relational).")

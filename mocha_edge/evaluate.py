@@ -677,7 +677,9 @@ def evaluate(
         if openset:
             views[name].space = space
         how = f"{src}'s vectors translated" if src else f"{len(support)} support + {len(query)} query images"
-        log(f"{name}: {how} in {time.perf_counter() - t0:.1f} s")
+        q = views[name].query
+        spilled = f", query detections {q.nbytes / 2**20:.1f} MB on disk" if isinstance(q, SpillStore) else ""
+        log(f"{name}: {how} in {time.perf_counter() - t0:.1f} s{spilled}")
     views = {n: views[n] for n in models}
     if random_init:
         if not models:

@@ -73,7 +73,9 @@ class Recipe:
     ema: bool  # the saved student is an EMA of its weights (else the weights themselves)
     tau: float  # L_emb temperature
     emb_on: str  # student | translated
-    whitened_targets: bool  # require teacher targets whitened per PCA component
+    # distil targets whitened per PCA component (a whitened cache required) or the PCA projection itself (a
+    # whitened cache's targets multiplied back by its divisors)
+    whitened_targets: bool
 
 
 RECIPES: dict[str, Recipe] = {
@@ -536,6 +538,11 @@ class Trainer:
             # was fitted on): PCA outputs of unit-norm teacher vectors are ~1/sqrt(d_t) per dimension, which
             # would leave MSE+L1 satisfied by predicting zeros. The scalar is stored in the checkpoint.
             tgt = self.cache.targets
+            if not cfg.whitened_targets and cache_targets_whitened(self.cache):
+                # the PCA projection itself: each component multiplied back by the divisor teach divided it
+                # by, i.e. a `teach --whiten none` cache's targets (edge: measured better for the stripped
+                # student, README "Recipes: what each setting is worth")
+                tgt = tgt * np.asarray(self.cache.pca.scale, tgt.dtype)[None, :]
             cache_rows = self._cache_rows(ds.items("train"))
             fit_rows = [r for rows in cache_rows for r in rows.tolist() if r >= 0]
             rms = float(np.sqrt(np.mean(tgt[fit_rows] ** 2))) if fit_rows else 1.0

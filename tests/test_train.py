@@ -558,3 +558,24 @@ def test_unwhitened_cache_is_refused_by_paper(
                       recipe="paper", whitened_targets=False, teacher_cache=str(synth_cache), epochs=1,
                       val_every=0, **TINY)  # fmt: skip
     assert train(cfg, progress=False).history[-1]["epoch"] == 1  # --no-whitened-targets lets it run
+
+
+def test_edge_distils_the_unwhitened_projection_of_a_whitened_cache(
+    base_run: Path, synth_small: Path, synth_cache: Path, tmp_path: Path
+) -> None:
+    """--no-whitened-targets (edge) on a whitened cache: the targets are the PCA projection itself (each
+    component multiplied back by its divisor), up to the one unit-RMS scalar; --whitened-targets keeps them."""
+    from mocha_edge.cache import TeacherCache
+    from mocha_edge.train import Trainer
+
+    cache = TeacherCache.load(synth_cache)
+    assert cache.whiten == "measured" and not np.allclose(cache.pca.scale, cache.pca.scale[0])
+    got = {}
+    for whitened in (False, True):
+        cfg = TrainConfig(data=str(synth_small), out=str(tmp_path / str(whitened)), model=str(base_run / "last.ckpt"),
+                          teacher_cache=str(synth_cache), whitened_targets=whitened, epochs=1, **TINY)  # fmt: skip
+        tr = Trainer(cfg, progress=False)
+        tr._setup(None)
+        got[whitened] = tr.targets.numpy() / tr.target_scale
+    np.testing.assert_allclose(got[True], cache.targets, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got[False], cache.targets * cache.pca.scale, rtol=1e-5, atol=1e-6)
