@@ -162,36 +162,40 @@ class SpillStore(MutableMapping):
         self._file = tempfile.TemporaryFile(prefix="mocha-edge-eval-")  # noqa: SIM115 (held for the store's life)
         self._fd = self._file.fileno()
         self._end = 0
-        self._index: dict[Any, tuple[tuple[int, str, tuple[int, ...]], ...]] = {}
+        # key -> (offset, bytes, ((offset in the record, bytes, dtype, shape), ...)): one record per value
+        self._index: dict[Any, tuple[int, int, tuple[tuple[int, int, np.dtype, tuple[int, ...]], ...]]] = {}
         self._versions: dict[Any, int] = {}
 
     def __setitem__(self, key: Any, value: tuple[np.ndarray, ...]) -> None:
-        where = []
+        parts, where, size = [], [], 0
         for a in value:
             a = np.asarray(a)
             a = a if a.flags.c_contiguous else a.copy(order="C")  # (ascontiguousarray makes 0-d 1-d)
-            data = memoryview(a.reshape(-1).view(np.uint8)) if a.nbytes else memoryview(b"")
-            done = 0
-            while done < len(data):  # pwrite may write less than asked
-                done += os.pwrite(self._fd, data[done:], self._end + done)
-            where.append((self._end, a.dtype.str, a.shape))
-            self._end += a.nbytes
-        self._index[key] = tuple(where)
+            size += -size % 8  # each array 8-byte aligned in the record
+            where.append((size, a.nbytes, a.dtype, a.shape))
+            parts.append((size, a))
+            size += a.nbytes
+        record = bytearray(size)
+        for off, a in parts:
+            if a.nbytes:
+                record[off : off + a.nbytes] = a.reshape(-1).view(np.uint8).data
+        done = 0
+        while done < size:  # pwrite may write less than asked
+            done += os.pwrite(self._fd, memoryview(record)[done:], self._end + done)
+        self._index[key] = (self._end, size, tuple(where))
+        self._end += size + (-size % 8)
         self._versions[key] = self._versions.get(key, 0) + 1
 
     def __getitem__(self, key: Any) -> tuple[np.ndarray, ...]:
-        out = []
-        for offset, dtype, shape in self._index[key]:
-            dt = np.dtype(dtype)
-            buf = bytearray(int(np.prod(shape, dtype=np.int64)) * dt.itemsize)
-            done = 0
-            while done < len(buf):
-                n = os.preadv(self._fd, [memoryview(buf)[done:]], offset + done)
-                if n <= 0:
-                    raise EvalError(f"evaluation spill file: short read for {key!r}")
-                done += n
-            out.append(np.frombuffer(buf, dt).reshape(shape))
-        return tuple(out)
+        offset, size, where = self._index[key]
+        buf = np.empty(size, np.uint8)
+        done = 0
+        while done < size:
+            n = os.preadv(self._fd, [buf[done:]], offset + done)
+            if n <= 0:
+                raise EvalError(f"evaluation spill file: short read for {key!r}")
+            done += n
+        return tuple(buf[off : off + n].view(dt).reshape(shape) for off, n, dt, shape in where)
 
     def __delitem__(self, key: Any) -> None:
         del self._index[key]
@@ -234,7 +238,12 @@ class Views:
 
 
 def _derived(
-    views: Views, kind: str, p: Path, dep: Any, make: Callable[[tuple[np.ndarray, ...]], np.ndarray]
+    views: Views,
+    kind: str,
+    p: Path,
+    dep: Any,
+    make: Callable[[tuple[np.ndarray, ...]], np.ndarray],
+    q: tuple[np.ndarray, ...] | None = None,
 ) -> np.ndarray:
     """``make(detections of p)``, computed once per image and ``kind`` and again only when the image's
     detections or ``dep`` (the space, the ground truth) were replaced."""
@@ -244,7 +253,7 @@ def _derived(
     if hit is not None and (hit[0] == src if isinstance(src, int) else hit[0] is src) and hit[1] is dep:
         assert views.derived is not None
         return views.derived[key][0]
-    arr = make(views.query[p])
+    arr = make(views.query[p] if q is None else q)
     if views.derived is None:
         views.derived = SpillStore()
     views.derived[key] = (arr,)
@@ -252,18 +261,18 @@ def _derived(
     return arr
 
 
-def _query_centred(views: Views, p: Path) -> np.ndarray:
+def _query_centred(views: Views, p: Path, q: tuple[np.ndarray, ...] | None = None) -> np.ndarray:
     """Image ``p``'s detection vectors in the matching space: the same in every episode, so computed once
-    (recomputed when the detections or the space are replaced)."""
+    (recomputed when the detections or the space are replaced). ``q``: ``views.query[p]`` if already read."""
     if views.centred_only:
-        return views.query[p][3]
+        return (views.query[p] if q is None else q)[3]
 
     def make(q: tuple[np.ndarray, ...]) -> np.ndarray:
         means, proj = matcher_args(views.space)
         u = centre_vectors(q[3], q[2], means, proj)  # float32; kept in the vectors' storage dtype
         return u.astype(q[3].dtype) if q[3].dtype == QUERY_DTYPE else u
 
-    return _derived(views, "u", p, views.space, make)
+    return _derived(views, "u", p, views.space, make, q)
 
 
 def _query_iou(views: Views, p: Path, gt: np.ndarray) -> torch.Tensor:
@@ -506,7 +515,8 @@ def _episode_map(
     tps, confs, pcls, tcls = [], [], [], []
     for p in ep.query:
         it = items[p]
-        _, scores, cls, vecs = views.query[p]
+        q = views.query[p]  # one read (a SpillStore reads from its file)
+        _, scores, cls, vecs = q
         gt_ids = torch.from_numpy(it.instance.astype(np.int64))
         tcls.append(it.instance.astype(np.int64))
         if len(scores) == 0:
@@ -516,7 +526,7 @@ def _episode_map(
             keep = idx >= 0
             score = np.asarray(scores, np.float32) * keep
         else:  # the query vectors are centred once per view (means/proj already applied)
-            idx, sim = match(_query_centred(views, p), cls, protos, proto_cls, mode)
+            idx, sim = match(_query_centred(views, p, q), cls, protos, proto_cls, mode)
             keep = idx >= 0
             score = scores * np.maximum(sim, 0) * keep
         ident = np.where(keep, np.asarray(inst_ids)[np.maximum(idx, 0)], -1)
@@ -589,9 +599,10 @@ def _episode_openset(
     total = IdCounts()
     for p in ep.query:
         it = items[p]
-        boxes, scores, cls, _ = views.query[p]
+        q = views.query[p]
+        boxes, scores, cls, _ = q
         keep = np.asarray(scores) >= run_conf
-        idx, sim = match(_query_centred(views, p)[keep], np.asarray(cls)[keep], protos, proto_cls, mode)
+        idx, sim = match(_query_centred(views, p, q)[keep], np.asarray(cls)[keep], protos, proto_cls, mode)
         ident = np.where(np.asarray(scores)[keep] >= name_conf, decide(idx, sim, thr), -1)
         if unique:
             ident = one_per_identity(ident, sim)

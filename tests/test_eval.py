@@ -325,7 +325,8 @@ def test_spill_store_round_trips_arrays_off_the_heap() -> None:
     assert np.array_equal(st["a"][0], vals["a"][0])
     st["a"] = (np.ones(2, np.int8),)
     assert st.version("a") == 2 and st["a"][0].tolist() == [1, 1]
-    assert st.nbytes == sum(x.nbytes for v in vals.values() for x in v) + 2
+    raw = sum(x.nbytes for v in vals.values() for x in v) + 2  # + 8-byte alignment of each array
+    assert raw <= st.nbytes <= raw + 8 * 10
     del st["a"]
     assert "a" not in st and len(st) == 2
 
