@@ -183,6 +183,7 @@ def test_distilled_and_baseline_share_student_steps(
         "data": str(synth_small),
         "model": str(base_run / "last.ckpt"),
         "epochs": 4,
+        "schedule": "published",
         "student_every": 2,
         **TINY,
     }
