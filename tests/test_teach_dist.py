@@ -3,9 +3,7 @@ a killed rank loses only its unfinished shard; failures end every rank with a cl
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -13,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from distrun import output, run, torchrun
 
 from mocha_edge import distributed
 from mocha_edge.cli import cli
@@ -20,8 +19,6 @@ from mocha_edge.data import load_dataset
 from mocha_edge.distributed import DistEnv, DistributedError
 
 CHUNK = 4  # images per shard: the small benchmark makes ~18 chunks, ~9 per rank
-ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-LIMIT = 120  # s: a run that takes longer than this is a hang
 
 # The builtin teacher trained for 1 epoch (fast), saying when it trains; DIE_RANK=R makes rank R exit hard
 # right after writing its first shard (as a kill would).
@@ -57,25 +54,6 @@ _SCRIPT = textwrap.dedent(
 )
 
 
-def _run(cmd: list[str], **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        cmd, env={**os.environ, **ENV, **env}, capture_output=True, text=True, timeout=LIMIT
-    )
-
-
-def _torchrun(script: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(script),
-    ]
-    return _run([*cmd, "teach", *args], **env)
-
-
 def _args(data: Path, out: Path, batch: int, teacher: str = "tiny-builtin", *more: str) -> list[str]:
     return ["--teacher", teacher, "--data", str(data), "--out", str(out), "--chunk", str(CHUNK),
             "--batch", str(batch), "--dim", "32", "--quiet", *more]  # fmt: skip
@@ -100,10 +78,6 @@ def _assert_same_cache(a: Path, b: Path, ignore_meta: tuple[str, ...] = ()) -> N
     assert {k: v for k, v in ma.items() if k not in skip} == {k: v for k, v in mb.items() if k not in skip}
 
 
-def _out(r: subprocess.CompletedProcess) -> str:
-    return r.stdout + r.stderr
-
-
 @pytest.fixture(scope="module")
 def script(tmp_path_factory: pytest.TempPathFactory) -> Path:
     p = tmp_path_factory.mktemp("script") / "teach_tiny.py"
@@ -115,8 +89,8 @@ def script(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def reference(script: Path, synth_small: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The single-process cache (--batch 8) with the tiny teacher trained here; its weights beside it."""
     out = tmp_path_factory.mktemp("ref") / "ref.safetensors"
-    r = _run([sys.executable, str(script), "teach", *_args(synth_small, out, 8)])
-    assert r.returncode == 0, _out(r)
+    r = run([sys.executable, str(script), "teach", *_args(synth_small, out, 8)])
+    assert r.returncode == 0, output(r)
     assert r.stdout.count("TRAINING") == 1
     return out
 
@@ -131,8 +105,8 @@ def test_torchrun_equals_single_process(
 ) -> None:
     """2 ranks, --batch 16 (8 per rank): rank 0 trains the teacher once; the merged cache is the same bits."""
     out = tmp_path / "dist.safetensors"
-    r = _torchrun(script, *_args(synth_small, out, 16))
-    text = _out(r)
+    r = torchrun(script, "teach", *_args(synth_small, out, 16))
+    text = output(r)
     assert r.returncode == 0, text
     assert re.findall(r"TRAINING on rank \S+", text) == ["TRAINING on rank 0"]  # once, on rank 0
     n = _n_chunks(synth_small)
@@ -144,8 +118,8 @@ def test_torchrun_equals_single_process(
     _assert_same_cache(reference, out, ignore_meta=("teacher_weights",))
     assert _weights(out).read_bytes() == _weights(reference).read_bytes()
     # rerun: up to date; nothing trained, nothing computed, every rank exits 0
-    r = _torchrun(script, *_args(synth_small, out, 16))
-    text = _out(r)
+    r = torchrun(script, "teach", *_args(synth_small, out, 16))
+    text = output(r)
     assert r.returncode == 0, text
     assert "TRAINING" not in text and f"cache up to date: {out}" in text
     assert f"rank 1/2: nothing to do; rank 0 wrote {out}" in text
@@ -155,8 +129,8 @@ def test_nproc_launches_torchrun(reference: Path, synth_small: Path, tmp_path: P
     """`python -m mocha_edge teach --nproc 2` (the builtin teacher, the reference's weights) == one process."""
     out = tmp_path / "nproc.safetensors"
     args = _args(synth_small, out, 16, "builtin", "--model", str(_weights(reference)), "--nproc", "2")
-    r = _run([sys.executable, "-m", "mocha_edge", "teach", *args])
-    assert r.returncode == 0, _out(r)
+    r = run([sys.executable, "-m", "mocha_edge", "teach", *args])
+    assert r.returncode == 0, output(r)
     assert "rank 1/2:" in r.stdout and ", 2 ranks" in r.stdout
     _assert_same_cache(reference, out, ignore_meta=("teacher_weights",))
 
@@ -169,8 +143,8 @@ def test_killed_rank_keeps_its_shards_and_rerun_resumes(
     out = tmp_path / "k.safetensors"
     partial = out.with_name(out.name + ".partial")
     args = _args(synth_small, out, 16, "builtin", "--model", str(_weights(reference)))
-    r = _torchrun(script, *args, DIE_RANK="1")
-    text = _out(r)
+    r = torchrun(script, "teach", *args, DIE_RANK="1")
+    text = output(r)
     assert r.returncode != 0, text
     assert re.search(r"error: rank 0/2: (stopped by SIGTERM|lost the other ranks)", text), text
     assert "exitcode" in text and ": 9" in text  # torchrun names the rank that died
@@ -181,8 +155,8 @@ def test_killed_rank_keeps_its_shards_and_rerun_resumes(
     assert not list(partial.glob(".*.tmp"))  # no half-written shard
 
     n, k = _n_chunks(synth_small), len(shards)
-    r = _torchrun(script, *args)
-    text = _out(r)
+    r = torchrun(script, "teach", *args)
+    text = output(r)
     assert r.returncode == 0, text
     assert f"resuming: {k} of {n} chunks already computed" in text
     assert f"{n - k} chunks computed, {k} resumed" in text
@@ -193,9 +167,9 @@ def test_killed_rank_keeps_its_shards_and_rerun_resumes(
 def test_failing_rank_stops_the_others_with_its_reason(coco8_yaml: Path, tmp_path: Path) -> None:
     """Rank 0 cannot train the builtin teacher (no instance labels): rank 1 says why and exits, no hang."""
     out = tmp_path / "c.safetensors"
-    r = _run([sys.executable, "-m", "mocha_edge", "teach", "--data", str(coco8_yaml), "--out", str(out),
+    r = run([sys.executable, "-m", "mocha_edge", "teach", "--data", str(coco8_yaml), "--out", str(out),
               "--quiet", "--nproc", "2"])  # fmt: skip
-    text = _out(r)
+    text = output(r)
     assert r.returncode != 0
     assert "error: rank 0/2: " in text and "builtin teacher needs instance labels" in text
     assert "error: rank 1/2: rank 0 failed while preparing the teacher" in text
@@ -208,8 +182,8 @@ def test_busy_lock_times_out_on_rank_0_first(script: Path, synth_small: Path, tm
 
     out = tmp_path / "c.safetensors"
     with FileLock(str(out) + ".lock"):
-        r = _torchrun(script, *_args(synth_small, out, 16), MOCHA_EDGE_DIST_TIMEOUT="12")
-    text = _out(r)
+        r = torchrun(script, "teach", *_args(synth_small, out, 16), MOCHA_EDGE_DIST_TIMEOUT="12")
+    text = output(r)
     assert r.returncode != 0
     assert "error: rank 0/2: " in text and "another process held" in text and "for 6 s" in text
     assert "error: rank 1/2: rank 0 failed while taking" in text

@@ -4,9 +4,7 @@ the other with a clear line, never a hang; --nproc relaunches through torchrun."
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
 import sys
 import textwrap
 import time
@@ -15,13 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from distrun import output, run, torchrun
 
 from mocha_edge import distributed
 from mocha_edge.cli import cli
 from mocha_edge.train import load_checkpoint, rank_batches, single_process_batches
-
-ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-LIMIT = 120  # s: a run that takes longer than this is a hang
 
 # Test-only hooks, each switched on by an environment variable:
 #   FREEZE_BN=1  the student's BatchNorm layers stay in eval mode (running statistics, not the batch's)
@@ -99,29 +95,6 @@ _SCRIPT = textwrap.dedent(
 )
 
 
-def _run(cmd: list[str], **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        cmd, env={**os.environ, **ENV, **env}, capture_output=True, text=True, timeout=LIMIT
-    )
-
-
-def _torchrun(script: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(script),
-    ]
-    return _run([*cmd, "train", *args], **env)
-
-
-def _out(r: subprocess.CompletedProcess) -> str:
-    return r.stdout + r.stderr
-
-
 def _args(data: Path, cache: Path, out: Path, *more: str, imgsz: int = 64) -> list[str]:
     """A tiny distillation from an untrained YOLOv8n: 48 training images, 3 global batches of 16 an epoch."""
     return ["--data", str(data), "--teacher-cache", str(cache), "--model", "yolov8n.yaml",
@@ -161,11 +134,11 @@ def test_two_ranks_take_the_steps_of_one_process(
     (tmp_path / "one").mkdir()
     (tmp_path / "two").mkdir()
     args = _args(synth_small, synth_cache, tmp_path / "s", *more, **size)
-    one = _run([sys.executable, str(script), "train", *args], DUMP=str(tmp_path / "one"), **hooks)
-    assert one.returncode == 0, _out(one)
-    two = _torchrun(script, *_args(synth_small, synth_cache, tmp_path / "d", *more, **size),
+    one = run([sys.executable, str(script), "train", *args], DUMP=str(tmp_path / "one"), **hooks)
+    assert one.returncode == 0, output(one)
+    two = torchrun(script, "train", *_args(synth_small, synth_cache, tmp_path / "d", *more, **size),
                     DUMP=str(tmp_path / "two"), **hooks)  # fmt: skip
-    text = _out(two)
+    text = output(two)
     assert two.returncode == 0, text
     assert "torchrun: 2 ranks (gloo), 8 images each per batch of 16" in text
     assert f"rank 1/2: done; rank 0 wrote {tmp_path / 'd' / 'last.ckpt'}" in text
@@ -205,7 +178,7 @@ def test_two_ranks_take_the_steps_of_one_process(
 def uninterrupted(synth_small: Path, synth_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """`python -m mocha_edge train --nproc 2`, uninterrupted (the edge recipe as is)."""
     out = tmp_path_factory.mktemp("full") / "run"
-    r = _run(
+    r = run(
         [
             sys.executable,
             "-m",
@@ -226,7 +199,7 @@ def killed(
     """The same run with rank 1 killed at its 8th iteration (epoch 3's 2nd batch), the wait limit at 20 s."""
     out = tmp_path_factory.mktemp("killed") / "run"
     t0 = time.perf_counter()
-    r = _torchrun(script, *_args(synth_small, synth_cache, out, *RUN), DIE_RANK="1", DIE_AT="8",
+    r = torchrun(script, "train", *_args(synth_small, synth_cache, out, *RUN), DIE_RANK="1", DIE_AT="8",
                   MOCHA_EDGE_DIST_TIMEOUT="20")  # fmt: skip
     seconds = time.perf_counter() - t0
     epoch = load_checkpoint(out / "last.ckpt")["epoch"] if (out / "last.ckpt").is_file() else None
@@ -235,7 +208,7 @@ def killed(
 
 def test_nproc_launches_torchrun(uninterrupted: dict) -> None:
     r, out = uninterrupted["result"], uninterrupted["out"]
-    text = _out(r)
+    text = output(r)
     assert r.returncode == 0, text
     assert "torchrun: 2 ranks (gloo), 8 images each per batch of 16" in text
     assert f"rank 1/2: done; rank 0 wrote {out / 'last.ckpt'}" in text
@@ -251,7 +224,7 @@ def test_killed_rank_stops_the_other(killed: dict) -> None:
     """Rank 1 exits hard mid-epoch: rank 0 says why it stops and exits non-zero, well within the wait limit;
     the last finished epoch's checkpoint stays."""
     r = killed["result"]
-    text = _out(r)
+    text = output(r)
     assert r.returncode != 0, text
     assert "DYING rank 1" in text
     why = r"(stopped by SIGTERM|lost the other ranks while training epoch 3, batch 2)"
@@ -264,9 +237,9 @@ def test_killed_rank_stops_the_other(killed: dict) -> None:
 def test_resume_ends_where_the_uninterrupted_run_ends(killed: dict, uninterrupted: dict) -> None:
     """`--resume --nproc 2` on the killed run (both ranks load its last.ckpt) ends with the uninterrupted
     run's weights, EMA, translator, optimiser steps and history."""
-    assert uninterrupted["result"].returncode == 0, _out(uninterrupted["result"])
+    assert uninterrupted["result"].returncode == 0, output(uninterrupted["result"])
     out = killed["out"]
-    r = _run(
+    r = run(
         [
             sys.executable,
             "-m",
@@ -280,7 +253,7 @@ def test_resume_ends_where_the_uninterrupted_run_ends(killed: dict, uninterrupte
             "2",
         ]
     )
-    text = _out(r)
+    text = output(r)
     assert r.returncode == 0, text
     assert f"resuming {out} after epoch 2 of 3" in text and "rank 1/2: done" in text
     a, b = load_checkpoint(uninterrupted["out"] / "last.ckpt"), load_checkpoint(out / "last.ckpt")
@@ -301,9 +274,9 @@ def test_hung_rank_times_out(script: Path, synth_small: Path, synth_cache: Path,
     """Rank 1 stops answering (sleeps) mid-epoch: rank 0's gradient all-reduce gives up after
     MOCHA_EDGE_DIST_TIMEOUT and says so; torchrun then stops rank 1."""
     t0 = time.perf_counter()
-    r = _torchrun(script, *_args(synth_small, synth_cache, tmp_path / "h", *RUN), DIE_RANK="1", DIE_AT="5",
+    r = torchrun(script, "train", *_args(synth_small, synth_cache, tmp_path / "h", *RUN), DIE_RANK="1", DIE_AT="5",
                   HANG="1", MOCHA_EDGE_DIST_TIMEOUT="8")  # fmt: skip
-    text = _out(r)
+    text = output(r)
     assert r.returncode != 0, text
     assert "HANGING rank 1" in text
     assert "error: rank 0/2: lost the other ranks while training epoch 2, batch 2" in text
