@@ -31,6 +31,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "cache": "none"
     },  # a cache never whitened (edge un-whitens a whitened one: the same targets)
     "no-aug": {"augment": False},
+    # augmentation kept but no colour jitter: the jitter teaches invariance to colour, which may be what tells
+    # two objects of a class apart
+    "no-hsv": {"hyp": {"hsv_h": 0.0, "hsv_s": 0.0, "hsv_v": 0.0}},
     # the schedule the edge recipe had before the ablation (student every 4th of 20 epochs at lr 1e-4), with the
     # shared warm-up and with each group's own (under the joint schedule the two are the same run)
     "published": {"schedule": "published", "epochs": 20, "lr_student": 1e-4},
