@@ -233,6 +233,44 @@ def _mmap_tensor(path: Path, name: str) -> np.ndarray | None:
     return np.memmap(path, dtype=_NP_DTYPES[info["dtype"]], mode="r", offset=8 + n + begin, shape=shape)
 
 
+def _check_structure(path: Path, meta: dict[str, str], t: dict[str, np.ndarray]) -> list[str]:
+    """The split names of a cache whose tensors fit together; a file that parses but does not (edited, cut
+    from another cache, hostile) raises one :class:`CacheError` line naming the file and what is wrong."""
+
+    def bad(why: str) -> CacheError:
+        return CacheError(f"{path}: malformed teacher cache ({why})")
+
+    need = ("targets", "image_hash", "boxes", "cls", "instance", "split", "pca_mean", "pca_components",
+            "pca_scale", "pca_explained_variance")  # fmt: skip
+    missing = [k for k in need if k not in t]
+    if missing:
+        raise bad(f"no {', '.join(missing)}")
+    try:
+        splits = json.loads(meta.get("split_names", ""))
+    except json.JSONDecodeError:
+        splits = None
+    if not isinstance(splits, list) or not all(isinstance(s, str) for s in splits):
+        raise bad("split_names is not a JSON list of names")
+    targets, comps = t["targets"], t["pca_components"]
+    if targets.ndim != 2 or comps.ndim != 2 or t["pca_mean"].ndim != 1:
+        raise bad(f"targets {targets.shape}, pca_components {comps.shape}: expected 2-D")
+    n, d_t = targets.shape
+    shapes = {"image_hash": (n, None), "boxes": (n, 4), "cls": (n,), "instance": (n,), "split": (n,),
+              "pca_components": (d_t, len(t["pca_mean"])), "pca_scale": (d_t,), "pca_explained_variance": (d_t,)}  # fmt: skip
+    for k, want in shapes.items():
+        got = t[k].shape
+        if len(got) != len(want) or any(w is not None and g != w for g, w in zip(got, want)):
+            raise bad(f"{k} has shape {got}, expected {tuple('*' if w is None else w for w in want)}")
+    for k in ("targets", "boxes", "pca_mean", "pca_components", "pca_scale"):
+        if t[k].dtype.kind != "f" or not np.isfinite(t[k]).all():
+            raise bad(f"{k} is not all finite floats")
+    if t["split"].dtype.kind not in "iu" or (
+        n and not (t["split"].min() >= 0 and t["split"].max() < len(splits))
+    ):
+        raise bad(f"split indices outside the {len(splits)} split names")
+    return splits
+
+
 @dataclass
 class TeacherCache:
     """A loaded cache. ``targets[i]`` is the PCA-reduced, whitened (:attr:`whiten`) teacher vector of box ``i``."""
@@ -274,13 +312,20 @@ class TeacherCache:
             )
         if whiten not in WHITEN_MODES:
             raise CacheError(f"{path}: unknown target whitening {whiten!r} (a newer mocha-edge wrote it)")
-        splits = json.loads(meta["split_names"])
+        splits = _check_structure(path, meta, t)
+        try:
+            raw = _mmap_tensor(path, "raw")
+        except (KeyError, ValueError, OSError) as e:
+            raise CacheError(f"{path}: malformed teacher cache (raw: {e!r})") from None
+        want = (len(t["targets"]), len(t["pca_mean"]))
+        if raw is not None and raw.shape != want:
+            raise CacheError(f"{path}: malformed teacher cache (raw has shape {raw.shape}, expected {want})")
         extras = {k[len("extra.") :]: v for k, v in t.items() if k.startswith("extra.")}
         return cls(
             path=path,
             meta=meta,
             targets=t["targets"],
-            raw=_mmap_tensor(path, "raw"),  # (N, D): mapped, not read; rows are paged in when used
+            raw=raw,  # (N, D): mapped, not read; rows are paged in when used
             image_hash=[bytes_to_hash(r) for r in t["image_hash"]],
             boxes=t["boxes"],
             cls=t["cls"],

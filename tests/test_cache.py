@@ -79,3 +79,55 @@ def test_corrupt_cache_is_refused(tmp_path, bad) -> None:
     p.write_bytes(bad)
     with pytest.raises(CacheError, match="unreadable teacher cache"):
         TeacherCache.load(p)
+
+
+def _edited(src, dst, edit) -> None:
+    """A copy of cache ``src`` at ``dst`` whose (metadata, tensors) went through ``edit``."""
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    with safe_open(str(src), framework="numpy") as f:
+        meta, t = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    edit(meta, t)
+    save_file(t, str(dst), metadata=meta)
+
+
+def _drop_boxes(meta, t):
+    del t["boxes"]
+
+
+def _nan_target(meta, t):
+    t["targets"][0, 0] = np.nan
+
+
+@pytest.mark.parametrize(
+    ("edit", "why"),
+    [
+        (_drop_boxes, r"\(no boxes\)"),
+        (lambda m, t: m.update(split_names="{"), "split_names is not a JSON list"),
+        (
+            lambda m, t: t.update(boxes=t["boxes"][:, :3].copy()),
+            r"boxes has shape \(\d+, 3\), expected \(\d+, 4\)",
+        ),
+        (lambda m, t: t.update(cls=t["cls"][:-1].copy()), "cls has shape"),
+        (lambda m, t: t.update(pca_scale=t["pca_scale"][:-1].copy()), "pca_scale has shape"),
+        (_nan_target, "targets is not all finite floats"),
+        (lambda m, t: t.update(split=np.full_like(t["split"], 7)), "split indices outside the 3 split names"),
+        (
+            lambda m, t: t.update(raw=np.zeros((len(t["targets"]), 5), np.float16)),
+            r"raw has shape \(\d+, 5\)",
+        ),
+    ],
+)
+def test_inconsistent_cache_is_refused_in_one_line(synth_cache, tmp_path, edit, why) -> None:
+    """A cache that parses but whose tensors do not fit together (edited, spliced, hostile) is refused with
+    one line naming the file and the problem, before anything indexes into it."""
+    from mocha_edge.cache import TeacherCache
+    from mocha_edge.errors import CacheError
+
+    TeacherCache.load(synth_cache)  # the unedited copy loads
+    p = tmp_path / "edited.safetensors"
+    _edited(synth_cache, p, edit)
+    with pytest.raises(CacheError, match=why) as e:
+        TeacherCache.load(p)
+    assert str(e.value).startswith(f"{p}: malformed teacher cache (") and "\n" not in str(e.value)
