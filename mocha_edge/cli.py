@@ -428,7 +428,7 @@ def _parse_hyp(values: tuple[str, ...]) -> dict:
 @click.option(
     "--augment/--no-augment",
     default=None,
-    help="ultralytics' augmentation while training [paper: off, letterbox only; edge: on]",
+    help="ultralytics' augmentation while distilling [both recipes: off, letterbox only; the base stage: on]",
 )
 @click.option("--ema/--no-ema", default=None, help="Save an EMA of the student [paper: off; edge: on]")
 @click.option("--grad-clip", type=float, default=None, help="Max gradient norm, 0: none [paper: 0; edge: 10]")

@@ -107,7 +107,7 @@ RECIPES: dict[str, Recipe] = {
         name="edge",
         doc="mocha-edge's recipe for the translator-stripped student it deploys, chosen by the README's "
         "ablations: student and translator every epoch at lr 1e-3 for 5 epochs, unwhitened targets, "
-        "ultralytics' augmentation.",
+        "letterboxed images without augmentation.",
         epochs=5,
         schedule="joint",
         student_every=4,
@@ -121,7 +121,7 @@ RECIPES: dict[str, Recipe] = {
         warmup_epochs=1.0,
         warmup_iters=None,
         lrf=0.01,
-        augment=True,
+        augment=False,
         loss_per_image=False,
         grad_clip=10.0,
         ema=True,

@@ -113,7 +113,8 @@ def synth_cache(synth_small: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 @pytest.fixture(scope="session")
 def student_ckpt(synth_small: Path, synth_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small trained distilled student, shared: 60 base epochs (~50 s; real detections: ~370 at conf 0.1
-    on the 22 val + query images, top scores 0.2-0.4) + 1 joint distill epoch, at 128 px."""
+    on the 22 val + query images, top scores 0.2-0.4) + 1 joint distill epoch with augmentation (the student
+    the tests were written against), at 128 px."""
     from mocha_edge.train import TrainConfig, train
 
     out, done = _shared_dir(tmp_path_factory, "exportstudent")
@@ -122,7 +123,7 @@ def student_ckpt(synth_small: Path, synth_cache: Path, tmp_path_factory: pytest.
     base = train(TrainConfig(data=str(synth_small), out=str(out / "b"), stage="base", epochs=60, imgsz=128, batch=8,
                              workers=0, val_every=0, lr_student=2e-3), progress=False)  # fmt: skip
     cfg = TrainConfig(data=str(synth_small), out=str(out / "d"), model=str(base.checkpoint), teacher_cache=str(synth_cache),
-                      epochs=1, schedule="joint", imgsz=128, batch=8, workers=0, val_every=0)  # fmt: skip
+                      epochs=1, schedule="joint", augment=True, imgsz=128, batch=8, workers=0, val_every=0)  # fmt: skip
     ckpt = train(cfg, progress=False).checkpoint
     if SHARED is not None:
         (out / ".done").write_text(f"{ckpt}\n")

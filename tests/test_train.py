@@ -211,8 +211,9 @@ def test_distilled_and_baseline_share_student_steps(
 def test_resume_continues_exactly(
     base_run: Path, synth_small: Path, synth_cache: Path, tmp_path: Path, monkeypatch
 ) -> None:
+    # with augmentation (not edge's default): its random state must resume too
     common = {"data": str(synth_small), "model": str(base_run / "last.ckpt"), "teacher_cache": str(synth_cache),
-              "epochs": 3, "schedule": "joint", **TINY}  # fmt: skip
+              "epochs": 3, "schedule": "joint", "augment": True, **TINY}  # fmt: skip
     full = train(TrainConfig(out=str(tmp_path / "full"), **common), progress=False)
 
     calls = {"n": 0}
@@ -310,7 +311,9 @@ def test_recipes_resolve_and_flags_override() -> None:
     )
     assert (paper.epochs, paper.student_every, paper.lr_student, paper.lr_translator) == (20, 4, 1e-4, 1e-3)
     edge = TrainConfig(data="x", out="y")
-    assert edge.recipe == "edge" and edge.optimizer == "adamw" and edge.augment and edge.warmup_epochs == 1.0
+    assert (
+        edge.recipe == "edge" and edge.optimizer == "adamw" and not edge.augment and edge.warmup_epochs == 1.0
+    )
     # an explicit value beats the recipe's; the rest stays the recipe's
     over = TrainConfig(data="x", out="y", recipe="paper", optimizer="adamw", augment=True, warmup_epochs=2.0)
     assert (over.optimizer, over.augment, over.warmup_epochs, over.warmup_iters) == ("adamw", True, 2.0, None)

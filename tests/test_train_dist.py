@@ -101,9 +101,9 @@ def _args(data: Path, cache: Path, out: Path, *more: str, imgsz: int = 64) -> li
             "--imgsz", str(imgsz), "--batch", "16", "--workers", "0", "--out", str(out), "--quiet", *more]  # fmt: skip
 
 
-# the resume/kill runs: the edge recipe (augmentation, BatchNorm training, AdamW, EMA, clipping) on the
-# published schedule: epochs 1 and 3 train the translator alone, epoch 2 the student too
-RUN = ("--epochs", "3", "--schedule", "published", "--student-every", "2")
+# the resume/kill runs: the edge recipe plus augmentation (its random state must resume too; BatchNorm training,
+# AdamW, EMA, clipping) on the published schedule: epochs 1 and 3 train the translator alone, epoch 2 the student too
+RUN = ("--epochs", "3", "--schedule", "published", "--student-every", "2", "--augment")
 
 
 @pytest.fixture(scope="module")
