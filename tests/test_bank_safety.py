@@ -413,6 +413,27 @@ def test_bank_of_another_width_is_refused_when_attached(tmp_path: Path) -> None:
         attach_bank(Pipe(), PrototypeBank.load(path), path, print)
 
 
+def test_precision_warning_is_logged_once_per_pipeline(tmp_path: Path) -> None:
+    """`run` attaches the bank at start and again when the enroller first looks at the file: the fp32-bank /
+    int8-model warning is one log line, not one per attach; another pipeline says it again."""
+    import warnings
+
+    from mocha_edge.deploy.enroller import attach_bank
+
+    class WarningPipe:
+        def set_bank(self, bank) -> None:
+            warnings.warn("prototype bank was made at fp32, the model runs at int8", stacklevel=2)
+
+    path = tmp_path / "p.bank"
+    lines: list[str] = []
+    pipe = WarningPipe()
+    for _ in range(3):
+        attach_bank(pipe, None, path, lines.append)
+    assert lines == [f"warning: {path}: prototype bank was made at fp32, the model runs at int8"]
+    attach_bank(WarningPipe(), None, path, lines.append)
+    assert len(lines) == 2
+
+
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1.5", "NaN"])
 def test_set_threshold_refuses_non_cosines(tmp_path: Path, value: str) -> None:
     path = tmp_path / "t.bank"

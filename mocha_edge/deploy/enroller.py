@@ -34,15 +34,23 @@ def attach_bank(
     pipe: LivePipeline, bank: PrototypeBank, path: Path | str, log: Callable[[str], None]
 ) -> None:
     """Give ``bank`` to the pipeline, which refuses one of another model, vector size or space (the error
-    names ``path``); precision warnings become log lines."""
+    names ``path``); precision warnings become log lines, each once per pipeline (a reload of the same
+    file does not repeat it)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             pipe.set_bank(bank)
         except MochaError as e:
             raise type(e)(f"{path}: {e}") from None
+    said = getattr(pipe, "_bank_warnings_said", None)
+    if said is None:
+        said = set()
+        pipe._bank_warnings_said = said
     for w in caught:
-        log(f"warning: {path}: {w.message}")
+        line = f"warning: {path}: {w.message}"
+        if line not in said:
+            said.add(line)
+            log(line)
 
 
 @dataclass
