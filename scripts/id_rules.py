@@ -1,0 +1,181 @@
+"""Decision rules for naming, tried on a finished demo's student (the README's "Against the open-set targets").
+
+Runs ``evaluate``'s open-set episodes (same episodes, same enrolled halves, same banks and calibrated
+thresholds as ``eval``), but records every detection ``run`` would consider naming — its similarities to the
+class's prototypes, the bank's threshold, its confidence and what it really is (the right enrolled object,
+another enrolled one, an unenrolled object, background) — then scores rules on those records:
+the calibrated thresholds (``eval``'s numbers), stricter or looser by an offset, with a margin between the
+two nearest identities, with a higher naming confidence, and one fixed cosine for all.
+
+    python scripts/id_rules.py --demo /tmp/d6262 [--episodes 30] [--model distill]
+
+Prints one line per rule and shot count: id precision / id recall (points), names given, and the wrong
+names by kind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+NAME_CONF = 0.5
+
+
+def record(demo: Path, model: str, shots: int, episodes: int, seed: int) -> list[list[dict[str, Any]]]:
+    """Per episode, one dict per detection at ``run``'s confidence and one ``{"enrolled_detected": n}`` per image."""
+    import mocha_edge.evaluate as ev
+    from mocha_edge.data import load_dataset
+    from mocha_edge.infer import Student
+    from mocha_edge.openset import IOU_MATCH, _iou
+    from mocha_edge.prototypes import PrototypeBank
+    from mocha_edge.space import match_dim, space_id, to_space
+
+    out: list[list[dict[str, Any]]] = []
+
+    def episode(ds, ep, views, mode, gt_px, items, ep_seed, run_conf=ev.RUN_CONF, threshold=None,
+                name_conf=ev.NAME_CONF, unique=True):  # fmt: skip
+        # the bank exactly as evaluate's _episode_openset builds it
+        space = views.space
+        shots_of: dict[int, list[tuple[Path, int]]] = {}
+        for p in ep.support:
+            for j, inst in enumerate(items[p].instance.tolist()):
+                shots_of.setdefault(int(inst), []).append((p, j))
+        enrolled = ev.enrolled_half(ds, list(shots_of), ep_seed)
+        bank = PrototypeBank(match_dim(space, len(next(iter(views.support.values())))), "eval", list(ds.names),
+                             space=space_id(space))  # fmt: skip
+        for inst in sorted(enrolled):
+            c = int(ds.idmap[inst])
+            vec = np.stack([views.support[k] for k in shots_of[inst]])
+            aug = None
+            if views.support_views is not None:
+                aug = to_space(space, np.concatenate([views.support_views[k] for k in shots_of[inst]]), c)
+            bank.add(ds.fine_names[inst], c, to_space(space, vec, c), views=aug,
+                     negatives=space.negatives if space is not None else None)  # fmt: skip
+        protos, names, proto_cls = bank.prototypes()
+        thr = bank.thresholds()
+        rows: list[dict[str, Any]] = []
+        for p in ep.query:
+            boxes, scores, cls, _ = views.query[p]
+            scores = np.asarray(scores)
+            keep = scores >= run_conf
+            b, s, c = np.asarray(boxes)[keep], scores[keep], np.asarray(cls)[keep]
+            u = ev._query_centred(views, p, views.query[p])[keep].astype(np.float32)
+            u /= np.maximum(np.linalg.norm(u, axis=1, keepdims=True), 1e-12)
+            sims = u @ protos.T if len(u) else np.zeros((0, len(names)), np.float32)
+            gt = gt_px[p]
+            gid = [ds.fine_names[i] if i in enrolled else None for i in items[p].instance.tolist()]
+            det_gt = np.full(len(s), -1)  # greedy by score, IoU >= 0.5, as openset.score_image matches
+            if len(gt) and len(s):
+                iou, used = _iou(b, gt), np.zeros(len(gt), bool)
+                for i in np.argsort(-s.astype(np.float64), kind="stable"):
+                    cand = np.where(~used & (iou[i] >= IOU_MATCH), iou[i], -1.0)
+                    j = int(cand.argmax())
+                    if cand[j] >= IOU_MATCH:
+                        used[j], det_gt[i] = True, j
+            rows.append(
+                {"enrolled_detected": sum(g is not None and (det_gt == j).any() for j, g in enumerate(gid))}
+            )
+            for i in range(len(s)):
+                j = int(det_gt[i])
+                ok = np.flatnonzero(proto_cls == c[i])
+                truth = None if j < 0 else gid[j]
+                rows.append({"image": str(p), "score": float(s[i]), "sims": sims[i, ok], "protos": ok, "thr": thr[ok],
+                             "kind": "bg" if j < 0 else ("enrolled" if truth is not None else "unenrolled"),
+                             "truth": names.index(truth) if truth is not None else -1})  # fmt: skip
+        out.append(rows)
+        return ev.IdCounts()
+
+    ev._episode_openset = episode
+    ds = load_dataset(demo / "data")
+    ev.evaluate(ds, {model: Student.load(str(demo / model / "last.ckpt"))}, [shots], episodes, ("conditional",),
+                seed=seed, log=lambda m: None)  # fmt: skip
+    return out
+
+
+Rule = Callable[[float, float, float], bool]  # (best cosine, second best, its threshold) -> name it?
+
+
+def score(
+    recs: list[list[dict[str, Any]]], rule: Rule, name_conf: float = NAME_CONF
+) -> tuple[float, float, int, dict]:
+    """(id precision, id recall, names, wrong names by kind) of ``rule``, one name per identity and image."""
+    from mocha_edge.prototypes import one_per_identity
+
+    right = named = det = 0
+    wrong = {"other enrolled": 0, "unenrolled": 0, "background": 0}
+    for rows in recs:
+        images: dict[str, list[dict[str, Any]]] = {}
+        for r in rows:
+            if "enrolled_detected" in r:
+                det += r["enrolled_detected"]
+            else:
+                images.setdefault(r["image"], []).append(r)
+        for dets in images.values():
+            ident, sim = np.full(len(dets), -1), np.zeros(len(dets))
+            for i, r in enumerate(dets):
+                if r["score"] < name_conf or not len(r["sims"]):
+                    continue
+                order = np.argsort(-r["sims"])
+                s1 = float(r["sims"][order[0]])
+                s2 = float(r["sims"][order[1]]) if len(order) > 1 else -1.0
+                if rule(s1, s2, float(r["thr"][order[0]])):
+                    ident[i], sim[i] = r["protos"][order[0]], s1
+            ident = one_per_identity(ident, sim)
+            for i, r in enumerate(dets):
+                if ident[i] < 0:
+                    continue
+                named += 1
+                if r["kind"] == "enrolled" and r["truth"] == ident[i]:
+                    right += 1
+                else:
+                    wrong[
+                        {"enrolled": "other enrolled", "unenrolled": "unenrolled", "bg": "background"}[
+                            r["kind"]
+                        ]
+                    ] += 1
+    return 100 * right / max(named, 1), 100 * right / max(det, 1), named, wrong
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--demo", type=Path, required=True, help="a finished full-size demo's --out")
+    ap.add_argument("--model", default="distill", help="the demo's stage folder whose student is tried")
+    ap.add_argument("--episodes", type=int, default=30)
+    args = ap.parse_args()
+    seed = json.loads((args.demo / "stages.json").read_text())["config"]["seed"]
+    rules: list[tuple[str, Rule, float]] = [("calibrated (eval's)", lambda s1, s2, t: s1 >= t, NAME_CONF)]
+    for off in (0.05, 0.1, 0.15):
+        rules.append((f"calibrated +{off:.2f}", lambda s1, s2, t, o=off: s1 >= t + o, NAME_CONF))
+    for off in (-0.05, -0.1, -0.15):
+        rules.append((f"calibrated {off:.2f}", lambda s1, s2, t, o=off: s1 >= t + o, NAME_CONF))
+    for m in (0.1, 0.2):
+        rules.append(
+            (f"calibrated, margin {m:.1f}", lambda s1, s2, t, m=m: s1 >= t and s1 - s2 >= m, NAME_CONF)
+        )
+        rules.append(
+            (
+                f"calibrated -0.10, margin {m:.1f}",
+                lambda s1, s2, t, m=m: s1 >= t - 0.1 and s1 - s2 >= m,
+                NAME_CONF,
+            )
+        )
+    rules.append(("calibrated, naming confidence 0.7", lambda s1, s2, t: s1 >= t, 0.7))
+    for fixed in (0.4, 0.5, 0.6):
+        rules.append((f"fixed cosine {fixed}", lambda s1, s2, t, f=fixed: s1 >= f, NAME_CONF))
+    for shots in (1, 5):
+        recs = record(args.demo, args.model, shots, args.episodes, seed)
+        for name, rule, conf in rules:
+            p, r, n, wrong = score(recs, rule, conf)
+            kinds = ", ".join(f"{k} {v}" for k, v in wrong.items())
+            print(
+                f"{shots}-shot  {name:36s} precision {p:5.1f}  recall {r:5.1f}  names {n:5d}  wrong: {kinds}"
+            )
+
+
+if __name__ == "__main__":
+    main()
