@@ -25,7 +25,10 @@ from typing import Any
 # "cache" picks the teacher cache ("measured": teach's default, whitened per component; "none": not whitened)
 VARIANTS: dict[str, dict[str, Any]] = {
     "baseline": {"distill": False},
-    "baseline-no-aug": {"distill": False, "augment": False},  # the baseline of a no-aug recipe (same settings)
+    "baseline-no-aug": {
+        "distill": False,
+        "augment": False,
+    },  # the baseline of a no-aug recipe (same settings)
     "demo": {},
     "whiten": {"whitened_targets": True},  # distil the whitened targets as they are
     "no-whiten": {
