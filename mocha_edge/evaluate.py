@@ -560,23 +560,12 @@ def enrolled_half(ds: Dataset, inst_ids: list[int], seed: Any) -> set[int]:
     return out
 
 
-def _episode_openset(
-    ds: Dataset,
-    ep: Episode,
-    views: Views,
-    mode: str,
-    gt_px: dict[Path, np.ndarray],
-    items: dict[Path, Any],
-    seed: Any,
-    run_conf: float = RUN_CONF,
-    threshold: float | None = None,
-    name_conf: float = NAME_CONF,
-    unique: bool = True,
-) -> IdCounts:
-    """One open-set episode: a seeded half of each class's identities enrolled in a bank (its own
-    calibrated thresholds, or ``threshold`` for all), the rest left in the queries as unenrolled objects;
-    detections at ``run``'s confidence, named from ``name_conf`` up, one detection per identity and image
-    (``unique``, as ``run`` does); see :mod:`mocha_edge.openset`."""
+def episode_bank(
+    ds: Dataset, ep: Episode, views: Views, items: dict[Path, Any], seed: Any
+) -> tuple[PrototypeBank, set[int]]:
+    """The bank of one open-set episode and the instance ids it enrols: a seeded half of each class's
+    identities (:func:`enrolled_half`), each from its support shots (and their augmented views) in the
+    model's matching space, thresholds calibrated as ``enroll`` calibrates them."""
     assert ds.fine_names is not None and ds.idmap is not None
     space = views.space
     shots: dict[int, list[tuple[Path, int]]] = {}
@@ -594,6 +583,27 @@ def _episode_openset(
             aug = to_space(space, np.concatenate([views.support_views[k] for k in shots[inst]]), c)
         bank.add(ds.fine_names[inst], c, to_space(space, vec, c), views=aug,
                  negatives=space.negatives if space is not None else None)  # fmt: skip
+    return bank, enrolled
+
+
+def _episode_openset(
+    ds: Dataset,
+    ep: Episode,
+    views: Views,
+    mode: str,
+    gt_px: dict[Path, np.ndarray],
+    items: dict[Path, Any],
+    seed: Any,
+    run_conf: float = RUN_CONF,
+    threshold: float | None = None,
+    name_conf: float = NAME_CONF,
+    unique: bool = True,
+) -> IdCounts:
+    """One open-set episode: a seeded half of each class's identities enrolled in a bank (its own
+    calibrated thresholds, or ``threshold`` for all), the rest left in the queries as unenrolled objects;
+    detections at ``run``'s confidence, named from ``name_conf`` up, one detection per identity and image
+    (``unique``, as ``run`` does); see :mod:`mocha_edge.openset`."""
+    bank, enrolled = episode_bank(ds, ep, views, items, seed)
     protos, names, proto_cls = bank.prototypes()
     thr = bank.thresholds() if threshold is None else np.full(len(names), threshold, np.float32)
     total = IdCounts()

@@ -80,6 +80,21 @@ def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
 
 
+def match_detections(det_boxes: np.ndarray, det_scores: np.ndarray, gt_boxes: np.ndarray) -> np.ndarray:
+    """The object each detection is matched to (index into ``gt_boxes``, -1: none): by descending score,
+    each detection takes the free object it overlaps most, at IoU >= :data:`IOU_MATCH`."""
+    det_gt = np.full(len(det_boxes), -1, np.int64)
+    if len(gt_boxes) and len(det_boxes):
+        iou = _iou(det_boxes, gt_boxes)
+        free = np.ones(len(gt_boxes), bool)
+        for i in np.argsort(-np.asarray(det_scores, np.float64), kind="stable"):
+            cand = np.where(free & (iou[i] >= IOU_MATCH), iou[i], -1.0)
+            j = int(cand.argmax())
+            if cand[j] >= IOU_MATCH:
+                free[j], det_gt[i] = False, j
+    return det_gt
+
+
 def score_image(
     gt_boxes: np.ndarray,
     gt_identity: list[str | None],
@@ -96,15 +111,9 @@ def score_image(
     enrolled = np.array([g is not None for g in gt_identity], bool)
     c.enrolled_total = int((enrolled & ~ignore).sum())
     c.unenrolled_total = int((~enrolled & ~ignore).sum())
+    det_gt = match_detections(det_boxes, det_scores, gt_boxes)
     match_of = np.full(n_gt, -1, np.int64)
-    det_gt = np.full(len(det_names), -1, np.int64)
-    if n_gt and len(det_names):
-        iou = _iou(det_boxes, gt_boxes)
-        for i in np.argsort(-np.asarray(det_scores, np.float64), kind="stable"):
-            cand = np.where((match_of < 0) & (iou[i] >= IOU_MATCH), iou[i], -1.0)
-            j = int(cand.argmax())
-            if cand[j] >= IOU_MATCH:
-                match_of[j], det_gt[i] = i, j
+    match_of[det_gt[det_gt >= 0]] = np.flatnonzero(det_gt >= 0)
     for i, name in enumerate(det_names):
         j = int(det_gt[i])
         if j >= 0 and ignore[j]:

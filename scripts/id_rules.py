@@ -31,31 +31,13 @@ def record(demo: Path, model: str, shots: int, episodes: int, seed: int) -> list
     import mocha_edge.evaluate as ev
     from mocha_edge.data import load_dataset
     from mocha_edge.infer import Student
-    from mocha_edge.openset import IOU_MATCH, _iou
-    from mocha_edge.prototypes import PrototypeBank
-    from mocha_edge.space import match_dim, space_id, to_space
+    from mocha_edge.openset import match_detections
 
     out: list[list[dict[str, Any]]] = []
 
     def episode(ds, ep, views, mode, gt_px, items, ep_seed, run_conf=ev.RUN_CONF, threshold=None,
                 name_conf=ev.NAME_CONF, unique=True):  # fmt: skip
-        # the bank exactly as evaluate's _episode_openset builds it
-        space = views.space
-        shots_of: dict[int, list[tuple[Path, int]]] = {}
-        for p in ep.support:
-            for j, inst in enumerate(items[p].instance.tolist()):
-                shots_of.setdefault(int(inst), []).append((p, j))
-        enrolled = ev.enrolled_half(ds, list(shots_of), ep_seed)
-        bank = PrototypeBank(match_dim(space, len(next(iter(views.support.values())))), "eval", list(ds.names),
-                             space=space_id(space))  # fmt: skip
-        for inst in sorted(enrolled):
-            c = int(ds.idmap[inst])
-            vec = np.stack([views.support[k] for k in shots_of[inst]])
-            aug = None
-            if views.support_views is not None:
-                aug = to_space(space, np.concatenate([views.support_views[k] for k in shots_of[inst]]), c)
-            bank.add(ds.fine_names[inst], c, to_space(space, vec, c), views=aug,
-                     negatives=space.negatives if space is not None else None)  # fmt: skip
+        bank, enrolled = ev.episode_bank(ds, ep, views, items, ep_seed)  # as eval builds it
         protos, names, proto_cls = bank.prototypes()
         thr = bank.thresholds()
         rows: list[dict[str, Any]] = []
@@ -69,14 +51,7 @@ def record(demo: Path, model: str, shots: int, episodes: int, seed: int) -> list
             sims = u @ protos.T if len(u) else np.zeros((0, len(names)), np.float32)
             gt = gt_px[p]
             gid = [ds.fine_names[i] if i in enrolled else None for i in items[p].instance.tolist()]
-            det_gt = np.full(len(s), -1)  # greedy by score, IoU >= 0.5, as openset.score_image matches
-            if len(gt) and len(s):
-                iou, used = _iou(b, gt), np.zeros(len(gt), bool)
-                for i in np.argsort(-s.astype(np.float64), kind="stable"):
-                    cand = np.where(~used & (iou[i] >= IOU_MATCH), iou[i], -1.0)
-                    j = int(cand.argmax())
-                    if cand[j] >= IOU_MATCH:
-                        used[j], det_gt[i] = True, j
+            det_gt = match_detections(b, s, gt)  # as openset.score_image matches
             rows.append(
                 {"enrolled_detected": sum(g is not None and (det_gt == j).any() for j, g in enumerate(gid))}
             )
