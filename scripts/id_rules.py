@@ -4,7 +4,8 @@ Runs ``evaluate``'s open-set episodes (same episodes, same enrolled halves, same
 thresholds as ``eval``), but records every detection ``run`` would consider naming — its similarities to the
 class's prototypes, the bank's threshold, its confidence and what it really is (the right enrolled object,
 another enrolled one, an unenrolled object, background) — then scores rules on those records:
-the calibrated thresholds (``eval``'s numbers), stricter or looser by an offset, with a margin between the
+the calibrated thresholds (``eval``'s numbers), calibrated at other false-accept targets, stricter or looser by
+an offset, with a margin between the
 two nearest identities, with a higher naming confidence, and one fixed cosine for all.
 
     python scripts/id_rules.py --demo /tmp/d6262 [--episodes 30] [--model distill]
@@ -24,22 +25,31 @@ from typing import Any
 import numpy as np
 
 NAME_CONF = 0.5
+FARS = (0.01, 0.02, 0.05)  # other false-accept targets of the per-class calibration (the default: 0.5 %)
 
 
 def record(demo: Path, model: str, shots: int, episodes: int, seed: int) -> list[list[dict[str, Any]]]:
     """Per episode, one dict per detection at ``run``'s confidence and one ``{"enrolled_detected": n}`` per image."""
     import mocha_edge.evaluate as ev
+    from mocha_edge import prototypes
     from mocha_edge.data import load_dataset
     from mocha_edge.infer import Student
     from mocha_edge.openset import match_detections
 
     out: list[list[dict[str, Any]]] = []
+    default_far = prototypes.FAR_TARGET
 
     def episode(ds, ep, views, mode, gt_px, items, ep_seed, run_conf=ev.RUN_CONF, threshold=None,
                 name_conf=ev.NAME_CONF, unique=True):  # fmt: skip
         bank, enrolled = ev.episode_bank(ds, ep, views, items, ep_seed)  # as eval builds it
         protos, names, proto_cls = bank.prototypes()
         thr = bank.thresholds()
+        by_far = {}  # the same calibration at other false-accept targets
+        for far in FARS:
+            prototypes.FAR_TARGET = far
+            bank.calibrate()
+            by_far[far] = bank.thresholds()
+        prototypes.FAR_TARGET = default_far
         rows: list[dict[str, Any]] = []
         for p in ep.query:
             boxes, scores, cls, _ = views.query[p]
@@ -59,7 +69,7 @@ def record(demo: Path, model: str, shots: int, episodes: int, seed: int) -> list
                 j = int(det_gt[i])
                 ok = np.flatnonzero(proto_cls == c[i])
                 truth = None if j < 0 else gid[j]
-                rows.append({"image": str(p), "score": float(s[i]), "sims": sims[i, ok], "protos": ok, "thr": thr[ok],
+                rows.append({"image": str(p), "score": float(s[i]), "sims": sims[i, ok], "protos": ok, "thr": thr[ok], "thr_far": {f: t[ok] for f, t in by_far.items()},
                              "kind": "bg" if j < 0 else ("enrolled" if truth is not None else "unenrolled"),
                              "truth": names.index(truth) if truth is not None else -1})  # fmt: skip
         out.append(rows)
@@ -72,7 +82,7 @@ def record(demo: Path, model: str, shots: int, episodes: int, seed: int) -> list
     return out
 
 
-Rule = Callable[[float, float, float], bool]  # (best cosine, second best, its threshold) -> name it?
+Rule = Callable[..., bool]  # (best cosine, second best, its threshold, its thresholds by FAR) -> name it?
 
 
 def score(
@@ -98,7 +108,12 @@ def score(
                 order = np.argsort(-r["sims"])
                 s1 = float(r["sims"][order[0]])
                 s2 = float(r["sims"][order[1]]) if len(order) > 1 else -1.0
-                if rule(s1, s2, float(r["thr"][order[0]])):
+                if rule(
+                    s1,
+                    s2,
+                    float(r["thr"][order[0]]),
+                    {f: float(t[order[0]]) for f, t in r["thr_far"].items()},
+                ):
                     ident[i], sim[i] = r["protos"][order[0]], s1
             ident = one_per_identity(ident, sim)
             for i, r in enumerate(dets):
@@ -123,25 +138,29 @@ def main() -> None:
     ap.add_argument("--episodes", type=int, default=30)
     args = ap.parse_args()
     seed = json.loads((args.demo / "stages.json").read_text())["config"]["seed"]
-    rules: list[tuple[str, Rule, float]] = [("calibrated (eval's)", lambda s1, s2, t: s1 >= t, NAME_CONF)]
+    rules: list[tuple[str, Rule, float]] = [("calibrated (eval's)", lambda s1, s2, t, tf: s1 >= t, NAME_CONF)]
     for off in (0.05, 0.1, 0.15):
-        rules.append((f"calibrated +{off:.2f}", lambda s1, s2, t, o=off: s1 >= t + o, NAME_CONF))
+        rules.append((f"calibrated +{off:.2f}", lambda s1, s2, t, tf, o=off: s1 >= t + o, NAME_CONF))
     for off in (-0.05, -0.1, -0.15):
-        rules.append((f"calibrated {off:.2f}", lambda s1, s2, t, o=off: s1 >= t + o, NAME_CONF))
+        rules.append((f"calibrated {off:.2f}", lambda s1, s2, t, tf, o=off: s1 >= t + o, NAME_CONF))
+    for far in FARS:
+        rules.append(
+            (f"calibrated at {far:.0%} false accepts", lambda s1, s2, t, tf, f=far: s1 >= tf[f], NAME_CONF)
+        )
     for m in (0.1, 0.2):
         rules.append(
-            (f"calibrated, margin {m:.1f}", lambda s1, s2, t, m=m: s1 >= t and s1 - s2 >= m, NAME_CONF)
+            (f"calibrated, margin {m:.1f}", lambda s1, s2, t, tf, m=m: s1 >= t and s1 - s2 >= m, NAME_CONF)
         )
         rules.append(
             (
                 f"calibrated -0.10, margin {m:.1f}",
-                lambda s1, s2, t, m=m: s1 >= t - 0.1 and s1 - s2 >= m,
+                lambda s1, s2, t, tf, m=m: s1 >= t - 0.1 and s1 - s2 >= m,
                 NAME_CONF,
             )
         )
-    rules.append(("calibrated, naming confidence 0.7", lambda s1, s2, t: s1 >= t, 0.7))
+    rules.append(("calibrated, naming confidence 0.7", lambda s1, s2, t, tf: s1 >= t, 0.7))
     for fixed in (0.4, 0.5, 0.6):
-        rules.append((f"fixed cosine {fixed}", lambda s1, s2, t, f=fixed: s1 >= f, NAME_CONF))
+        rules.append((f"fixed cosine {fixed}", lambda s1, s2, t, tf, f=fixed: s1 >= f, NAME_CONF))
     for shots in (1, 5):
         recs = record(args.demo, args.model, shots, args.episodes, seed)
         for name, rule, conf in rules:
