@@ -233,7 +233,9 @@ def _mmap_tensor(path: Path, name: str) -> np.ndarray | None:
     return np.memmap(path, dtype=_NP_DTYPES[info["dtype"]], mode="r", offset=8 + n + begin, shape=shape)
 
 
-def _check_structure(path: Path, meta: dict[str, str], t: dict[str, np.ndarray]) -> list[str]:
+def _check_structure(
+    path: Path, meta: dict[str, str], t: dict[str, np.ndarray], raw: np.ndarray | None
+) -> list[str]:
     """The split names of a cache whose tensors fit together; a file that parses but does not (edited, cut
     from another cache, hostile) raises one :class:`CacheError` line naming the file and what is wrong."""
 
@@ -257,8 +259,11 @@ def _check_structure(path: Path, meta: dict[str, str], t: dict[str, np.ndarray])
     n, d_t = targets.shape
     shapes = {"image_hash": (n, None), "boxes": (n, 4), "cls": (n,), "instance": (n,), "split": (n,),
               "pca_components": (d_t, len(t["pca_mean"])), "pca_scale": (d_t,), "pca_explained_variance": (d_t,)}  # fmt: skip
+    arrays = {**t, "raw": raw}
+    if raw is not None:
+        shapes["raw"] = (n, len(t["pca_mean"]))
     for k, want in shapes.items():
-        got = t[k].shape
+        got = arrays[k].shape
         if len(got) != len(want) or any(w is not None and g != w for g, w in zip(got, want)):
             raise bad(f"{k} has shape {got}, expected {tuple('*' if w is None else w for w in want)}")
     for k in ("targets", "boxes", "pca_mean", "pca_components", "pca_scale"):
@@ -312,14 +317,11 @@ class TeacherCache:
             )
         if whiten not in WHITEN_MODES:
             raise CacheError(f"{path}: unknown target whitening {whiten!r} (a newer mocha-edge wrote it)")
-        splits = _check_structure(path, meta, t)
         try:
             raw = _mmap_tensor(path, "raw")
         except (KeyError, ValueError, OSError) as e:
             raise CacheError(f"{path}: malformed teacher cache (raw: {e!r})") from None
-        want = (len(t["targets"]), len(t["pca_mean"]))
-        if raw is not None and raw.shape != want:
-            raise CacheError(f"{path}: malformed teacher cache (raw has shape {raw.shape}, expected {want})")
+        splits = _check_structure(path, meta, t, raw)
         extras = {k[len("extra.") :]: v for k, v in t.items() if k.startswith("extra.")}
         return cls(
             path=path,

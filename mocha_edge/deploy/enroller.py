@@ -91,7 +91,10 @@ class LiveEnroller:
         log: Callable[[str], None],
         background: bool = False,
         max_shots: int | None = None,
+        seen: FileStamp | None = None,
     ) -> None:
+        """``seen``: the file's stamp taken just before ``bank`` was read from it; the first look at the file
+        then reads it only if it changed since (without it, the first look reads it again)."""
         self.pipe, self.bank, self.path, self.log = pipe, bank, path, log
         self.enrolled: list[str] = []
         self.background = background
@@ -103,8 +106,10 @@ class LiveEnroller:
         # the worker's view (only the worker changes them): the bank after its last edit or reload, and the
         # file's stamp then (None: unknown, the next edit reads the file again)
         self._latest = bank
-        self._stamp: FileStamp | None = None
-        self._disk: Any = _UNSEEN  # the frame thread's: the file's stamp it last examined
+        self._stamp: FileStamp | None = seen
+        self._disk: Any = (
+            _UNSEEN if seen is None else seen
+        )  # the frame thread's: the file's stamp it last examined
         self._next_check = 0.0
         self._jobs: collections.deque[concurrent.futures.Future] = collections.deque()
         self._worker: concurrent.futures.ThreadPoolExecutor | None = None

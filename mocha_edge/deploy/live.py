@@ -965,9 +965,12 @@ def run(
                 note = crash_note(uri, bool(getattr(src, "live", False)))
                 if note is not None and (len(specs) == 1 or "{camera}" in uri.text):
                     console.log(note)
-        bank = None
+        bank, seen = None, None
         if bank_path is not None:
             if Path(bank_path).exists():
+                from mocha_edge.utils import file_stamp
+
+                seen = file_stamp(bank_path)  # before reading: a change meanwhile is read again
                 bank = PrototypeBank.load(bank_path)
             else:
                 console.log(f"{bank_path}: no bank yet; starting empty (live enrolments create it)")
@@ -980,7 +983,7 @@ def run(
         if bank is not None:
             attach_bank(pipe, bank, bank_path or "", console.log)
         enroller = LiveEnroller(pipe, bank, Path(bank_path) if bank_path is not None else None, console.log,
-                                background=True)  # fmt: skip
+                                background=True, seen=seen)  # fmt: skip
         window = (CameraWindows() if len(specs) > 1 else Window()) if show else None
         if opts.http:
             server = start_web(opts, console)
