@@ -25,10 +25,8 @@ from typing import Any
 # "cache" picks the teacher cache ("measured": teach's default, whitened per component; "none": not whitened)
 VARIANTS: dict[str, dict[str, Any]] = {
     "baseline": {"distill": False},
-    "baseline-no-aug": {
-        "distill": False,
-        "augment": False,
-    },  # the baseline of a no-aug recipe (same settings)
+    # the baseline of a recipe without augmentation (the same settings as no-aug, without the teacher)
+    "baseline-no-aug": {"distill": False, "augment": False},
     "demo": {},
     "whiten": {"whitened_targets": True},  # distil the whitened targets as they are
     "no-whiten": {
