@@ -29,7 +29,7 @@ from mocha_edge.errors import MochaError
 
 if TYPE_CHECKING:
     from mocha_edge.deploy.config import DeployConfig
-from mocha_edge.utils import atomic_path, write_json_atomic
+from mocha_edge.utils import atomic_path, keep_torch_threads, write_json_atomic
 
 STAGES = ("capture", "pre", "infer", "post", "pool", "match", "track")
 TRACK_DETECTIONS = 20  # detections per frame of the track stage (a busy scene)
@@ -177,18 +177,22 @@ def time_tracking(pipe: Any, frames: list[np.ndarray], warmup: int, n_dets: int 
 
 def ultralytics_reference(model_file: str, frames: list[np.ndarray], imgsz: int, conf: float, iou: float,
                           warmup: int) -> dict[str, float]:  # fmt: skip
-    """ultralytics' predictor on ``model_file`` (its own .pt or ONNX export): p50 ms per stage."""
+    """ultralytics' predictor on ``model_file`` (its own .pt or ONNX export): p50 ms per stage, timed with
+    the torch CPU threads our rows run with (its first ``predict`` sets ``cpu_count - 1``: put back)."""
+    import torch
     from ultralytics import YOLO
 
-    m = YOLO(model_file, task="detect")
-    for i in range(warmup):
-        m.predict(frames[i % len(frames)], imgsz=imgsz, conf=conf, iou=iou, verbose=False)
-    pre, inf, post = [], [], []
-    for f in frames:
-        sp = m.predict(f, imgsz=imgsz, conf=conf, iou=iou, verbose=False)[0].speed
-        pre.append(sp["preprocess"])
-        inf.append(sp["inference"])
-        post.append(sp["postprocess"])
+    with keep_torch_threads() as threads:
+        m = YOLO(model_file, task="detect")
+        for i in range(max(1, warmup)):
+            m.predict(frames[i % len(frames)], imgsz=imgsz, conf=conf, iou=iou, verbose=False)
+            torch.set_num_threads(threads)
+        pre, inf, post = [], [], []
+        for f in frames:
+            sp = m.predict(f, imgsz=imgsz, conf=conf, iou=iou, verbose=False)[0].speed
+            pre.append(sp["preprocess"])
+            inf.append(sp["inference"])
+            post.append(sp["postprocess"])
     pp = [a + b for a, b in zip(pre, post)]
     e2e = [a + b + c for a, b, c in zip(pre, inf, post)]
     return {
@@ -542,6 +546,7 @@ def _reference(plan: dict[str, Any], key: str, frames: list[np.ndarray], opts: B
 
         onnx = local.with_suffix(".onnx")
         if not onnx.is_file():
-            YOLO(str(local)).export(format="onnx", imgsz=s, simplify=False, dynamic=False, verbose=False)
+            with keep_torch_threads():
+                YOLO(str(local)).export(format="onnx", imgsz=s, simplify=False, dynamic=False, verbose=False)
         target = str(onnx)
     return ultralytics_reference(target, frames, s, opts.conf, opts.iou, opts.warmup)

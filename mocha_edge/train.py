@@ -37,7 +37,7 @@ import torch
 from mocha_edge.distributed import DistEnv
 from mocha_edge.errors import MochaError
 from mocha_edge.models.pooling import POOLING
-from mocha_edge.utils import atomic_path, write_json_atomic
+from mocha_edge.utils import atomic_path, keep_torch_threads, write_json_atomic
 
 CKPT_FORMAT = "mocha-edge-student/1"
 
@@ -962,7 +962,8 @@ class Trainer:
         level = LOGGER.level
         LOGGER.setLevel(logging.WARNING)
         try:
-            stats = DetectionValidator(args=args, save_dir=self.out / "val")(model=model)
+            with keep_torch_threads():
+                stats = DetectionValidator(args=args, save_dir=self.out / "val")(model=model)
         finally:
             LOGGER.setLevel(level)
         out["val_map50"] = 100.0 * float(stats.get("metrics/mAP50(B)", 0.0))

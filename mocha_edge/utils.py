@@ -98,6 +98,23 @@ def file_lock(
 
 
 @contextlib.contextmanager
+def keep_torch_threads() -> Iterator[int]:
+    """Run an ultralytics call (validator, predictor, exporter) and give torch its CPU thread count back.
+
+    ultralytics' ``select_device`` sets ``torch.set_num_threads(cpu_count - 1)`` for the whole process
+    whenever it picks the CPU: on a 2-core machine one thread, so every training epoch after the first
+    validation, and everything a process does after a ``predict``, ran on half the machine. Yields the count
+    kept."""
+    import torch
+
+    n = torch.get_num_threads()
+    try:
+        yield n
+    finally:
+        torch.set_num_threads(n)
+
+
+@contextlib.contextmanager
 def keep_sys_path() -> Iterator[None]:
     """Run ONNX Runtime's quantisation / float16 tools with the folder they expect on ``sys.path``, and take
     it off afterwards. ``onnxruntime.transformers`` appends its own folder (which holds a top-level

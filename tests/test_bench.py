@@ -4,11 +4,13 @@ Markdown table, PNG chart and --compare (schema and consistency, never speed).""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 from mocha_edge.bench import BenchOptions, compare, load_result, percentiles, run_bench, write_outputs
@@ -120,3 +122,34 @@ def test_bench_opens_frames_like_run(tmp_path: Path, synth_small: Path) -> None:
         with pytest.raises(BenchError) as bench_err:
             load_frames(uri, 2)
         assert str(bench_err.value) == str(run_err.value)
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="on one core ultralytics picks the count we run with")
+def test_ultralytics_reference_runs_with_our_threads(
+    student_ckpt: Path, synth_small: Path, monkeypatch
+) -> None:
+    """ultralytics' first predict sets torch's CPU threads to cpu_count - 1 for the whole process: the reference
+    is timed with the threads our rows use, and the process keeps them afterwards."""
+    from ultralytics import YOLO
+
+    from mocha_edge.bench import ultralytics_reference
+
+    seen: list[int] = []
+    predict = YOLO.predict
+
+    def spy(self, *a, **k):
+        out = predict(self, *a, **k)
+        seen.append(torch.get_num_threads())
+        return out
+
+    monkeypatch.setattr(YOLO, "predict", spy)
+    frames = [cv2.imread(str(p)) for p in sorted((synth_small.parent / "novel" / "images").glob("*.jpg"))[:3]]
+    before, want = torch.get_num_threads(), os.cpu_count()
+    torch.set_num_threads(want)
+    try:
+        row = ultralytics_reference(str(student_ckpt.parent / "student.pt"), frames, 128, 0.25, 0.7, warmup=1)
+        assert torch.get_num_threads() == want
+    finally:
+        torch.set_num_threads(before)
+    assert len(seen) == 1 + len(frames) and seen[1:] == [want] * len(frames)  # the timed calls
+    assert row["ultralytics_e2e_ms_p50"] > 0

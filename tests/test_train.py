@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -157,6 +158,21 @@ def base_run(synth_small: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     out = tmp_path_factory.mktemp("base")
     train(TrainConfig(data=str(synth_small), out=str(out), stage="base", epochs=2, **TINY), progress=False)
     return out
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="on one core ultralytics picks the count we train with")
+def test_validation_gives_torch_its_threads_back(synth_small: Path, tmp_path: Path) -> None:
+    """ultralytics' validator sets torch's CPU threads to cpu_count - 1 for the process: on a 2-core machine
+    every epoch after the first validation trained on one core (1.45x slower). Training puts them back."""
+    before, want = torch.get_num_threads(), os.cpu_count()
+    torch.set_num_threads(want)
+    try:
+        train(TrainConfig(data=str(synth_small), out=str(tmp_path / "t"), stage="base", epochs=1, **TINY),
+              progress=False)  # fmt: skip
+        assert torch.get_num_threads() == want
+    finally:
+        torch.set_num_threads(before)
+    assert len((tmp_path / "t" / "metrics.csv").read_text().splitlines()) == 3  # validated twice
 
 
 def test_base_stage_outputs_and_ultralytics_checkpoint(base_run: Path, synth_small: Path) -> None:
