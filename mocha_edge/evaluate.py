@@ -29,7 +29,7 @@ import torch
 
 from mocha_edge.data.dataset import Dataset, Episode
 from mocha_edge.errors import MochaError
-from mocha_edge.openset import IdCounts, score_image, summarise
+from mocha_edge.openset import IdCounts, match_detections, score_image, summarise
 from mocha_edge.prototypes import (
     NAME_CONF,
     PrototypeBank,
@@ -273,6 +273,19 @@ def _query_centred(views: Views, p: Path, q: tuple[np.ndarray, ...] | None = Non
         return u.astype(q[3].dtype) if q[3].dtype == QUERY_DTYPE else u
 
     return _derived(views, "u", p, views.space, make, q)
+
+
+def _query_det_gt(
+    views: Views, p: Path, gt: np.ndarray, run_conf: float, q: tuple[np.ndarray, ...]
+) -> np.ndarray:
+    """The object each of image ``p``'s detections at ``run_conf`` is matched to (:func:`match_detections`):
+    the same in every episode, so computed once per view, image and confidence."""
+
+    def make(q: tuple[np.ndarray, ...]) -> np.ndarray:
+        keep = np.asarray(q[1]) >= run_conf
+        return match_detections(np.asarray(q[0])[keep], np.asarray(q[1])[keep], gt)
+
+    return _derived(views, f"det_gt@{run_conf}", p, gt, make, q)
 
 
 def _query_iou(views: Views, p: Path, gt: np.ndarray) -> torch.Tensor:
@@ -618,7 +631,8 @@ def _episode_openset(
             ident = one_per_identity(ident, sim)
         det_names = [names[i] if i >= 0 else None for i in ident]
         gt_ident = [ds.fine_names[i] if i in enrolled else None for i in it.instance.tolist()]
-        total += score_image(gt_px[p], gt_ident, np.asarray(boxes)[keep], np.asarray(scores)[keep], det_names)
+        total += score_image(gt_px[p], gt_ident, np.asarray(boxes)[keep], np.asarray(scores)[keep], det_names,
+                             det_gt=_query_det_gt(views, p, gt_px[p], run_conf, q))  # fmt: skip
     return total
 
 

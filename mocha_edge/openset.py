@@ -102,16 +102,19 @@ def score_image(
     det_scores: np.ndarray,
     det_names: list[str | None],
     gt_ignore: np.ndarray | None = None,
+    det_gt: np.ndarray | None = None,
 ) -> IdCounts:
     """Counts for one image: ``gt_identity[j]`` is the enrolled identity of object j or None (unenrolled);
-    ``det_names[i]`` the name ``run`` gave detection i or None (unknown)."""
+    ``det_names[i]`` the name ``run`` gave detection i or None (unknown). ``det_gt``: the
+    :func:`match_detections` of these boxes, when the caller already has it (eval: once per image)."""
     n_gt = len(gt_identity)
     ignore = np.zeros(n_gt, bool) if gt_ignore is None else np.asarray(gt_ignore, bool)
     c = IdCounts()
     enrolled = np.array([g is not None for g in gt_identity], bool)
     c.enrolled_total = int((enrolled & ~ignore).sum())
     c.unenrolled_total = int((~enrolled & ~ignore).sum())
-    det_gt = match_detections(det_boxes, det_scores, gt_boxes)
+    if det_gt is None:
+        det_gt = match_detections(det_boxes, det_scores, gt_boxes)
     match_of = np.full(n_gt, -1, np.int64)
     match_of[det_gt[det_gt >= 0]] = np.flatnonzero(det_gt >= 0)
     for i, name in enumerate(det_names):
