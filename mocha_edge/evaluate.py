@@ -696,21 +696,20 @@ def evaluate(
         student, t0 = models[name], time.perf_counter()
         wid = _weights_id(student)
         src = plain.get(wid) if wid is not None and getattr(student, "translator", None) is not None else None
-        space = _model_space(student, ds, centring, name, log) if openset else None
+        space = _model_space(student, ds, centring, name, log)  # mAP ranks in it too, open-set or not
         if src is not None:
             views[name] = _translated_views(views[src], student)
         else:
             # raw query vectors are needed by the paper scoring and by a +translator model on these weights;
             # otherwise only their centred form is kept (smaller: the matching space's dimension)
             raw_needed = "paper" in scorings or (wid is not None and wid in translated_wids)
-            centre = False if raw_needed or not openset else space
+            centre = False if raw_needed else space
             views[name] = _student_views(
                 student, ds, support, query, conf, augment=openset, dtype=QUERY_DTYPE, centre=centre
             )
             if wid is not None and getattr(student, "translator", None) is None:
                 plain.setdefault(wid, name)
-        if openset:
-            views[name].space = space
+        views[name].space = space
         how = f"{src}'s vectors translated" if src else f"{len(support)} support + {len(query)} query images"
         q = views[name].query
         spilled = f", query detections {q.nbytes / 2**20:.1f} MB on disk" if isinstance(q, SpillStore) else ""
