@@ -86,8 +86,8 @@ class Stages:
 # distill 326, baseline 289, enroll 7, eval 158, export 209 (shared with another job), run 4, bench 11.
 # That machine's training ran on one thread (ultralytics' validator; fixed). Alone on this project's 2-core
 # machine after the fix and with validation before/after only (seed 7373): data 35, video 13, teach 137, base
-# 499, distill 225, baseline 221, enroll 7, eval 157, export 126 (~70 with the report's mAP-only pass), run 4,
-# bench 14; 1436 s. Teach and base stay over budget there (41.5 s a base epoch against 32).
+# 499, distill 225, baseline 221, enroll 7, eval 157, export 97 (with the report's mAP-only pass), run 6,
+# bench 20; 1416 s. Teach and base stay over budget there (41.5 s a base epoch against 32).
 BUDGET_FULL = {"data": 20, "video": 10, "teach": 70, "base": 420, "distill": 230, "baseline": 210, "enroll": 10,
                "eval": 110, "export": 70, "run": 10, "bench": 20}  # fmt: skip
 BUDGET_QUICK = {"data": 10, "teach": 15, "base": 60, "distill": 15, "baseline": 15, "enroll": 5, "eval": 10,
