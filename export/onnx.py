@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -254,17 +255,14 @@ class OnnxStudent(RawStudent):
         super().__init__(
             lambda x: self.session.run(names, {contract.INPUT: x}), read_facts(self.path), self.path.name
         )
-        self._space: tuple[Any] | None = None
 
-    @property
+    @functools.cached_property
     def space(self) -> Any:
         """The matching space the export ships (``NAME.space.safetensors``, checked against its facts; None
         when it names none): evaluation and reports match in it rather than fitting one again."""
-        if self._space is None:
-            from mocha_edge.deploy.config import DeployConfig, load_space
+        from mocha_edge.deploy.config import DeployConfig, load_space
 
-            self._space = (load_space(DeployConfig.from_dict(self.facts, self.path), self.path),)
-        return self._space[0]
+        return load_space(DeployConfig.from_dict(self.facts, self.path), self.path)
 
 
 def export_translator(student, dest: str | Path) -> Path:

@@ -102,6 +102,7 @@ def covered(boxes: np.ndarray) -> np.ndarray:
 
 
 Rule = Callable[..., bool]  # (best cosine, second best, its threshold, its thresholds by FAR) -> name it?
+CALIBRATED: Rule = lambda s1, s2, t, tf: s1 >= t  # noqa: E731  (eval's rule: the bank's own threshold)
 
 
 def score(
@@ -165,7 +166,7 @@ def main() -> None:
     ap.add_argument("--episodes", type=int, default=30)
     args = ap.parse_args()
     seed = json.loads((args.demo / "stages.json").read_text())["config"]["seed"]
-    rules: list[tuple[str, Rule, float]] = [("calibrated (eval's)", lambda s1, s2, t, tf: s1 >= t, NAME_CONF)]
+    rules: list[tuple[str, Rule, float]] = [("calibrated (eval's)", CALIBRATED, NAME_CONF)]
     for off in (0.05, 0.1, 0.15):
         rules.append((f"calibrated +{off:.2f}", lambda s1, s2, t, tf, o=off: s1 >= t + o, NAME_CONF))
     for off in (-0.05, -0.1, -0.15):
@@ -185,7 +186,7 @@ def main() -> None:
                 NAME_CONF,
             )
         )
-    rules.append(("calibrated, naming confidence 0.7", lambda s1, s2, t, tf: s1 >= t, 0.7))
+    rules.append(("calibrated, naming confidence 0.7", CALIBRATED, 0.7))
     for fixed in (0.4, 0.5, 0.6):
         rules.append((f"fixed cosine {fixed}", lambda s1, s2, t, tf, f=fixed: s1 >= f, NAME_CONF))
     for shots in (1, 5):
@@ -204,14 +205,13 @@ def why(recs: list[list[dict[str, Any]]], seed: int, shots: int) -> None:
     benchmark, which appearance attributes the wrongly named object shares with the identity it was given."""
     from mocha_edge.data.synth import instance_table
 
-    calibrated: Rule = lambda s1, s2, t, tf: s1 >= t  # noqa: E731
     for cut in (0.15, 0.3, 0.5):
-        p, r, n, _ = score(recs, calibrated, gate=lambda d, c=cut: d["det_cov"] <= c)
+        p, r, n, _ = score(recs, CALIBRATED, gate=lambda d, c=cut: d["det_cov"] <= c)
         print(
             f"{shots}-shot  calibrated, no name on a box covered > {cut:.0%} precision {p:5.1f}  recall {r:5.1f}  names {n:5d}"
         )
     rows: list[tuple[dict[str, Any], int]] = []
-    score(recs, calibrated, wrong_rows=rows)
+    score(recs, CALIBRATED, wrong_rows=rows)
     on_objects = [(d, k) for d, k in rows if d["object"] is not None]
     hidden = np.mean([d["gt_cov"] > 0.3 for d, _ in on_objects]) if on_objects else float("nan")
     base = [d["gt_cov"] > 0.3 for recs_ep in recs for d in recs_ep if d.get("kind") == "enrolled"]

@@ -107,9 +107,8 @@ class LiveEnroller:
         # file's stamp then (None: unknown, the next edit reads the file again)
         self._latest = bank
         self._stamp: FileStamp | None = seen
-        self._disk: Any = (
-            _UNSEEN if seen is None else seen
-        )  # the frame thread's: the file's stamp it last examined
+        # the frame thread's: the file's stamp it last examined
+        self._disk: Any = _UNSEEN if seen is None else seen
         self._next_check = 0.0
         self._jobs: collections.deque[concurrent.futures.Future] = collections.deque()
         self._worker: concurrent.futures.ThreadPoolExecutor | None = None
