@@ -377,7 +377,8 @@ def _parse_hyp(values: tuple[str, ...]) -> dict:
 @click.option("--imgsz", default=640, show_default=True)
 @click.option("--batch", default=16, show_default=True,
               help="Images per optimiser step, in total: under torchrun each of the N ranks takes batch / N.")  # fmt: skip
-@click.option("--workers", default=2, show_default=True, help="Data-loading processes (per rank).")
+@click.option("--workers", type=click.IntRange(min=0), default=None,
+              help="Data-loading processes per rank [none on a CPU with <= 4 cores, else min(8, cores / 2)].")  # fmt: skip
 @click.option("--device", default="cpu", show_default=True,
               help="cpu, cuda, cuda:1 ... (under torchrun, cuda is each rank's cuda:LOCAL_RANK)")  # fmt: skip
 @click.option("--nproc", type=click.IntRange(min=1), default=None,
@@ -457,7 +458,7 @@ def _parse_hyp(values: tuple[str, ...]) -> dict:
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.pass_context
 def train(ctx: click.Context, dataset: Path | None, out: Path, model: str, stage: str, teacher_cache: Path | None,
-          distill: bool, recipe: str | None, epochs: int | None, imgsz: int, batch: int, workers: int, device: str,
+          distill: bool, recipe: str | None, epochs: int | None, imgsz: int, batch: int, workers: int | None, device: str,
           nproc: int | None, sync_bn: bool, seed: int,
           schedule: str | None, student_every: int | None, lr_student: float | None, lr_translator: float | None,
           optimizer: str | None, betas: str | None, weight_decay: float | None,

@@ -378,7 +378,7 @@ def save_ultralytics_checkpoint(
 
     import ultralytics
 
-    m = deepcopy(model).float().eval()
+    m = deepcopy(model).float().eval().to(memory_format=torch.contiguous_format)  # a plain layout on disk
     for attr in ("criterion",):
         if hasattr(m, attr):
             setattr(m, attr, None)

@@ -130,7 +130,7 @@ def main() -> None:
                 log(f"{name}: not trained; skipped")
                 continue
             cfg = TrainConfig(data=str(data), out=str(out), model=base, teacher_cache=str(cache),
-                              imgsz=recipe["imgsz"], batch=recipe["batch"], seed=seed, workers=2, **kw)  # fmt: skip
+                              imgsz=recipe["imgsz"], batch=recipe["batch"], seed=seed, **kw)  # fmt: skip
             same = same_run(args.demo, cfg)
             if same is not None:  # the demo trained exactly this run: its checkpoint is the variant's
                 log(f"{name}: the demo's {same} (same settings)")

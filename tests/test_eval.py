@@ -297,6 +297,11 @@ def test_demo_summary_rows_teacher_and_translator() -> None:
     assert "1-shot: distilled 20.0 ± 0.5 | baseline 10.0 ± 0.5 | gain +10.0" in t
     assert "distilled+translator (teacher's space) 24.0 ± 0.5" in t and "the ceiling) 80.0 ± 0.5" in t
     assert "distilled at 25 % of the teacher" in t
+    s["run"] = {"id_precision": 90.0, "named_enrolled_rate": 20.0, "id_recall": 18.0, "false_id_rate": float("nan"),
+                "det_recall_novel": 60.0}  # fmt: skip
+    t = summary_table(s)
+    assert "names right 90.0 %, detected enrolled objects named 20.0 % (18.0 % rightly)" in t
+    assert "unenrolled objects named n/a (none detected), objects detected 60.0 %" in t and "nan" not in t
 
 
 def test_spill_store_round_trips_arrays_off_the_heap() -> None:

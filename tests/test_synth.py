@@ -115,8 +115,8 @@ def test_label_rows(bench: tuple[Path, dict]) -> None:
 
 
 def test_determinism(bench: tuple[Path, dict], tmp_path: Path) -> None:
-    a = _tree_hashes(synthesize(tmp_path / "a", seed=5, **TINY).parent)
-    b = _tree_hashes(synthesize(tmp_path / "b", seed=5, **TINY).parent)
+    a = _tree_hashes(synthesize(tmp_path / "a", seed=5, workers=2, **TINY).parent)  # drawn in 2 processes
+    b = _tree_hashes(synthesize(tmp_path / "b", seed=5, workers=1, **TINY).parent)  # the same bytes in 1
     c = _tree_hashes(synthesize(tmp_path / "c", seed=6, **TINY).parent)
     assert a == b
     assert a.keys() == c.keys()
@@ -225,6 +225,7 @@ def test_interrupted_run_leaves_no_partial_yaml(tmp_path: Path, monkeypatch: pyt
 
     fresh = tmp_path / "fresh"
     monkeypatch.setattr(synth, "_write_image", flaky)
+    monkeypatch.setattr(synth.os, "cpu_count", lambda: 1)  # drawn in this process, where the patch applies
     with pytest.raises(KeyboardInterrupt):
         synthesize(fresh, seed=0, **TINY)
     assert not (fresh / "dataset.yaml").exists()

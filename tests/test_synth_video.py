@@ -136,6 +136,26 @@ def test_motion_is_smooth_and_sizes_match_training(seq: tuple[Path, dict]) -> No
     assert np.percentile(sizes_a, 10) < 140 and np.percentile(sizes_a, 90) > 200
 
 
+@pytest.mark.parametrize("seed", [0, 7373, 8181, 11])
+def test_the_demos_video_holds_unenrolled_objects_of_every_class(seed: int) -> None:
+    """The demo's 30-s video (``demo.FULL.video_frames``) shows every enrolled identity and someone else's
+    object of every class. At 20 s (its length before) every enrolled identity came first: seed 8181's held
+    no unenrolled object at all, and its false-identification rate was undefined."""
+    from mocha_edge.data.synth_video import _CODE_VIDEO, _Planner, _scale
+    from mocha_edge.demo import FULL
+
+    planner = _Planner(
+        np.random.default_rng([seed, _CODE_VIDEO, 0, 0]), 640, 480, 15, _scale((640, 480), 256), seed
+    )
+    planner.plan(FULL.video_frames)
+    enrolled = set(enrolled_instances(seed))
+    table = instance_table(seed)
+    refs = {tr.ref for tr in planner.tracks}
+    assert enrolled <= refs
+    other = {f // INSTANCES_PER_CLASS for f in refs if table[f].novel and f not in enrolled}
+    assert other == set(range(len(CLASSES)))
+
+
 def test_scale_follows_model_imgsz() -> None:
     assert synth_video._scale((640, 480), 256) == pytest.approx(2.5)
     assert synth_video._scale((1280, 720), 256) == pytest.approx(5.0)

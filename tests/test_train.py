@@ -190,6 +190,24 @@ def test_base_stage_outputs_and_ultralytics_checkpoint(base_run: Path, synth_sma
     csv = (base_run / "metrics.csv").read_text().splitlines()
     assert csv[0].startswith("epoch") and len(csv) == 1 + 3  # epoch 0 (before training) + 2 epochs
     assert "val_map50" in csv[0] and "loss_det" in csv[0]
+    # trained channels-last, written in the default layout (what safetensors, ONNX and C readers expect)
+    for key in ("student", "ema"):
+        convs = [v for v in state[key].values() if v.dim() == 4]
+        assert convs and all(v.is_contiguous() for v in convs), key
+    weights = [p for p in model.model.parameters() if p.dim() == 4]
+    assert weights and all(p.is_contiguous() for p in weights)
+
+
+def test_default_workers_leave_a_small_cpu_to_the_training_threads(monkeypatch) -> None:
+    from mocha_edge.train import default_workers
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert default_workers("cpu") == 0 and default_workers("cuda") == 1
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert default_workers("cpu") == 8 and default_workers("cuda:0") == 8
+    assert TrainConfig(data="d", out="o", workers=3).workers == 3
+    with pytest.raises(TrainError, match="workers"):
+        TrainConfig(data="d", out="o", workers=-1)
 
 
 def test_distilled_and_baseline_share_student_steps(

@@ -719,6 +719,7 @@ def synthesize(
     n_query: int = 200,
     support_per_instance: int = 8,
     progress: bool = True,
+    workers: int | None = None,
 ) -> Path:
     """Write the benchmark into `out` and return the path of its dataset YAML.
 
@@ -728,7 +729,8 @@ def synthesize(
     is written. Otherwise all files are generated into ``out/.tmp-synth-*`` first; the old
     ``dataset.yaml`` is removed, the new folders are moved into place, and the new ``dataset.yaml`` is
     written last, so an interrupted run never leaves a YAML pointing at partial data. Not safe for two
-    concurrent runs into the same `out`.
+    concurrent runs into the same `out`. ``workers``: drawing processes (default: the cores, at most 8); the
+    output is the same for any number.
     """
     seed = _check_int("seed", seed, 0)
     imgsz = _check_int("imgsz", imgsz, 128, 4096)
@@ -760,7 +762,7 @@ def synthesize(
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-synth-", dir=out))
     try:
-        doc = _generate(tmp, gen, progress)
+        doc = _generate(tmp, gen, progress, workers)
         if yaml_path.exists():
             yaml_path.unlink()
         for name in _OUTPUT_ENTRIES[1:]:
@@ -797,34 +799,13 @@ def _complete(out: Path, doc: dict[str, Any]) -> bool:
     return all((out / n).is_file() for n in _OUTPUT_ENTRIES[4:])
 
 
-def _generate(root: Path, gen: dict[str, Any], progress: bool) -> dict[str, Any]:
-    """Write images, labels and episode files under ``root``; return the dataset.yaml document."""
-    from tqdm import tqdm
-
-    seed, imgsz = gen["seed"], gen["imgsz"]
-    spi = gen["support_per_instance"]
+def _draw_jobs(root: Path, seed: int, imgsz: int, jobs: list[tuple[str, str, int, Any]]) -> int:
+    """Draw and write the images of ``jobs`` (each seeded by its own split code and index, so the output does
+    not depend on which process draws which job); returns how many were written."""
     table = instance_table(seed)
     base = np.array([i.fine_id for i in table if not i.novel])
     novel = [i.fine_id for i in table if i.novel]
-    for split in ("train", "val", "novel"):
-        (root / split / "images").mkdir(parents=True)
-        (root / split / "labels").mkdir(parents=True)
-    jobs: list[tuple[str, str, int, Any]] = []  # (split folder, basename, rng code / index, extra)
-    wtv = max(6, len(str(max(gen["n_train"], gen["n_val"]) - 1)))
-    jobs += [("train", f"train_{i:0{wtv}d}", i, None) for i in range(gen["n_train"])]
-    jobs += [("val", f"val_{i:0{wtv}d}", i, None) for i in range(gen["n_val"])]
-    ws = max(4, len(str(len(novel) * spi - 1)))
-    support: dict[int, list[str]] = {f: [] for f in novel}
-    for a, f in enumerate(novel):
-        for j in range(spi):
-            idx = a * spi + j
-            support[f].append(f"novel_support_{idx:0{ws}d}.jpg")
-            jobs.append(("support", f"novel_support_{idx:0{ws}d}", idx, f))
-    wq = max(4, len(str(gen["n_query"] - 1)))
-    queries = [f"novel_query_{i:0{wq}d}.jpg" for i in range(gen["n_query"])]
-    jobs += [("query", q[:-4], i, None) for i, q in enumerate(queries)]
-
-    for kind, stem, idx, fid in tqdm(jobs, desc="synth", unit="img", disable=not progress):
+    for kind, stem, idx, fid in jobs:
         rng = np.random.default_rng([seed, _SPLIT_CODE[kind], idx])
         if kind in ("train", "val"):
             img, labels = _make_image(
@@ -864,6 +845,62 @@ def _generate(root: Path, gen: dict[str, Any], progress: bool) -> dict[str, Any]
             )
         folder = "novel" if kind in ("support", "query") else kind
         _write_image(root / folder / "images" / f"{stem}.jpg", img, labels)
+    return len(jobs)
+
+
+def _render_all(
+    root: Path,
+    seed: int,
+    imgsz: int,
+    jobs: list[tuple[str, str, int, Any]],
+    progress: bool,
+    workers: int | None,
+) -> None:
+    """:func:`_draw_jobs` every job, in ``workers`` processes (default: the cores, at most 8; the 2-core machine
+    draws the demo's 1,392 images in about half the time of one process)."""
+    from tqdm import tqdm
+
+    n = min(8, os.cpu_count() or 1) if workers is None else max(1, workers)
+    chunks = [jobs[a : a + 48] for a in range(0, len(jobs), 48)]
+    with tqdm(total=len(jobs), desc="synth", unit="img", disable=not progress) as bar:
+        if n == 1 or len(chunks) == 1:
+            for c in chunks:
+                bar.update(_draw_jobs(root, seed, imgsz, c))
+            return
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        # spawn: the caller may hold torch's threads, which fork() would copy half-alive
+        with ProcessPoolExecutor(n, mp_context=mp.get_context("spawn")) as pool:
+            for f in as_completed([pool.submit(_draw_jobs, root, seed, imgsz, c) for c in chunks]):
+                bar.update(f.result())
+
+
+def _generate(root: Path, gen: dict[str, Any], progress: bool, workers: int | None = None) -> dict[str, Any]:
+    """Write images, labels and episode files under ``root``; return the dataset.yaml document."""
+    seed, imgsz = gen["seed"], gen["imgsz"]
+    spi = gen["support_per_instance"]
+    table = instance_table(seed)
+    novel = [i.fine_id for i in table if i.novel]
+    for split in ("train", "val", "novel"):
+        (root / split / "images").mkdir(parents=True)
+        (root / split / "labels").mkdir(parents=True)
+    jobs: list[tuple[str, str, int, Any]] = []  # (split folder, basename, rng code / index, extra)
+    wtv = max(6, len(str(max(gen["n_train"], gen["n_val"]) - 1)))
+    jobs += [("train", f"train_{i:0{wtv}d}", i, None) for i in range(gen["n_train"])]
+    jobs += [("val", f"val_{i:0{wtv}d}", i, None) for i in range(gen["n_val"])]
+    ws = max(4, len(str(len(novel) * spi - 1)))
+    support: dict[int, list[str]] = {f: [] for f in novel}
+    for a, f in enumerate(novel):
+        for j in range(spi):
+            idx = a * spi + j
+            support[f].append(f"novel_support_{idx:0{ws}d}.jpg")
+            jobs.append(("support", f"novel_support_{idx:0{ws}d}", idx, f))
+    wq = max(4, len(str(gen["n_query"] - 1)))
+    queries = [f"novel_query_{i:0{wq}d}.jpg" for i in range(gen["n_query"])]
+    jobs += [("query", q[:-4], i, None) for i, q in enumerate(queries)]
+
+    _render_all(root, seed, imgsz, jobs, progress, workers)
 
     rng = np.random.default_rng([seed, _SPLIT_CODE["episodes"]])
     episode_files = {}
