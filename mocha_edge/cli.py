@@ -115,7 +115,7 @@ def data_check(dataset: Path, max_problems: int) -> None:
 @click.option("--query", "n_query", default=200, show_default=True, help="Query images (novel instances).")
 @click.option("--support", default=8, show_default=True, help="Support images per novel instance.")
 @click.option("--video", is_flag=True, help="Also write a camera-like video with per-frame ground truth.")
-@click.option("--video-frames", default=300, show_default=True, help="Frames per --video sequence (15 fps).")
+@click.option("--video-frames", default=450, show_default=True, help="Frames per --video sequence (15 fps).")
 @click.option("--video-sequences", default=1, show_default=True, help="--video sequences (seq_000 ...).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def data_synth(
@@ -135,7 +135,7 @@ def data_synth(
     \b
     Example:
       mocha-edge data synth --out data/synth --seed 0
-      mocha-edge data synth --out data/synth --seed 0 --video --video-frames 300
+      mocha-edge data synth --out data/synth --seed 0 --video --video-frames 450
     """
     import time
 

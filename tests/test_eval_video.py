@@ -305,7 +305,8 @@ def test_corrections_with_the_real_pipeline(exported: Path, student_ckpt: Path, 
     )
     from mocha_edge.prototypes import PrototypeBank
 
-    gt_path = synthesize_video(tmp_path / "d", seed=2, frames=40, model_imgsz=128)
+    # 90 frames: the small student's boxes on nothing are rare (40 frames had none once it trained channels-last)
+    gt_path = synthesize_video(tmp_path / "d", seed=2, frames=90, model_imgsz=128)
     doc = json.loads(gt_path.read_text())
     doc["supports"] = dict(sorted(doc["supports"].items())[:2])
     gt_path.write_text(json.dumps(doc))
@@ -344,10 +345,10 @@ def test_corrections_with_the_real_pipeline(exported: Path, student_ckpt: Path, 
     named, refuse = refused(seq, fixed, made)
     assert named >= 1 and refuse == named  # the C matcher refuses a corrected vector the name it had
 
-    res = corrections_eval([seq], ("none", "bytetrack"), vote_conf=0.0)  # held out: the first 20 frames
+    res = corrections_eval([seq], ("none", "bytetrack"), vote_conf=0.0)  # held out: the first half
     json.dumps(res)  # as eval-video writes it
     c = res["corrections"]
-    assert c["made"] >= 1 and c["stored"] == c["made"] and all(x["frame"] < 20 for x in c["list"])
+    assert c["made"] >= 1 and c["stored"] == c["made"] and all(x["frame"] < 45 for x in c["list"])
     before, after = res["results"][1], res["corrected"][1]
     assert after["named_on_nothing"] + after["distractor_frames"] * (
         after["distractor_frames_named"] or 0

@@ -568,7 +568,7 @@ def synthesize_video(
     out: str | Path,
     seed: int = 0,
     *,
-    frames: int = 300,
+    frames: int = 450,
     size: tuple[int, int] = (640, 480),
     fps: int = 15,
     model_imgsz: int = 256,
