@@ -88,7 +88,7 @@ class Stages:
 # distill 225, baseline 221, enroll 7, eval 157, export 97, run 6, bench 20; 1416 s. Then channels-last
 # training without loader processes (seed 8181): data 26, video 10, teach 84, base 439, distill 218, baseline
 # 179, enroll 7, eval 146, export 80, run 3, bench 17; 1209 s. Then data drawn in 2 processes, 50 eval and 25
-# report episodes, a 30-s video (README: "The demo's time").
+# report episodes, a 30-s video (README: "The demo within 20 minutes").
 BUDGET_FULL = {"data": 20, "video": 15, "teach": 90, "base": 440, "distill": 220, "baseline": 200, "enroll": 10,
                "eval": 100, "export": 70, "run": 10, "bench": 20}  # fmt: skip
 BUDGET_QUICK = {"data": 10, "teach": 15, "base": 60, "distill": 15, "baseline": 15, "enroll": 5, "eval": 10,

@@ -591,7 +591,7 @@ class Trainer:
             model = self._initial_student(build_student)
         self.hyp = set_loss_args(model, {"imgsz": cfg.imgsz, **cfg.hyp})
         # channels-last convolutions: 11-13 % less time a training step for a YOLOv8n at 256 px on the 2-core
-        # CPU (README: "Where the demo's time goes"); checkpoints are written in the default layout
+        # CPU (README: `train`); checkpoints are written in the default layout
         self.model = model.to(self.device, memory_format=torch.channels_last)
         self.strides = [float(s) for s in model.stride]
         self.channels = head_channels(model)
