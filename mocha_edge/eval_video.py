@@ -181,8 +181,7 @@ def replay(seq: VideoSeq, tracker: str, rule: Any = None, vote_conf: float | Non
     fps = float(seq.gt["fps"])
     tr = make_tracker(tracker, fps, conf=getattr(seq.pipe, "conf", None))  # as run makes it
     idents = TrackIdentities(seq.gt["sequence"], seq.class_names, rule,
-                             name_conf=NAME_CONF if vote_conf is None else vote_conf, snapshots=False,
-                             by_class=getattr(seq.pipe, "mode", "conditional") == "conditional")  # fmt: skip
+                             name_conf=NAME_CONF if vote_conf is None else vote_conf, snapshots=False)  # fmt: skip
     pipe = SimpleNamespace(identity_names=names, match_vectors=seq.match)
     for t, d in enumerate(seq.dets):
         frame = SimpleNamespace(t=t / fps, index=t, image_bgr=None)

@@ -557,7 +557,6 @@ def run_loop(
                 cam.idents = TrackIdentities(
                     name, list(pipe.names), opts.rule, name_conf=float(getattr(pipe, "name_conf", 0.5)),
                     snapshots=bool(cam.event_sinks) or web is not None,
-                    by_class=getattr(pipe, "mode", "conditional") == "conditional",
                 )  # fmt: skip
     except BaseException:  # nothing started: close what opened
         for sink in [*shared, *(s for c in cams for s in c.own)]:

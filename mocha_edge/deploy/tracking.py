@@ -209,7 +209,6 @@ class _Track:
     refused: set[str] = field(default_factory=set)  # identities a person said this track is not
     pinned: str | None = None  # the identity a person gave this track (it keeps it while it lives)
     active: bool = True  # seen in the last frame
-    off_class: int = 0  # frames in a row its detection was of another class than the track's
 
 
 def _add_vector(tr: _Track, v: np.ndarray) -> None:
@@ -241,11 +240,8 @@ class TrackIdentities:
     similarity)`` is the pipeline's bank matcher for arbitrary vectors (:meth:`Pipeline.match_vectors`)."""
 
     def __init__(self, camera: str, class_names: list[str], rule: IdentityRule | None = None,
-                 name_conf: float = 0.5, snapshots: bool = True, by_class: bool = True) -> None:  # fmt: skip
+                 name_conf: float = 0.5, snapshots: bool = True) -> None:  # fmt: skip
         self.camera = camera
-        # conditional matching: a track's identity is of its class (see update); global matching names
-        # across classes, so a detection of another class than its track's keeps the track's name there
-        self.by_class = by_class
         self.names = list(class_names)
         self.rule = rule or IdentityRule()
         self.name_conf = float(name_conf)
@@ -331,7 +327,6 @@ class TrackIdentities:
         vecs = np.asarray(dets.vectors, np.float32)
         norms = np.linalg.norm(vecs.reshape(n, -1), axis=1) if n else np.zeros(0, np.float32)
         votes = (np.asarray(dets.scores) >= self.name_conf) & np.isfinite(norms) & (norms > 0)
-        off = np.zeros(n, bool)  # detections of another class than their track's
         for i in range(n):
             tid = tids[i]
             if tid < 0:
@@ -345,18 +340,6 @@ class TrackIdentities:
                 self.tracks[tid] = tr
                 events.append(self._event("enter", tr, t, frame))
             tr.last_t, tr.last_frame, tr.box, tr.score, tr.active = t, frame, box, score, True
-            # a track's identity is of its class: a detection of another class on it (the tracker followed
-            # its box onto another object, or the detector wavers) is not shown the name and adds no
-            # evidence; after ``switch`` such frames in a row the track is of the new class and starts afresh
-            c = int(dets.cls[i])
-            if c != tr.cls and self.by_class:
-                tr.off_class += 1
-                if tr.off_class < rule.switch:
-                    off[i] = True
-                else:
-                    events += self._reclass(tr, c, t, frame)
-            else:
-                tr.off_class = 0
             edge = image is not None and (
                 box[0] <= EDGE_MARGIN
                 or box[1] <= EDGE_MARGIN
@@ -364,7 +347,7 @@ class TrackIdentities:
                 or box[3] >= h - EDGE_MARGIN
             )
             quality = score * (0.5 if edge else 1.0)
-            if votes[i] and not off[i]:
+            if votes[i]:
                 unit = vecs[i] / norms[i]
                 _add_vector(tr, unit)
                 if quality > tr.vector_quality:
@@ -427,12 +410,10 @@ class TrackIdentities:
                         tr.identity, tr.similarity = -1, float("nan")
                         events.append(self._event("changed", tr, t, frame, previous=prev))
         for i, tr in seen:
-            if tr.identity >= 0:
-                self.presence[tr.identity] = (tr.tid, t)
-            if off[i]:
-                continue  # the track keeps its identity a few frames; this detection is not shown it
             ident[i] = tr.identity
             sim[i] = tr.similarity if tr.identity >= 0 else np.nan
+            if tr.identity >= 0:
+                self.presence[tr.identity] = (tr.tid, t)
         # tracks unseen for leave_after seconds have left
         for tid in [
             k for k, tr in self.tracks.items() if not tr.active and t - tr.last_t >= rule.leave_after
@@ -445,20 +426,6 @@ class TrackIdentities:
                 self.presence.pop(tr.identity, None)
             events.append(self._event("leave", tr, t, frame))
         return ident, sim, events
-
-    def _reclass(self, tr: _Track, c: int, t: float, frame: int) -> list[Event]:
-        """Track ``tr`` has been of class ``c`` for ``switch`` frames: its evidence and the identity the
-        matcher gave it (of the old class) go; a name a person gave it stays (their word)."""
-        tr.cls, tr.off_class = c, 0
-        tr.vectors.clear()
-        tr.vsum, tr.added, tr.candidate, tr.streak = None, 0, -1, 0
-        tr.best_vector, tr.vector_quality = None, -1.0
-        if tr.identity < 0 or tr.pinned is not None:
-            return []
-        prev = tr.identity
-        self.presence.pop(prev, None)
-        tr.identity, tr.similarity = -1, float("nan")
-        return [self._event("changed", tr, t, frame, previous=prev)]
 
     def _commit(self, tr: _Track, d: int, s: float, t: float, frame: int, force: bool = False) -> list[Event]:
         """Give identity ``d`` to ``tr`` (one track per identity and camera; module doc); ``force``: even from
