@@ -162,7 +162,7 @@ class BuiltinTeacher(Teacher):
         y_all = torch.from_numpy(labels)
         model = CropEncoder(dim=int(cfg["dim"]), width=int(cfg["width"]), input_size=int(cfg["input_size"]))
         head = CosineClassifier(int(cfg["dim"]), len(classes))
-        # channels-last convolutions: a training step a quarter faster on the 2-core CPU
+        # channels-last convolutions: a step on 128 crops 1.2-1.3 s -> 0.7-1.0 s on the 2-core CPU
         model.to(self.device, memory_format=torch.channels_last).train()
         head.to(self.device).train()
         params = list(model.parameters()) + list(head.parameters())
