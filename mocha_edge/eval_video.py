@@ -80,6 +80,7 @@ class VideoSeq:
     identity_names: list[str]
     class_names: list[str]
     match: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]  # the pipeline's match_vectors
+    check: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]  # its identity_similarity
     pipe: Any = None  # the Pipeline that made ``dets`` (its bank can be swapped: corrections)
     bank: Any = None  # the PrototypeBank it was made with
 
@@ -143,7 +144,16 @@ def detect_sequences(pipe: Any, paths: Sequence[Path], log: Callable[[str], None
             raise EvalVideoError(f"{p}: the video has {len(dets)} frames, the ground truth {gt['frames']}")
         log(f"{p.name}: {len(dets)} frames in {time.perf_counter() - t0:.1f} s")
         out.append(
-            VideoSeq(gt, dets, list(pipe.identity_names), list(pipe.names), pipe.match_vectors, pipe, bank)
+            VideoSeq(
+                gt,
+                dets,
+                list(pipe.identity_names),
+                list(pipe.names),
+                pipe.match_vectors,
+                pipe.identity_similarity,
+                pipe,
+                bank,
+            )
         )
     return out
 
@@ -182,7 +192,7 @@ def replay(seq: VideoSeq, tracker: str, rule: Any = None, vote_conf: float | Non
     tr = make_tracker(tracker, fps, conf=getattr(seq.pipe, "conf", None))  # as run makes it
     idents = TrackIdentities(seq.gt["sequence"], seq.class_names, rule,
                              name_conf=NAME_CONF if vote_conf is None else vote_conf, snapshots=False)  # fmt: skip
-    pipe = SimpleNamespace(identity_names=names, match_vectors=seq.match)
+    pipe = SimpleNamespace(identity_names=names, match_vectors=seq.match, identity_similarity=seq.check)
     for t, d in enumerate(seq.dets):
         frame = SimpleNamespace(t=t / fps, index=t, image_bgr=None)
         shown, ev = track_frame(tr, idents, pipe, frame, d)
@@ -432,7 +442,11 @@ def rematch(seq: VideoSeq) -> VideoSeq:
         ident, sim = pipe._match(d.vectors, d.cls, d.scores)
         dets.append(dataclasses.replace(d, identity=ident, similarity=sim))
     return dataclasses.replace(
-        seq, dets=dets, identity_names=list(pipe.identity_names), match=pipe.match_vectors
+        seq,
+        dets=dets,
+        identity_names=list(pipe.identity_names),
+        match=pipe.match_vectors,
+        check=pipe.identity_similarity,
     )
 
 

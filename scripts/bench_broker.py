@@ -76,6 +76,9 @@ class Pipe:
         sim = vectors @ self.protos.T
         return sim.argmax(1).astype(np.int64), sim.max(1).astype(np.float32)
 
+    def identity_similarity(self, vectors: np.ndarray, identity: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return (vectors * self.protos[identity]).sum(1), np.zeros(len(identity), np.float32)
+
     def __call__(self, bgr: np.ndarray) -> SimpleNamespace:
         end = time.perf_counter() + self.work
         while time.perf_counter() < end:  # holds the GIL, as Python pre/post-processing does

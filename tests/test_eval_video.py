@@ -208,6 +208,11 @@ class _NumpyPipe:
         ident = np.where((ident >= 0) & (sim >= self._thr[np.maximum(ident, 0)]), ident, -1)
         return refuse(ident, l2n(v), self._p, self._neg, self._off), sim
 
+    def identity_similarity(self, v: np.ndarray, identity: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        from mocha_edge.prototypes import l2n
+
+        return (l2n(v) * self._p[identity]).sum(1), self._thr[identity]
+
     def _match(self, v: np.ndarray, cls: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         from mocha_edge.prototypes import one_per_identity
 
@@ -240,7 +245,7 @@ def test_simulated_user_corrects_only_named_distractors_and_nothing() -> None:
     one = np.zeros(4, np.int64)
     dets = [Detections(boxes, np.full(4, 0.9, np.float32), one, vec, one - 1, np.zeros(4, np.float32))] * 40
     pipe = _NumpyPipe(bank)
-    seq = rematch(VideoSeq(gt, dets, [], ["mug"], pipe.match_vectors, pipe, bank))
+    seq = rematch(VideoSeq(gt, dets, [], ["mug"], pipe.match_vectors, pipe.identity_similarity, pipe, bank))
     assert seq.dets[0].identity.tolist() == [0, 1, 2, 3]  # mug_1, mug_3 (wrong), mug_4 (distractor), mug_5
 
     fixed, made = simulate_corrections([seq])
@@ -305,8 +310,9 @@ def test_corrections_with_the_real_pipeline(exported: Path, student_ckpt: Path, 
     )
     from mocha_edge.prototypes import PrototypeBank
 
-    # 90 frames: the small student's boxes on nothing are rare (40 frames had none once it trained channels-last)
-    gt_path = synthesize_video(tmp_path / "d", seed=2, frames=90, model_imgsz=128)
+    # 150 frames: the small student's boxes on nothing are rare (40 frames had none once it trained channels-last,
+    # 90 none in the held-out half once tracks were matched in their detections' classes)
+    gt_path = synthesize_video(tmp_path / "d", seed=2, frames=150, model_imgsz=128)
     doc = json.loads(gt_path.read_text())
     doc["supports"] = dict(sorted(doc["supports"].items())[:2])
     gt_path.write_text(json.dumps(doc))
@@ -348,7 +354,7 @@ def test_corrections_with_the_real_pipeline(exported: Path, student_ckpt: Path, 
     res = corrections_eval([seq], ("none", "bytetrack"), vote_conf=0.0)  # held out: the first half
     json.dumps(res)  # as eval-video writes it
     c = res["corrections"]
-    assert c["made"] >= 1 and c["stored"] == c["made"] and all(x["frame"] < 45 for x in c["list"])
+    assert c["made"] >= 1 and c["stored"] == c["made"] and all(x["frame"] < 75 for x in c["list"])
     before, after = res["results"][1], res["corrected"][1]
     assert after["named_on_nothing"] + after["distractor_frames"] * (
         after["distractor_frames_named"] or 0

@@ -43,7 +43,7 @@ from mocha_edge.deploy.sources import (
     open_source,
     parse_uri,
 )
-from mocha_edge.prototypes import BankError, PrototypeBank
+from mocha_edge.prototypes import BankError, PrototypeBank, l2n
 
 REPO = Path(__file__).resolve().parents[1]
 JSONL_KEYS = {"source", "frame", "t", "box_xyxy", "cls", "score", "identity", "similarity", "track_id"}
@@ -76,6 +76,11 @@ class FakePipe:
         if self.bank is not None and self.bank.identities:
             return self.bank.match(vectors, cls)
         return np.full(len(cls), -1, np.int64), np.full(len(cls), -np.inf, np.float32)
+
+    def identity_similarity(self, vectors: np.ndarray, identity: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        assert self.bank is not None
+        p = self.bank.prototypes()[0][identity]
+        return (l2n(vectors) * p).sum(1), self.bank.thresholds()[identity]
 
     def __call__(self, bgr: np.ndarray) -> SimpleNamespace:
         self.calls += 1

@@ -137,7 +137,9 @@ def test_bytetrack_keeps_ids_on_moving_boxes_and_track_frame_shows_the_track_ide
     tr = Tracker("bytetrack", fps=15)
     ti = TrackIdentities("cam", ["mug", "toy"], IdentityRule(window=5, commit=2))
     pipe = SimpleNamespace(identity_names=["rex"],
-                           match_vectors=lambda v, c: (np.where(c == 0, 0, -1), np.full(len(c), 0.9, np.float32)))  # fmt: skip
+                           match_vectors=lambda v, c: (np.where(c == 0, 0, -1), np.full(len(c), 0.9, np.float32)),
+                           identity_similarity=lambda v, i: (np.full(len(i), 0.9, np.float32),
+                                                             np.full(len(i), 0.5, np.float32)))  # fmt: skip
     seen = []
     for f in range(12):
         x = 10 + 4 * f
@@ -210,3 +212,86 @@ def test_a_name_given_by_a_person_follows_the_object_to_its_next_track() -> None
     ident, _, _ = ti.update(0.2, 2, d, np.array([2, 3, 4]), IMG, match)
     assert ident.tolist() == [-1, -1, 0]
     assert ti.tracks[4].pinned == "rex" and ti.tracks[1].pinned is None
+
+
+def by_class(ident_of: dict[int, int], sim: float = 0.9):
+    """A conditional matcher: identity ``ident_of[class]`` (else -1) for every vector matched in that class;
+    records the classes it was asked about."""
+    asked: list[list[int]] = []
+
+    def match(vectors: np.ndarray, cls: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        asked.append(sorted(set(np.asarray(cls).tolist())))
+        return np.array([ident_of.get(int(c), -1) for c in cls], np.int64), np.full(len(cls), sim, np.float32)
+
+    match.asked = asked  # type: ignore[attr-defined]
+    return match
+
+
+def test_a_track_is_matched_in_its_detections_classes_not_its_first_boxs() -> None:
+    """An object entering the view is classed 'toy' once, then 'mug': it is matched among mugs and named."""
+    ti = TrackIdentities("cam", ["mug", "toy"], IdentityRule(window=10, commit=1, class_share=0.25))
+    ti.set_identities(["rex"])
+    match = by_class({0: 0})
+    shown, evs = [], []
+    for f in range(6):
+        ident, _, ev = ti.update(f / 15, f, dets([[50, 50, 100, 100]], cls=[1 if f == 0 else 0]), np.array([1]),
+                                 IMG, match)  # fmt: skip
+        shown.append(int(ident[0]))
+        evs += ev
+    assert match.asked[0] == [1] and match.asked[1] == [0, 1]  # toy first, then both (1 of 2 votes each)
+    assert shown == [-1, 0, 0, 0, 0, 0]
+    (named,) = [e for e in evs if e.kind == "identified"]
+    assert named.identity == "rex" and named.cls == "mug"
+    assert match.asked[-1] == [0]  # the one 'toy' vote is now under a quarter of the window
+
+
+def test_a_named_object_the_detector_reclasses_keeps_its_name() -> None:
+    """Once named as a mug, a track whose detections turn 'toy' is still matched among mugs."""
+    ti = TrackIdentities("cam", ["mug", "toy"], IdentityRule(window=4, commit=1, switch=3))
+    ti.set_identities(["rex"])
+    match = by_class({0: 0})
+    check = lambda v, i: (np.full(len(i), 0.8, np.float32), np.full(len(i), 0.7, np.float32))  # noqa: E731
+    shown = []
+    for f in range(10):
+        ident, _, _ = ti.update(f / 15, f, dets([[50, 50, 100, 100]], cls=[0 if f < 2 else 1]), np.array([1]),
+                                IMG, match, check)  # fmt: skip
+        shown.append(int(ident[0]))
+    assert shown == [0] * 10
+    # matched among mugs (the identity's class) and toys, though all 4 votes in the window are toys
+    assert match.asked[-1] == [0, 1] and ti.tracks[1].cls == 0
+
+
+def test_a_track_carried_onto_another_object_drops_its_name() -> None:
+    """ByteTrack's track 1 moves from the mug 'rex' onto a toy: the toy's detections are far below rex's
+    threshold, so they are shown unnamed at once and the track lets rex go after ``break_after`` of them
+    (its evidence restarts); a detection of another class that is still close to rex keeps the name."""
+    rule = IdentityRule(window=30, commit=1, switch=10, break_margin=0.15, break_after=3)
+    ti = TrackIdentities("cam", ["mug", "toy"], rule)
+    ti.set_identities(["rex"])
+    match = by_class({0: 0})
+    sims = {0: 0.8, 1: 0.4}  # the vector's first value says which object it is
+    check = lambda v, i: (np.array([sims[int(x[0])] for x in v], np.float32),  # noqa: E731
+                          np.full(len(i), 0.7, np.float32))  # fmt: skip
+    shown, evs = [], []
+    plan = [(0, 0)] * 5 + [(1, 0)] + [(0, 0)] + [(1, 1)] * 5  # (class, object)
+    for f, (c, obj) in enumerate(plan):
+        d = dets([[50, 50, 100, 100]], cls=[c])
+        d.vectors[:, 0] = obj
+        d.vectors[:, 1] = 1.0
+        ident, _, ev = ti.update(f / 15, f, d, np.array([1]), IMG, match, check)
+        shown.append(int(ident[0]))
+        evs += [(f, e.kind, e.identity, e.previous) for e in ev]
+    # frame 5: the mug classed 'toy' but close to rex keeps the name; frames 7-8 hidden, 9 lets rex go
+    assert shown == [0, 0, 0, 0, 0, 0, 0, -1, -1, -1, -1, -1]
+    assert evs[-1] == (9, "changed", None, "rex")
+    tr = ti.tracks[1]
+    assert tr.identity == -1 and tr.cls == 1 and len(tr.vectors) == 2  # restarted: frames 10, 11 only
+    assert 0 not in ti.presence
+    # without the check (no pipeline to ask), the old window keeps the name
+    ti2 = TrackIdentities("cam", ["mug", "toy"], rule)
+    ti2.set_identities(["rex"])
+    for f, (c, obj) in enumerate(plan):
+        d = dets([[50, 50, 100, 100]], cls=[c])
+        d.vectors[:, 0] = obj
+        last = int(ti2.update(f / 15, f, d, np.array([1]), IMG, by_class({0: 0}))[0][0])
+    assert last == 0

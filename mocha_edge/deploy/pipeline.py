@@ -66,6 +66,9 @@ class LivePipeline(Protocol):
 
     def set_bank(self, bank: PrototypeBank) -> None: ...
     def match_vectors(self, vectors: np.ndarray, cls: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+    def identity_similarity(
+        self, vectors: np.ndarray, identity: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]: ...
     def __call__(self, bgr: np.ndarray) -> Any: ...
 
 
@@ -263,6 +266,23 @@ class Pipeline:
                                       thresholds=per, proj=self._proj, negatives=self._negatives,
                                       neg_offsets=self._neg_offsets)  # fmt: skip
         return ident, sim
+
+    def identity_similarity(self, vectors: np.ndarray, identity: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Cosine of each vector to the prototype of its ``identity`` (an index into :attr:`identity_names`),
+        in the matching space of that identity's class, and that identity's threshold (or ``threshold``):
+        how a track checks that a detection is still its object (:mod:`mocha_edge.deploy.tracking`)."""
+        from mocha_edge.prototypes import centre_vectors
+
+        idx = np.asarray(identity, np.int64).reshape(-1)
+        if len(idx) and (idx.min() < 0 or idx.max() >= len(self._protos)):
+            raise PipelineError(f"identity index out of range 0..{len(self._protos) - 1}: {idx.tolist()}")
+        u = centre_vectors(np.asarray(vectors, np.float32).reshape(len(idx), -1), self._proto_cls[idx],
+                           self._means, self._proj)  # fmt: skip
+        sim = (u * self._protos[idx]).sum(1).astype(np.float32)
+        thr = (
+            self._thresholds[idx] if self.threshold is None else np.full(len(idx), self.threshold, np.float32)
+        )
+        return sim, np.asarray(thr, np.float32)
 
     def _match(
         self, vectors: np.ndarray, cls: np.ndarray, scores: np.ndarray

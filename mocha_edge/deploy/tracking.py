@@ -11,6 +11,15 @@
   after ``switch`` frames in a row of contrary decisions. An identity names one track per camera at a time:
   the more similar track keeps it. Each track keeps its best shot (highest score × completeness: a box that
   touches the frame's edge counts half) for snapshots.
+* A track's class is its detections', not its first detection's: the mean is matched (conditionally) against
+  the identities of every class the detector gave at least ``class_share`` of the track's confident
+  detections in the window, and of its identity's class while it holds one; the best identity that passes
+  its threshold wins. The first box of an object coming into view is often classed wrongly.
+* A track that ByteTrack carries onto another object would keep its name for as long as the old object's
+  vectors dominate the window. So a detection of another class than the track's identity whose own vector
+  is ``break_margin`` below the identity's threshold (:meth:`Pipeline.identity_similarity`) is shown
+  without the name, and ``break_after`` such detections in a row end the identity (``changed``) and restart
+  the track's evidence.
 * Events per track: ``enter`` (a confirmed track appears), ``identified`` (its identity is committed),
   ``changed`` (switched, ``previous`` says from what), ``leave`` (not seen for ``leave_after`` seconds). A
   track that commits to an identity whose previous track on this camera was lost less than ``leave_after``
@@ -140,6 +149,13 @@ class IdentityRule:
     window: int = 30  # object vectors in the running mean (2 s at 15 fps)
     commit: int = 1  # frames in a row the same identity must win before it is committed
     switch: int = 10  # frames in a row of contrary decisions before a committed identity changes
+    # measured on the demo's videos of seeds 9191, 8181, 7373 (README "Tracks that change object"): names
+    # right 77.9/73.7/100 % -> 80.8/98.8/98.6 %, detections of enrolled objects named 28.3/15.8/6.2 % ->
+    # 27.3/35.3/10.9 %; shares 0.2-0.34, margins 0.1-0.15 and 2-3 frames moved these by <= 4 points, except
+    # that the majority class alone (without the identity's class) lost a mug seen as a ball
+    class_share: float = 0.25  # share of the window's confident detections that makes a class a candidate
+    break_margin: float = 0.15  # cosine below the identity's threshold that contradicts it (another class)
+    break_after: int = 3  # contradicting detections in a row that end the identity and restart the evidence
     leave_after: float = 2.0  # seconds a track is unseen before it has left
 
 
@@ -196,9 +212,12 @@ class _Track:
     box: np.ndarray
     score: float
     vectors: collections.deque
+    classes: collections.deque  # detector class of each vector in ``vectors``
     vsum: np.ndarray | None = None  # running sum of ``vectors`` (re-summed exactly once per window)
     added: int = 0
     identity: int = -1  # committed (index into the pipeline's identity names), -1: unknown
+    identity_cls: int = -1  # the class the identity was matched in
+    contrary: int = 0  # detections in a row that contradict the identity (module doc)
     similarity: float = float("nan")
     candidate: int = -1
     streak: int = 0
@@ -211,16 +230,30 @@ class _Track:
     active: bool = True  # seen in the last frame
 
 
-def _add_vector(tr: _Track, v: np.ndarray) -> None:
+def _add_vector(tr: _Track, v: np.ndarray, cls: int) -> None:
     """Append to the track's window, keeping its running sum (no re-stacking of the window every frame)."""
     if len(tr.vectors) == tr.vectors.maxlen and tr.vsum is not None:
         tr.vsum -= tr.vectors[0]
     tr.vectors.append(v)
+    tr.classes.append(cls)
     tr.added += 1
     if tr.vsum is None or tr.added % (tr.vectors.maxlen or 1) == 0:  # exact again: no drift over months
         tr.vsum = np.sum(np.stack(tr.vectors), 0, dtype=np.float64)
     else:
         tr.vsum += v
+
+
+def _candidate_classes(tr: _Track, share: float) -> list[int]:
+    """The classes ``tr`` is matched in (module doc), and sets ``tr.cls``: its identity's class while it
+    holds one, else the class most of its window has (the current one on a tie)."""
+    counts = collections.Counter(tr.classes)
+    top = max(counts.values())
+    if tr.identity >= 0 and tr.identity_cls >= 0:
+        tr.cls = tr.identity_cls
+    elif counts.get(tr.cls, 0) < top:
+        tr.cls = min(c for c, k in counts.items() if k == top)
+    cands = {c for c, k in counts.items() if k >= share * len(tr.classes)} | {tr.cls}
+    return sorted(cands)
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -233,11 +266,14 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
 
 
 MatchFn = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+# (vectors (n, D), identity index (n,)) -> (cosine to that identity's prototype, its threshold), both (n,)
+CheckFn = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
 class TrackIdentities:
     """Per-camera identity state over tracks (module doc). ``match(vectors, cls) -> (identity index or -1,
-    similarity)`` is the pipeline's bank matcher for arbitrary vectors (:meth:`Pipeline.match_vectors`)."""
+    similarity)`` is the pipeline's bank matcher for arbitrary vectors (:meth:`Pipeline.match_vectors`);
+    ``check`` its :meth:`Pipeline.identity_similarity`."""
 
     def __init__(self, camera: str, class_names: list[str], rule: IdentityRule | None = None,
                  name_conf: float = 0.5, snapshots: bool = True) -> None:  # fmt: skip
@@ -303,13 +339,15 @@ class TrackIdentities:
             prev = tr.identity
             self.presence.pop(prev, None)
             tr.identity, tr.similarity, tr.candidate, tr.streak = -1, float("nan"), -1, 0
+            tr.identity_cls = -1
             self._pending.append(self._event("changed", tr, tr.last_t, tr.last_frame, previous=prev))
         return True
 
     def update(self, t: float, frame: int, dets: Any, track_ids: np.ndarray, image: np.ndarray | None,
-               match: MatchFn) -> tuple[np.ndarray, np.ndarray, list[Event]]:  # fmt: skip
+               match: MatchFn, check: CheckFn | None = None) -> tuple[np.ndarray, np.ndarray, list[Event]]:  # fmt: skip
         """One frame: ``(identity per detection, similarity per detection, events)``; a detection outside
-        any track gets -1 / NaN here (its per-frame identity is in ``dets``)."""
+        any track gets -1 / NaN here (its per-frame identity is in ``dets``). ``check`` None: no check that a
+        named track's detections are still its object (``break_margin``; :func:`track_frame` always checks)."""
         rule = self.rule
         n = len(dets.scores)
         ident = np.full(n, -1, np.int64)
@@ -334,9 +372,8 @@ class TrackIdentities:
             box, score = boxes[i], scores[i]
             tr = self.tracks.get(tid)
             if tr is None:
-                tr = _Track(
-                    tid, int(dets.cls[i]), t, t, frame, box, score, collections.deque(maxlen=rule.window)
-                )
+                tr = _Track(tid, int(dets.cls[i]), t, t, frame, box, score,
+                            collections.deque(maxlen=rule.window), collections.deque(maxlen=rule.window))  # fmt: skip
                 self.tracks[tid] = tr
                 events.append(self._event("enter", tr, t, frame))
             tr.last_t, tr.last_frame, tr.box, tr.score, tr.active = t, frame, box, score, True
@@ -349,7 +386,7 @@ class TrackIdentities:
             quality = score * (0.5 if edge else 1.0)
             if votes[i]:
                 unit = vecs[i] / norms[i]
-                _add_vector(tr, unit)
+                _add_vector(tr, unit, int(dets.cls[i]))
                 if quality > tr.vector_quality:
                     tr.vector_quality, tr.best_vector = quality, unit
             if image is not None and self.snapshots and quality > tr.best_quality:
@@ -384,10 +421,22 @@ class TrackIdentities:
         voters = [(i, tr) for i, tr in seen if tr.vectors]
         if voters and self.identity_names:
             means = np.stack([tr.vsum / len(tr.vectors) for _, tr in voters]).astype(np.float32)
-            cls = np.array([tr.cls for _, tr in voters], np.int64)
-            d_ident, d_sim = match(means, cls)
-            for (_, tr), d, s in zip(voters, d_ident, d_sim):
-                d = int(d)
+            owner, cls = [], []
+            for k, (_, tr) in enumerate(voters):
+                for c in _candidate_classes(tr, rule.class_share):
+                    owner.append(k)
+                    cls.append(c)
+            r_ident, r_sim = match(means[owner], np.asarray(cls, np.int64))
+            # per track, the most similar row that names an identity, else its most similar row
+            key = np.where(np.asarray(r_ident) >= 0, 1.0, 0.0) * 4.0 + np.asarray(r_sim, np.float64)
+            best: dict[int, int] = {}
+            for q, k in enumerate(owner):
+                if k not in best or key[q] > key[best[k]]:
+                    best[k] = q
+            for k, (_, tr) in enumerate(voters):
+                q = best[k]
+                d, s = int(r_ident[q]), float(r_sim[q])
+                d_cls = cls[q]
                 if tr.pinned is not None:  # a person's word: the matcher only gives its similarity
                     tr.similarity = float(s) if d == tr.identity else float("nan")
                     continue
@@ -398,18 +447,36 @@ class TrackIdentities:
                 else:
                     tr.candidate, tr.streak = d, 1
                 if d == tr.identity and d >= 0:
-                    tr.similarity = float(s)
+                    tr.similarity = s
                 elif tr.identity < 0 and d >= 0 and tr.streak >= rule.commit:
-                    events += self._commit(tr, d, float(s), t, frame)
+                    events += self._commit(tr, d, s, t, frame, cls=d_cls)
                 elif tr.identity >= 0 and d != tr.identity and tr.streak >= rule.switch:
                     if d >= 0:
-                        events += self._commit(tr, d, float(s), t, frame)
+                        events += self._commit(tr, d, s, t, frame, cls=d_cls)
                     else:
-                        prev = tr.identity
-                        self.presence.pop(prev, None)
-                        tr.identity, tr.similarity = -1, float("nan")
-                        events.append(self._event("changed", tr, t, frame, previous=prev))
+                        events += self._drop(tr, t, frame)
+        # a detection of another class far from its track's identity: the tracker carried the track onto
+        # another object (module doc); pinned tracks keep a person's word
+        hide = np.zeros(n, bool)
+        held = [(i, tr) for i, tr in seen if tr.identity >= 0 and tr.pinned is None]
+        if held and check is not None:
+            c_sim, c_thr = check(
+                vecs[[i for i, _ in held]], np.array([tr.identity for _, tr in held], np.int64)
+            )
+            for (i, tr), cs, ct in zip(held, np.asarray(c_sim).tolist(), np.asarray(c_thr).tolist()):
+                if int(dets.cls[i]) != tr.identity_cls and cs < ct - rule.break_margin:
+                    hide[i] = True
+                    tr.contrary += 1
+                    if tr.contrary >= rule.break_after:
+                        events += self._drop(tr, t, frame)
+                        tr.vectors.clear()
+                        tr.classes.clear()
+                        tr.vsum, tr.candidate, tr.streak, tr.cls = None, -1, 0, int(dets.cls[i])
+                elif votes[i]:
+                    tr.contrary = 0
         for i, tr in seen:
+            if hide[i]:
+                continue
             ident[i] = tr.identity
             sim[i] = tr.similarity if tr.identity >= 0 else np.nan
             if tr.identity >= 0:
@@ -427,9 +494,17 @@ class TrackIdentities:
             events.append(self._event("leave", tr, t, frame))
         return ident, sim, events
 
-    def _commit(self, tr: _Track, d: int, s: float, t: float, frame: int, force: bool = False) -> list[Event]:
-        """Give identity ``d`` to ``tr`` (one track per identity and camera; module doc); ``force``: even from
-        a more similar track seen now (a person's word)."""
+    def _drop(self, tr: _Track, t: float, frame: int) -> list[Event]:
+        """``tr`` loses its identity (a ``changed`` event to unknown)."""
+        prev = tr.identity
+        self.presence.pop(prev, None)
+        tr.identity, tr.identity_cls, tr.similarity, tr.contrary = -1, -1, float("nan"), 0
+        return [self._event("changed", tr, t, frame, previous=prev)]
+
+    def _commit(self, tr: _Track, d: int, s: float, t: float, frame: int, force: bool = False,
+                cls: int = -1) -> list[Event]:  # fmt: skip
+        """Give identity ``d`` (matched in class ``cls``; -1: the track's) to ``tr`` (one track per identity
+        and camera; module doc); ``force``: even from a more similar track seen now (a person's word)."""
         events: list[Event] = []
         holder = self.presence.get(d)
         other = self.tracks.get(holder[0]) if holder is not None and holder[0] != tr.tid else None
@@ -437,18 +512,19 @@ class TrackIdentities:
         if other is not None and other.identity == d:
             if other.active:
                 if not force and (other.similarity >= s or other.pinned == self._ident_name(d)):
-                    return []  # the other track, seen now and more similar (or named by a person), keeps it  # the other track, seen now and more similar, keeps it
-                other.identity, other.similarity = -1, float("nan")
+                    return []  # the other track, seen now and more similar (or named by a person), keeps it
+                other.identity, other.identity_cls, other.similarity = -1, -1, float("nan")
                 events.append(self._event("changed", other, t, frame, previous=d))
             else:  # lost, not yet left: this track continues its presence
-                other.identity, other.similarity = -1, float("nan")
+                other.identity, other.identity_cls, other.similarity = -1, -1, float("nan")
                 silent = tr.identity < 0
         elif holder is not None and holder[0] != tr.tid and t - holder[1] < self.rule.leave_after:
             silent = tr.identity < 0  # its track already left the table, but only just
         prev = tr.identity
         if prev >= 0:
             self.presence.pop(prev, None)
-        tr.identity, tr.similarity = d, s
+        tr.identity, tr.similarity, tr.contrary = d, s, 0
+        tr.identity_cls = tr.cls = tr.cls if cls < 0 else int(cls)
         self.presence[d] = (tr.tid, t)
         if prev >= 0:
             events.append(self._event("changed", tr, t, frame, previous=prev))
@@ -467,16 +543,18 @@ class TrackIdentities:
 def track_frame(
     tracker: Tracker, idents: TrackIdentities, pipe: Any, frame: Any, dets: Any
 ) -> tuple[Any, list[Event]]:
-    """One frame through the tracker and the track identities (``pipe``: its ``identity_names`` and
-    ``match_vectors``; ``frame``: ``t``, ``index``, ``image_bgr``): the detections as the outputs show them
-    (``identity`` / ``similarity`` of their track, ``track_ids``; the per-frame decisions kept in
-    ``frame_identity`` / ``frame_similarity``) and the frame's events."""
+    """One frame through the tracker and the track identities (``pipe``: its ``identity_names``,
+    ``match_vectors`` and ``identity_similarity``; ``frame``: ``t``, ``index``, ``image_bgr``): the detections
+    as the outputs show them (``identity`` / ``similarity`` of their track, ``track_ids``; the per-frame
+    decisions kept in ``frame_identity`` / ``frame_similarity``) and the frame's events."""
     from types import SimpleNamespace
 
     tids = tracker.update(dets, frame.image_bgr)
     if idents.identity_names != list(pipe.identity_names):
         idents.set_identities(list(pipe.identity_names))
-    ident, sim, events = idents.update(frame.t, frame.index, dets, tids, frame.image_bgr, pipe.match_vectors)
+    ident, sim, events = idents.update(
+        frame.t, frame.index, dets, tids, frame.image_bgr, pipe.match_vectors, pipe.identity_similarity
+    )
     shown = SimpleNamespace(
         boxes=dets.boxes, scores=dets.scores, cls=dets.cls, vectors=dets.vectors, identity=ident,
         similarity=sim, track_ids=tids, frame_identity=dets.identity, frame_similarity=dets.similarity,
