@@ -11,10 +11,10 @@
   after ``switch`` frames in a row of contrary decisions. An identity names one track per camera at a time:
   the more similar track keeps it. Each track keeps its best shot (highest score × completeness: a box that
   touches the frame's edge counts half) for snapshots.
-* A track's class is its detections', not its first detection's: the mean is matched (conditionally) against
-  the identities of every class the detector gave at least ``class_share`` of the track's confident
-  detections in the window, and of its identity's class while it holds one; the best identity that passes
-  its threshold wins. The first box of an object coming into view is often classed wrongly.
+* A track's class is its detections', not its first detection's (an object coming into view is often
+  classed wrongly at first): the class of most of the confident detections in its window, or its identity's
+  class while it holds one (an object the detector calls another class now and then keeps its name). Its
+  mean is matched (conditionally) in that class.
 * A track that ByteTrack carries onto another object would keep its name for as long as the old object's
   vectors dominate the window. So a detection of another class than the track's identity whose own vector
   is ``break_margin`` below the identity's threshold (:meth:`Pipeline.identity_similarity`) is shown
@@ -149,11 +149,10 @@ class IdentityRule:
     window: int = 30  # object vectors in the running mean (2 s at 15 fps)
     commit: int = 1  # frames in a row the same identity must win before it is committed
     switch: int = 10  # frames in a row of contrary decisions before a committed identity changes
-    # measured on the demo's videos of seeds 9191, 8181, 7373 (README "Tracks that change object"): names
-    # right 77.9/73.7/100 % -> 80.8/98.8/98.6 %, detections of enrolled objects named 28.3/15.8/6.2 % ->
-    # 27.3/35.3/10.9 %; shares 0.2-0.34, margins 0.1-0.15 and 2-3 frames moved these by <= 4 points, except
-    # that the majority class alone (without the identity's class) lost a mug seen as a ball
-    class_share: float = 0.25  # share of the window's confident detections that makes a class a candidate
+    # the class rule (module doc) and the carry-over check, measured on the demo's videos of seeds 9191, 8181,
+    # 7373 (README "Tracks that change object"): names right 77.9/73.7/100 % -> 80.8/98.8/98.6 %, detections
+    # of enrolled objects named 28.3/15.8/6.2 % -> 27.3/35.3/10.9 %; margins 0.1-0.15 and 2-3 frames moved
+    # these by <= 4 points
     break_margin: float = 0.15  # cosine below the identity's threshold that contradicts it (another class)
     break_after: int = 3  # contradicting detections in a row that end the identity and restart the evidence
     leave_after: float = 2.0  # seconds a track is unseen before it has left
@@ -243,17 +242,14 @@ def _add_vector(tr: _Track, v: np.ndarray, cls: int) -> None:
         tr.vsum += v
 
 
-def _candidate_classes(tr: _Track, share: float) -> list[int]:
-    """The classes ``tr`` is matched in (module doc), and sets ``tr.cls``: its identity's class while it
-    holds one, else the class most of its window has (the current one on a tie)."""
+def _track_class(tr: _Track) -> int:
+    """The class ``tr`` is matched in (module doc): its identity's class while it holds one, else the class
+    most of its window has (the current one on a tie)."""
+    if tr.identity >= 0 and tr.identity_cls >= 0:
+        return tr.identity_cls
     counts = collections.Counter(tr.classes)
     top = max(counts.values())
-    if tr.identity >= 0 and tr.identity_cls >= 0:
-        tr.cls = tr.identity_cls
-    elif counts.get(tr.cls, 0) < top:
-        tr.cls = min(c for c, k in counts.items() if k == top)
-    cands = {c for c, k in counts.items() if k >= share * len(tr.classes)} | {tr.cls}
-    return sorted(cands)
+    return tr.cls if counts.get(tr.cls, 0) == top else min(c for c, k in counts.items() if k == top)
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -421,22 +417,10 @@ class TrackIdentities:
         voters = [(i, tr) for i, tr in seen if tr.vectors]
         if voters and self.identity_names:
             means = np.stack([tr.vsum / len(tr.vectors) for _, tr in voters]).astype(np.float32)
-            owner, cls = [], []
-            for k, (_, tr) in enumerate(voters):
-                for c in _candidate_classes(tr, rule.class_share):
-                    owner.append(k)
-                    cls.append(c)
-            r_ident, r_sim = match(means[owner], np.asarray(cls, np.int64))
-            # per track, the most similar row that names an identity, else its most similar row
-            key = np.where(np.asarray(r_ident) >= 0, 1.0, 0.0) * 4.0 + np.asarray(r_sim, np.float64)
-            best: dict[int, int] = {}
-            for q, k in enumerate(owner):
-                if k not in best or key[q] > key[best[k]]:
-                    best[k] = q
-            for k, (_, tr) in enumerate(voters):
-                q = best[k]
-                d, s = int(r_ident[q]), float(r_sim[q])
-                d_cls = cls[q]
+            for _, tr in voters:
+                tr.cls = _track_class(tr)
+            d_ident, d_sim = match(means, np.array([tr.cls for _, tr in voters], np.int64))
+            for (_, tr), d, s in zip(voters, d_ident.tolist(), d_sim.tolist()):
                 if tr.pinned is not None:  # a person's word: the matcher only gives its similarity
                     tr.similarity = float(s) if d == tr.identity else float("nan")
                     continue
@@ -449,10 +433,10 @@ class TrackIdentities:
                 if d == tr.identity and d >= 0:
                     tr.similarity = s
                 elif tr.identity < 0 and d >= 0 and tr.streak >= rule.commit:
-                    events += self._commit(tr, d, s, t, frame, cls=d_cls)
+                    events += self._commit(tr, d, s, t, frame)
                 elif tr.identity >= 0 and d != tr.identity and tr.streak >= rule.switch:
                     if d >= 0:
-                        events += self._commit(tr, d, s, t, frame, cls=d_cls)
+                        events += self._commit(tr, d, s, t, frame)
                     else:
                         events += self._drop(tr, t, frame)
         # a detection of another class far from its track's identity: the tracker carried the track onto
@@ -501,10 +485,9 @@ class TrackIdentities:
         tr.identity, tr.identity_cls, tr.similarity, tr.contrary = -1, -1, float("nan"), 0
         return [self._event("changed", tr, t, frame, previous=prev)]
 
-    def _commit(self, tr: _Track, d: int, s: float, t: float, frame: int, force: bool = False,
-                cls: int = -1) -> list[Event]:  # fmt: skip
-        """Give identity ``d`` (matched in class ``cls``; -1: the track's) to ``tr`` (one track per identity
-        and camera; module doc); ``force``: even from a more similar track seen now (a person's word)."""
+    def _commit(self, tr: _Track, d: int, s: float, t: float, frame: int, force: bool = False) -> list[Event]:
+        """Give identity ``d`` (matched in the track's class) to ``tr`` (one track per identity and camera;
+        module doc); ``force``: even from a more similar track seen now (a person's word)."""
         events: list[Event] = []
         holder = self.presence.get(d)
         other = self.tracks.get(holder[0]) if holder is not None and holder[0] != tr.tid else None
@@ -524,7 +507,7 @@ class TrackIdentities:
         if prev >= 0:
             self.presence.pop(prev, None)
         tr.identity, tr.similarity, tr.contrary = d, s, 0
-        tr.identity_cls = tr.cls = tr.cls if cls < 0 else int(cls)
+        tr.identity_cls = tr.cls
         self.presence[d] = (tr.tid, t)
         if prev >= 0:
             events.append(self._event("changed", tr, t, frame, previous=prev))
