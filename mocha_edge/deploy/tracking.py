@@ -442,13 +442,20 @@ class TrackIdentities:
         # a detection of another class far from its track's identity: the tracker carried the track onto
         # another object (module doc); pinned tracks keep a person's word
         hide = np.zeros(n, bool)
-        held = [(i, tr) for i, tr in seen if tr.identity >= 0 and tr.pinned is None]
-        if held and check is not None:
+        other: list[tuple[int, _Track]] = []  # named tracks' detections of another class: checked
+        for i, tr in seen:
+            if tr.identity < 0 or tr.pinned is not None:
+                continue
+            if int(dets.cls[i]) != tr.identity_cls:
+                other.append((i, tr))
+            elif votes[i]:
+                tr.contrary = 0
+        if other and check is not None:
             c_sim, c_thr = check(
-                vecs[[i for i, _ in held]], np.array([tr.identity for _, tr in held], np.int64)
+                vecs[[i for i, _ in other]], np.array([tr.identity for _, tr in other], np.int64)
             )
-            for (i, tr), cs, ct in zip(held, np.asarray(c_sim).tolist(), np.asarray(c_thr).tolist()):
-                if int(dets.cls[i]) != tr.identity_cls and cs < ct - rule.break_margin:
+            for (i, tr), cs, ct in zip(other, np.asarray(c_sim).tolist(), np.asarray(c_thr).tolist()):
+                if cs < ct - rule.break_margin:
                     hide[i] = True
                     tr.contrary += 1
                     if tr.contrary >= rule.break_after:
