@@ -212,6 +212,14 @@ def test_a_name_given_by_a_person_follows_the_object_to_its_next_track() -> None
     ident, _, _ = ti.update(0.2, 2, d, np.array([2, 3, 4]), IMG, match)
     assert ident.tolist() == [-1, -1, 0]
     assert ti.tracks[4].pinned == "rex" and ti.tracks[1].pinned is None
+    # ByteTrack finds track 1 again beside its duplicate 4: the name goes back to the track the person named
+    d = dets([[10, 10, 50, 50], [11, 11, 51, 51]])
+    ident, _, ev = ti.update(0.3, 3, d, np.array([1, 4]), IMG, match)
+    assert ident.tolist() == [0, -1]
+    assert ti.tracks[1].pinned == "rex" and ti.tracks[4].pinned is None
+    assert [(e.kind, e.track_id) for e in ev] == [("changed", 4), ("identified", 1)]
+    ident, _, _ = ti.update(0.4, 4, d, np.array([1, 4]), IMG, match)
+    assert ident.tolist() == [0, -1]
 
 
 def by_class(ident_of: dict[int, int], sim: float = 0.9):

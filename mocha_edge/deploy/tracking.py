@@ -226,6 +226,7 @@ class _Track:
     vector_quality: float = -1.0
     refused: set[str] = field(default_factory=set)  # identities a person said this track is not
     pinned: str | None = None  # the identity a person gave this track (it keeps it while it lives)
+    lent: tuple[int, str] | None = None  # (heir track, name): its pin went to a track seen where it was lost
     active: bool = True  # seen in the last frame
 
 
@@ -394,6 +395,14 @@ class TrackIdentities:
         # a name a person gave stays with the object: a track the tracker lost hands it to the track seen now
         # where it was (same class, IoU >= PIN_IOU with its last box, within leave_after): ByteTrack re-finds
         # an object as a new track, or follows it on a duplicate
+        # (and takes it back if the tracker finds it again while the heir still holds it: the name stays on the
+        # track the person named, not on a duplicate box)
+        for _, tr in seen:
+            if tr.lent is not None:
+                heir = self.tracks.get(tr.lent[0])
+                if heir is not None and heir.pinned == tr.lent[1] and tr.pinned is None:
+                    tr.pinned, heir.pinned = heir.pinned, None
+                tr.lent = None
         lost = [tr for tr in self.tracks.values() if tr.pinned is not None and not tr.active]
         if lost:
             for _, tr in seen:
@@ -403,6 +412,7 @@ class TrackIdentities:
                          and _iou(o.box, tr.box) >= PIN_IOU]  # fmt: skip
                 if heirs:
                     src = max(heirs, key=lambda o: _iou(o.box, tr.box))
+                    src.lent = (tr.tid, src.pinned)
                     tr.pinned, src.pinned = src.pinned, None
                     tr.refused |= src.refused
                     lost.remove(src)
