@@ -215,7 +215,6 @@ class _Track:
     vsum: np.ndarray | None = None  # running sum of ``vectors`` (re-summed exactly once per window)
     added: int = 0
     identity: int = -1  # committed (index into the pipeline's identity names), -1: unknown
-    identity_cls: int = -1  # the class the identity was matched in
     contrary: int = 0  # detections in a row that contradict the identity (module doc)
     similarity: float = float("nan")
     candidate: int = -1
@@ -246,8 +245,8 @@ def _add_vector(tr: _Track, v: np.ndarray, cls: int) -> None:
 def _track_class(tr: _Track) -> int:
     """The class ``tr`` is matched in (module doc): its identity's class while it holds one, else the class
     most of its window has (the current one on a tie)."""
-    if tr.identity >= 0 and tr.identity_cls >= 0:
-        return tr.identity_cls
+    if tr.identity >= 0:  # committed in ``tr.cls``
+        return tr.cls
     counts = collections.Counter(tr.classes)
     top = max(counts.values())
     return tr.cls if counts.get(tr.cls, 0) == top else min(c for c, k in counts.items() if k == top)
@@ -336,7 +335,6 @@ class TrackIdentities:
             prev = tr.identity
             self.presence.pop(prev, None)
             tr.identity, tr.similarity, tr.candidate, tr.streak = -1, float("nan"), -1, 0
-            tr.identity_cls = -1
             self._pending.append(self._event("changed", tr, tr.last_t, tr.last_frame, previous=prev))
         return True
 
@@ -456,7 +454,7 @@ class TrackIdentities:
         for i, tr in seen:
             if tr.identity < 0 or tr.pinned is not None:
                 continue
-            if int(dets.cls[i]) != tr.identity_cls:
+            if int(dets.cls[i]) != tr.cls:
                 other.append((i, tr))
             elif votes[i]:
                 tr.contrary = 0
@@ -499,7 +497,7 @@ class TrackIdentities:
         """``tr`` loses its identity (a ``changed`` event to unknown)."""
         prev = tr.identity
         self.presence.pop(prev, None)
-        tr.identity, tr.identity_cls, tr.similarity, tr.contrary = -1, -1, float("nan"), 0
+        tr.identity, tr.similarity, tr.contrary = -1, float("nan"), 0
         return [self._event("changed", tr, t, frame, previous=prev)]
 
     def _commit(self, tr: _Track, d: int, s: float, t: float, frame: int, force: bool = False) -> list[Event]:
@@ -513,10 +511,10 @@ class TrackIdentities:
             if other.active:
                 if not force and (other.similarity >= s or other.pinned == self._ident_name(d)):
                     return []  # the other track, seen now and more similar (or named by a person), keeps it
-                other.identity, other.identity_cls, other.similarity = -1, -1, float("nan")
+                other.identity, other.similarity = -1, float("nan")
                 events.append(self._event("changed", other, t, frame, previous=d))
             else:  # lost, not yet left: this track continues its presence
-                other.identity, other.identity_cls, other.similarity = -1, -1, float("nan")
+                other.identity, other.similarity = -1, float("nan")
                 silent = tr.identity < 0
         elif holder is not None and holder[0] != tr.tid and t - holder[1] < self.rule.leave_after:
             silent = tr.identity < 0  # its track already left the table, but only just
@@ -524,7 +522,6 @@ class TrackIdentities:
         if prev >= 0:
             self.presence.pop(prev, None)
         tr.identity, tr.similarity, tr.contrary = d, s, 0
-        tr.identity_cls = tr.cls
         self.presence[d] = (tr.tid, t)
         if prev >= 0:
             events.append(self._event("changed", tr, t, frame, previous=prev))
