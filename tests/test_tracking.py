@@ -222,6 +222,35 @@ def test_a_name_given_by_a_person_follows_the_object_to_its_next_track() -> None
     assert ident.tolist() == [0, -1]
 
 
+def test_not_name_on_a_track_whose_name_went_to_its_duplicate() -> None:
+    """The page showed track 1 named (a view a frame old) while its name had gone to duplicate 4: "not rex"
+    on 1 takes rex off both, 1 does not take it back when the tracker finds it again, and a track that
+    refused rex does not inherit it from another named track lost at its spot (the browser test's failure)."""
+    ti = TrackIdentities("cam", ["mug"], IdentityRule(window=3, commit=1, switch=2, leave_after=1.0))
+    ti.set_identities(["rex"])
+
+    def match(v: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return np.full(len(c), -1, np.int64), np.full(len(c), 0.1, np.float32)  # the matcher names nobody
+
+    spot, dup = [10, 10, 50, 50], [11, 11, 51, 51]
+    ti.update(0.0, 0, dets([spot]), np.array([1]), IMG, match)
+    ti.assign(1, "rex")
+    ti.update(0.1, 1, dets([spot]), np.array([1]), IMG, match)
+    ident, _, _ = ti.update(0.2, 2, dets([dup]), np.array([4]), IMG, match)  # 1 lost: 4 carries the name
+    assert ident.tolist() == [0] and ti.tracks[4].pinned == "rex"
+    assert ti.refuse(1, "rex")
+    ident, _, ev = ti.update(0.3, 3, dets([spot, dup]), np.array([1, 4]), IMG, match)
+    assert ident.tolist() == [-1, -1]
+    assert [(e.kind, e.track_id, e.previous) for e in ev] == [("changed", 4, "rex")]
+    assert ti.tracks[1].pinned is None and ti.tracks[4].pinned is None
+    # a person names the duplicate 4 rex; 4 is lost and 1 (which refused rex) is where it was: no name
+    ti.assign(4, "rex")
+    ident, _, _ = ti.update(0.4, 4, dets([spot, dup]), np.array([1, 4]), IMG, match)
+    assert ident.tolist() == [-1, 0]
+    ident, _, _ = ti.update(0.5, 5, dets([spot]), np.array([1]), IMG, match)
+    assert ident.tolist() == [-1] and ti.tracks[4].pinned == "rex"
+
+
 def by_class(ident_of: dict[int, int], sim: float = 0.9):
     """A conditional matcher: identity ``ident_of[class]`` (else -1) for every vector matched in that class;
     records the classes it was asked about."""

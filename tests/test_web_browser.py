@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +46,31 @@ def free_port() -> int:
 def get_json(url: str, timeout: float = 2.0) -> Any:
     with urllib.request.urlopen(url, timeout=timeout) as r:
         return json.loads(r.read())
+
+
+def api(url: str, method: str, body: Any = None) -> tuple[int, Any]:
+    """``(status, JSON answer)`` of a call to the run's REST API (as a script would make it, not the page)."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method,
+                                 headers={"Content-Type": "application/json"} if data else {})  # fmt: skip
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, json.loads(r.read() or b"null")
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode(errors="replace")
+
+
+def steady_track(run: Run, seconds: float = 1.0) -> int:
+    """The track in the most of the run's views over the last ``seconds`` (the detections API), seen now."""
+    seen: Counter[int] = Counter()
+    frame, end = -1, time.monotonic() + seconds
+    while True:
+        d = get_json(run.url + f"api/cameras/{run.camera}/detections?after={frame}", timeout=10)
+        frame, now = d["frame"], [x["track_id"] for x in d["detections"] if x["track_id"] is not None]
+        seen.update(now)
+        if now and time.monotonic() >= end:
+            return max(now, key=lambda t: seen[t])
+        assert time.monotonic() < end + WAIT, f"no tracked detection in {seconds + WAIT} s"
 
 
 def need_browser() -> None:
@@ -82,7 +107,8 @@ def web_run(student_ckpt: Path, tmp_path: Path) -> Iterator[Run]:
     from mocha_edge.export.onnx import export_onnx
     from mocha_edge.infer import Student
 
-    gt = synthesize_video(tmp_path / "d", seed=2, frames=150, model_imgsz=128)
+    # 30 s: at the loop's restart every track ends (a track corrected just before it is never seen again)
+    gt = synthesize_video(tmp_path / "d", seed=2, frames=450, model_imgsz=128)
     onnx = export_onnx(Student.load(student_ckpt), tmp_path / "student.onnx")
     port, log = free_port(), tmp_path / "run.log"
     cmd = [sys.executable, "-m", "mocha_edge", "run", str(onnx), "--prototypes", str(tmp_path / "web.bank"),
@@ -162,19 +188,26 @@ def views_after(view: Any, frame: int, tid: int, name: str, seconds: float) -> l
     return [seen[f] for f in sorted(seen)]
 
 
-def click_track(view: Any, boxes: Any, steady: float = 0.0, tries: int = 3) -> int:
-    """Click one of ``boxes`` (a locator of tracked boxes) that a click reaches, preferring the track seen in the
-    most frames over ``steady`` seconds; another one if the track ends first. Returns its track id."""
+def click_track(view: Any, boxes: Any, steady: float = 0.0, tries: int = 3, wait: float = 3.0,
+                among: Any = None, min_share: float = 0.0) -> int:  # fmt: skip
+    """Click one of ``boxes`` (a locator of tracked boxes) that a click reaches, within ``wait`` seconds: the
+    track in the most looks at ``among`` (default ``boxes``) over the last ``steady`` seconds, and in at least
+    ``min_share`` of them; another one if the track ends before the click. Returns its track id."""
+    among = boxes if among is None else among
     for attempt in range(tries):
-        seen: Counter[int] = Counter()
-        end = time.monotonic() + steady
-        while time.monotonic() < end:
-            seen.update(boxes.evaluate_all("els => els.map(e => Number(e.dataset.trackId))"))
-            time.sleep(0.1)
-        end = time.monotonic() + 3
-        while not (now := boxes.evaluate_all(CLICKABLE_TRACKS)) and time.monotonic() < end:
+        looks: deque[tuple[float, set[int]]] = deque()
+        start = time.monotonic()
+        while True:
+            now_t = time.monotonic()
+            looks.append((now_t, set(among.evaluate_all("els => els.map(e => Number(e.dataset.trackId))"))))
+            while looks[0][0] < now_t - steady:
+                looks.popleft()
+            seen = Counter(t for _, ts in looks for t in ts)
+            now = [t for t in boxes.evaluate_all(CLICKABLE_TRACKS) if seen[t] >= min_share * len(looks)]
+            if now and now_t - start >= steady:
+                break
+            assert now_t - start < steady + wait, f"no box to click among {boxes} (tracks seen: {dict(seen)})"
             time.sleep(0.05)
-        assert now, f"no box to click among {boxes} (tracks seen: {dict(seen)})"
         tid = max(now, key=lambda t: seen[t])
         try:
             view.locator(f'[data-testid=box][data-track-id="{tid}"]').click(timeout=1_000)
@@ -183,6 +216,19 @@ def click_track(view: Any, boxes: Any, steady: float = 0.0, tries: int = 3) -> i
             if attempt == tries - 1:
                 raise
     raise AssertionError("unreachable")
+
+
+def is_detections(url: str) -> bool:
+    return "/detections" in url
+
+
+def without_names(route: Any) -> None:
+    """A Playwright route handler: the server's answer for a view's detections, with no names in it."""
+    res = route.fetch()
+    body = res.json()
+    for det in body.get("detections", []):
+        det["identity"] = det["similarity"] = None
+    route.fulfill(response=res, json=body)
 
 
 @pytest.fixture
@@ -271,15 +317,54 @@ def test_enrol_correct_and_remove_in_a_real_browser(page: Any, web_run: Run, tmp
     shot(page, tmp_path, "3-named")
 
     # 4. "not NAME" on a named box: no view after the frame the answer names shows NAME on that track (a track
-    #    of the weak student that is not seen again is no proof: then again on a box the name is on)
-    not_name, corrections = page.get_by_test_id("not-name"), 0
-    while corrections < 3:
+    #    of the weak student that is not seen again is no proof: then again on a box the name is on). The weak
+    #    student's names come and go (duplicate and false boxes at --conf 0.05; the name of a track the tracker
+    #    lost goes to a box where it was): wait up to WAIT s for a named box a click reaches, the one whose
+    #    track was on the page in the most looks over the last second (a steady track is nearly always seen
+    #    again; a short one often not), and try up to 6 tracks. Each correction makes the weak student name
+    #    less (its vectors are close together): after a correction that proved nothing, NAME is enrolled
+    #    afresh (through the API) on the track seen most over the last second, which then holds it
+    not_name, corrections, tries = page.get_by_test_id("not-name"), 0, 0
+    tracked = view.locator("[data-testid=box][data-track-id]")
+    while tries < 6:
+        tries += 1
         corrections += 1
-        named.first.wait_for(timeout=WAIT * 1000)
-        tid = click_track(view, named)
+        if tries > 1:
+            assert api(web_run.url + f"api/identities/{NAME.replace(' ', '%20')}", "DELETE")[0] == 200
+            for _ in range(5):
+                code, body = api(web_run.url + "api/identities", "POST",
+                                 {"name": NAME, "camera": cam, "track_id": steady_track(web_run)})  # fmt: skip
+                if code == 201:
+                    break
+            assert code == 201, body
+            corrections = 1
+        for _ in range(5):  # the name can go off the box between the look and the click: then another one
+            named.first.wait_for(timeout=WAIT * 1000)
+            tid = click_track(view, named, steady=1.0, wait=WAIT, among=tracked)
+            if not_name.is_visible():
+                break
+        expect(not_name).to_be_visible()
         expect(not_name).to_have_text(f"not {NAME}", timeout=2_000)
-        if corrections == 1:
+        if tries == 1:
             shot(page, tmp_path, "4-named-selected")
+            # the name goes off the selected track for a while (the server's views, names removed): the
+            # button stays, for the name the track showed
+            frame = view.evaluate(SHOWN, [tid, NAME])["frame"]
+            page.route(is_detections, without_names)
+            try:
+                end = time.monotonic() + WAIT
+                while view.evaluate(SHOWN, [tid, NAME])["frame"] <= frame + 1 and time.monotonic() < end:
+                    time.sleep(0.05)
+                assert view.evaluate(SHOWN, [tid, NAME])["frame"] > frame + 1, "no new view in 10 s"
+                expect(named).to_have_count(0)
+                expect(not_name).to_be_visible()
+                expect(not_name).to_have_text(f"not {NAME}")
+            finally:  # (waiting for a handler in flight: a request left to it would never be answered)
+                page.unroute_all(behavior="wait")
+            frame = view.evaluate(SHOWN, [tid, NAME])["frame"]
+            end = time.monotonic() + WAIT
+            while view.evaluate(SHOWN, [tid, NAME])["frame"] <= frame and time.monotonic() < end:
+                time.sleep(0.05)  # the live view goes on
         t0 = time.monotonic()
         with page.expect_response(
             lambda r: r.request.method == "POST" and r.url.endswith("/negatives")
@@ -288,19 +373,19 @@ def test_enrol_correct_and_remove_in_a_real_browser(page: Any, web_run: Run, tmp
         answered = time.monotonic() - t0
         assert res.value.status == 200, res.value.text()
         after = res.value.json()["frame"]
-        later = views_after(view, after, tid, NAME, 2.0)
+        later = views_after(view, after, tid, NAME, 4.0)
         wrong = [v for v in later if NAME in v["track"]]
         assert not wrong, f"track #{tid} still shows {NAME} after frame {after} (the correction's): {wrong}"
         expect(status).to_have_attribute("data-kind", "ok")
         seen = [v["frame"] for v in later if v["track"]]
         if not seen:
-            print(f"not {NAME}: track #{tid} not seen after frame {after}; once more")
+            print(f"not {NAME}: track #{tid} not seen after frame {after}; once more, {NAME} enrolled afresh")
             continue
         print(f"not {NAME}: answered after {answered:.3f} s (frame {after}); track #{tid} shown "
               f"unnamed in frames {seen[0]}..{seen[-1]} ({len(seen)} views)")  # fmt: skip
         break
     else:
-        raise AssertionError("no corrected track was seen again after its correction (3 tries)")
+        raise AssertionError("no corrected track was seen again after its correction (6 tracks)")
     row = page.get_by_test_id(f"identity-{NAME}")
     expect(row).to_have_attribute("data-negatives", str(corrections), timeout=6_000)
     shot(page, tmp_path, "5-not-name")

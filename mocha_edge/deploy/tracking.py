@@ -324,10 +324,21 @@ class TrackIdentities:
 
     def refuse(self, track_id: int, name: str) -> bool:
         """A person says track ``track_id`` is not ``name`` (the web page's "not NAME"): the track drops that
-        identity now (a ``changed`` event with the next frame) and never takes it again. False: no such track."""
+        identity now (a ``changed`` event with the next frame) and never takes it again, not even as a name a
+        person gave that comes back to it. The track its pin went to (a box where the tracker lost it: the
+        same object, :meth:`update`) drops it too. False: no such track."""
         tr = self.tracks.get(int(track_id))
         if tr is None:
             return False
+        if tr.lent is not None and tr.lent[1] == name:
+            heir = self.tracks.get(tr.lent[0])
+            if heir is not None and heir.pinned == name:
+                self._refuse(heir, name)
+            tr.lent = None
+        self._refuse(tr, name)
+        return True
+
+    def _refuse(self, tr: _Track, name: str) -> None:
         tr.refused.add(name)
         if tr.pinned == name:
             tr.pinned = None
@@ -336,7 +347,6 @@ class TrackIdentities:
             self.presence.pop(prev, None)
             tr.identity, tr.similarity, tr.candidate, tr.streak = -1, float("nan"), -1, 0
             self._pending.append(self._event("changed", tr, tr.last_t, tr.last_frame, previous=prev))
-        return True
 
     def update(self, t: float, frame: int, dets: Any, track_ids: np.ndarray, image: np.ndarray | None,
                match: MatchFn, check: CheckFn | None = None) -> tuple[np.ndarray, np.ndarray, list[Event]]:  # fmt: skip
@@ -398,7 +408,12 @@ class TrackIdentities:
         for _, tr in seen:
             if tr.lent is not None:
                 heir = self.tracks.get(tr.lent[0])
-                if heir is not None and heir.pinned == tr.lent[1] and tr.pinned is None:
+                if (
+                    heir is not None
+                    and heir.pinned == tr.lent[1]
+                    and tr.pinned is None
+                    and tr.lent[1] not in tr.refused
+                ):
                     tr.pinned, heir.pinned = heir.pinned, None
                 tr.lent = None
         lost = [tr for tr in self.tracks.values() if tr.pinned is not None and not tr.active]
@@ -407,7 +422,7 @@ class TrackIdentities:
                 if tr.pinned is not None:
                     continue
                 heirs = [o for o in lost if o.cls == tr.cls and t - o.last_t < rule.leave_after
-                         and _iou(o.box, tr.box) >= PIN_IOU]  # fmt: skip
+                         and _iou(o.box, tr.box) >= PIN_IOU and o.pinned not in tr.refused]  # fmt: skip
                 if heirs:
                     src = max(heirs, key=lambda o: _iou(o.box, tr.box))
                     src.lent = (tr.tid, src.pinned)

@@ -122,7 +122,8 @@ function setStatus(text, kind = "info") {
 // ---------------------------------------------------------------------------------------- live views
 const views = new Map(); // camera name -> View
 let activeCamera = null;
-let selected = null; // {camera, key, clicked: detection when clicked, det: its latest detection, gone: bool}
+let selected = null; // {camera, key, clicked: detection when clicked, det: its latest detection, gone: bool,
+//                   named: the name the track last showed while selected (what "not NAME" corrects)}
 
 function boxKey(det) {
   return det.track_id === null || det.track_id === undefined ? `d${det.id}` : `t${det.track_id}`;
@@ -273,6 +274,7 @@ class View {
       const det = this.dets.get(selected.key);
       selected.gone = !det;
       if (det) selected.det = det;
+      if (det?.identity) selected.named = det.identity;
       renderPanel();
     }
   }
@@ -330,7 +332,7 @@ function select(camera, key) {
   const det = views.get(camera)?.dets.get(key);
   if (!det) return;
   const same = selected && selected.camera === camera && selected.key === key;
-  selected = { camera, key, clicked: det, det, gone: false };
+  selected = { camera, key, clicked: det, det, gone: false, named: det.identity || (same ? selected.named : null) };
   for (const v of views.values()) for (const [k, b] of v.boxes) b.classList.toggle("selected", v.name === camera && k === key);
   if (!same || !$("name-input").value) $("name-input").value = det.identity || "";
   $("panel").hidden = false;
@@ -346,16 +348,22 @@ function closePanel() {
 
 function renderPanel() {
   if (!selected) return;
+  if (selected.named && !identities.some((i) => i.name === selected.named)) selected.named = null; // removed, renamed
   const { det, camera, gone } = selected;
   const track = det.track_id === null || det.track_id === undefined ? "no track" : `track #${det.track_id}`;
   $("panel-title").textContent = `${det.cls} · ${track}`;
-  const named = det.identity ? `named ${det.identity}${typeof det.similarity === "number" ? ` (${det.similarity.toFixed(2)})` : ""}` : "not named";
+  const named = det.identity
+    ? `named ${det.identity}${typeof det.similarity === "number" ? ` (${det.similarity.toFixed(2)})` : ""}`
+    : selected.named ? `not named now (was ${selected.named})` : "not named";
   $("panel-sub").textContent = `camera ${camera} · detection ${det.id} · score ${fmt(det.score, 2)} · ${named}${gone ? " · out of view" : ""}`;
+  // the name the track shows, or showed since it was clicked: a name that flickers off for a frame (or that
+  // the tracker moved to another box) keeps its button under the person's finger
   const notName = $("not-name");
-  notName.hidden = !det.identity;
-  if (det.identity) {
-    notName.textContent = `not ${det.identity}`;
-    notName.dataset.identity = det.identity;
+  const name = det.identity || selected.named;
+  notName.hidden = !name;
+  if (name) {
+    notName.textContent = `not ${name}`;
+    notName.dataset.identity = name;
   }
   $("panel").dataset.trackId = det.track_id ?? "";
   $("panel").dataset.detId = String(det.id);
@@ -388,14 +396,18 @@ async function enrol(ev) {
 }
 
 async function notName() {
-  if (!selected || !selected.det.identity) return;
+  const name = selected && (selected.det.identity || selected.named);
+  if (!name) return;
   const { camera, det } = selected;
-  const name = det.identity;
   const button = $("not-name");
   button.disabled = true;
   setStatus(`Marking as not ${name}…`, "busy");
   try {
     const r = await api("POST", `api/identities/${enc(name)}/negatives`, { camera, detection_id: det.id });
+    if (r.ok && selected?.named === name) {
+      selected.named = null; // corrected: the button stays only if the track shows a name again
+      renderPanel();
+    }
     if (r.ok) setStatus(r.data?.message || `Marked as not ${name}.`, "ok");
     else setStatus(`Not ${name}: ${r.error}`, "error");
   } finally {
