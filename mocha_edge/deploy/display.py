@@ -65,7 +65,7 @@ def place_label(box: tuple[int, int, int, int], size: tuple[int, int], taken: li
     lw, lh = size
     fh, fw = frame
     x = min(max(0, x1), max(0, fw - lw))
-    tops = [y1 - lh, y1, y2] + [y1 - lh + k * lh for k in range(1, 8)]
+    tops = [y1 - lh, y1, y2] + [y1 + k * lh for k in range(1, 7)]
     first = None
     for top in tops:
         top = min(max(0, top), max(0, fh - lh))

@@ -408,12 +408,8 @@ class TrackIdentities:
         for _, tr in seen:
             if tr.lent is not None:
                 heir = self.tracks.get(tr.lent[0])
-                if (
-                    heir is not None
-                    and heir.pinned == tr.lent[1]
-                    and tr.pinned is None
-                    and tr.lent[1] not in tr.refused
-                ):
+                # (a track that refused the name no longer lends it: :meth:`refuse` ends the loan)
+                if heir is not None and heir.pinned == tr.lent[1] and tr.pinned is None:
                     tr.pinned, heir.pinned = heir.pinned, None
                 tr.lent = None
         lost = [tr for tr in self.tracks.values() if tr.pinned is not None and not tr.active]

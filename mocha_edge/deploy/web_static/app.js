@@ -346,6 +346,11 @@ function closePanel() {
   for (const v of views.values()) for (const b of v.boxes.values()) b.classList.remove("selected");
 }
 
+/** The name "not NAME" corrects: the one the selected box shows, or showed since it was clicked. */
+function shownName(sel) {
+  return sel.det.identity || sel.named;
+}
+
 function renderPanel() {
   if (!selected) return;
   if (selected.named && !identities.some((i) => i.name === selected.named)) selected.named = null; // removed, renamed
@@ -359,7 +364,7 @@ function renderPanel() {
   // the name the track shows, or showed since it was clicked: a name that flickers off for a frame (or that
   // the tracker moved to another box) keeps its button under the person's finger
   const notName = $("not-name");
-  const name = det.identity || selected.named;
+  const name = shownName(selected);
   notName.hidden = !name;
   if (name) {
     notName.textContent = `not ${name}`;
@@ -396,7 +401,7 @@ async function enrol(ev) {
 }
 
 async function notName() {
-  const name = selected && (selected.det.identity || selected.named);
+  const name = selected && shownName(selected);
   if (!name) return;
   const { camera, det } = selected;
   const button = $("not-name");
